@@ -44,7 +44,7 @@ class StatsContext:
         layer_dist: bool = True,
         entropy_top_k: int | None = 256,
         n_threads: int | None = None,
-        seed: int = 0,
+        eval_callback: object | None = None,
     ) -> None:
         native.require_patched()
         if n_ctx <= 0 or n_batch <= 0:
@@ -64,6 +64,9 @@ class StatsContext:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if n_threads:
             params.n_threads = params.n_threads_batch = n_threads
+        if eval_callback is not None:
+            params.cb_eval = eval_callback
+            params.cb_eval_user_data = None
         self._ptr = llama.llama_init_from_model(model.ptr, params)
         if not self._ptr:
             raise DecodeError(f"llama.cpp could not create a context of {n_ctx} cells (out of memory?)")

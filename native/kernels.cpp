@@ -5,8 +5,11 @@
 // (InfoKV, arXiv 2606.26875: top-k restricted predictive entropy, k = 256 in the paper).
 
 #include "llama.h"
+#include "ggml.h"
+#include "ggml-backend.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -58,6 +61,20 @@ void infokv_topk_entropy_ctx(struct llama_context * ctx, const int32_t * idx, in
         const float * row = llama_get_logits_ith(ctx, idx[r]);
         out[r] = row ? row_topk_entropy(row, n_vocab, k, scratch) : NAN;
     }
+}
+
+// eval-callback route (tests and diagnostics): name and shape of a graph tensor seen by
+// ggml_backend_sched_eval_callback, and a copy of an F32 tensor's data from whatever backend holds it
+int infokv_tensor_desc(const struct ggml_tensor * t, char * name, int64_t name_cap, int64_t * ne) {
+    snprintf(name, (size_t) name_cap, "%s", ggml_get_name(t));
+    for (int i = 0; i < 4; ++i) {
+        ne[i] = t->ne[i];
+    }
+    return t->type == GGML_TYPE_F32 && ggml_is_contiguous(t) ? 1 : 0;
+}
+
+void infokv_tensor_f32(const struct ggml_tensor * t, float * out) {
+    ggml_backend_tensor_get(t, out, 0, ggml_nbytes(t));
 }
 
 }

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real SmolLM2-135M GGUF through the real patched llama.cpp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infokv_local.model import Model, default_model_path
+
+ESSAY = (
+    "The most important thing to understand about long reasoning is that every step depends on the "
+    "steps before it. A model that forgets an early fact cannot use it later, and a model that keeps "
+    "everything runs out of memory. Eviction policies decide which tokens to keep. Some keep the "
+    "tokens that recent queries attend to; others keep tokens whose prediction was uncertain, because "
+    "those tend to carry information that matters far away. "
+)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def model(model_path: Path) -> Model:
+    m = Model(model_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def tokens(model: Model) -> list[int]:
+    return model.tokenize(ESSAY * 8)
