@@ -75,8 +75,8 @@ def fetch_sdist() -> Path:
 
 
 def prepare_source(patched: bool) -> Path:
-    # one fixed source path per flavour, so ccache (with CCACHE_BASEDIR) hits across rebuilds
-    src = cache_dir() / ("src-patched" if patched else "src-stock")
+    # one fixed source path for both flavours, so ccache hits across rebuilds and flavours
+    src = cache_dir() / "src"
     if src.exists():
         shutil.rmtree(src)
     src.mkdir(parents=True)
@@ -119,8 +119,11 @@ def build_wheel(patched: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({key}); CMAKE_ARGS={env['CMAKE_ARGS']}",
           flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp), str(src)],
-                   env=env, check=True)
+    build_dir = cache_dir() / "build"  # fixed too: absolute paths end up in the compiler commands
+    shutil.rmtree(build_dir, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),
+                    f"--config-settings=build-dir={build_dir}", str(src)], env=env, check=True)
+    shutil.rmtree(build_dir, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(src, ignore_errors=True)
     return sorted(out.glob("*.whl"))[0]

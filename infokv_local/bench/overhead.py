@@ -1,0 +1,200 @@
+"""Throughput cost of the patch and its statistics, side by side in one run.
+
+    python -m infokv_local.bench.overhead [--model PATH] [--n-ctx 2048] [--prompt 1024] [--gen 128]
+                                          [--rounds 3] [--json bench-overhead.json]
+
+Configurations, each in its own process (the stock one loads the unpatched libllama through
+LLAMA_CPP_LIB_PATH), interleaved round by round so that machine noise hits them alike; the figure
+of each is the median over rounds:
+
+- ``stock``: llama.cpp without the patches, flash attention off (what the statistics need);
+- ``patched_off``: the patched library, statistics off;
+- ``patched_on``: statistics on (attention mass with a 32-row window, layer distances);
+- ``signals``: the full per-call Signals as infokv-local collects them (statistics on, top-k entropy
+  of every output row with the native kernel, the cell map and host copies), through StatsContext.
+
+Prefill is timed twice: only the last token as output (plain generation) and every token as output
+(what entropy and layer distances need: the LM head runs on every token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = ("stock", "patched_off", "patched_on", "signals")
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = (
+    "It is a truth universally acknowledged that a long chain of reasoning needs a long memory. "
+    "Each step builds on the facts established before it, and the model must keep them at hand. "
+)
+
+
+def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_batch: int, threads: int) -> dict:
+    from llama_cpp import llama_cpp as llama
+
+    quiet = llama.llama_log_callback(lambda *_: None)  # keep a reference: llama.cpp calls it later
+    llama.llama_log_set(quiet, None)
+    llama.llama_backend_init()
+    mparams = llama.llama_model_default_params()
+    model = llama.llama_model_load_from_file(model_path.encode(), mparams)
+    vocab = llama.llama_model_get_vocab(model)
+    raw = (TEXT * (n_prompt // 20 + 8)).encode()
+    buf = (llama.llama_token * (len(raw) + 8))()
+    n = llama.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
+    tokens = list(buf[:n])[: n_prompt + n_gen]
+    assert len(tokens) == n_prompt + n_gen
+
+    if cfg == "signals":
+        from infokv_local.context import StatsContext
+        from infokv_local.model import Model
+
+        m = Model(model_path)
+        ctx = StatsContext(m, n_ctx=n_ctx, n_batch=n_batch, n_last_rows=32, n_threads=threads)
+
+        def run_prefill(all_outputs: bool) -> float:
+            ctx.clear()
+            t0 = time.perf_counter()
+            for s in range(0, n_prompt, n_batch):
+                ctx.decode(tokens[s : s + n_batch], s, all_outputs=all_outputs)
+            return time.perf_counter() - t0
+
+        def run_decode() -> float:
+            t0 = time.perf_counter()
+            for i in range(n_gen):
+                ctx.decode([tokens[n_prompt + i]], n_prompt + i)
+            return time.perf_counter() - t0
+    else:
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx_ptr = llama.llama_init_from_model(model, cparams)
+        if cfg == "patched_on":
+            from infokv_local import native
+
+            native.require_patched()
+            assert native.lib.llama_infokv_set_stats(ctx_ptr, True, 32, True) == 0
+        elif cfg == "patched_off":
+            from infokv_local import native
+
+            native.require_patched()
+        batch = llama.llama_batch_init(n_batch, 0, 1)
+        mem = llama.llama_get_memory(ctx_ptr)
+
+        def decode(toks: list[int], start: int, all_outputs: bool) -> None:
+            for i, t in enumerate(toks):
+                batch.token[i] = t
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = all_outputs or i == len(toks) - 1
+            batch.n_tokens = len(toks)
+            assert llama.llama_decode(ctx_ptr, batch) == 0
+            llama.llama_synchronize(ctx_ptr)
+
+        def run_prefill(all_outputs: bool) -> float:
+            llama.llama_memory_clear(mem, True)
+            t0 = time.perf_counter()
+            for s in range(0, n_prompt, n_batch):
+                decode(tokens[s : s + n_batch], s, all_outputs)
+            return time.perf_counter() - t0
+
+        def run_decode() -> float:
+            t0 = time.perf_counter()
+            for i in range(n_gen):
+                decode([tokens[n_prompt + i]], n_prompt + i, True)
+            return time.perf_counter() - t0
+
+    run_prefill(False)  # warm-up: graph allocation, page cache
+    t_last = run_prefill(False)
+    t_all = run_prefill(True)
+    t_dec = run_decode()
+    return {
+        "prefill_tps_last_output": n_prompt / t_last,
+        "prefill_tps_all_outputs": n_prompt / t_all,
+        "decode_tps": n_gen / t_dec,
+    }
+
+
+def _stock_lib_dir() -> str:
+    script = ROOT / "native" / "build_llama.py"
+    out = subprocess.run([sys.executable, str(script), "--stock"], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens to prefill")
+    ap.add_argument("--gen", type=int, default=128, help="single-token decode steps after the prompt")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stock-lib", help="folder of the unpatched libllama (default: build or reuse it)")
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.model is None:
+        from infokv_local.model import default_model_path
+
+        args.model = str(default_model_path())
+    if args.prompt + args.gen > args.n_ctx:
+        ap.error("--prompt + --gen must fit in --n-ctx")
+
+    if args.worker:
+        res = _worker(args.worker, args.model, args.n_ctx, args.prompt, args.gen, args.batch, args.threads)
+        print(json.dumps(res))
+        return
+
+    stock_lib = args.stock_lib or _stock_lib_dir()
+    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    for r in range(args.rounds):
+        for cfg in CONFIGS:
+            env = dict(os.environ)
+            env.pop("LLAMA_CPP_LIB_PATH", None)
+            if cfg == "stock":
+                env["LLAMA_CPP_LIB_PATH"] = stock_lib
+            cmd = [sys.executable, "-m", "infokv_local.bench.overhead", "--worker", cfg, "--model", args.model,
+                   "--n-ctx", str(args.n_ctx), "--prompt", str(args.prompt), "--gen", str(args.gen),
+                   "--batch", str(args.batch), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            runs[cfg].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{args.rounds} {cfg:12s} {runs[cfg][-1]}", file=sys.stderr, flush=True)
+
+    metrics = ("prefill_tps_last_output", "prefill_tps_all_outputs", "decode_tps")
+    median = {c: {m: statistics.median(x[m] for x in runs[c]) for m in metrics} for c in CONFIGS}
+    ratios = {
+        f"{a}/{b}": {m: median[a][m] / median[b][m] for m in metrics}
+        for a, b in (("patched_off", "stock"), ("patched_on", "patched_off"), ("patched_on", "stock"),
+                     ("signals", "patched_off"))
+    }
+    print(f"\nmodel {Path(args.model).name}, n_ctx {args.n_ctx}, prompt {args.prompt}, decode {args.gen}, "
+          f"batch {args.batch}, threads {args.threads}, median of {args.rounds} interleaved rounds (tokens/s)")
+    print(f"{'config':14s}{'prefill(last out)':>20s}{'prefill(all out)':>20s}{'decode':>12s}")
+    for c in CONFIGS:
+        print(f"{c:14s}" + "".join(f"{median[c][m]:>{w}.1f}" for m, w in zip(metrics, (20, 20, 12))))
+    print(f"\n{'ratio':24s}{'prefill(last out)':>20s}{'prefill(all out)':>20s}{'decode':>12s}")
+    for k, v in ratios.items():
+        print(f"{k:24s}" + "".join(f"{v[m]:>{w}.3f}" for m, w in zip(metrics, (20, 20, 12))))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "n_ctx": args.n_ctx, "prompt": args.prompt, "gen": args.gen,
+            "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+            "runs": runs, "median": median, "ratios": ratios,
+        }, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
