@@ -110,9 +110,11 @@ def run(model_path: str, prompt: str, max_tokens: int, temperature: float, seed:
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
+        prefill_tps = stats.prompt_tokens / max(stats.prefill_s, 1e-9)
+        decode_tps = stats.completion_tokens / max(stats.decode_s, 1e-9)
         print(
-            f"[{model.path.name}] prompt {stats.prompt_tokens} tok ({stats.prompt_tokens / stats.prefill_s:.0f} tok/s), "
-            f"completion {stats.completion_tokens} tok ({stats.completion_tokens / max(stats.decode_s, 1e-9):.1f} tok/s), "
+            f"[{model.path.name}] prompt {stats.prompt_tokens} tok ({prefill_tps:.0f} tok/s), "
+            f"completion {stats.completion_tokens} tok ({decode_tps:.1f} tok/s), "
             f"KV cells used {stats.used_cells}, mean top-256 entropy {stats.mean_entropy:.2f} nats",
             file=sys.stderr,
         )

@@ -186,13 +186,14 @@ def main(argv: list[str] | None = None) -> None:
                      ("signals", "patched_off"))
     }
     print(f"\nmodel {Path(args.model).name}, n_ctx {args.n_ctx}, prompt {args.prompt}, decode {args.gen}, "
-          f"batch {args.batch}, threads {args.threads}, median of {args.rounds} interleaved rounds of best-of-{args.inner} (tokens/s)")
+          f"batch {args.batch}, threads {args.threads}, "
+          f"median of {args.rounds} interleaved rounds of best-of-{args.inner} (tokens/s)")
     print(f"{'config':14s}{'prefill(last out)':>20s}{'prefill(all out)':>20s}{'decode':>12s}")
     for c in CONFIGS:
-        print(f"{c:14s}" + "".join(f"{median[c][m]:>{w}.1f}" for m, w in zip(metrics, (20, 20, 12))))
+        print(f"{c:14s}" + "".join(f"{median[c][m]:>{w}.1f}" for m, w in zip(metrics, (20, 20, 12), strict=True)))
     print(f"\n{'ratio':24s}{'prefill(last out)':>20s}{'prefill(all out)':>20s}{'decode':>12s}")
     for k, v in ratios.items():
-        print(f"{k:24s}" + "".join(f"{v[m]:>{w}.3f}" for m, w in zip(metrics, (20, 20, 12))))
+        print(f"{k:24s}" + "".join(f"{v[m]:>{w}.3f}" for m, w in zip(metrics, (20, 20, 12), strict=True)))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": args.model, "n_ctx": args.n_ctx, "prompt": args.prompt, "gen": args.gen,
