@@ -88,6 +88,8 @@ def generate(model: Model, prompt: str, max_tokens: int = 64, temperature: float
                     yield text
                 except UnicodeDecodeError:
                     pass  # a multi-byte character split across tokens
+                if n_out == max_tokens:
+                    break  # the last token needs no forward pass
                 sig = ctx.decode([tok], pos)
                 entropies.extend(sig.entropy_at.tolist())
                 pos += 1
