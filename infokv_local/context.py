@@ -30,7 +30,8 @@ class StatsContext:
 
     ``attn`` turns on attention statistics (flash attention is then off), ``n_last_rows`` is the
     observation window of recent query rows kept apart, ``layer_dist`` the layer-evolution
-    distances and ``entropy_top_k`` the k of the restricted entropy (0 = full vocabulary). With
+    distances and ``entropy_top_k`` the k of the restricted entropy (0 = full vocabulary; None =
+    no entropy). ``flash_attn`` None lets llama.cpp choose unless attention statistics are on. With
     ``layer_dist`` or entropy wanted, every token of a batch is decoded as an output.
     """
 
@@ -45,6 +46,7 @@ class StatsContext:
         entropy_top_k: int | None = 256,
         n_threads: int | None = None,
         eval_callback: object | None = None,
+        flash_attn: bool | None = None,
     ) -> None:
         native.require_patched()
         if n_ctx <= 0 or n_batch <= 0:
@@ -60,8 +62,12 @@ class StatsContext:
         params.n_ubatch = n_batch
         params.n_seq_max = 1
         params.no_perf = True
-        if attn:
+        if attn and flash_attn:
+            raise ValueError("attention statistics need flash attention off")
+        if attn or flash_attn is False:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        elif flash_attn:
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
         if n_threads:
             params.n_threads = params.n_threads_batch = n_threads
         if eval_callback is not None:

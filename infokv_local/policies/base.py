@@ -1,0 +1,82 @@
+"""What every eviction policy shares: the scoring input and the small Policy interface.
+
+Modelled on NVIDIA kvpress's presses: a policy is a tiny documented class whose only job is to
+turn signals into one importance score per cached token (higher = keep). The engine alone decides
+how many tokens to keep, protects the sink and recent tokens, and talks to llama.cpp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+ATTENTION = "attention"
+ENTROPY = "entropy"
+LAYER_DIST = "layer_dist"
+
+
+@dataclass
+class ScoreInput:
+    """Signals of the evictable cached tokens, one column per token, ordered by position.
+
+    - ``positions`` [n]
+    - ``attn_acc`` [n_layer, n]: attention each token received since it entered the cache (summed over
+      heads and every query since), the H2O signal
+    - ``attn_window`` [n_layer, n]: attention from the last ``window_rows`` queries (SnapKV's
+      observation window), summed over heads and those queries
+    - ``attn_current`` [n_layer, n]: attention from the newest query alone (TOVA)
+    - ``entropy_produced`` / ``entropy_at`` [n]: top-k predictive entropy of the distribution that
+      produced the token / at the token
+    - ``layer_dist`` [n_layer, n]: 1 - cos(layer l's output, last layer's output) for the token
+    - ``n_keep``: how many of these tokens the engine will keep (for policies that vote)
+    """
+
+    positions: np.ndarray
+    n_keep: int
+    window_rows: int = 0
+    attn_acc: np.ndarray | None = None
+    attn_window: np.ndarray | None = None
+    attn_current: np.ndarray | None = None
+    entropy_produced: np.ndarray | None = None
+    entropy_at: np.ndarray | None = None
+    layer_dist: np.ndarray | None = None
+    rng: np.random.Generator | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.shape[0])
+
+
+class Policy:
+    """Base class: subclasses set ``name``, ``needs`` and implement :meth:`score`."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    evicts: ClassVar[bool] = True
+
+    def score(self, inp: ScoreInput) -> np.ndarray:
+        raise NotImplementedError
+
+    def n_keep(self, n_evictable: int, target: int) -> int:
+        """How many of ``n_evictable`` tokens to keep when the engine asks for ``target``."""
+        return target
+
+    @property
+    def entropy_top_k(self) -> int | None:
+        """k of the restricted entropy this policy wants computed (None: no entropy)."""
+        return None
+
+
+def require(inp: ScoreInput, field: str) -> np.ndarray:
+    value = getattr(inp, field)
+    if value is None:
+        raise ValueError(f"this policy needs the '{field}' signal, which the engine did not collect")
+    return value
+
+
+def layer_normalised(x: np.ndarray) -> np.ndarray:
+    """Each layer's row divided by its sum (rows of zeros stay zero)."""
+    s = x.sum(axis=-1, keepdims=True)
+    return np.divide(x, s, out=np.zeros_like(x, dtype=np.float64), where=s > 0)

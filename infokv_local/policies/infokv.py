@@ -1,0 +1,82 @@
+"""InfoKV (Kai, Xiao, Birch, Lin, 2026, arXiv 2606.26875): keep the tokens that matter for the
+distant future as well as the near one.
+
+Per layer l and token i:
+
+    E_i^(l) = (D_i^(l) + tau) * H_i
+    S_i^(l) = alpha * A_i^(l) + (1 - alpha) * softmax_i(E^(l))
+
+with ``H_i`` the top-k restricted predictive entropy (k = 256 in the paper), ``D_i^(l)`` the
+cosine distance between the token's hidden state after layer l and after the last layer, and
+``A_i^(l)`` the attention the observation window pays the token (normalised over tokens, as the
+softmax term is). The paper keeps the top tokens per layer; llama.cpp stores one cell per token for
+all layers, so the per-layer scores are merged into one ranking: ``merge="mean"`` averages them,
+``merge="vote"`` counts in how many layers a token is among the ``n_keep`` best (ties broken by the
+mean).
+
+Parameters: ``alpha`` (0.9; 0.95 for some decode tasks in the paper), ``tau`` (1), ``top_k``,
+``entropy`` ("produced": the distribution that produced the token, i.e. the logits one position
+earlier; "at": the distribution at the token), ``merge``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput, layer_normalised, require
+
+
+def softmax_rows(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass
+class InfoKVPolicy(Policy):
+    alpha: float = 0.9
+    tau: float = 1.0
+    top_k: int = 256
+    entropy: str = "produced"
+    merge: str = "mean"
+    name = "infokv"
+    needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (got {self.alpha})")
+        if self.tau < 0:
+            raise ValueError(f"tau must be >= 0 (got {self.tau})")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, 0 meaning the full vocabulary (got {self.top_k})")
+        if self.entropy not in ("produced", "at"):
+            raise ValueError(f"entropy must be 'produced' or 'at' (got {self.entropy!r})")
+        if self.merge not in ("mean", "vote"):
+            raise ValueError(f"merge must be 'mean' or 'vote' (got {self.merge!r})")
+
+    @property
+    def entropy_top_k(self) -> int | None:
+        return self.top_k
+
+    def layer_scores(self, inp: ScoreInput) -> np.ndarray:
+        """S^(l) for every layer: [n_layer, n]."""
+        attn = layer_normalised(require(inp, "attn_window"))
+        dist = require(inp, "layer_dist").astype(np.float64)
+        h = require(inp, "entropy_produced" if self.entropy == "produced" else "entropy_at").astype(np.float64)
+        # a token without a known entropy (the sequence's first) gets the mean, neither kept nor dropped for it
+        h = np.where(np.isfinite(h), h, np.nanmean(h) if np.isfinite(h).any() else 0.0)
+        dist = np.where(np.isfinite(dist), dist, 0.0)
+        info = softmax_rows((dist + self.tau) * h[None, :])
+        return self.alpha * attn + (1.0 - self.alpha) * info
+
+    def score(self, inp: ScoreInput) -> np.ndarray:
+        per_layer = self.layer_scores(inp)
+        mean = per_layer.mean(axis=0)
+        if self.merge == "mean" or inp.n_keep >= inp.n:
+            return mean
+        k = max(inp.n_keep, 1)
+        top = np.argpartition(-per_layer, k - 1, axis=1)[:, :k]
+        votes = np.bincount(top.ravel(), minlength=inp.n).astype(np.float64)
+        return votes + mean / (mean.max() + 1e-30) * 0.5  # mean only breaks ties between equal votes

@@ -1,0 +1,101 @@
+"""The evicting engine on the real model: the budget invariant for every policy, protected tokens,
+fidelity before the first eviction, and the full cache against llama-cpp-python itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infokv_local.engine import BudgetError, Engine
+from infokv_local.policies import POLICIES
+from infokv_local.sampling import SamplingParams
+
+EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
+BUDGET, BUFFER = 256, 64
+
+
+@pytest.fixture(scope="module")
+def full_logits(model, long_tokens):
+    with Engine(model, "full", buffer=BUFFER, n_batch=BUFFER, max_context=4096) as eng:
+        return np.concatenate([lg for _, lg in eng.feed(long_tokens, all_logits=True)])
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+def test_budget_invariant_teacher_forced_3000_tokens(model, long_tokens, full_logits, policy):
+    with Engine(model, policy, budget=BUDGET, buffer=BUFFER, check_invariants=True) as eng:
+        first_evicted_at = None
+        for start, logits in eng.feed(long_tokens, all_logits=True):
+            step = eng.totals.history[-1]
+            assert step.used_cells <= BUDGET + BUFFER  # also checked inside the engine at every step
+            if step.evicted and first_evicted_at is None:
+                first_evicted_at = start
+            if first_evicted_at is None:
+                # nothing evicted yet: exactly the full cache's predictions
+                ref = full_logits[start : start + len(logits)]
+                assert np.array_equal(logits.argmax(1), ref.argmax(1))
+                assert np.abs(logits - ref).max() < 1e-3
+        positions = eng.cached_positions()
+    assert first_evicted_at == BUDGET + BUFFER
+    assert eng.totals.max_used_cells == BUDGET + BUFFER
+    assert eng.totals.evicted_tokens == 3000 - len(positions)
+    assert positions[:4].tolist() == [0, 1, 2, 3]  # sinks
+    assert positions[-32:].tolist() == list(range(3000 - 32, 3000))  # recent window
+    if policy != "context-shift":
+        assert len(positions) <= BUDGET + BUFFER
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+def test_budget_invariant_while_generating(model, policy):
+    prompt = model.tokenize("Once upon a time, in a kingdom by the sea, there lived")
+    with Engine(model, policy, budget=96, buffer=16, n_recent=16, check_invariants=True) as eng:
+        out = list(eng.generate(prompt, 400, SamplingParams(temperature=0.8, seed=3), ignore_eos=True))
+        assert len(out) == 400
+        assert max(s.used_cells for s in eng.totals.history) <= 96 + 16
+        n_fed = eng.totals.tokens  # prompt + decoded tokens (the last sampled one is not decoded)
+        assert n_fed == len(prompt) + 399
+        if policy != "context-shift":  # compresses to the budget every `buffer` tokens
+            assert eng.totals.evictions == (n_fed - (96 + 16) - 1) // 16 + 1
+        # the saw-tooth: after each compression the cache is back at the budget
+        after = [s.used_cells for s in eng.totals.history if s.evicted]
+        assert all(u <= 96 + 1 for u in after) or policy == "context-shift"
+
+
+def test_greedy_matches_full_until_the_first_eviction(model):
+    prompt = model.tokenize("The history of the printing press begins")
+    with Engine(model, "full", max_context=1024) as full:
+        ref = list(full.generate(prompt, 120, ignore_eos=True))
+    with Engine(model, "infokv", budget=64, buffer=16, n_recent=16, check_invariants=True) as eng:
+        out = list(eng.generate(prompt, 120, ignore_eos=True))
+        first = next(i for i, s in enumerate(eng.totals.history) if s.evicted)
+    # history[0] is the prompt; step i >= 1 decoded the token sampled at step i - 1
+    n_same = first  # tokens sampled from logits computed before any eviction
+    assert out[:n_same] == ref[:n_same]
+    assert n_same >= 64 + 16 - len(prompt)
+
+
+def test_full_reproduces_llama_cpp_python_greedy(model, model_path):
+    from llama_cpp import Llama
+
+    prompt = "Here is a list of the planets of the solar system:"
+    llm = Llama(str(model_path), n_ctx=512, n_batch=512, flash_attn=False, verbose=False, seed=0)
+    tokens = llm.tokenize(prompt.encode())
+    ref = []
+    for tok in llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if tok == llm.token_eos() or len(ref) == 64:
+            break
+        ref.append(tok)
+    llm.close()
+    assert len(ref) >= 16
+    assert model.tokenize(prompt) == tokens
+    with Engine(model, "full", max_context=512, flash_attn=False) as eng:
+        out = list(eng.generate(tokens, len(ref)))
+    assert out == ref
+
+
+def test_budget_too_small_for_sinks_and_window(model):
+    with pytest.raises(BudgetError, match="at least 37"):
+        Engine(model, "infokv", budget=36, n_sink=4, n_recent=32)
+    with pytest.raises(BudgetError):
+        Engine(model, "h2o", budget=256, buffer=0)
+    with pytest.raises(ValueError, match="unknown policy"):
+        Engine(model, "lru", budget=256)

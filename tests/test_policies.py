@@ -1,0 +1,150 @@
+"""Pure-policy unit tests on arrays (no llama.cpp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infokv_local.policies import (
+    POLICIES,
+    ContextShiftPolicy,
+    H2OPolicy,
+    InfoKVPolicy,
+    RandomPolicy,
+    ScoreInput,
+    SnapKVPolicy,
+    StreamingPolicy,
+    TOVAPolicy,
+    make_policy,
+)
+from infokv_local.policies.snapkv import pool1d
+
+N_LAYER, N = 3, 10
+
+
+def inp(**kw) -> ScoreInput:
+    base = dict(positions=np.arange(4, 4 + N), n_keep=5, rng=np.random.default_rng(0))
+    base.update(kw)
+    return ScoreInput(**base)
+
+
+def test_registry_and_errors():
+    assert set(POLICIES) == {"full", "streaming", "context-shift", "h2o", "snapkv", "tova", "random", "infokv"}
+    assert isinstance(make_policy("snapkv", kernel_size=3), SnapKVPolicy)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lru")
+    with pytest.raises(ValueError):
+        SnapKVPolicy(kernel_size=4)
+    with pytest.raises(ValueError):
+        InfoKVPolicy(alpha=1.5)
+    with pytest.raises(ValueError):
+        InfoKVPolicy(entropy="future")
+    with pytest.raises(ValueError):
+        InfoKVPolicy(merge="max")
+
+
+def test_streaming_keeps_the_newest():
+    s = StreamingPolicy().score(inp())
+    assert np.argsort(-s)[:5].tolist() == [9, 8, 7, 6, 5]
+
+
+def test_context_shift_drops_the_older_half():
+    p = ContextShiftPolicy()
+    assert p.n_keep(10, 8) == 5
+    assert p.n_keep(10, 3) == 3  # never more than the budget needs
+    assert np.argsort(-p.score(inp()))[:5].tolist() == [9, 8, 7, 6, 5]
+
+
+def test_h2o_sums_accumulated_attention_over_layers():
+    acc = np.zeros((N_LAYER, N))
+    acc[0, 2] = 5.0
+    acc[1, 7] = 3.0
+    acc[2, 7] = 3.0
+    s = H2OPolicy().score(inp(attn_acc=acc))
+    assert s.argmax() == 7 and s[2] == 5.0
+
+
+def test_tova_uses_the_current_query_only():
+    cur = np.zeros((N_LAYER, N))
+    cur[:, 4] = 1.0
+    acc = np.ones((N_LAYER, N)) * 100
+    s = TOVAPolicy().score(inp(attn_current=cur, attn_acc=acc))
+    assert s.argmax() == 4
+
+
+def test_pool1d():
+    x = np.array([[0.0, 0, 1, 0, 0, 0, 2]])
+    assert pool1d(x, 3, "max").tolist() == [[0, 1, 1, 1, 0, 2, 2]]
+    np.testing.assert_allclose(pool1d(x, 3, "avg"), [[0, 1 / 3, 1 / 3, 1 / 3, 0, 2 / 3, 4 / 3]])
+    assert pool1d(x, 1, "max") is x
+
+
+def test_snapkv_pools_window_attention_to_keep_neighbours():
+    win = np.zeros((N_LAYER, N))
+    win[:, 5] = 1.0
+    s = SnapKVPolicy(kernel_size=3).score(inp(attn_window=win))
+    assert set(np.argsort(-s)[:3].tolist()) == {4, 5, 6}
+    s1 = SnapKVPolicy(kernel_size=1).score(inp(attn_window=win))
+    assert s1.argmax() == 5 and (s1 > 0).sum() == 1
+
+
+def test_random_is_seeded():
+    a = RandomPolicy().score(inp(rng=np.random.default_rng(1)))
+    b = RandomPolicy().score(inp(rng=np.random.default_rng(1)))
+    assert np.array_equal(a, b) and a.shape == (N,)
+
+
+def infokv_inputs(attn_hot: int, entropy_hot: int) -> ScoreInput:
+    win = np.full((N_LAYER, N), 0.01)
+    win[:, attn_hot] = 1.0
+    ent = np.full(N, 0.1)
+    ent[entropy_hot] = 5.0
+    dist = np.full((N_LAYER, N), 0.5)
+    return inp(attn_window=win, entropy_produced=ent, entropy_at=ent[::-1].copy(), layer_dist=dist, n_keep=2)
+
+
+def test_infokv_alpha_one_is_attention_only():
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    s = InfoKVPolicy(alpha=1.0).score(i)
+    assert s.argmax() == 1
+
+
+def test_infokv_alpha_zero_is_entropy_times_layer_change():
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    assert InfoKVPolicy(alpha=0.0).score(i).argmax() == 8
+    # the "at" entropy is the reversed array here: its peak is at index 1
+    assert InfoKVPolicy(alpha=0.0, entropy="at").score(i).argmax() == 1
+
+
+def test_infokv_formula_per_layer():
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    p = InfoKVPolicy(alpha=0.9, tau=1.0)
+    a = i.attn_window / i.attn_window.sum(axis=1, keepdims=True)
+    e = (i.layer_dist + 1.0) * i.entropy_produced[None]
+    soft = np.exp(e - e.max(axis=1, keepdims=True))
+    soft /= soft.sum(axis=1, keepdims=True)
+    expected = 0.9 * a + 0.1 * soft
+    np.testing.assert_allclose(p.layer_scores(i), expected)
+    np.testing.assert_allclose(p.score(i), expected.mean(axis=0))
+
+
+def test_infokv_layer_change_matters():
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    i.entropy_produced[:] = 2.0
+    i.layer_dist[:, 3] = 3.0  # the representation of token 3 changes the most
+    assert InfoKVPolicy(alpha=0.0).score(i).argmax() == 3
+
+
+def test_infokv_vote_merge_counts_layers():
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    i.attn_window[0] = 0.01
+    i.attn_window[0, 6] = 1.0  # one layer prefers token 6, two prefer token 1
+    i.n_keep = 1
+    s = InfoKVPolicy(alpha=1.0, merge="vote").score(i)
+    assert s.argmax() == 1 and s[6] > s[0]
+
+
+def test_infokv_tolerates_unknown_entropy():
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    i.entropy_produced[0] = np.nan
+    assert np.isfinite(InfoKVPolicy().score(i)).all()
