@@ -1,0 +1,65 @@
+"""The fidelity benchmark on the real model (small), and its input checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infokv_local.bench.fidelity import parse_policy, read_docs, run_fidelity
+from infokv_local.policies import InfoKVPolicy, SnapKVPolicy
+
+from .conftest import haystack_essay
+
+
+def test_parse_policy_specs():
+    p = parse_policy("infokv:alpha=0.95,entropy=at,top_k=64")
+    assert isinstance(p, InfoKVPolicy) and (p.alpha, p.entropy, p.top_k) == (0.95, "at", 64)
+    assert isinstance(parse_policy("snapkv"), SnapKVPolicy)
+    for bad in ("lru", "infokv:alpha", "infokv:beta=1", "snapkv:kernel_size=4"):
+        with pytest.raises(ValueError):
+            parse_policy(bad)
+
+
+def test_read_docs_reports_the_bad_line(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"id": "a", "text": "hello"}\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=":2:"):
+        read_docs(f)
+    f.write_text('{"id": "a", "text": "hello"}\nnot json\n')
+    with pytest.raises(ValueError, match=":2: not valid JSON"):
+        read_docs(f)
+
+
+def test_fidelity_on_one_document(model):
+    docs = [{"id": "gba", "text": haystack_essay("gba.txt")}]
+    res = run_fidelity(model, docs, ["streaming", "snapkv", "infokv", "random"], budget=128, buffer=32,
+                       max_tokens=600, progress=False)
+    assert res["n_docs"] == 1 and res["budget"] == 128
+    for name in ("streaming", "snapkv", "infokv", "random"):
+        s = res["policies"][name]
+        # evictions start once 128 + 32 cells are full, chunks are 32 tokens, the last token has no target
+        assert s["n_tokens"] == 600 - 160 - 1
+        assert 0 <= s["mean_kl"] <= s["p95_kl"] * 10
+        assert 0.3 < s["top1_agreement"] <= 1
+        assert s["delta_nll"] > -0.5
+
+
+def test_cli_fidelity_writes_json(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "hubs", "text": haystack_essay("hubs.txt")}) + "\n")
+    out = tmp_path / "f.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "infokv_local", "bench", "fidelity", "--docs", str(docs), "--ratio", "0.25",
+         "--max-tokens", "400", "--buffer", "32", "--policies", "tova,infokv:alpha=0.95+entropy=at", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert data["ratio"] == 0.25 and data["n_docs"] == 1
+    assert set(data["policies"]) == {"tova", "infokv:alpha=0.95,entropy=at"}
+    for s in data["policies"].values():
+        assert {"mean_kl", "p95_kl", "top1_agreement", "delta_nll", "n_tokens"} <= set(s)
+    assert "mean KL" in res.stdout
