@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from llama_cpp import llama_cpp as llama
 
 from .context import StatsContext
 from .errors import InfoKVError
@@ -72,6 +73,9 @@ class Engine:
     the next compression. ``n_sink`` first and ``n_recent`` last tokens are never evicted;
     ``window`` is the number of recent queries whose attention forms the observation window.
     ``check_invariants`` verifies the budget and the protected tokens after every call.
+    Positions keep growing as tokens are evicted; before they would pass ``compact_at`` (default:
+    the model's trained context) the kept tokens are renumbered 0..n-1 with llama.cpp's batched
+    K-shift (``llama_memory_seq_add``), so RoPE never extrapolates.
     Flash attention is off by default for every policy (attention statistics need it off), so that
     all policies run the same attention kernel and differ only by what they evict.
     """
@@ -91,6 +95,7 @@ class Engine:
         max_context: int | None = None,
         check_invariants: bool = False,
         flash_attn: bool = False,
+        compact_at: int | None = None,
     ) -> None:
         self.model = model
         self.policy = make_policy(policy)
@@ -126,6 +131,10 @@ class Engine:
             n_threads=n_threads, flash_attn=flash_attn,
         )
         self.check_invariants = check_invariants
+        self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
+        if self.compact_at <= self.capacity:
+            raise BudgetError(f"compact_at ({self.compact_at}) must exceed budget + buffer ({self.capacity})")
+        self.compactions = 0
         self.rng = np.random.default_rng(seed)
         self.kv_bytes_per_cell = kv_bytes_per_token(model)
 
@@ -211,6 +220,8 @@ class Engine:
                 self.prefill(prompt)
             elif not self.tokens:
                 raise ValueError("nothing to continue from: give a prompt")
+            else:
+                self._flush_pending()
             stops = set(stop_tokens)
             for i in range(max_tokens):
                 tok = sampler.sample(self.ctx.ptr)
@@ -226,13 +237,18 @@ class Engine:
             sampler.close()
 
     # ---- internals -------------------------------------------------------------------------
-    def _decode(self, part: list[int], all_outputs: bool) -> None:
-        pending = self._pending
+    def _flush_pending(self) -> None:
+        """Decode the token sampled last, which generate() leaves undecoded until the sequence goes on."""
+        pending, self._pending = self._pending, None
         if pending is not None:
-            self._pending = None
             self.tokens.pop()
-            self._decode([pending], all_outputs)
+            self._decode([pending], all_outputs=self.needs_outputs)
+
+    def _decode(self, part: list[int], all_outputs: bool) -> None:
+        self._flush_pending()
         evicted, score_s, evict_s = self._make_room(len(part))
+        if self.policy.evicts and self.n_past + len(part) > self.compact_at:
+            self._compact_positions()
         t0 = time.perf_counter()
         sig = self.ctx.decode(part, self.n_past, all_outputs=all_outputs)
         decode_s = time.perf_counter() - t0
@@ -290,6 +306,22 @@ class Engine:
         self._forget(drop_cells)
         t2 = time.perf_counter()
         return pos[lo:hi][drop].tolist(), t1 - t0, t2 - t1
+
+    def _compact_positions(self) -> None:
+        """Renumber the cached tokens 0..n-1, one ``seq_add`` per run of tokens with no hole between them."""
+        mem = llama.llama_get_memory(self.ctx.ptr)
+        if not llama.llama_memory_can_shift(mem):
+            raise InfoKVError("positions reached compact_at but this model's cache cannot shift positions")
+        cells, pos = self.ctx.cell_map()
+        delta = np.arange(len(pos)) - pos
+        starts = np.r_[0, np.flatnonzero(np.diff(delta)) + 1]
+        ends = np.r_[starts[1:], len(pos)]
+        for s, e in zip(starts, ends, strict=True):
+            if delta[s]:
+                llama.llama_memory_seq_add(mem, 0, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
+        self._pos[cells] = np.arange(len(pos))
+        self.n_past = len(pos)
+        self.compactions += 1
 
     def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int) -> ScoreInput:
         needs = self.policy.needs

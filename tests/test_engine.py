@@ -99,3 +99,29 @@ def test_budget_too_small_for_sinks_and_window(model):
         Engine(model, "h2o", budget=256, buffer=0)
     with pytest.raises(ValueError, match="unknown policy"):
         Engine(model, "lru", budget=256)
+
+
+def test_position_compaction_keeps_generation_going(model):
+    prompt = model.tokenize("A long walk through the city at night reveals")
+    with Engine(model, "snapkv", budget=96, buffer=16, n_recent=16, compact_at=200, check_invariants=True) as eng:
+        out = list(eng.generate(prompt, 500, ignore_eos=True))
+        assert len(out) == 500
+        assert eng.compactions >= 3
+        pos = eng.cached_positions()
+        assert pos.max() < 200 and pos[-1] == eng.n_past - 1
+        assert len(np.setdiff1d(np.arange(pos[-1] + 1), pos)) > 0  # holes again since the last compaction
+        eng._compact_positions()
+        assert eng.cached_positions().tolist() == list(range(len(pos)))
+        more = list(eng.generate([], 20, ignore_eos=True))  # decoding goes on after the K-shift
+        assert len(more) == 20 and eng.n_past < 200
+    with pytest.raises(BudgetError, match="compact_at"):
+        Engine(model, "snapkv", budget=96, buffer=16, compact_at=100)
+
+
+def test_continuing_a_generation_equals_one_long_generation(model):
+    prompt = model.tokenize("The three laws of thermodynamics are")
+    with Engine(model, "h2o", budget=64, buffer=16, n_recent=16, check_invariants=True) as eng:
+        one = list(eng.generate(prompt, 90, ignore_eos=True))
+    with Engine(model, "h2o", budget=64, buffer=16, n_recent=16, check_invariants=True) as eng:
+        two = list(eng.generate(prompt, 40, ignore_eos=True)) + list(eng.generate([], 50, ignore_eos=True))
+    assert one == two
