@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     f.add_argument("--docs", required=True, help='JSONL, one {"id", "text"} per line (see: bench docs)')
     f.add_argument("--policies", default="streaming,context-shift,h2o,snapkv,tova,random,infokv",
-                   help="comma-free list separated by ';' or ',' of names; parameters as name:key=value+key=value")
+                   help="policies separated by ','; parameters as name:key=value+key=value "
+                        "(e.g. infokv:alpha=0.95+entropy=at)")
     g2 = f.add_mutually_exclusive_group(required=True)
     g2.add_argument("--budget", type=int, help="KV budget in tokens")
     g2.add_argument("--ratio", type=float, help="KV budget as a fraction of each document's length")
