@@ -13,6 +13,7 @@ tokens, then compresses it back to ``budget`` (the saw-tooth).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,10 +70,12 @@ class EngineTotals:
 class Engine:
     """Feed and generate tokens for one sequence inside a fixed KV budget.
 
-    ``budget`` (tokens) is what the cache is compressed to; ``buffer`` how far it may grow before
-    the next compression. ``n_sink`` first and ``n_recent`` last tokens are never evicted;
+    ``budget`` (tokens, or ``budget_mib`` MiB of KV memory) is what the cache is compressed to;
+    ``buffer`` how far it may grow before the next compression. The ``n_sink`` first and
+    ``n_recent`` last tokens are never evicted;
     ``window`` is the number of recent queries whose attention forms the observation window.
-    ``check_invariants`` verifies the budget and the protected tokens after every call.
+    ``check_invariants`` (or ``INFOKV_DEBUG=1``) verifies the budget and the protected tokens after
+    every call.
     Positions keep growing as tokens are evicted; before they would pass ``compact_at`` (default:
     the model's trained context) the kept tokens are renumbered 0..n-1 with llama.cpp's batched
     K-shift (``llama_memory_seq_add``), so RoPE never extrapolates.
@@ -84,7 +87,7 @@ class Engine:
         self,
         model: Model,
         policy: str | Policy = "infokv",
-        budget: int = 1024,
+        budget: int | None = 1024,
         buffer: int = 128,
         n_sink: int = 4,
         n_recent: int = 32,
@@ -96,9 +99,17 @@ class Engine:
         check_invariants: bool = False,
         flash_attn: bool = False,
         compact_at: int | None = None,
+        budget_mib: float | None = None,
     ) -> None:
         self.model = model
         self.policy = make_policy(policy)
+        self.kv_bytes_per_cell = kv_bytes_per_token(model)
+        if budget_mib is not None:
+            if budget_mib <= 0:
+                raise BudgetError(f"budget_mib must be positive (got {budget_mib})")
+            budget = int(budget_mib * 2**20 // self.kv_bytes_per_cell)
+        if budget is None:
+            raise BudgetError("give a budget in tokens (budget) or in MiB of KV memory (budget_mib)")
         if n_sink < 0 or n_recent < 1:
             raise BudgetError(f"n_sink must be >= 0 and n_recent >= 1 (got {n_sink}, {n_recent})")
         if buffer < 1 or window < 1 or n_batch < 1:
@@ -130,13 +141,12 @@ class Engine:
             entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
             n_threads=n_threads, flash_attn=flash_attn,
         )
-        self.check_invariants = check_invariants
+        self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
         self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
         if self.compact_at <= self.capacity:
             raise BudgetError(f"compact_at ({self.compact_at}) must exceed budget + buffer ({self.capacity})")
         self.compactions = 0
         self.rng = np.random.default_rng(seed)
-        self.kv_bytes_per_cell = kv_bytes_per_token(model)
 
         n_cells, n_layer = self.ctx.n_cells, model.info.n_layer
         self._pos = np.full(n_cells, -1, dtype=np.int64)

@@ -125,3 +125,18 @@ def test_continuing_a_generation_equals_one_long_generation(model):
     with Engine(model, "h2o", budget=64, buffer=16, n_recent=16, check_invariants=True) as eng:
         two = list(eng.generate(prompt, 40, ignore_eos=True)) + list(eng.generate([], 50, ignore_eos=True))
     assert one == two
+
+
+def test_budget_in_mib(model):
+    per_token = 30 * 3 * (64 + 64) * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, K and V in F16
+    with Engine(model, "streaming", budget=None, budget_mib=4.0, buffer=32) as eng:
+        assert eng.kv_bytes_per_cell == per_token
+        assert eng.budget == 4 * 2**20 // per_token == 182
+    with pytest.raises(BudgetError):
+        Engine(model, "streaming", budget_mib=0)
+
+
+def test_full_never_evicts(model, long_tokens):
+    with Engine(model, "full", budget=256, buffer=64, max_context=2048, check_invariants=True) as eng:
+        eng.prefill(long_tokens[:1500])
+        assert eng.used_cells == 1500 and eng.totals.evicted_tokens == 0
