@@ -148,3 +148,15 @@ def test_infokv_tolerates_unknown_entropy():
     i = infokv_inputs(attn_hot=1, entropy_hot=8)
     i.entropy_produced[0] = np.nan
     assert np.isfinite(InfoKVPolicy().score(i)).all()
+
+
+def test_infokv_pooling_and_alpha_one_ranks_like_snapkv():
+    rng = np.random.default_rng(5)
+    win = rng.random((N_LAYER, N)) ** 4
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    i.attn_window = win
+    a = np.argsort(-InfoKVPolicy(alpha=1.0, kernel_size=3).score(i))
+    b = np.argsort(-SnapKVPolicy(kernel_size=3).score(i))
+    assert a[0] == b[0]
+    with pytest.raises(ValueError):
+        InfoKVPolicy(kernel_size=2)

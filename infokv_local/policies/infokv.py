@@ -16,7 +16,8 @@ mean).
 
 Parameters: ``alpha`` (0.9; 0.95 for some decode tasks in the paper), ``tau`` (1), ``top_k``,
 ``entropy`` ("produced": the distribution that produced the token, i.e. the logits one position
-earlier; "at": the distribution at the token), ``merge``.
+earlier; "at": the distribution at the token), ``merge``, and ``kernel_size``/``pooling``: the
+attention term pooled over neighbouring tokens as SnapKV does (1 = no pooling).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput, layer_normalised, require
+from .snapkv import pool1d
 
 
 def softmax_rows(x: np.ndarray) -> np.ndarray:
@@ -41,6 +43,8 @@ class InfoKVPolicy(Policy):
     top_k: int = 256
     entropy: str = "produced"
     merge: str = "mean"
+    kernel_size: int = 1
+    pooling: str = "max"
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
@@ -55,6 +59,10 @@ class InfoKVPolicy(Policy):
             raise ValueError(f"entropy must be 'produced' or 'at' (got {self.entropy!r})")
         if self.merge not in ("mean", "vote"):
             raise ValueError(f"merge must be 'mean' or 'vote' (got {self.merge!r})")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
 
     @property
     def entropy_top_k(self) -> int | None:
@@ -63,6 +71,8 @@ class InfoKVPolicy(Policy):
     def layer_scores(self, inp: ScoreInput) -> np.ndarray:
         """S^(l) for every layer: [n_layer, n]."""
         attn = layer_normalised(require(inp, "attn_window"))
+        if self.kernel_size > 1:
+            attn = layer_normalised(pool1d(attn, self.kernel_size, self.pooling))
         dist = require(inp, "layer_dist").astype(np.float64)
         h = require(inp, "entropy_produced" if self.entropy == "produced" else "entropy_at").astype(np.float64)
         # a token without a known entropy (the sequence's first) gets the mean, neither kept nor dropped for it
