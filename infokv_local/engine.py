@@ -224,14 +224,15 @@ class Engine:
         """
         sampler = Sampler(sampling or SamplingParams(), self.model.info.n_vocab)
         try:
-            for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
-                sampler.accept(t)
             if prompt:
                 self.prefill(prompt)
             elif not self.tokens:
                 raise ValueError("nothing to continue from: give a prompt")
             else:
                 self._flush_pending()
+            # the repetition penalties see the recent sequence, prompt included
+            for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
+                sampler.accept(t)
             stops = set(stop_tokens)
             for i in range(max_tokens):
                 tok = sampler.sample(self.ctx.ptr)

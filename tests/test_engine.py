@@ -140,3 +140,19 @@ def test_full_never_evicts(model, long_tokens):
     with Engine(model, "full", budget=256, buffer=64, max_context=2048, check_invariants=True) as eng:
         eng.prefill(long_tokens[:1500])
         assert eng.used_cells == 1500 and eng.totals.evicted_tokens == 0
+
+
+def test_sampling_parameters_reach_llama_cpp_sampler_chain(model):
+    prompt = model.tokenize("one two three one two three one two three one two")
+
+    def run(**kw):
+        with Engine(model, "streaming", budget=128, buffer=32, n_recent=16) as eng:
+            return list(eng.generate(prompt, 24, SamplingParams(**kw), ignore_eos=True))
+
+    greedy = run()
+    assert run() == greedy
+    assert run(repeat_penalty=1.8) != greedy  # the penalty sees the prompt's repetitions
+    assert run(temperature=1.0, seed=1) == run(temperature=1.0, seed=1)
+    assert run(temperature=1.0, seed=1) != run(temperature=1.0, seed=2)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
