@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt")
     g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--max-tokens", type=int, default=96)
+    g.add_argument("--policy", default="infokv", help="eviction policy (default: infokv)")
+    g.add_argument("--budget", type=int, default=256, help="KV budget in tokens (default: 256)")
+    g.add_argument("--buffer", type=int, default=64, help="growth before each compression (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
@@ -74,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from .generate import run
             from .registry_models import resolve_model_path
+            from .sampling import SamplingParams
 
             if args.max_tokens <= 0:
                 ap.error("--max-tokens must be positive")
-            if args.temperature < 0:
-                ap.error("--temperature must be >= 0")
-            run(str(resolve_model_path(args.model)), args.prompt, args.max_tokens, args.temperature,
-                args.seed, args.raw)
+            sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
+            run(str(resolve_model_path(args.model)), args.prompt, args.max_tokens, sampling, args.raw,
+                args.policy, args.budget, args.buffer)
         elif args.command == "bench":
             run_bench(args)
         elif args.command == "models":

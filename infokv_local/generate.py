@@ -1,8 +1,7 @@
-"""A short generation through the patched llama.cpp with every signal collected (no eviction yet).
+"""Generation of text under a KV budget through the engine (the command line's ``generate``).
 
-This is the first slice of the command line: it proves the whole path (GGUF metadata chat
-template through llama-cpp-python's formatter, prefill and decode on a StatsContext, llama.cpp's
-sampler chain) and prints what the cache holds and what the signals say.
+Chat prompts use the chat template from the GGUF metadata through llama-cpp-python's Jinja2
+formatter; sampling is llama.cpp's sampler chain; eviction is the engine's.
 """
 
 from __future__ import annotations
@@ -13,22 +12,25 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from .context import StatsContext
+from .engine import Engine
 from .model import Model
+from .sampling import SamplingParams
 
 
 @dataclass
 class GenerationStats:
-    prompt_tokens: int
-    completion_tokens: int
-    used_cells: int
-    mean_entropy: float
-    prefill_s: float
-    decode_s: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    used_cells: int = 0
+    max_used_cells: int = 0
+    evictions: int = 0
+    evicted_tokens: int = 0
+    kv_bytes: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
 
 def token_piece(model: Model, token: int) -> bytes:
@@ -53,70 +55,68 @@ def chat_prompt(model: Model, user_message: str, system: str | None = None) -> s
     return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages).prompt
 
 
-def generate(model: Model, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-             n_ctx: int = 2048, stats: GenerationStats | None = None) -> Iterator[str]:
-    """Yield the completion's text pieces; fill ``stats`` at the end."""
-    tokens = model.tokenize(prompt, add_special=True, parse_special=True)
-    if len(tokens) + max_tokens > n_ctx:
-        raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceed n_ctx={n_ctx}")
-    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-    if temperature > 0:
-        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(temperature))
-        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
-    else:
-        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
-    entropies: list[float] = []
+def detokenize_stream(model: Model, tokens: Iterator[int]) -> Iterator[str]:
+    """Text pieces of a token stream, holding back bytes of a character split across tokens."""
     pending = b""
-    try:
-        with StatsContext(model, n_ctx=n_ctx, n_batch=512) as ctx:
-            t0 = time.perf_counter()
-            for s in range(0, len(tokens), ctx.n_batch):
-                sig = ctx.decode(tokens[s : s + ctx.n_batch], s)
-                entropies.extend(sig.entropy_at.tolist())
-            t1 = time.perf_counter()
-            n_out = 0
-            pos = len(tokens)
-            while n_out < max_tokens:
-                tok = llama.llama_sampler_sample(chain, ctx.ptr, -1)
-                if llama.llama_vocab_is_eog(model.vocab, tok):
-                    break
-                n_out += 1
-                pending += token_piece(model, tok)
-                try:
-                    text = pending.decode("utf-8")
-                    pending = b""
-                    yield text
-                except UnicodeDecodeError:
-                    pass  # a multi-byte character split across tokens
-                if n_out == max_tokens:
-                    break  # the last token needs no forward pass
-                sig = ctx.decode([tok], pos)
-                entropies.extend(sig.entropy_at.tolist())
-                pos += 1
-            if stats is not None:
-                stats.prompt_tokens = len(tokens)
-                stats.completion_tokens = n_out
-                stats.used_cells = ctx.n_used
-                stats.mean_entropy = float(np.nanmean(entropies))
-                stats.prefill_s = t1 - t0
-                stats.decode_s = time.perf_counter() - t1
-    finally:
-        llama.llama_sampler_free(chain)
+    for tok in tokens:
+        pending += token_piece(model, tok)
+        try:
+            text = pending.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        pending = b""
+        yield text
+    if pending:
+        yield pending.decode("utf-8", "replace")
 
 
-def run(model_path: str, prompt: str, max_tokens: int, temperature: float, seed: int, raw: bool) -> None:
-    with Model(model_path) as model:
+def generate(engine: Engine, prompt: str, max_tokens: int = 64, sampling: SamplingParams | None = None,
+             stats: GenerationStats | None = None) -> Iterator[str]:
+    """Yield the completion's text pieces; fill ``stats`` at the end."""
+    model = engine.model
+    tokens = model.tokenize(prompt, add_special=True, parse_special=True)
+    t0 = time.perf_counter()
+    n_out = 0
+    t_first: float | None = None
+
+    def counted() -> Iterator[int]:
+        nonlocal n_out, t_first
+        for tok in engine.generate(tokens, max_tokens, sampling):
+            if t_first is None:
+                t_first = time.perf_counter()
+            n_out += 1
+            yield tok
+
+    yield from detokenize_stream(model, counted())
+    if stats is not None:
+        end = time.perf_counter()
+        t = engine.totals
+        stats.prompt_tokens = len(tokens)
+        stats.completion_tokens = n_out
+        stats.used_cells = engine.used_cells
+        stats.max_used_cells = t.max_used_cells
+        stats.evictions = t.evictions
+        stats.evicted_tokens = t.evicted_tokens
+        stats.kv_bytes = engine.used_cells * engine.kv_bytes_per_cell
+        stats.prefill_s = (t_first or end) - t0
+        stats.decode_s = end - (t_first or end)
+
+
+def run(model_path: str, prompt: str, max_tokens: int, sampling: SamplingParams, raw: bool, policy: str,
+        budget: int, buffer: int) -> None:
+    with Model(model_path) as model, Engine(model, policy, budget=budget, buffer=buffer) as engine:
         text = prompt if raw else chat_prompt(model, prompt)
-        stats = GenerationStats(0, 0, 0, 0.0, 0.0, 0.0)
-        for piece in generate(model, text, max_tokens=max_tokens, temperature=temperature, seed=seed, stats=stats):
+        st = GenerationStats()
+        for piece in generate(engine, text, max_tokens=max_tokens, sampling=sampling, stats=st):
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
-        prefill_tps = stats.prompt_tokens / max(stats.prefill_s, 1e-9)
-        decode_tps = stats.completion_tokens / max(stats.decode_s, 1e-9)
+        prefill_tps = st.prompt_tokens / max(st.prefill_s, 1e-9)
+        decode_tps = max(st.completion_tokens - 1, 0) / max(st.decode_s, 1e-9)
         print(
-            f"[{model.path.name}] prompt {stats.prompt_tokens} tok ({prefill_tps:.0f} tok/s), "
-            f"completion {stats.completion_tokens} tok ({decode_tps:.1f} tok/s), "
-            f"KV cells used {stats.used_cells}, mean top-256 entropy {stats.mean_entropy:.2f} nats",
+            f"[{model.path.name}, {policy}, budget {budget} + buffer {buffer}] prompt {st.prompt_tokens} tok "
+            f"({prefill_tps:.0f} tok/s), completion {st.completion_tokens} tok ({decode_tps:.1f} tok/s); "
+            f"KV cells used {st.used_cells} (max {st.max_used_cells}, {st.kv_bytes / 2**20:.1f} MiB), "
+            f"{st.evicted_tokens} tokens evicted in {st.evictions} compressions",
             file=sys.stderr,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from infokv_local.engine import Engine
 from infokv_local.generate import GenerationStats, chat_prompt, generate
 
 
@@ -14,23 +15,27 @@ def test_chat_prompt_uses_the_gguf_template(model):
     assert "<|im_start|>system\nBe brief.<|im_end|>" in prompt
 
 
-def test_greedy_generation_is_deterministic(model):
-    prompt = chat_prompt(model, "Name three colours.")
-    stats = GenerationStats(0, 0, 0, 0.0, 0.0, 0.0)
-    a = "".join(generate(model, prompt, max_tokens=12, stats=stats))
-    b = "".join(generate(model, prompt, max_tokens=12))
-    assert a == b and a.strip()
-    assert stats.completion_tokens <= 12
-    assert stats.used_cells == stats.prompt_tokens + stats.completion_tokens - (stats.completion_tokens == 12)
-    assert 0 < stats.mean_entropy < 12
+def test_greedy_generation_is_deterministic_and_within_budget(model):
+    prompt = chat_prompt(model, "Write a long story about a lighthouse keeper.")
+    runs = []
+    for _ in range(2):
+        with Engine(model, "infokv", budget=64, buffer=16, n_recent=16, check_invariants=True) as eng:
+            st = GenerationStats()
+            runs.append("".join(generate(eng, prompt, max_tokens=120, stats=st)))
+    assert runs[0] == runs[1] and runs[0].strip()
+    assert st.completion_tokens <= 120
+    assert st.max_used_cells <= 64 + 16
+    if st.prompt_tokens + st.completion_tokens > 80:
+        assert st.evictions >= 1
 
 
 def test_cli_generate():
-    res = subprocess.run([sys.executable, "-m", "infokv_local", "generate", "Say hello.", "--max-tokens", "8"],
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "generate", "Say hello.", "--max-tokens", "8",
+                          "--budget", "64", "--buffer", "16", "--policy", "snapkv"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()
-    assert "KV cells used" in res.stderr
+    assert "KV cells used" in res.stderr and "snapkv, budget 64 + buffer 16" in res.stderr
 
 
 def test_cli_missing_model_is_a_clear_error(tmp_path):
