@@ -90,7 +90,6 @@ class StatsContext:
         self.n_layer = model.info.n_layer
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._last_entropy = float("nan")
-        self.n_past_calls = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -147,9 +146,6 @@ class StatsContext:
         llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
         self._last_entropy = float("nan")
 
-    def pos_max(self) -> int:
-        return int(llama.llama_memory_seq_pos_max(llama.llama_get_memory(self.ptr), SEQ))
-
     # ---- decoding --------------------------------------------------------------------------
     def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True) -> Signals:
         """Decode ``tokens`` at positions ``start_pos..`` and return the call's signals.
@@ -172,7 +168,6 @@ class StatsContext:
             raise CacheFull(f"no free cells for {n} tokens ({self.n_used}/{self.n_cells} used)")
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")
-        self.n_past_calls += 1
         return self._signals(n, start_pos, all_outputs)
 
     def logits(self, i: int = -1) -> np.ndarray:

@@ -149,7 +149,6 @@ class Engine:
         self.rng = np.random.default_rng(seed)
 
         n_cells, n_layer = self.ctx.n_cells, model.info.n_layer
-        self._pos = np.full(n_cells, -1, dtype=np.int64)
         self._ent_prod = np.full(n_cells, np.nan, dtype=np.float32)
         self._ent_at = np.full(n_cells, np.nan, dtype=np.float32)
         self._ldist = np.zeros((n_layer, n_cells), dtype=np.float32)
@@ -180,7 +179,6 @@ class Engine:
         self.ctx.clear()
         for a in (self._attn_acc, self._attn_current, self._ring, self._ldist):
             a.fill(0)
-        self._pos.fill(-1)
         self._ent_prod.fill(np.nan)
         self._ent_at.fill(np.nan)
         self._ring_next = self._ring_len = 0
@@ -330,7 +328,6 @@ class Engine:
         for s, e in zip(starts, ends, strict=True):
             if delta[s]:
                 llama.llama_memory_seq_add(mem, 0, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
-        self._pos[cells] = np.arange(len(pos))
         self.n_past = len(pos)
         self.compactions += 1
 
@@ -351,7 +348,6 @@ class Engine:
 
     def _absorb(self, sig: Signals, n: int) -> None:
         new_cells = sig.cells[-n:]
-        self._pos[new_cells] = sig.cell_pos[-n:]
         if sig.entropy_produced is not None:
             self._ent_prod[new_cells] = sig.entropy_produced
             self._ent_at[new_cells] = sig.entropy_at
@@ -366,7 +362,6 @@ class Engine:
             self._attn_current[:] = sig.attn_last[:, -1]
 
     def _forget(self, cells: np.ndarray) -> None:
-        self._pos[cells] = -1
         self._ent_prod[cells] = np.nan
         self._ent_at[cells] = np.nan
         self._ldist[:, cells] = 0
