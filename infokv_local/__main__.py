@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     mo = sub.add_parser("models", help="where the default model is; list or fetch the benchmark models",
                         epilog="example: python -m infokv_local models --fetch qwen2.5-coder-1.5b")
     mo.add_argument("--fetch", metavar="NAME", help="download, join and verify a benchmark model")
+    tb = bsub.add_parser("table", help="one markdown table from fidelity JSON files (e.g. two budgets)",
+                         epilog="example: python -m infokv_local bench table fidelity-25.json fidelity-12.json")
+    tb.add_argument("json_files", nargs="+")
     bsub.add_parser("overhead", help="throughput cost of the patch and its statistics (see its --help)",
                     add_help=False)
 
@@ -126,6 +129,9 @@ def run_bench(args: argparse.Namespace) -> None:
     from .model import Model
     from .registry_models import resolve_model_path
 
+    if args.bench == "table":
+        print(fidelity.format_markdown([json.loads(Path(f).read_text()) for f in args.json_files]))
+        return
     with Model(resolve_model_path(args.model)) as model:
         if args.bench == "docs":
             n = fidelity.make_docs(model, args.out, args.min_tokens, args.n)

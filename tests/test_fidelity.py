@@ -64,3 +64,15 @@ def test_cli_fidelity_writes_json(tmp_path):
     for s in data["policies"].values():
         assert {"mean_kl", "p95_kl", "top1_agreement", "delta_nll", "n_tokens"} <= set(s)
     assert "mean KL" in res.stdout
+
+
+def test_markdown_table_orders_by_the_first_run():
+    def run(kls):
+        return {"ratio": 0.25, "policies": {k: {"mean_kl": v, "p95_kl": 2 * v, "top1_agreement": 0.9,
+                                                "delta_nll": 0.01, "n_tokens": 10} for k, v in kls.items()}}
+
+    from infokv_local.bench.fidelity import format_markdown
+
+    md = format_markdown([run({"a": 0.2, "b": 0.1}), run({"a": 0.3, "b": 0.4})]).splitlines()
+    assert md[2].startswith("| b | 0.1000") and md[3].startswith("| a | 0.2000")
+    assert "0.4000 / 0.8000 / 0.900 / +0.0100" in md[2]

