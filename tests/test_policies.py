@@ -60,8 +60,18 @@ def test_h2o_sums_accumulated_attention_over_layers():
     acc[0, 2] = 5.0
     acc[1, 7] = 3.0
     acc[2, 7] = 3.0
-    s = H2OPolicy().score(inp(attn_acc=acc))
+    s = H2OPolicy(recent_ratio=0.0).score(inp(attn_acc=acc))
     assert s.argmax() == 7 and s[2] == 5.0
+
+
+def test_h2o_keeps_half_recent_half_heavy_hitters():
+    acc = np.zeros((N_LAYER, N))
+    acc[:, [0, 1, 2]] = [5.0, 4.0, 3.0]  # old heavy hitters
+    s = H2OPolicy().score(inp(attn_acc=acc, n_keep=6))
+    kept = set(np.argsort(-s)[:6].tolist())
+    assert kept == {7, 8, 9, 0, 1, 2}  # the 3 newest and the 3 heaviest
+    with pytest.raises(ValueError):
+        H2OPolicy(recent_ratio=2)
 
 
 def test_tova_uses_the_current_query_only():
