@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from .errors import UnpatchedLibraryError
@@ -41,6 +43,4 @@ def topk_entropy_ctx(ctx_ptr: object, rows: np.ndarray, n_vocab: int, k: int) ->
 
 
 def _address(ptr: object) -> int:
-    import ctypes
-
     return ctypes.cast(ptr, ctypes.c_void_p).value or 0
