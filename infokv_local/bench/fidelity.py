@@ -99,6 +99,16 @@ class Tally:
         self.nll_comp -= float(lp_comp[rows, targets].sum())
         self.n_nll += n
 
+    def merge(self, other: Tally) -> None:
+        self.kl += other.kl
+        self.agree += other.agree
+        self.nll_full += other.nll_full
+        self.nll_comp += other.nll_comp
+        self.n_nll += other.n_nll
+        self.score_s += other.score_s
+        self.evict_s += other.evict_s
+        self.decode_s += other.decode_s
+
     def summary(self) -> dict:
         kl = np.concatenate(self.kl) if self.kl else np.zeros(0)
         n = int(kl.size)
@@ -148,22 +158,15 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
                     doc_tallies[spec].add(lp_full, log_softmax(lc)[: len(targets)], targets)
             for spec, eng in engines.items():
                 t = eng.totals
-                doc_tallies[spec].score_s, doc_tallies[spec].evict_s, doc_tallies[spec].decode_s = (
-                    t.score_s, t.evict_s, t.decode_s)
+                doc_tallies[spec].score_s = t.score_s
+                doc_tallies[spec].evict_s = t.evict_s
+                doc_tallies[spec].decode_s = t.decode_s
         finally:
             full.close()
             for eng in engines.values():
                 eng.close()
         for spec, dt in doc_tallies.items():
-            total = tallies[spec]
-            total.kl += dt.kl
-            total.agree += dt.agree
-            total.nll_full += dt.nll_full
-            total.nll_comp += dt.nll_comp
-            total.n_nll += dt.n_nll
-            total.score_s += dt.score_s
-            total.evict_s += dt.evict_s
-            total.decode_s += dt.decode_s
+            tallies[spec].merge(dt)
         per_doc.append({"id": doc["id"], "n_tokens": len(toks), "budget": b,
                         "policies": {spec: dt.summary() for spec, dt in doc_tallies.items()}})
     result: dict[str, Any] = {"model": str(model.path)}
