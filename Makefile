@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ setup: $(PY)
 demo: setup
 	$(PY) -m infokv_local generate "Write a short story about a lighthouse keeper who finds a message in a bottle." --budget 96 --buffer 32 --max-tokens 200
 
-test: setup
+# Debian's Chromium for the browser test of the UI (Playwright drives the system browser; a downloaded
+# browser cannot be installed here).
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y --no-install-recommends chromium chromium-driver || \
+		{ $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }; }
+
+test: setup chromium
 	$(PY) native/build_llama.py --stock >/dev/null
 	$(PY) -m ruff check infokv_local tests native
 	$(PY) -m pytest -q tests

@@ -5,6 +5,8 @@ policy needs (top-k predictive entropy, layer-wise representation change, attent
 cell) and removes single tokens from the cache.
 """
 
+from .api import CacheMap, InfoKVLlama
+from .engine import BudgetError
 from .errors import (
     DecodeError,
     InfoKVError,
@@ -15,6 +17,9 @@ from .errors import (
 from .model import default_model_path
 
 __all__ = [
+    "BudgetError",
+    "CacheMap",
+    "InfoKVLlama",
     "DecodeError",
     "InfoKVError",
     "ModelFileError",

@@ -157,6 +157,7 @@ class Engine:
         self._ring = np.zeros((window, n_layer, n_cells), dtype=np.float32)
         self._ring_next = 0
         self._ring_len = 0
+        self._cell_token = np.full(n_cells, -1, dtype=np.int64)  # index in self.tokens of each cell's token
 
         self.n_past = 0
         self.tokens: list[int] = []
@@ -181,6 +182,7 @@ class Engine:
             a.fill(0)
         self._ent_prod.fill(np.nan)
         self._ent_at.fill(np.nan)
+        self._cell_token.fill(-1)
         self._ring_next = self._ring_len = 0
         self.n_past = 0
         self.tokens = []
@@ -194,6 +196,56 @@ class Engine:
 
     def cached_positions(self) -> np.ndarray:
         return self.ctx.cell_map()[1]
+
+    def cached_token_indices(self) -> np.ndarray:
+        """Indices into :attr:`tokens` of the tokens still in the cache, in position order."""
+        cells, _ = self.ctx.cell_map()
+        return self._cell_token[cells]
+
+    def token_scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the policy thinks of the cached tokens now, without evicting anything.
+
+        Returns ``(token_indices, scores, protected)`` over the cached tokens in position order:
+        indices into :attr:`tokens`, the policy's score (higher = kept longer; NaN for protected
+        tokens and for policies that do not evict), and whether the token is a sink or recent token.
+        """
+        cells, pos = self.ctx.cell_map()
+        n = len(cells)
+        idx = self._cell_token[cells]
+        scores = np.full(n, np.nan)
+        protected = np.ones(n, dtype=bool)
+        lo, hi = min(self.n_sink, n), max(n - self.n_recent, min(self.n_sink, n))
+        protected[lo:hi] = False
+        if self.policy.evicts and hi > lo:
+            # a private generator, so that looking does not change what a random policy evicts next
+            inp = self._score_input(cells[lo:hi], pos[lo:hi], n_keep=max(min(self.budget, n) - (n - (hi - lo)), 0))
+            inp.rng = np.random.default_rng(0)
+            scores[lo:hi] = np.asarray(self.policy.score(inp), dtype=np.float64)
+        return idx, scores, protected
+
+    def truncate(self, n_tokens: int) -> bool:
+        """Drop the sequence's tokens from index ``n_tokens`` on (to continue differently from there).
+
+        Possible only while all those tokens are still cached (the most recent ones always are, up
+        to ``n_recent``); returns False, changing nothing, otherwise.
+        """
+        if not 0 <= n_tokens <= len(self.tokens):
+            raise ValueError(f"cannot truncate {len(self.tokens)} tokens to {n_tokens}")
+        if self._pending is not None and n_tokens < len(self.tokens):
+            self.tokens.pop()
+            self._pending = None
+        k = len(self.tokens) - n_tokens
+        if k == 0:
+            return True
+        cells, _ = self.ctx.cell_map()
+        tail = cells[self._cell_token[cells] >= n_tokens]
+        if len(tail) != k:
+            return False
+        self.ctx.remove_cells(tail)
+        self._forget(tail)
+        del self.tokens[n_tokens:]
+        self.n_past -= k
+        return True
 
     # ---- feeding tokens --------------------------------------------------------------------
     def feed(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
@@ -348,6 +400,7 @@ class Engine:
 
     def _absorb(self, sig: Signals, n: int) -> None:
         new_cells = sig.cells[-n:]
+        self._cell_token[new_cells] = np.arange(len(self.tokens), len(self.tokens) + n)
         if sig.entropy_produced is not None:
             self._ent_prod[new_cells] = sig.entropy_produced
             self._ent_at[new_cells] = sig.entropy_at
@@ -362,6 +415,7 @@ class Engine:
             self._attn_current[:] = sig.attn_last[:, -1]
 
     def _forget(self, cells: np.ndarray) -> None:
+        self._cell_token[cells] = -1
         self._ent_prod[cells] = np.nan
         self._ent_at[cells] = np.nan
         self._ldist[:, cells] = 0
