@@ -1,0 +1,77 @@
+"""``python -m infokv_local.ui``: load the model once and serve the chat on a local port."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .session import Settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; settings are checked (a budget too small is an error here, not later)."""
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m infokv_local.ui", description=__doc__)
+    p.add_argument("--model", default=None,
+                   help="GGUF path or registry model name (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
+    p.add_argument("--policy", default=d.policy, help="eviction policy (default %(default)s)")
+    p.add_argument("--budget", type=int, default=d.budget, help="KV budget in tokens (default %(default)s)")
+    p.add_argument("--buffer", type=int, default=d.buffer,
+                   help="tokens the cache may grow past the budget before compressing (default %(default)s)")
+    p.add_argument("--n-sink", type=int, default=d.n_sink, help="first tokens never evicted (default %(default)s)")
+    p.add_argument("--n-recent", type=int, default=d.n_recent,
+                   help="most recent tokens never evicted (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help="max new tokens per answer (default %(default)s)")
+    p.add_argument("--system", default=None, help="initial system prompt")
+    p.add_argument("--open", action="store_true", help="open the chat in the default browser")
+    args = p.parse_args(argv)
+    args.settings = Settings(policy=args.policy, budget=args.budget, buffer=args.buffer, temperature=args.temperature,
+                             max_tokens=args.max_tokens, n_sink=args.n_sink, n_recent=args.n_recent)
+    try:
+        args.settings.check()
+    except ValueError as e:
+        p.error(str(e))
+    from ..policies import POLICIES
+
+    if args.policy not in POLICIES:
+        p.error(f"unknown policy {args.policy!r}; choose one of {', '.join(POLICIES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the model, build the app and serve it until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = parse_args(argv)
+
+    from ..api import InfoKVLlama
+    from ..engine import kv_bytes_per_token
+    from ..model import Model
+    from ..policies import POLICIES
+    from ..registry_models import resolve_model_path
+    from .app import DEFAULT_SYSTEM_PROMPT, AppConfig, build_app, launch_kwargs
+
+    path = resolve_model_path(args.model)
+    model = Model(path)
+    config = AppConfig(model_label=path.name, kv_bytes_per_token=kv_bytes_per_token(model), policies=tuple(POLICIES),
+                       defaults=args.settings, system_prompt=args.system or DEFAULT_SYSTEM_PROMPT)
+
+    def factory(settings: Settings) -> InfoKVLlama:
+        return InfoKVLlama(model, **settings.engine_kwargs())
+
+    demo = build_app(config, factory)
+    try:
+        demo.queue().launch(server_name=args.host, server_port=args.port, inbrowser=args.open, ssr_mode=False,
+                            show_error=True, footer_links=[], **launch_kwargs())
+    finally:
+        model.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
