@@ -7,28 +7,63 @@ import sys
 
 from .errors import InfoKVError
 
-MODEL_HELP = ("GGUF file, or qwen2.5-coder-1.5b / qwen2.5-coder-0.5b (installed from the package registry on "
-              "first use); default: the embedded SmolLM2-135M-Instruct")
+EXAMPLES = """examples:
+  python -m infokv_local generate "Why is the sky blue?" --budget 128 --max-tokens 64
+  python -m infokv_local generate "Name three primes." --json --max-tokens 16
+  python -m infokv_local chat --budget 256 --system "You are concise."
+  python -m infokv_local batch --input prompts.jsonl --output results.jsonl --budget 128
+  python -m infokv_local models
+  python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_options import MODEL_HELP, add_model_options, add_sampling_options
+
+    fmt = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(
-        prog="python -m infokv_local",
-        description="Long reasoning with local GGUF models inside a fixed KV-cache budget.",
-        epilog='example: python -m infokv_local generate "Why is the sky blue?" --max-tokens 64',
+        prog="python -m infokv_local", formatter_class=fmt,
+        description="Long reasoning with local GGUF models inside a fixed KV-cache budget.", epilog=EXAMPLES,
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate a reply to one prompt, streamed to the terminal",
-                       epilog='example: python -m infokv_local generate "Name three prime numbers." --max-tokens 32')
+    g = sub.add_parser(
+        "generate", help="generate a reply to one prompt, streamed to the terminal", formatter_class=fmt,
+        description="Reply to one prompt (through the model's chat template unless --raw), streamed to the "
+                    "terminal; a summary of the KV cache goes to stderr.",
+        epilog='examples:\n  python -m infokv_local generate "Name three prime numbers." --max-tokens 32\n'
+               '  python -m infokv_local generate "Once upon a time" --raw --policy h2o --budget 64 --json',
+    )
     g.add_argument("prompt")
-    g.add_argument("--model", help=MODEL_HELP)
-    g.add_argument("--max-tokens", type=int, default=96)
-    g.add_argument("--policy", default="infokv", help="eviction policy (default: infokv)")
-    g.add_argument("--budget", type=int, default=256, help="KV budget in tokens (default: 256)")
-    g.add_argument("--buffer", type=int, default=64, help="growth before each compression (default: 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    g.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    g.add_argument("--system", help="system prompt (chat template only)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, finish_reason, usage, kv, timings) instead of streaming")
+    add_model_options(g)
+    add_sampling_options(g, max_tokens=256)
+
+    c = sub.add_parser(
+        "chat", help="interactive chat in the terminal", formatter_class=fmt,
+        description="An interactive chat; the compressed cache is kept between turns (only the new turn is "
+                    "prefilled). /reset, /stats, /exit; Ctrl-C stops an answer.",
+        epilog='example:\n  python -m infokv_local chat --budget 256 --system "You are concise." --temperature 0.7',
+    )
+    c.add_argument("--system", help="system prompt")
+    add_model_options(c)
+    add_sampling_options(c, max_tokens=512)
+
+    bt = sub.add_parser(
+        "batch", help="generate for every line of a JSONL file, resumable", formatter_class=fmt,
+        description='Input lines: {"id", "prompt"} (plain completion) or {"id", "messages"} (chat), with '
+                    "optional per-item max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, "
+                    "frequency_penalty, presence_penalty, seed, stop, policy, budget, buffer. Output lines: id, "
+                    "text, finish_reason, usage, kv, timings. Rerunning skips ids already in the output.",
+        epilog="example:\n  python -m infokv_local batch --input prompts.jsonl --output results.jsonl --budget 128",
+    )
+    bt.add_argument("--input", required=True, help="JSONL file of items")
+    bt.add_argument("--output", required=True, help="JSONL file of results (appended to; resumes)")
+    bt.add_argument("--strict", action="store_true", help="stop before generating if any input line is invalid")
+    add_model_options(bt)
+    add_sampling_options(bt, max_tokens=256)
 
     b = sub.add_parser("bench", help="benchmarks (print figures, write JSON)")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -78,15 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "generate":
-            from .generate import run
-            from .registry_models import resolve_model_path
-            from .sampling import SamplingParams
+            from .generate import run_generate
 
-            if args.max_tokens <= 0:
-                ap.error("--max-tokens must be positive")
-            sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
-            run(str(resolve_model_path(args.model)), args.prompt, args.max_tokens, sampling, args.raw,
-                args.policy, args.budget, args.buffer)
+            run_generate(args)
+        elif args.command == "chat":
+            from .chat_cli import run_chat
+
+            run_chat(args)
+        elif args.command == "batch":
+            from .batch import run_batch
+
+            return run_batch(args)
         elif args.command == "bench":
             run_bench(args)
         elif args.command == "models":

@@ -8,19 +8,19 @@ import sys
 
 import pytest
 
-from infokv_local.bench.fidelity import parse_policy, read_docs, run_fidelity
-from infokv_local.policies import InfoKVPolicy, SnapKVPolicy
+from infokv_local.bench.fidelity import read_docs, run_fidelity
+from infokv_local.policies import InfoKVPolicy, SnapKVPolicy, make_policy
 
 from .conftest import haystack_essay
 
 
-def test_parse_policy_specs():
-    p = parse_policy("infokv:alpha=0.95,entropy=at,top_k=64")
+def test_policy_specs():
+    p = make_policy("infokv:alpha=0.95,entropy=at,top_k=64")
     assert isinstance(p, InfoKVPolicy) and (p.alpha, p.entropy, p.top_k) == (0.95, "at", 64)
-    assert isinstance(parse_policy("snapkv"), SnapKVPolicy)
+    assert isinstance(make_policy("snapkv"), SnapKVPolicy)
     for bad in ("lru", "infokv:alpha", "infokv:beta=1", "snapkv:kernel_size=4"):
         with pytest.raises(ValueError):
-            parse_policy(bad)
+            make_policy(bad)
 
 
 def test_read_docs_reports_the_bad_line(tmp_path):

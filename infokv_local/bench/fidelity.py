@@ -26,33 +26,7 @@ from tqdm import tqdm
 
 from ..engine import Engine
 from ..model import Model
-from ..policies import POLICIES, Policy, make_policy
-
-
-def parse_policy(spec: str) -> Policy:
-    """``name`` or ``name:key=value,key=value`` (values parsed as int, float, or kept as strings)."""
-    name, _, rest = spec.partition(":")
-    params: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"bad policy parameter {item!r} in {spec!r}: expected key=value")
-        params[key.strip()] = _parse_value(value.strip())
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    try:
-        return make_policy(name, **params)
-    except TypeError as e:
-        raise ValueError(f"bad parameters for policy {name!r}: {e}") from None
-
-
-def _parse_value(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+from ..policies import make_policy
 
 
 def read_docs(path: str | Path) -> list[dict]:
@@ -131,7 +105,7 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
         raise ValueError("give exactly one of budget or ratio")
     if ratio is not None and not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1) (got {ratio})")
-    policies = {spec: parse_policy(spec) for spec in policy_specs}
+    policies = {spec: make_policy(spec) for spec in policy_specs}
     policies = {k: p for k, p in policies.items() if p.evicts}  # the full cache is the reference
     tallies = {spec: Tally() for spec in policies}
     per_doc = []

@@ -22,16 +22,39 @@ POLICIES: dict[str, type[Policy]] = {
 
 
 def make_policy(spec: str | Policy, **params: Any) -> Policy:
-    """A policy from its name (``"infokv"``, ``"snapkv"``, ...) and parameters, or the object itself."""
+    """A policy from its name and parameters, or the object itself.
+
+    ``spec`` is a name (``"infokv"``, ``"snapkv"``, ...), optionally with parameters:
+    ``"infokv:alpha=0.95,entropy=at"`` (``+`` also separates them; values are read as int, float
+    or kept as strings).
+    """
     if isinstance(spec, Policy):
         if params:
             raise ValueError("parameters are given with a policy name, not with a policy object")
         return spec
+    name, _, rest = spec.partition(":")
+    for item in filter(None, rest.replace("+", ",").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"bad policy parameter {item!r} in {spec!r}: expected key=value")
+        params[key.strip()] = _parse_value(value.strip())
     try:
-        cls = POLICIES[spec]
+        cls = POLICIES[name.strip()]
     except KeyError:
-        raise ValueError(f"unknown policy {spec!r}; choose one of {', '.join(POLICIES)}") from None
-    return cls(**params)
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for policy {name!r}: {e}") from None
+
+
+def _parse_value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 __all__ = [

@@ -1,0 +1,57 @@
+"""``python -m infokv_local chat``: an interactive chat in the terminal, under a KV budget."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .cli_options import kv_summary, open_llm, sampling_kwargs
+
+COMMANDS = "/reset starts over, /stats shows the cache, /exit (or Ctrl-D) quits; Ctrl-C stops an answer"
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    sampling = sampling_kwargs(args)
+    with open_llm(args) as llm:
+        start: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+        messages = list(start)
+        print(f"{llm.model.path.name}: {kv_summary(llm.kv_stats())}\n{COMMANDS}", file=sys.stderr)
+        while True:
+            try:
+                line = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                return
+            if line == "/reset":
+                messages = list(start)
+                llm.reset()
+                continue
+            if line == "/stats":
+                print(kv_summary(llm.kv_stats()), file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            reply: list[str] = []
+            usage: dict[str, Any] | None = None
+            try:
+                for chunk in llm.create_chat_completion(messages, stream=True, **sampling):
+                    piece = chunk["choices"][0]["delta"].get("content", "")
+                    reply.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                    usage = chunk.get("usage", usage)
+            except KeyboardInterrupt:
+                print("\n[stopped]", file=sys.stderr)
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+            kv = usage["kv"] if usage else llm.kv_stats()
+            print(f"[{kv_summary(kv)}; {kv['reused_tokens'] if usage else 0} tokens of history reused]",
+                  file=sys.stderr)

