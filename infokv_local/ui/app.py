@@ -53,15 +53,16 @@ def budget_note(budget: float | None, buffer: float | None, bytes_per_token: int
     )
 
 
-def _views(session: ChatSession, state: str) -> tuple[str, Any, str]:
-    """Panel HTML, chart data and cache-map HTML for the session now."""
+def _views(session: ChatSession, state: str, kv: dict[str, Any] | None = None) -> tuple[str, Any, str]:
+    """Panel HTML, chart data and cache-map HTML for the session now (``kv``: the stream's latest block)."""
     llm = session.llm
     s = session.applied or session.settings
+    budget, buffer = (None, None) if s.policy == "full" else (s.budget, s.buffer)
     if llm is None:
-        return render_panel(None, state), cache_frame([], s.budget, s.buffer), render_cache_map(None)
+        return render_panel(None, state), cache_frame([], budget, buffer), render_cache_map(None)
     return (
-        render_panel(llm.kv_stats(), state),
-        cache_frame(llm.cell_history(), s.budget, s.buffer),
+        render_panel(kv if kv is not None else llm.kv_stats(), state),
+        cache_frame(llm.cell_history(), budget, buffer),
         render_cache_map(llm.cache_map()),
     )
 
@@ -147,7 +148,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                     chat = _shown(session, up)
                     if view_due(up.done):
                         state = "generating" if not up.done else f"done ({up.finish_reason})"
-                        yield (chat, *_views(session, state))
+                        yield (chat, *_views(session, state, up.kv))
                     elif text_due(False):
                         yield chat, gr.skip(), gr.skip(), gr.skip()
             except (ValueError, RuntimeError) as e:

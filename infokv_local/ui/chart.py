@@ -32,8 +32,10 @@ def _downsample(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarr
     return x[k], y[k]
 
 
-def cache_frame(history: Sequence[tuple[int, int]], budget: int, buffer: int, max_points: int = 1200) -> pd.DataFrame:
-    """The chart's data: ``history`` is ``[(token_index, used_cells), ...]`` after every engine step."""
+def cache_frame(history: Sequence[tuple[int, int]], budget: int | None, buffer: int | None,
+                max_points: int = 1200) -> pd.DataFrame:
+    """The chart's data: ``history`` is ``[(token_index, used_cells), ...]`` after every engine step;
+    the budget lines are left out when ``budget`` is None (the full cache)."""
     if len(history) == 0:
         x = np.array([0, 1])
         y = np.array([0, 0])
@@ -41,9 +43,9 @@ def cache_frame(history: Sequence[tuple[int, int]], budget: int, buffer: int, ma
         arr = np.asarray(history, dtype=np.int64).reshape(-1, 2)
         x, y = _downsample(arr[:, 0], arr[:, 1], max_points)
     x0, x1 = int(x.min()), int(max(x.max(), x.min() + 1))
-    frames = [
-        pd.DataFrame({"token": x, "cells": y, "series": USED}),
-        pd.DataFrame({"token": [x0, x1], "cells": [budget, budget], "series": BUDGET}),
-        pd.DataFrame({"token": [x0, x1], "cells": [budget + buffer] * 2, "series": PEAK}),
-    ]
+    frames = [pd.DataFrame({"token": x, "cells": y, "series": USED})]
+    if budget is not None:
+        frames.append(pd.DataFrame({"token": [x0, x1], "cells": [budget, budget], "series": BUDGET}))
+        if buffer:
+            frames.append(pd.DataFrame({"token": [x0, x1], "cells": [budget + buffer] * 2, "series": PEAK}))
     return pd.concat(frames, ignore_index=True)

@@ -31,7 +31,7 @@ def render_panel(kv: dict[str, Any] | None, state: str = "idle") -> str:
     evictions = int(kv.get("evictions", 0) or 0)
     evicted = int(kv.get("evicted_tokens", 0) or 0)
     tps = float(kv.get("tokens_per_s", 0.0) or 0.0)
-    limit = budget + buffer
+    limit = budget + buffer if budget else int(kv.get("capacity", 0) or 0)
     frac = min(1.0, used / limit) if limit else 0.0
     budget_frac = budget / limit if limit else 1.0
     over = " over" if budget and used > budget else ""
@@ -41,7 +41,8 @@ def render_panel(kv: dict[str, Any] | None, state: str = "idle") -> str:
         f'<div class="kv-budget-mark" style="left:{100 * budget_frac:.1f}%"></div></div>'
     )
     stats = "".join([
-        _stat("used", "cells in use", used, f"{used} / {budget}" + (f" (+{buffer})" if buffer else "")),
+        _stat("used", "cells in use", used,
+              f"{used} / {budget}" + (f" (+{buffer})" if buffer else "") if budget else f"{used} (no budget)"),
         _stat("mib", "KV memory", round(kv_bytes / MIB, 3), f"{kv_bytes / MIB:.2f} MiB"),
         _stat("peak", "peak cells", peak, str(peak)),
         _stat("evictions", "compressions", evictions, str(evictions)),

@@ -175,7 +175,8 @@ class ChatSession:
             self.system_prompt = system_prompt
             llm = self._ensure_llm(settings)
             self.history.append({"role": "user", "content": message})
-            text, finish, kv = "", None, llm.kv_stats()
+            text, finish = "", None
+            kv: dict[str, Any] = dict(llm.kv_stats())
             if not self._stop.is_set():
                 stream = llm.create_chat_completion(
                     messages=self.messages(system_prompt), max_tokens=settings.max_tokens,
@@ -199,7 +200,8 @@ class ChatSession:
                         self.history.append({"role": "assistant", "content": text})
             else:
                 finish = "stopped"
-            yield ReplyUpdate(text, llm.kv_stats(), done=True, finish_reason=finish or "stop")
+            # the stream's last kv block has the speed; kv_stats() has the state after the stream closed
+            yield ReplyUpdate(text, {**kv, **llm.kv_stats()}, done=True, finish_reason=finish or "stop")
         finally:
             self._lock.release()
             if self._closed:
