@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     """Load the model, build the app and serve it until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    ui_log = logging.getLogger("infokv_local.ui")
+    ui_log.addHandler(handler)
+    ui_log.setLevel(logging.INFO)
 
     from ..api import InfoKVLlama
     from ..engine import kv_bytes_per_token

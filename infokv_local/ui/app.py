@@ -7,6 +7,7 @@ tabs take turns on the model; a closed tab's session is closed at once by ``demo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from .chart import COLORS, cache_frame
 from .panel import MIB, render_panel
 from .session import ChatLLM, ChatSession, ReplyUpdate, SessionRegistry, Settings, monotonic_throttle
 
+log = logging.getLogger("infokv_local.ui")
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 #: Seconds between two chat-text updates, and between two updates of the cache panel, chart and map.
@@ -76,6 +78,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
         session = ChatSession(factory=factory, settings=d, system_prompt=config.system_prompt)
         if request is not None and request.session_hash:
             registry.add(request.session_hash, session)
+            log.info("session %s opened (%d open)", request.session_hash[:8], len(registry))
         return session
 
     with gr.Blocks(title="infokv-local chat", fill_width=True) as demo:
@@ -171,8 +174,8 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             return budget_note(bud, buf, config.kv_bytes_per_token, d.min_budget)
 
         def on_unload(request: gr.Request) -> None:
-            if request is not None and request.session_hash:
-                registry.close(request.session_hash)
+            if request is not None and request.session_hash and registry.close(request.session_hash):
+                log.info("session %s closed (%d open)", request.session_hash[:8], len(registry))
 
         demo.load(on_load, outputs=session_state, api_visibility="private", concurrency_limit=None)
         inputs = [msg, system, policy, budget, buffer, temperature, max_tokens, session_state]

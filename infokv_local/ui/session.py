@@ -220,12 +220,14 @@ class SessionRegistry:
         with self._lock:
             self._sessions[key] = session
 
-    def close(self, key: str) -> None:
-        """Close and forget the session of a tab that was closed (no-op if unknown)."""
+    def close(self, key: str) -> bool:
+        """Close and forget the session of a tab that was closed; False if there was none."""
         with self._lock:
             session = self._sessions.pop(key, None)
-        if session is not None:
-            session.close()
+        if session is None:
+            return False
+        session.close()
+        return True
 
     def __len__(self) -> int:
         with self._lock:
