@@ -45,10 +45,11 @@ def model_lock(model: Model) -> threading.Lock:
 class CacheMap:
     """The conversation's tokens and what the cache holds of them (for display)."""
 
-    pieces: list[str]  # the text of every token of the sequence
+    pieces: list[str]  # the text of every token of the sequence (control tokens as their text)
     in_cache: np.ndarray  # bool per token
     score: np.ndarray  # the policy's score per cached token (higher = kept longer); NaN otherwise
     protected: np.ndarray  # bool per token: a sink or recent token, never evicted
+    evicted: np.ndarray  # bool per token: removed from the cache (not in_cache and not the undecoded last token)
 
 
 @dataclass
@@ -227,7 +228,8 @@ class InfoKVLlama:
             e = self.engine
             idx, scores, protected = e.token_scores()
             n = len(e.tokens)
-            pieces = [token_bytes(self.model, t).decode("utf-8", "replace") for t in e.tokens]
+            pending = e.pending_token is not None
+            pieces = [token_bytes(self.model, t, special=True).decode("utf-8", "replace") for t in e.tokens]
         in_cache = np.zeros(n, dtype=bool)
         score = np.full(n, np.nan)
         prot = np.zeros(n, dtype=bool)
@@ -235,7 +237,10 @@ class InfoKVLlama:
         in_cache[idx[ok]] = True
         score[idx[ok]] = scores[ok]
         prot[idx[ok]] = protected[ok]
-        return CacheMap(pieces=pieces, in_cache=in_cache, score=score, protected=prot)
+        evicted = ~in_cache
+        if n and pending:
+            evicted[-1] = False
+        return CacheMap(pieces=pieces, in_cache=in_cache, score=score, protected=prot, evicted=evicted)
 
     # ---- tokens ----------------------------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:

@@ -143,7 +143,7 @@ class Engine:
         )
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
         self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
-        if self.compact_at <= self.capacity:
+        if self.policy.evicts and self.compact_at <= self.capacity:
             raise BudgetError(f"compact_at ({self.compact_at}) must exceed budget + buffer ({self.capacity})")
         self.compactions = 0
         self.rng = np.random.default_rng(seed)
@@ -193,6 +193,11 @@ class Engine:
     @property
     def used_cells(self) -> int:
         return self.ctx.n_used
+
+    @property
+    def pending_token(self) -> int | None:
+        """The last token of :attr:`tokens` when it is not decoded yet (generation stopped at max_tokens)."""
+        return self._pending
 
     def cached_positions(self) -> np.ndarray:
         return self.ctx.cell_map()[1]
