@@ -10,21 +10,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from infokv_local.ui.browser import CHROMIUM, UIServer, launch_chromium
+
 LONG_PROMPT = "Write a long story about a dragon who learns to fly."  # greedy: > 400 tokens, no end token
-START_TIMEOUT = 120.0
+SERVER_ARGS = ["--budget", "48", "--buffer", "16", "--temperature", "0", "--max-tokens", "400"]
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)",
@@ -33,80 +28,25 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 expect = sync_api.expect
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The UI subprocess and its log."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = log_path
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost",
-               "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "infokv_local.ui", "--port", str(self.port), "--budget", "48", "--buffer", "16",
-               "--temperature", "0", "--max-tokens", "400"]
-        self._log = open(log_path, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the UI exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        pytest.fail(f"the UI did not answer within {START_TIMEOUT}s:\n{self.log()}")
-
-    def wait_log_count(self, text: str, n: int, timeout: float = 20.0) -> None:
-        """Wait until ``text`` occurs ``n`` times in the server's log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log().count(text) >= n:
-                return
-            time.sleep(0.2)
-        pytest.fail(f"{text!r} not {n} times in the UI's log within {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("ui") / "server.log")
-    try:
-        srv.wait_ready()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIServer]:
+    with UIServer(SERVER_ARGS, tmp_path_factory.mktemp("ui") / "server.log") as srv:
+        try:
+            srv.wait_ready()
+        except RuntimeError as e:
+            pytest.fail(str(e))
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = launch_chromium(p)
         yield b
         b.close()
 
 
-def _open(browser, server: Server):
+def _open(browser, server: UIServer):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.goto(server.url)
     expect(page.locator("#msg textarea")).to_be_visible(timeout=30_000)
@@ -140,7 +80,7 @@ def _panel_state(page) -> str:
     return page.locator("#kv-panel .kv-panel").get_attribute("data-state") or ""
 
 
-def test_chat_streams_shows_the_cache_stops_and_clears(server: Server, browser, tmp_path: Path) -> None:
+def test_chat_streams_shows_the_cache_stops_and_clears(server: UIServer, browser, tmp_path: Path) -> None:
     page = _open(browser, server)
     _send(page, LONG_PROMPT)
 
@@ -201,7 +141,7 @@ def test_chat_streams_shows_the_cache_stops_and_clears(server: Server, browser, 
     page.close()
 
 
-def test_tabs_have_their_own_conversations_and_closing_one_releases_it(server: Server, browser) -> None:
+def test_tabs_have_their_own_conversations_and_closing_one_releases_it(server: UIServer, browser) -> None:
     a, b = _open(browser, server), _open(browser, server)
     for page in (a, b):
         page.locator("#max-tokens input").fill("24")

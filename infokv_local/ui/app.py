@@ -40,8 +40,11 @@ class AppConfig:
     max_budget: int = 8192
 
 
-def budget_note(budget: float | None, buffer: float | None, bytes_per_token: int, min_budget: int) -> str:
+def budget_note(budget: float | None, buffer: float | None, bytes_per_token: int, min_budget: int,
+                policy: str = "infokv") -> str:
     """Markdown under the budget control: the MiB the budget means for the loaded model, or what is wrong."""
+    if policy == "full":
+        return f"The **full** cache evicts nothing: {bytes_per_token / 1024:.1f} KiB per token, no budget."
     if budget is None or buffer is None:
         return "Set a budget and a buffer."
     budget, buffer = int(budget), int(buffer)
@@ -100,7 +103,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                     new = gr.Button("New chat", scale=1, min_width=90, elem_id="new-chat")
                 system = gr.Textbox(label="System prompt", value=config.system_prompt, lines=2, elem_id="system")
                 with gr.Accordion("Cache map: the conversation's tokens, coloured by what the cache keeps", open=True):
-                    cmap = gr.HTML(render_cache_map(None), elem_id="cache-map")
+                    cmap = gr.HTML(render_cache_map(None), elem_id="cache-map", max_height=380, autoscroll=True)
             with gr.Column(scale=2, min_width=340):
                 panel = gr.HTML(render_panel(None), elem_id="kv-panel")
                 plot = gr.LinePlot(
@@ -115,8 +118,9 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                                            maximum=config.max_budget, elem_id="budget")
                         buffer = gr.Number(d.buffer, label="Buffer (tokens)", precision=0, minimum=1,
                                            maximum=config.max_budget, elem_id="buffer")
-                    note = gr.Markdown(budget_note(d.budget, d.buffer, config.kv_bytes_per_token, d.min_budget),
-                                       elem_id="budget-note")
+                    note = gr.Markdown(
+                        budget_note(d.budget, d.buffer, config.kv_bytes_per_token, d.min_budget, d.policy),
+                        elem_id="budget-note")
                     with gr.Row():
                         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
                                                 elem_id="temperature")
@@ -170,8 +174,8 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), session
             return [], *_views(session, "new chat"), session
 
-        def on_settings(bud: float | None, buf: float | None) -> str:
-            return budget_note(bud, buf, config.kv_bytes_per_token, d.min_budget)
+        def on_settings(pol: str, bud: float | None, buf: float | None) -> str:
+            return budget_note(bud, buf, config.kv_bytes_per_token, d.min_budget, pol)
 
         def on_unload(request: gr.Request) -> None:
             if request is not None and request.session_hash and registry.close(request.session_hash):
@@ -189,8 +193,8 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                    show_progress="hidden")
         new.click(on_new, session_state, [*views, session_state], api_visibility="private",
                   concurrency_limit=None, show_progress="hidden")
-        for ctl in (budget, buffer):
-            ctl.change(on_settings, [budget, buffer], note, api_visibility="private", concurrency_limit=None,
+        for ctl in (policy, budget, buffer):
+            ctl.change(on_settings, [policy, budget, buffer], note, api_visibility="private", concurrency_limit=None,
                        show_progress="hidden")
         demo.unload(on_unload)
         demo.infokv_registry = registry  # for tests and the launcher
