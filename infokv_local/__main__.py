@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     add_model_options(bt)
     add_sampling_options(bt, max_tokens=256)
 
-    b = sub.add_parser("bench", help="benchmarks (print figures, write JSON)")
+    b = sub.add_parser(
+        "bench", help="benchmarks (print figures, write JSON)", formatter_class=fmt,
+        epilog="examples:\n  python -m infokv_local bench docs --out docs.jsonl --min-tokens 2000\n"
+               "  python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25 --json fidelity.json\n"
+               "  python -m infokv_local bench overhead --help",
+    )
     bsub = b.add_subparsers(dest="bench", required=True)
     f = bsub.add_parser(
         "fidelity", help="KL to the full cache, top-1 agreement and NLL change per policy, teacher-forced",
