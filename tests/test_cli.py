@@ -119,7 +119,7 @@ def test_batch_writes_results_and_reports_bad_lines(tmp_path):
     res = run("batch", "--input", str(inp), "--output", str(out), *SMALL)
     assert res.returncode == 1, res.stderr  # some lines were invalid
     for n, why in ((3, "unknown parameter 'max_token'"), (4, "not JSON"), (5, "id 'p1' already used on line 1"),
-                   (7, 'exactly one of "prompt" and "messages"')):
+                   (7, 'needs exactly one of "prompt" and "messages"')):
         assert f"in.jsonl:{n}: {why}" in res.stderr, res.stderr
     rows = {r["id"]: r for r in read_jsonl(out)}
     assert set(rows) == {"p1", 2, "h2o"}
