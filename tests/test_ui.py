@@ -12,24 +12,40 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from infokv_local.api import CacheMap, InfoKVLlama
+from infokv_local.model import Model
+from infokv_local.ui.app import budget_note
 from infokv_local.ui.browser import CHROMIUM, UIServer, launch_chromium
+from infokv_local.ui.cache_map import render_cache_map
+from infokv_local.ui.chart import BUDGET, PEAK, USED, cache_frame
+from infokv_local.ui.panel import render_panel
+from infokv_local.ui.session import ChatSession, Settings
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the browser tests skip; the others run
+    expect = None
 
 LONG_PROMPT = "Write a long story about a dragon who learns to fly."  # greedy: > 400 tokens, no end token
 SERVER_ARGS = ["--budget", "48", "--buffer", "16", "--temperature", "0", "--max-tokens", "400"]
 
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-expect = sync_api.expect
+
+
+def _need_browser() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIServer]:
+    _need_browser()
     with UIServer(SERVER_ARGS, tmp_path_factory.mktemp("ui") / "server.log") as srv:
         try:
             srv.wait_ready()
@@ -40,7 +56,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIServer]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as p:
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
         b = launch_chromium(p)
         yield b
         b.close()
@@ -165,3 +184,91 @@ def test_tabs_have_their_own_conversations_and_closing_one_releases_it(server: U
     expect(a.locator('#chat [data-testid="user"]')).to_have_count(2, timeout=30_000)
     expect(a.locator("#kv-panel .kv-panel")).to_have_attribute("data-state", re.compile(r"^done"), timeout=90_000)
     a.close()
+
+
+# ---- the pieces the page is made of (no browser) ------------------------------------------------------------------
+def test_cache_map_escapes_tokens_and_marks_what_the_cache_keeps() -> None:
+    pieces = ["<|im_start|>", "<script>alert(1)</script>", " & ", "\n", "kept", "low", "recent", "next"]
+    cmap = CacheMap(
+        pieces=pieces,
+        in_cache=np.array([True, False, False, True, True, True, True, False]),
+        score=np.array([np.nan, np.nan, np.nan, 0.1, 0.9, 0.2, np.nan, np.nan]),
+        protected=np.array([True, False, False, False, False, False, True, False]),
+        evicted=np.array([False, True, True, False, False, False, False, False]),
+    )
+    html = render_cache_map(cmap)
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert " &amp; " in html
+    assert 'data-tokens="8"' in html and 'data-kept="5"' in html and 'data-evicted="2"' in html
+    assert html.count('class="tok gone"') == 2 + 1  # two tokens and the legend
+    assert html.count("tok kept prot") == 2 + 1  # two tokens and the legend
+    assert 'class="tok kept s4" title="#4' in html  # the best-scored kept token is in the top class
+    assert 'class="tok kept s0" title="#3' in html  # and the worst in the bottom one
+    assert 'class="tok pending" title="#7' in html  # sampled, not fed yet: neither cached nor evicted
+    assert "showing the last 3 of 8 tokens" in render_cache_map(cmap, max_tokens=3)
+    assert 'data-tokens="0"' in render_cache_map(None)
+
+
+def test_chart_keeps_the_teeth_of_the_saw_and_the_budget_lines() -> None:
+    history = [(i, 48 + i % 17) for i in range(1, 5001)]  # grow by 16, drop back to 48, 5000 times
+    frame = cache_frame(history, 48, 16, max_points=400)
+    used = frame[frame.series == USED]
+    assert len(used) <= 400
+    assert used.cells.max() == 64 and used.cells.min() == 48
+    assert set(frame.series) == {USED, BUDGET, PEAK}
+    assert set(cache_frame(history, None, None).series) == {USED}
+
+
+def test_panel_and_budget_note_show_the_numbers() -> None:
+    kv = {"policy": "infokv", "budget": 48, "buffer": 16, "used_cells": 60, "max_used_cells": 64,
+          "kv_bytes": 60 * 23040, "kv_bytes_per_token": 23040, "evictions": 3, "evicted_tokens": 48,
+          "tokens_per_s": None}
+    html = render_panel(kv, "generating")
+    assert 'class="kv-stat kv-used" data-value="60"' in html and "60 / 48 (+16)" in html
+    assert 'kv-evicted" data-value="48"' in html and 'data-state="generating"' in html
+    assert "(no budget)" in render_panel({**kv, "policy": "full", "budget": None, "buffer": None})
+    assert "too small" in budget_note(10, 16, 23040, 37)
+    assert "MiB" in budget_note(48, 16, 23040, 37)
+    with pytest.raises(ValueError, match="at least 37"):
+        Settings(budget=36).check()
+
+
+def test_session_stops_continues_closes_and_clears(model: Model) -> None:
+    settings = Settings(budget=48, buffer=16, temperature=0.0, max_tokens=400)
+    session = ChatSession(factory=lambda s: InfoKVLlama(model, **s.engine_kwargs()))
+
+    session.submit(LONG_PROMPT, settings, "You are a helpful assistant.")
+    updates = []
+    for up in session.reply():
+        updates.append(up)
+        if len(updates) == 80:
+            session.stop()
+    last = updates[-1]
+    assert last.done and last.finish_reason == "stopped" and len(updates) == 81
+    assert last.kv["evicted_tokens"] > 0 and last.kv["used_cells"] <= 64
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    assert session.history[1]["content"] == last.text and not session.busy
+
+    # the next turn continues the same conversation on the compressed cache
+    session.submit("Go on.", replace(settings, max_tokens=8), "You are a helpful assistant.")
+    last = list(session.reply())[-1]
+    assert last.done and last.finish_reason == "length"
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+
+    # closing the tab while it answers: the answer ends at the next token and the context is released
+    session.submit("And then?", settings, "")
+    reply = session.reply()
+    next(reply)
+    session.close()
+    assert session.llm is not None  # still answering
+    rest = list(reply)
+    assert rest[-1].finish_reason == "stopped" and len(rest) <= 2
+    assert session.llm is None
+
+    # a new chat forgets everything (and a closed session starts again on the next message)
+    assert session.new_chat()
+    assert session.history == []
+    session.submit("Hi", replace(settings, max_tokens=4), "")
+    assert list(session.reply())[-1].done and session.llm is not None
+    session.close()
+    assert session.llm is None

@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..errors import InfoKVError
 from .cache_map import render_cache_map
 from .chart import COLORS, cache_frame
 from .panel import MIB, render_panel
@@ -135,8 +136,8 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             session = session or new_session(request)
             if not (message or "").strip():
                 raise gr.Error("Type a message first.", duration=4)
-            if session.busy:
-                raise gr.Error("Still answering: press Stop first.", duration=4)
+            if session.busy or session.pending is not None:
+                raise gr.Error("Still answering: press Stop (or New chat) first.", duration=4)
             try:
                 settings = replace(d, policy=pol, budget=int(bud if bud is not None else -1),
                                    buffer=int(buf if buf is not None else -1), temperature=float(temp),
@@ -147,21 +148,24 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             shown = session.history + [{"role": "user", "content": message}]
             return "", shown, session
 
-        def respond(session: ChatSession) -> Iterator[tuple[Any, Any, Any, Any]]:
+        def respond(session: ChatSession) -> Iterator[tuple[Any, ...]]:
             text_due, view_due = monotonic_throttle(TEXT_EVERY), monotonic_throttle(VIEW_EVERY)
+            message = session.pending[0] if session.pending else ""
+            n_before = len(session.history)
             try:
-                updates = session.reply()
-                for up in updates:
+                for up in session.reply():
                     chat = _shown(session, up)
                     if view_due(up.done):
                         state = "generating" if not up.done else f"done ({up.finish_reason})"
-                        yield (chat, *_views(session, state, up.kv))
+                        yield (gr.skip(), chat, *_views(session, state, up.kv))
                     elif text_due(False):
-                        yield chat, gr.skip(), gr.skip(), gr.skip()
-            except (ValueError, RuntimeError) as e:
-                # e.g. the API refused the settings: keep the conversation, say what is wrong
+                        yield gr.skip(), chat, gr.skip(), gr.skip(), gr.skip()
+            except (ValueError, RuntimeError, InfoKVError) as e:
+                # e.g. the API refused the settings: say what is wrong, keep the conversation and the message
+                log.warning("reply failed: %s", e)
                 gr.Warning(str(e))
-                yield (session.history, *_views(session, "error"))
+                unsent = message if len(session.history) == n_before else gr.skip()
+                yield (unsent, session.history, *_views(session, "error"))
 
         def on_stop(session: ChatSession | None) -> None:
             if session is not None:
@@ -187,7 +191,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
         for trigger in (msg.submit, send.click):
             trigger(prepare, inputs, [msg, chatbot, session_state], api_visibility="private",
                     concurrency_limit=None, show_progress="hidden").success(
-                respond, session_state, views, api_visibility="private", concurrency_limit=1,
+                respond, session_state, [msg, *views], api_visibility="private", concurrency_limit=1,
                 concurrency_id="generate", show_progress="minimal", show_progress_on=[panel])
         stop.click(on_stop, session_state, None, api_visibility="private", concurrency_limit=None,
                    show_progress="hidden")

@@ -2,7 +2,7 @@
 and by its policy score; evicted tokens are greyed and struck through.
 
 Rendered as HTML for ``gr.HTML``; the look lives in ``static/ui.css`` (classes ``tok``, ``kept``,
-``gone``, ``prot``, ``s0``..``s4``).
+``gone``, ``prot``, ``pending``, ``s0``..``s4``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def _score_levels(score: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return levels
     ranks = np.empty(n, dtype=np.int64)
     ranks[np.argsort(score[ok], kind="stable")] = np.arange(n)
-    levels[ok] = np.minimum(ranks * N_LEVELS // max(n, 1), N_LEVELS - 1)
+    # the lowest score gets level 0, the highest N_LEVELS - 1, evenly by rank in between
+    levels[ok] = np.rint(ranks * (N_LEVELS - 1) / max(n - 1, 1)).astype(np.int64) if n > 1 else N_LEVELS - 1
     return levels
 
 
@@ -40,7 +41,8 @@ def _piece_html(piece: str) -> str:
 
 
 def render_cache_map(cmap: Any | None, max_tokens: int = 3000) -> str:
-    """HTML for a ``CacheMap`` (``pieces``, ``in_cache``, ``score``, ``protected``); an empty map if None.
+    """HTML for a ``CacheMap`` (``pieces``, ``in_cache``, ``score``, ``protected``, ``evicted``); an empty map if
+    None.
 
     Only the last ``max_tokens`` tokens are drawn (the totals still count all of them).
     """
@@ -54,17 +56,22 @@ def render_cache_map(cmap: Any | None, max_tokens: int = 3000) -> str:
     in_cache = np.asarray(cmap.in_cache, dtype=bool)[:n]
     score = np.asarray(cmap.score, dtype=np.float64)[:n]
     protected = np.asarray(cmap.protected, dtype=bool)[:n]
+    # the last sampled token is not in the cache yet (it is fed with the next step), yet not evicted either
+    evicted = np.asarray(getattr(cmap, "evicted", ~in_cache), dtype=bool)[:n]
     levels = _score_levels(score, in_cache & ~protected)
     n_kept, n_prot = int(in_cache.sum()), int((in_cache & protected).sum())
-    n_gone = n - n_kept
+    n_gone = int(evicted.sum())
     start = max(0, n - max_tokens)
 
     spans = []
     for i in range(start, n):
         piece = pieces[i]
-        if not in_cache[i]:
+        if evicted[i]:
             cls = "tok gone"
             what = "evicted"
+        elif not in_cache[i]:
+            cls = "tok pending"
+            what = "sampled, enters the cache with the next step"
         elif protected[i]:
             cls = "tok kept prot"
             what = "in cache, protected (sink or recent)"
