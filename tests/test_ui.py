@@ -231,6 +231,8 @@ def test_panel_and_budget_note_show_the_numbers() -> None:
     assert "MiB" in budget_note(48, 16, 23040, 37)
     with pytest.raises(ValueError, match="at least 37"):
         Settings(budget=36).check()
+    with pytest.raises(ValueError, match="Unknown policy 'nope'"):
+        Settings(policy="nope").check()
 
 
 def test_session_stops_continues_closes_and_clears(model: Model) -> None:
@@ -264,6 +266,13 @@ def test_session_stops_continues_closes_and_clears(model: Model) -> None:
     rest = list(reply)
     assert rest[-1].finish_reason == "stopped" and len(rest) <= 2
     assert session.llm is None
+
+    # settings the engine refuses: an error, and the conversation is as it was
+    before = list(session.history)
+    session.submit("Hi", replace(settings, policy="infokv:no_such_parameter=1"), "")
+    with pytest.raises(ValueError, match="no_such_parameter"):
+        list(session.reply())
+    assert session.history == before and not session.busy
 
     # a new chat forgets everything (and a closed session starts again on the next message)
     assert session.new_chat()

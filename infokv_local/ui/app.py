@@ -113,7 +113,9 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                     y_title="cells", height=240, elem_id="kv-plot", tooltip="all",
                 )
                 with gr.Accordion("Cache settings (apply to the next message)", open=True):
-                    policy = gr.Dropdown(list(config.policies), value=d.policy, label="Policy", elem_id="policy")
+                    policy = gr.Dropdown(list(config.policies), value=d.policy, label="Policy", elem_id="policy",
+                                         allow_custom_value=True,
+                                         info="a name, or a name with parameters: infokv:alpha=0.9")
                     with gr.Row():
                         budget = gr.Number(d.budget, label="Budget (tokens)", precision=0, minimum=1,
                                            maximum=config.max_budget, elem_id="budget")

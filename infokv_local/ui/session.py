@@ -45,6 +45,10 @@ class Settings:
 
     def check(self) -> None:
         """Raise ``ValueError`` with a message for the user when a setting cannot be used."""
+        from ..policies import POLICIES
+
+        if self.policy.split(":")[0] not in POLICIES:
+            raise ValueError(f"Unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}.")
         if self.budget < self.min_budget:
             raise ValueError(
                 f"Budget {self.budget} is too small: it must be at least {self.min_budget} tokens "
