@@ -106,9 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     tb.add_argument("json_files", nargs="+")
     bsub.add_parser("overhead", help="throughput cost of the patch and its statistics (see its --help)",
                     add_help=False)
+    bsub.add_parser("throughput", help="generation speed per policy against llama-cpp-python (see its --help)",
+                    add_help=False)
 
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:2] == ["bench", "throughput"]:
+        from .bench.throughput import main as throughput_main
+
+        throughput_main(argv[2:])
+        return 0
     if argv[:2] == ["bench", "overhead"]:
         from .bench.overhead import main as overhead_main
 

@@ -22,7 +22,7 @@ import numpy as np
 from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 
-from .engine import Engine, kv_bytes_per_token
+from .engine import ContextFullError, Engine, kv_bytes_per_token
 from .model import Model
 from .policies import Policy
 from .sampling import SamplingParams
@@ -62,6 +62,8 @@ class _Run:
     t_start: float
     t_first: float | None = None
     completion_tokens: int = 0
+    max_used_cells: int = 0
+    steps_seen: int = 0  # engine steps already folded into max_used_cells
 
 
 class InfoKVLlama:
@@ -70,7 +72,8 @@ class InfoKVLlama:
     ``model_path`` is a GGUF file or an already loaded :class:`~infokv_local.model.Model` (shared,
     e.g. between chat sessions; it is then not closed here). ``budget`` (tokens) or ``budget_mib``
     (MiB of KV memory) is what the cache is compressed to, ``buffer`` how far it grows between
-    compressions; the ``n_sink`` first and ``n_recent`` last tokens are never evicted. ``policy`` is
+    compressions; the ``n_sink`` first and ``n_recent`` last tokens are never evicted (``n_ctx``
+    sizes the context of the non-evicting ``full`` policy; default the model's trained context). ``policy`` is
     a name (``infokv``, ``h2o``, ``snapkv``, ``tova``, ``streaming``, ``full``...; parameters as
     ``"infokv:alpha=0.9"``) or a :class:`~infokv_local.policies.Policy`.
     """
@@ -90,6 +93,7 @@ class InfoKVLlama:
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         seed: int = 0,
+        n_ctx: int | None = None,
         check_invariants: bool = False,
     ) -> None:
         if isinstance(model_path, Model):
@@ -103,7 +107,7 @@ class InfoKVLlama:
         self._engine_args: dict[str, Any] = dict(
             policy=policy, budget=None if budget_mib is not None else budget, budget_mib=budget_mib, buffer=buffer,
             n_sink=n_sink, n_recent=n_recent, window=window, n_batch=n_batch, n_threads=n_threads, seed=seed,
-            check_invariants=check_invariants,
+            max_context=n_ctx, check_invariants=check_invariants,
         )
         self._engine: Engine | None = None
         try:
@@ -403,7 +407,13 @@ class InfoKVLlama:
             finish = "length"
             while True:
                 with self._lock:
-                    tok = next(gen, None)
+                    try:
+                        tok = next(gen, None)
+                    except ContextFullError:
+                        if run.t_first is None:
+                            raise  # the prompt itself does not fit
+                        tok = None  # as llama-cpp-python does: the reply ends for lack of room
+                        limit = run.completion_tokens
                 consistent = True
                 if tok is None:
                     if run.completion_tokens < limit:
@@ -433,7 +443,12 @@ class InfoKVLlama:
             self._active = False
 
     def _kv(self, run: _Run) -> dict[str, Any]:
-        kv = self.kv_stats(since_step=run.first_step)
+        history = self.engine.totals.history
+        steps = history[max(run.steps_seen, run.first_step):]
+        run.max_used_cells = max([run.max_used_cells, *(st.used_cells for st in steps)])
+        run.steps_seen = len(history)
+        kv = self.kv_stats(since_step=len(history))
+        kv["max_used_cells"] = max(run.max_used_cells, kv["used_cells"])
         kv["reused_tokens"] = run.reused_tokens
         now = time.perf_counter()
         kv["tokens_per_s"] = (run.completion_tokens - 1) / (now - run.t_first) if run.t_first and \

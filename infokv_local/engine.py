@@ -33,6 +33,10 @@ class BudgetError(InfoKVError, ValueError):
     """The budget cannot hold the protected tokens (sinks plus recent window) and anything else."""
 
 
+class ContextFullError(InfoKVError, ValueError):
+    """A policy that does not evict (``full``) ran out of context; nothing was changed."""
+
+
 @dataclass
 class StepStats:
     """What one engine call did (one prompt chunk or one decoded token)."""
@@ -312,6 +316,11 @@ class Engine:
 
     def _decode(self, part: list[int], all_outputs: bool) -> None:
         self._flush_pending()
+        if not self.policy.evicts and self.ctx.n_used + len(part) > self.capacity:
+            raise ContextFullError(
+                f"the context of {self.capacity} tokens is full ({self.ctx.n_used} used, {len(part)} more needed) "
+                f"and policy {self.policy.name!r} does not evict: use an evicting policy, or a larger context"
+            )
         evicted, score_s, evict_s = self._make_room(len(part))
         if self.policy.evicts and self.n_past + len(part) > self.compact_at:
             self._compact_positions()

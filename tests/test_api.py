@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from infokv_local import BudgetError, InfoKVLlama
+from infokv_local.engine import ContextFullError
 from infokv_local.text_stream import StopMatcher, Utf8Pieces
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
@@ -240,3 +241,13 @@ def test_utf8_and_stop_helpers():
     assert parts == [("hello ", False), ("", False), ("", True)]
     s = StopMatcher(["STOP"])
     assert s.push("ST") == ("", False) and s.push("ay") == ("STay", False) and s.flush() == ""
+
+
+def test_full_policy_ends_with_length_when_its_context_is_full(model):
+    with InfoKVLlama(model, policy="full", n_ctx=64) as x:
+        r = x.create_completion("Once upon a time", max_tokens=100, temperature=0)
+        assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["kv"]["max_used_cells"] == 64
+        assert r["usage"]["completion_tokens"] < 100
+        with pytest.raises(ContextFullError, match="does not evict"):
+            x.create_completion("word " * 100, max_tokens=10)
+        assert x.create_completion("Hello", max_tokens=3)["usage"]["completion_tokens"] == 3  # still usable
