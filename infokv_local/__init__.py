@@ -6,7 +6,7 @@ cell) and removes single tokens from the cache.
 """
 
 from .api import CacheMap, InfoKVLlama
-from .engine import BudgetError
+from .engine import BudgetError, ContextFullError
 from .errors import (
     DecodeError,
     InfoKVError,
@@ -19,6 +19,7 @@ from .model import default_model_path
 __all__ = [
     "BudgetError",
     "CacheMap",
+    "ContextFullError",
     "InfoKVLlama",
     "DecodeError",
     "InfoKVError",
