@@ -45,7 +45,8 @@ def model_lock(model: Model) -> threading.Lock:
 class CacheMap:
     """The conversation's tokens and what the cache holds of them (for display)."""
 
-    pieces: list[str]  # the text of every token of the sequence (control tokens as their text)
+    pieces: list[str]  # the text of every token of the sequence (control tokens as their text; a character
+    # split across tokens is on the token that completes it)
     in_cache: np.ndarray  # bool per token
     score: np.ndarray  # the policy's score per cached token (higher = kept longer); NaN otherwise
     protected: np.ndarray  # bool per token: a sink or recent token, never evicted
@@ -233,7 +234,8 @@ class InfoKVLlama:
             idx, scores, protected = e.token_scores()
             n = len(e.tokens)
             pending = e.pending_token is not None
-            pieces = [token_bytes(self.model, t, special=True).decode("utf-8", "replace") for t in e.tokens]
+            utf8 = Utf8Pieces()  # a character split across tokens is shown on the token that completes it
+            pieces = [utf8.push(token_bytes(self.model, t, special=True)) for t in e.tokens]
         in_cache = np.zeros(n, dtype=bool)
         score = np.full(n, np.nan)
         prot = np.zeros(n, dtype=bool)

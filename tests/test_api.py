@@ -251,3 +251,9 @@ def test_full_policy_ends_with_length_when_its_context_is_full(model):
         with pytest.raises(ContextFullError, match="does not evict"):
             x.create_completion("word " * 100, max_tokens=10)
         assert x.create_completion("Hello", max_tokens=3)["usage"]["completion_tokens"] == 3  # still usable
+
+
+def test_cache_map_pieces_keep_split_characters_whole(llm):
+    llm.create_completion("Emoji: 😀🚀 café", max_tokens=1, temperature=0)
+    cm = llm.cache_map()
+    assert "😀" in "".join(cm.pieces) and "\ufffd" not in "".join(cm.pieces)
