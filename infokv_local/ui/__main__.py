@@ -15,7 +15,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = Settings()
     p = argparse.ArgumentParser(
         prog="python -m infokv_local.ui",
-        description="A local chat under a fixed KV-cache budget, with a live view of the cache.")
+        description="A local chat under a fixed KV-cache budget, with a live view of the cache.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m infokv_local.ui\n"
+               "  python -m infokv_local.ui --model qwen2.5-coder-0.5b --budget 128 --buffer 32 --port 7861")
     p.add_argument("--model", default=None,
                    help="GGUF path or registry model name (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
