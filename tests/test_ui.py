@@ -129,8 +129,10 @@ def test_chat_streams_shows_the_cache_stops_and_clears(server: UIServer, browser
 
     # stop mid-answer: the state says so and the text no longer grows
     assert _panel_state(page) == "generating", "the answer ended before Stop was pressed"
+    expect(page.locator("#send")).to_be_disabled()  # no second message while answering
     page.locator("#stop").click()
     expect(page.locator("#kv-panel .kv-panel")).to_have_attribute("data-state", "done (stopped)", timeout=10_000)
+    expect(page.locator("#send")).to_be_enabled(timeout=10_000)
     stopped = _bot_text(page)
     time.sleep(1.0)  # an answer still streaming would add several tokens in this time
     assert _bot_text(page) == stopped

@@ -193,8 +193,12 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
         for trigger in (msg.submit, send.click):
             trigger(prepare, inputs, [msg, chatbot, session_state], api_visibility="private",
                     concurrency_limit=None, show_progress="hidden").success(
+                lambda: gr.update(interactive=False), None, send, api_visibility="private", concurrency_limit=None,
+                show_progress="hidden").then(
                 respond, session_state, [msg, *views], api_visibility="private", concurrency_limit=1,
-                concurrency_id="generate", show_progress="minimal", show_progress_on=[panel])
+                concurrency_id="generate", show_progress="minimal", show_progress_on=[panel]).then(
+                lambda: gr.update(interactive=True), None, send, api_visibility="private", concurrency_limit=None,
+                show_progress="hidden")
         stop.click(on_stop, session_state, None, api_visibility="private", concurrency_limit=None,
                    show_progress="hidden")
         new.click(on_new, session_state, [*views, session_state], api_visibility="private",
