@@ -193,20 +193,19 @@ class InfoKVLlama:
         """MiB of KV memory that ``tokens`` cached tokens take for this model."""
         return tokens * kv_bytes_per_token(model) / 2**20
 
-    def kv_stats(self, since_step: int = 0) -> dict[str, Any]:
-        """The ``kv`` block: policy, budget, cells in use (now and the most at any step since
-        ``since_step``), KV bytes, compressions and evicted tokens since the last reset."""
+    def kv_stats(self) -> dict[str, Any]:
+        """The ``kv`` block: policy, budget, cells in use (now and the most at any step), KV bytes,
+        compressions and evicted tokens, since the last reset."""
         e = self.engine
         t = e.totals
         used = e.used_cells
-        hist = t.history[since_step:]
         return {
             "policy": e.policy.name,
             "budget": e.budget if e.policy.evicts else None,
             "buffer": e.buffer if e.policy.evicts else None,
             "capacity": e.capacity,
             "used_cells": used,
-            "max_used_cells": max((s.used_cells for s in hist), default=used),
+            "max_used_cells": max(t.max_used_cells, used),
             "kv_bytes": used * e.kv_bytes_per_cell,
             "kv_bytes_per_token": e.kv_bytes_per_cell,
             "evictions": t.evictions,
@@ -388,11 +387,11 @@ class InfoKVLlama:
                 n_before = len(e.tokens) + len(tokens)
                 run = _Run(prompt_tokens=n_before, reused_tokens=reused, first_step=e.totals.steps,
                            t_start=t_start)
-                gen = e.generate(tokens, _limit(max_tokens, self.model.info.n_ctx_train), sampling)
+                limit = _limit(max_tokens, self.model.info.n_ctx_train)
+                gen = e.generate(tokens, limit, sampling)
         except BaseException:
             self._active = False
             raise
-        limit = _limit(max_tokens, self.model.info.n_ctx_train)
         utf8, stopper = Utf8Pieces(), StopMatcher(stops)
         consistent = False  # True once the prompt is in and the sequence's tokens are known
 
@@ -401,7 +400,8 @@ class InfoKVLlama:
                  "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
                  "kv": self._kv(run)}
             if finish_reason is not None:
-                c["usage"] = self._usage(run)
+                c["usage"] = {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+                              "total_tokens": run.prompt_tokens + run.completion_tokens, "kv": c["kv"]}
                 c["timings"] = _timings(run)
             return c
 
@@ -449,17 +449,13 @@ class InfoKVLlama:
         steps = history[max(run.steps_seen, run.first_step):]
         run.max_used_cells = max([run.max_used_cells, *(st.used_cells for st in steps)])
         run.steps_seen = len(history)
-        kv = self.kv_stats(since_step=len(history))
+        kv = self.kv_stats()
         kv["max_used_cells"] = max(run.max_used_cells, kv["used_cells"])
         kv["reused_tokens"] = run.reused_tokens
         now = time.perf_counter()
         kv["tokens_per_s"] = (run.completion_tokens - 1) / (now - run.t_first) if run.t_first and \
             run.completion_tokens > 1 else None
         return kv
-
-    def _usage(self, run: _Run) -> dict[str, Any]:
-        return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-                "total_tokens": run.prompt_tokens + run.completion_tokens, "kv": self._kv(run)}
 
 
 def _limit(max_tokens: int | None, n_ctx_train: int) -> int:

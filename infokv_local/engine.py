@@ -223,7 +223,7 @@ class Engine:
         idx = self._cell_token[cells]
         scores = np.full(n, np.nan)
         protected = np.ones(n, dtype=bool)
-        lo, hi = min(self.n_sink, n), max(n - self.n_recent, min(self.n_sink, n))
+        lo, hi = self._evictable_span(n)
         protected[lo:hi] = False
         if self.policy.evicts and hi > lo:
             # a private generator, so that looking does not change what a random policy evicts next
@@ -362,7 +362,7 @@ class Engine:
         t0 = time.perf_counter()
         cells, pos = self.ctx.cell_map()
         n = len(cells)
-        lo, hi = min(self.n_sink, n), max(n - self.n_recent, min(self.n_sink, n))
+        lo, hi = self._evictable_span(n)
         ev_cells = cells[lo:hi]
         n_protected = n - len(ev_cells)
         keep_target = max(target - n_protected, 0)
@@ -381,6 +381,11 @@ class Engine:
         self._forget(drop_cells)
         t2 = time.perf_counter()
         return pos[lo:hi][drop].tolist(), t1 - t0, t2 - t1
+
+    def _evictable_span(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of the n cached tokens (in position order) that may be evicted: all but sinks and recent."""
+        lo = min(self.n_sink, n)
+        return lo, max(n - self.n_recent, lo)
 
     def _compact_positions(self) -> None:
         """Renumber the cached tokens 0..n-1, one ``seq_add`` per run of tokens with no hole between them."""

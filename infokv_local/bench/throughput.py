@@ -41,20 +41,18 @@ def essay_text(n_chars: int = 40_000) -> str:
     return para * (n_chars // len(para) + 1)
 
 
-def _time_stream(chunks: Any, text_of: Any) -> tuple[float, float, int, dict[str, Any]]:
-    """(prefill seconds, decode seconds, streamed chunks, last chunk) of a stream started just before."""
+def _time_stream(chunks: Any) -> tuple[float, float, dict[str, Any]]:
+    """(prefill seconds, decode seconds, last chunk) of a completion stream started just before."""
     t0 = time.perf_counter()
     t_first = None
-    n = 0
     last: dict[str, Any] = {}
     for c in chunks:
-        if t_first is None and text_of(c):
+        if t_first is None and c["choices"][0]["text"]:
             t_first = time.perf_counter()
-        n += 1
         last = c
     end = time.perf_counter()
     t_first = t_first or end
-    return t_first - t0, end - t_first, n, last
+    return t_first - t0, end - t_first, last
 
 
 def run_throughput(model_path: str, policies: list[str], budget: int, buffer: int, prompt_tokens: int,
@@ -77,24 +75,21 @@ def run_throughput(model_path: str, policies: list[str], budget: int, buffer: in
     try:
         for _ in range(rounds):
             base.reset()
-            pre, dec, _, last = _time_stream(
-                base.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True),
-                lambda c: c["choices"][0]["text"])
+            pre, dec, last = _time_stream(
+                base.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True))
             # its chunks carry text only: a run cut by max_tokens made exactly max_tokens tokens
             n_out = max_tokens if last["choices"][0]["finish_reason"] == "length" else base.n_tokens - n_prompt + 1
             runs[BASELINE].append({"prefill_s": pre, "decode_s": dec, "prompt_tokens": n_prompt,
                                    "completion_tokens": n_out, "max_used_cells": base.n_tokens})
             for p, llm in llms.items():
                 llm.reset()
-                pre, dec, _, last = _time_stream(
-                    llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True),
-                    lambda c: c["choices"][0]["text"])
+                pre, dec, last = _time_stream(
+                    llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True))
                 u = last["usage"]
                 runs[p].append({"prefill_s": pre, "decode_s": dec, "prompt_tokens": u["prompt_tokens"],
                                 "completion_tokens": u["completion_tokens"],
                                 "max_used_cells": u["kv"]["max_used_cells"],
-                                "evicted_tokens": u["kv"]["evicted_tokens"],
-                                "kv_bytes_per_token": u["kv"]["kv_bytes_per_token"]})
+                                "evicted_tokens": u["kv"]["evicted_tokens"]})
     finally:
         for llm in llms.values():
             llm.close()
