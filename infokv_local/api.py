@@ -212,6 +212,7 @@ class InfoKVLlama:
             "evicted_tokens": t.evicted_tokens,
             "compactions": e.compactions,
             "sequence_tokens": len(e.tokens),
+            "n_threads": e.n_threads,
         }
 
     def cell_history(self) -> list[tuple[int, int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .api import InfoKVLlama
 
@@ -23,8 +24,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--buffer", type=int, default=64, help="growth before each compression (default: 64)")
     g.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (default: 4)")
     g.add_argument("--n-recent", type=int, default=32, help="last tokens never evicted (default: 32)")
-    g.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    g.add_argument("--threads", type=int, help="CPU threads for decode and prompt batches (default: the physical cores "
+                        "this process may use, as llama.cpp's own tools choose)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU in a GPU build")
+    g.add_argument("--verbose", action="store_true",
+                   help="print the settings in force (threads, cache) and llama.cpp's log to stderr")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -48,7 +52,20 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 
 def open_llm(args: argparse.Namespace) -> InfoKVLlama:
-    """The model the options name, with the cache they describe."""
+    """The model the options name, with the cache they describe (announced on stderr with ``--verbose``)."""
+    llm = _load_llm(args)
+    if getattr(args, "verbose", False):
+        kv = llm.kv_stats()
+        how = "from --threads" if args.threads else "the physical cores, the default"
+        print(f"[{llm.model.path.name}] {kv_summary(kv)} ({how})", file=sys.stderr)
+    return llm
+
+
+def _load_llm(args: argparse.Namespace) -> InfoKVLlama:
+    if getattr(args, "verbose", False):
+        from .model import set_verbose
+
+        set_verbose(True)
     kwargs = dict(policy=args.policy, budget=args.budget, budget_mib=args.budget_mib, buffer=args.buffer,
                   n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
                   n_gpu_layers=args.n_gpu_layers, seed=args.seed)
@@ -65,4 +82,4 @@ def kv_summary(kv: dict[str, object]) -> str:
     budget = "no budget" if kv["budget"] is None else f"budget {kv['budget']} + buffer {kv['buffer']}"
     return (f"{kv['policy']}, {budget}: KV cells used {kv['used_cells']} (max {kv['max_used_cells']}, "
             f"{int(kv['kv_bytes']) / 2**20:.1f} MiB), {kv['evicted_tokens']} tokens evicted in "
-            f"{kv['evictions']} compressions")
+            f"{kv['evictions']} compressions; {kv['n_threads']} threads")

@@ -17,6 +17,7 @@ from . import kernels, native
 from .errors import DecodeError, UnsupportedArchitectureError
 from .model import Model
 from .signals import Signals
+from .threads import resolve_threads
 
 SEQ = 0  # one sequence per context
 
@@ -31,7 +32,9 @@ class StatsContext:
     ``attn`` turns on attention statistics (flash attention is then off), ``n_last_rows`` is the
     observation window of recent query rows kept apart, ``layer_dist`` the layer-evolution
     distances and ``entropy_top_k`` the k of the restricted entropy (0 = full vocabulary; None =
-    no entropy). ``flash_attn`` None lets llama.cpp choose unless attention statistics are on. With
+    no entropy). ``n_threads`` (decode and batch threads) defaults to the physical cores, as
+    llama.cpp's own tools choose (:func:`~infokv_local.threads.default_threads`). ``flash_attn`` None
+    lets llama.cpp choose unless attention statistics are on. With
     ``layer_dist`` or entropy wanted, every token of a batch is decoded as an output.
     """
 
@@ -68,8 +71,8 @@ class StatsContext:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         elif flash_attn:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        if n_threads:
-            params.n_threads = params.n_threads_batch = n_threads
+        self.n_threads = resolve_threads(n_threads)
+        params.n_threads = params.n_threads_batch = self.n_threads
         if eval_callback is not None:
             params.cb_eval = eval_callback
             params.cb_eval_user_data = None

@@ -145,6 +145,7 @@ class Engine:
             entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
             n_threads=n_threads, flash_attn=flash_attn,
         )
+        self.n_threads = self.ctx.n_threads
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
         self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
         if self.policy.evicts and self.compact_at <= self.capacity:

@@ -21,15 +21,20 @@ GGUF_MAGIC = b"GGUF"
 _backend_ready = False
 
 
-_VERBOSE = os.environ.get("INFOKV_VERBOSE") == "1"
+_verbose = [os.environ.get("INFOKV_VERBOSE") == "1"]
 _GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5
 _log_shown = [False]
+
+
+def set_verbose(on: bool) -> None:
+    """Show all of llama.cpp's log (not only its errors) on stderr."""
+    _verbose[0] = on
 
 
 @llama.llama_log_callback
 def _log_to_stderr(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     # llama.cpp is chatty: show its errors only, everything with INFOKV_VERBOSE=1
-    show = _log_shown[0] if level == _GGML_LOG_CONT else (_VERBOSE or level == _GGML_LOG_ERROR)
+    show = _log_shown[0] if level == _GGML_LOG_CONT else (_verbose[0] or level == _GGML_LOG_ERROR)
     _log_shown[0] = show
     if show:
         os.write(2, text)

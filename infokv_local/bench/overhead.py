@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..threads import default_threads
+
 CONFIGS = ("stock", "patched_off", "patched_on", "signals")
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens to prefill")
     ap.add_argument("--gen", type=int, default=128, help="single-token decode steps after the prompt")
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--inner", type=int, default=3, help="repeats inside each process; the best is kept")
     ap.add_argument("--stock-lib", help="folder of the unpatched libllama (default: build or reuse it)")

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from ..threads import default_threads
 
 BASELINE = "llama-cpp-python"
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     result = run_throughput(str(resolve_model_path(args.model)), [p for p in args.policies.split(",") if p],
