@@ -213,6 +213,7 @@ class InfoKVLlama:
             "compactions": e.compactions,
             "sequence_tokens": len(e.tokens),
             "n_threads": e.n_threads,
+            "flash_attn": e.flash_attn,
         }
 
     def cell_history(self) -> list[tuple[int, int]]:

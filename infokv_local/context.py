@@ -14,6 +14,7 @@ import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from . import kernels, native
+from .cache_types import check_cache_type
 from .errors import DecodeError, UnsupportedArchitectureError
 from .model import Model
 from .signals import Signals
@@ -29,12 +30,18 @@ class CacheFull(Exception):
 class StatsContext:
     """A single-sequence ``llama_context`` whose decodes report InfoKV's signals.
 
-    ``attn`` turns on attention statistics (flash attention is then off), ``n_last_rows`` is the
-    observation window of recent query rows kept apart, ``layer_dist`` the layer-evolution
-    distances and ``entropy_top_k`` the k of the restricted entropy (0 = full vocabulary; None =
+    ``attn`` turns on attention statistics and ``n_last_rows`` is the observation window of recent
+    query rows kept apart. With ``attn_all_rows`` the statistics also sum every query row (H2O needs
+    that): only the explicit softmax has them, so flash attention is then off. Without it only the
+    window is computed, and with flash attention on that is a small separate softmax of the window's
+    rows over the cache next to the fused kernel (the patch's ``llama_infokv_set_stats_ext``);
+    ``attn_sum`` then sums the window rows of each micro-batch. ``layer_dist`` turns on the
+    layer-evolution distances and ``entropy_top_k`` the k of the restricted entropy (0 = full vocabulary; None =
     no entropy). ``n_threads`` (decode and batch threads) defaults to the physical cores, as
     llama.cpp's own tools choose (:func:`~infokv_local.threads.default_threads`). ``flash_attn`` None
-    lets llama.cpp choose unless attention statistics are on. With
+    lets llama.cpp choose (its ``auto``) unless all-row attention statistics are on.
+    ``cache_type_k`` / ``cache_type_v`` are the KV cache's data types (``f16``, ``q8_0``, ``q4_0``...;
+    a quantized V cache needs flash attention). With
     ``layer_dist`` or entropy wanted, every token of a batch is decoded as an output.
     """
 
@@ -50,6 +57,9 @@ class StatsContext:
         n_threads: int | None = None,
         eval_callback: object | None = None,
         flash_attn: bool | None = None,
+        attn_all_rows: bool = True,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
     ) -> None:
         native.require_patched()
         if n_ctx <= 0 or n_batch <= 0:
@@ -65,12 +75,17 @@ class StatsContext:
         params.n_ubatch = n_batch
         params.n_seq_max = 1
         params.no_perf = True
-        if attn and flash_attn:
-            raise ValueError("attention statistics need flash attention off")
-        if attn or flash_attn is False:
+        attn_all_rows = attn_all_rows or n_last_rows <= 0  # a window of no rows: only the full softmax
+        if attn and attn_all_rows and flash_attn:
+            raise ValueError("attention statistics over every query row need flash attention off")
+        if (attn and attn_all_rows) or flash_attn is False:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         elif flash_attn:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        else:
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.type_k = getattr(llama, f"GGML_TYPE_{check_cache_type(cache_type_k, 'cache_type_k').upper()}")
+        params.type_v = getattr(llama, f"GGML_TYPE_{check_cache_type(cache_type_v, 'cache_type_v').upper()}")
         self.n_threads = resolve_threads(n_threads)
         params.n_threads = params.n_threads_batch = self.n_threads
         if eval_callback is not None:
@@ -85,7 +100,8 @@ class StatsContext:
             raise UnsupportedArchitectureError(
                 f"{model.path.name}: its memory is not a single plain KV cache; token eviction is not supported"
             )
-        if native.lib.llama_infokv_set_stats(self._ptr, attn, n_last_rows, layer_dist) != 0:
+        self.attn_all_rows = attn_all_rows
+        if native.lib.llama_infokv_set_stats_ext(self._ptr, attn, n_last_rows, layer_dist, attn_all_rows) != 0:
             self.close()
             raise UnsupportedArchitectureError(f"{model.path.name}: statistics are not supported for this memory")
         self.n_batch = n_batch

@@ -102,6 +102,7 @@ class Model:
         self.path = check_gguf_file(path)
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers
         self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise ModelFileError(
@@ -138,6 +139,11 @@ class Model:
                 f"{self.path.name} (architecture '{self.info.arch}') cannot be run with token eviction: {why}. "
                 f"Use a model with a plain KV cache (e.g. Llama, Qwen2, Mistral, Phi-3)."
             )
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether layers were offloaded to a GPU (a GPU build and ``n_gpu_layers`` != 0)."""
+        return self.n_gpu_layers != 0 and bool(llama.llama_supports_gpu_offload())
 
     @property
     def ptr(self) -> llama.llama_model_p:

@@ -13,7 +13,7 @@ from llama_cpp import llama_cpp as _llama
 
 from .errors import UnpatchedLibraryError
 
-EXPECTED_PATCH_VERSION = 1
+EXPECTED_PATCH_VERSION = 2
 BUILD_COMMAND = "make setup   (or: python native/build_llama.py, then python native/build_kernels.py)"
 
 lib = _llama._lib
@@ -28,6 +28,8 @@ _SIGNATURES = {
                                ctypes.c_int32),
     "llama_infokv_seq_rm_cells": ([ctypes.c_void_p, ctypes.c_int32, _c_int32_p, ctypes.c_int32], ctypes.c_int32),
     "llama_infokv_set_stats": ([ctypes.c_void_p, ctypes.c_bool, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
+    "llama_infokv_set_stats_ext": ([ctypes.c_void_p, ctypes.c_bool, ctypes.c_int32, ctypes.c_bool, ctypes.c_bool],
+                                   ctypes.c_int32),
     "llama_infokv_get_attn_sum": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_attn_last": ([ctypes.c_void_p, _c_int32_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_layer_dist": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),

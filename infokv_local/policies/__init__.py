@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput
+from .base import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput
 from .context_shift import ContextShiftPolicy
 from .full import FullPolicy
 from .h2o import H2OPolicy
@@ -58,7 +58,8 @@ def _parse_value(v: str) -> Any:
 
 
 __all__ = [
-    "ATTENTION", "ENTROPY", "LAYER_DIST", "POLICIES", "ContextShiftPolicy", "FullPolicy", "H2OPolicy",
+    "ATTENTION", "ATTENTION_ALL_ROWS", "ENTROPY", "LAYER_DIST", "POLICIES", "ContextShiftPolicy", "FullPolicy",
+    "H2OPolicy",
     "InfoKVPolicy", "Policy", "RandomPolicy", "ScoreInput", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
     "make_policy",
 ]

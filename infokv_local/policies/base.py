@@ -13,6 +13,9 @@ from typing import ClassVar
 import numpy as np
 
 ATTENTION = "attention"
+# attention accumulated over every query row (H2O), not only the observation window: it exists only
+# in the explicit softmax, so a policy that needs it runs with flash attention off
+ATTENTION_ALL_ROWS = "attention_all_rows"
 ENTROPY = "entropy"
 LAYER_DIST = "layer_dist"
 

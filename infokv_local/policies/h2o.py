@@ -3,7 +3,8 @@ Models", NeurIPS 2023, arXiv 2306.14048): keep the tokens with the largest atten
 every query since they entered the cache (the heavy hitters) and a window of recent tokens.
 
 As in the paper, ``recent_ratio`` (0.5) of the kept tokens is the most recent ones and the rest the
-heavy hitters; the engine's own ``n_recent`` protected tokens come on top.
+heavy hitters; the engine's own ``n_recent`` protected tokens come on top. The accumulated attention of
+every query row exists only in the explicit softmax: H2O runs with flash attention off.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ATTENTION, Policy, ScoreInput, require
+from .base import ATTENTION, ATTENTION_ALL_ROWS, Policy, ScoreInput, require
 
 
 @dataclass
 class H2OPolicy(Policy):
     recent_ratio: float = 0.5
     name = "h2o"
-    needs = frozenset({ATTENTION})
+    needs = frozenset({ATTENTION, ATTENTION_ALL_ROWS})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recent_ratio <= 1.0:
