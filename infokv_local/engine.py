@@ -13,33 +13,32 @@ tokens, then compresses it back to ``budget`` (the saw-tooth).
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from llama_cpp import llama_cpp as llama
 
 from .context import StatsContext
-from .errors import InfoKVError
+from .errors import BudgetError, CacheFull, ContextFullError, EmptyPromptError
+from .interrupts import sigint_deferred
 from .model import Model
 from .policies import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
 from .sampling import Sampler, SamplingParams
 from .signals import Signals
 
-
-class BudgetError(InfoKVError, ValueError):
-    """The budget cannot hold the protected tokens (sinks plus recent window) and anything else."""
-
-
-class ContextFullError(InfoKVError, ValueError):
-    """A policy that does not evict (``full``) ran out of context; nothing was changed."""
+HISTORY_STEPS = 4096  # engine steps kept in EngineTotals.history (the most recent ones)
 
 
 @dataclass
 class StepStats:
-    """What one engine call did (one prompt chunk or one decoded token)."""
+    """What one engine call did (one prompt chunk or one decoded token).
+
+    ``first_token`` is how many tokens the engine had read before this step (since the last reset).
+    """
 
     step: int
     n_tokens: int
@@ -52,6 +51,7 @@ class StepStats:
     score_s: float
     evict_s: float
     decode_s: float
+    first_token: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -60,6 +60,14 @@ class StepStats:
 
 @dataclass
 class EngineTotals:
+    """Counters since the last reset, and the most recent steps.
+
+    ``history`` keeps the last :data:`HISTORY_STEPS` steps (a long conversation must not grow
+    memory without bound); ``max_used_cells`` and :meth:`max_used_since` stay exact over every
+    step, through a stack of the decreasing suffix maxima of the cells in use, which never holds
+    more entries than there are distinct cell counts (at most the capacity).
+    """
+
     steps: int = 0
     tokens: int = 0
     evictions: int = 0
@@ -68,7 +76,39 @@ class EngineTotals:
     score_s: float = 0.0
     evict_s: float = 0.0
     decode_s: float = 0.0
-    history: list[StepStats] = field(default_factory=list)
+    history: deque[StepStats] = field(default_factory=lambda: deque(maxlen=HISTORY_STEPS))
+    _peaks: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (step, used), used decreasing
+
+    def record(self, st: StepStats) -> None:
+        """Count one step (``st.step`` must be :attr:`steps`)."""
+        self.steps += 1
+        self.tokens += st.n_tokens
+        self.evictions += bool(st.evicted)
+        self.evicted_tokens += st.evicted
+        self.max_used_cells = max(self.max_used_cells, st.used_cells)
+        self.score_s += st.score_s
+        self.evict_s += st.evict_s
+        self.decode_s += st.decode_s
+        self.history.append(st)
+        peaks = self._peaks
+        while peaks and peaks[-1][1] <= st.used_cells:
+            peaks.pop()
+        peaks.append((st.step, st.used_cells))
+
+    def max_used_since(self, step: int) -> int:
+        """The most cells in use after any step numbered ``step`` or later (0 if there is none)."""
+        i = bisect.bisect_left(self._peaks, (step, -1))
+        return self._peaks[i][1] if i < len(self._peaks) else 0
+
+    def cell_history(self) -> list[tuple[int, int]]:
+        """(tokens read so far, cells in use) before and after each step kept in :attr:`history`:
+        the saw-tooth of grow-and-compress (a compression shows as a drop just before its step's tokens)."""
+        points: list[tuple[int, int]] = []
+        for s in self.history:
+            if s.evicted:
+                points.append((s.first_token, s.used_cells - s.n_tokens))
+            points.append((s.first_token + s.n_tokens, s.used_cells))
+        return points
 
 
 class Engine:
@@ -182,6 +222,10 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the sequence (the cache is cleared, statistics restart)."""
+        with sigint_deferred():
+            self._reset()
+
+    def _reset(self) -> None:
         self.ctx.clear()
         for a in (self._attn_acc, self._attn_current, self._ring, self._ldist):
             a.fill(0)
@@ -241,20 +285,25 @@ class Engine:
         """
         if not 0 <= n_tokens <= len(self.tokens):
             raise ValueError(f"cannot truncate {len(self.tokens)} tokens to {n_tokens}")
-        if self._pending is not None and n_tokens < len(self.tokens):
-            self.tokens.pop()
-            self._pending = None
-        k = len(self.tokens) - n_tokens
-        if k == 0:
-            return True
-        cells, _ = self.ctx.cell_map()
-        tail = cells[self._cell_token[cells] >= n_tokens]
-        if len(tail) != k:
-            return False
-        self.ctx.remove_cells(tail)
-        self._forget(tail)
-        del self.tokens[n_tokens:]
-        self.n_past -= k
+        # decide first (nothing changes on False), then change
+        drop_pending = self._pending is not None and n_tokens < len(self.tokens)
+        n_decoded = len(self.tokens) - (self._pending is not None)
+        k = max(n_decoded - n_tokens, 0)
+        tail = np.empty(0, dtype=np.int32)
+        if k:
+            cells, _ = self.ctx.cell_map()
+            tail = cells[self._cell_token[cells] >= n_tokens]
+            if len(tail) != k:
+                return False
+        with sigint_deferred():
+            if drop_pending:
+                self.tokens.pop()
+                self._pending = None
+            if k:
+                self.ctx.remove_cells(tail)
+                self._forget(tail)
+                del self.tokens[n_tokens:]
+                self.n_past -= k
         return True
 
     # ---- feeding tokens --------------------------------------------------------------------
@@ -287,7 +336,7 @@ class Engine:
             if prompt:
                 self.prefill(prompt)
             elif not self.tokens:
-                raise ValueError("nothing to continue from: give a prompt")
+                raise EmptyPromptError("nothing to continue from: the prompt is empty and no sequence is cached")
             else:
                 self._flush_pending()
             # the repetition penalties see the recent sequence, prompt included
@@ -310,12 +359,29 @@ class Engine:
     # ---- internals -------------------------------------------------------------------------
     def _flush_pending(self) -> None:
         """Decode the token sampled last, which generate() leaves undecoded until the sequence goes on."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        pending = self._pending
+        if pending is None:
+            return
+        with sigint_deferred():
+            self._pending = None
             self.tokens.pop()
-            self._decode([pending], all_outputs=self.needs_outputs)
+            try:
+                self._decode([pending], all_outputs=self.needs_outputs)
+            except (ContextFullError, CacheFull):  # nothing was decoded: it stays pending
+                self.tokens.append(pending)
+                self._pending = pending
+                raise
 
     def _decode(self, part: list[int], all_outputs: bool) -> None:
+        """Decode one chunk, evicting first if needed: all or nothing for the engine's bookkeeping.
+
+        SIGINT is held back until llama.cpp's cache and the engine's records agree again
+        (:func:`~infokv_local.interrupts.sigint_deferred`); an error before llama_decode changes nothing.
+        """
+        with sigint_deferred():
+            self._decode_step(part, all_outputs)
+
+    def _decode_step(self, part: list[int], all_outputs: bool) -> None:
         self._flush_pending()
         if not self.policy.evicts and self.ctx.n_used + len(part) > self.capacity:
             raise ContextFullError(
@@ -337,17 +403,9 @@ class Engine:
             step=self.totals.steps, n_tokens=len(part), used_cells=used, budget=self.budget,
             capacity=self.capacity, kv_bytes=used * self.kv_bytes_per_cell, evicted=len(evicted),
             evicted_positions=evicted, score_s=score_s, evict_s=evict_s, decode_s=decode_s,
+            first_token=self.totals.tokens,
         )
-        t = self.totals
-        t.steps += 1
-        t.tokens += len(part)
-        t.evictions += bool(evicted)
-        t.evicted_tokens += len(evicted)
-        t.max_used_cells = max(t.max_used_cells, used)
-        t.score_s += score_s
-        t.evict_s += evict_s
-        t.decode_s += decode_s
-        t.history.append(st)
+        self.totals.record(st)
         if self.check_invariants:
             self._check(sig)
 
@@ -389,18 +447,8 @@ class Engine:
         return lo, max(n - self.n_recent, lo)
 
     def _compact_positions(self) -> None:
-        """Renumber the cached tokens 0..n-1, one ``seq_add`` per run of tokens with no hole between them."""
-        mem = llama.llama_get_memory(self.ctx.ptr)
-        if not llama.llama_memory_can_shift(mem):
-            raise InfoKVError("positions reached compact_at but this model's cache cannot shift positions")
-        cells, pos = self.ctx.cell_map()
-        delta = np.arange(len(pos)) - pos
-        starts = np.r_[0, np.flatnonzero(np.diff(delta)) + 1]
-        ends = np.r_[starts[1:], len(pos)]
-        for s, e in zip(starts, ends, strict=True):
-            if delta[s]:
-                llama.llama_memory_seq_add(mem, 0, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
-        self.n_past = len(pos)
+        """Renumber the cached tokens 0..n-1 (llama.cpp's K-shift, in :meth:`StatsContext.compact_positions`)."""
+        self.n_past = self.ctx.compact_positions()
         self.compactions += 1
 
     def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int) -> ScoreInput:
