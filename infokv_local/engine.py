@@ -149,20 +149,39 @@ class Engine:
         self.policy = make_policy(policy)
         self.kv_bytes_per_cell = kv_bytes_per_token(model)
         if budget_mib is not None:
-            if budget_mib <= 0:
-                raise BudgetError(f"budget_mib must be positive (got {budget_mib})")
+            if isinstance(budget_mib, bool) or not isinstance(budget_mib, (int, float)) or not budget_mib > 0:
+                raise BudgetError(f"budget_mib must be a positive number of MiB (got {budget_mib!r})")
             budget = int(budget_mib * 2**20 // self.kv_bytes_per_cell)
+            if budget < 1:
+                raise BudgetError(f"budget_mib={budget_mib} holds no token ({self.kv_bytes_per_cell} bytes each)")
         if budget is None:
             raise BudgetError("give a budget in tokens (budget) or in MiB of KV memory (budget_mib)")
+        sizes = {"budget": budget, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window,
+                 "n_batch": n_batch, "max_context": max_context, "compact_at": compact_at}
+        for name, value in sizes.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise BudgetError(f"{name} must be a whole number of tokens (got {value!r})")
         if n_sink < 0 or n_recent < 1:
             raise BudgetError(f"n_sink must be >= 0 and n_recent >= 1 (got {n_sink}, {n_recent})")
         if buffer < 1 or window < 1 or n_batch < 1:
             raise BudgetError(f"buffer, window and n_batch must be positive (got {buffer}, {window}, {n_batch})")
+        if budget is not None and budget < 1:
+            raise BudgetError(f"budget must be a positive number of tokens (got {budget})")
+        if max_context is not None and max_context < 1:
+            raise BudgetError(f"max_context must be a positive number of tokens (got {max_context})")
         if self.policy.evicts and budget < n_sink + n_recent + 1:
             raise BudgetError(
                 f"a budget of {budget} tokens cannot hold the {n_sink} sink and {n_recent} recent tokens that are "
                 f"never evicted plus at least one other: use a budget of at least {n_sink + n_recent + 1}, or fewer "
                 f"sinks (n_sink) or recent tokens (n_recent)"
+            )
+        # before any memory is allocated: a budget past the positions the model knows is refused
+        self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
+        if self.policy.evicts and self.compact_at <= budget + buffer:
+            raise BudgetError(
+                f"budget + buffer ({budget} + {buffer} = {budget + buffer} tokens) must be below "
+                + (f"compact_at ({self.compact_at})" if compact_at is not None else
+                   f"the model's trained context ({self.compact_at} tokens): use a smaller budget")
             )
         self.budget = budget
         self.buffer = buffer
@@ -187,9 +206,6 @@ class Engine:
         )
         self.n_threads = self.ctx.n_threads
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
-        self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
-        if self.policy.evicts and self.compact_at <= self.capacity:
-            raise BudgetError(f"compact_at ({self.compact_at}) must exceed budget + buffer ({self.capacity})")
         self.compactions = 0
         self.rng = np.random.default_rng(seed)
 

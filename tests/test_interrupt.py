@@ -102,7 +102,7 @@ class _Reader(threading.Thread):
         end = time.monotonic() + timeout
         while not what():
             assert time.monotonic() < end, f"timed out waiting for {why}: {self.data[-3000:]!r}"
-            time.sleep(0.05)
+            time.sleep(0.01)
 
 
 def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation():
@@ -121,7 +121,7 @@ def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation():
             n0 = len(out.data)
             proc.stdin.write(f"Tell me a very long story about a dragon number {r + 1}.\n".encode())
             proc.stdin.flush()
-            out.wait_for(lambda n0=n0: len(out.data) >= n0 + 60, 180, "the answer to stream")
+            out.wait_for(lambda n0=n0: len(out.data) >= n0 + 8, 180, "the answer to stream")
             proc.send_signal(signal.SIGINT)
             err.wait_for(lambda r=r: err.data.count(b"[stopped]") == r + 1, 60, "[stopped]")
             err.wait_for(lambda r=r: err.data.count(b"tokens of history reused]") == r + 1, 60, "the summary")
