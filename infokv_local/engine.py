@@ -28,6 +28,7 @@ from .interrupts import sigint_deferred
 from .model import Model
 from .policies import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
 from .sampling import Sampler, SamplingParams
+from .selection import drop_order, evictable_span, keep_count
 from .signals import Signals
 
 HISTORY_STEPS = 4096  # engine steps kept in EngineTotals.history (the most recent ones)
@@ -436,20 +437,15 @@ class Engine:
     def _compress(self, target: int) -> tuple[list[int], float, float]:
         t0 = time.perf_counter()
         cells, pos = self.ctx.cell_map()
-        n = len(cells)
-        lo, hi = self._evictable_span(n)
+        lo, hi, n_keep = keep_count(len(cells), target, self.n_sink, self.n_recent, self.policy.n_keep)
         ev_cells = cells[lo:hi]
-        n_protected = n - len(ev_cells)
-        keep_target = max(target - n_protected, 0)
-        n_keep = int(np.clip(self.policy.n_keep(len(ev_cells), keep_target), 0, keep_target))
         if n_keep >= len(ev_cells):
             return [], 0.0, 0.0
         inp = self._score_input(ev_cells, pos[lo:hi], n_keep)
         scores = np.asarray(self.policy.score(inp), dtype=np.float64)
         if scores.shape != (len(ev_cells),):
             raise ValueError(f"policy {self.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
-        order = np.argsort(-scores, kind="stable")
-        drop = np.sort(order[n_keep:])
+        drop = drop_order(scores, n_keep)
         t1 = time.perf_counter()
         drop_cells = ev_cells[drop]
         self.ctx.remove_cells(drop_cells)
@@ -459,8 +455,7 @@ class Engine:
 
     def _evictable_span(self, n: int) -> tuple[int, int]:
         """[lo, hi) of the n cached tokens (in position order) that may be evicted: all but sinks and recent."""
-        lo = min(self.n_sink, n)
-        return lo, max(n - self.n_recent, lo)
+        return evictable_span(n, self.n_sink, self.n_recent)
 
     def _compact_positions(self) -> None:
         """Renumber the cached tokens 0..n-1 (llama.cpp's K-shift, in :meth:`StatsContext.compact_positions`)."""
