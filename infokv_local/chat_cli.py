@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from .cli_options import kv_summary, open_llm, sampling_kwargs
+from .interrupts import sigint_deferred
 
 COMMANDS = "/reset starts over, /stats shows the cache, /exit (or Ctrl-D) quits; Ctrl-C stops an answer"
 
@@ -50,8 +51,12 @@ def run_chat(args: argparse.Namespace) -> None:
                     usage = chunk.get("usage", usage)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr)
-            print()
-            messages.append({"role": "assistant", "content": "".join(reply)})
-            kv = usage["kv"] if usage else llm.kv_stats()
-            print(f"[{kv_summary(kv)}; {kv['reused_tokens'] if usage else 0} tokens of history reused]",
-                  file=sys.stderr)
+            try:  # the turn is recorded whatever happens; a Ctrl-C now only cuts the summary short
+                with sigint_deferred():
+                    messages.append({"role": "assistant", "content": "".join(reply)})
+                print()
+                kv = usage["kv"] if usage else llm.kv_stats()
+                print(f"[{kv_summary(kv)}; {kv['reused_tokens'] if usage else 0} tokens of history reused]",
+                      file=sys.stderr)
+            except KeyboardInterrupt:
+                print(file=sys.stderr)

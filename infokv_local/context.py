@@ -15,16 +15,14 @@ from llama_cpp import llama_cpp as llama
 
 from . import kernels, native
 from .cache_types import check_cache_type
-from .errors import DecodeError, UnsupportedArchitectureError
+from .errors import CacheFull, DecodeError, UnsupportedArchitectureError
 from .model import Model
 from .signals import Signals
 from .threads import resolve_threads
 
 SEQ = 0  # one sequence per context
 
-
-class CacheFull(Exception):
-    """llama_decode found no free cells for the batch (nothing was changed): evict and retry."""
+__all__ = ["SEQ", "CacheFull", "StatsContext"]  # CacheFull: declared in errors, re-exported
 
 
 class StatsContext:
@@ -160,6 +158,28 @@ class StatsContext:
         if n < 0:
             raise ValueError(f"cannot remove cells {arr.tolist()[:8]}...: out of range or not in the sequence")
         return int(n)
+
+    def compact_positions(self) -> int:
+        """Renumber the sequence's cells to positions 0..n-1, keeping their order; returns n.
+
+        One ``llama_memory_seq_add`` (llama.cpp's batched K-shift, which re-rotates the keys) per run
+        of positions with no hole between them. Raises :class:`UnsupportedArchitectureError` when
+        this model's cache cannot shift positions.
+        """
+        mem = llama.llama_get_memory(self.ptr)
+        if not llama.llama_memory_can_shift(mem):
+            raise UnsupportedArchitectureError(
+                f"{self.model.path.name}: positions must be renumbered (they reached the model's trained context) "
+                f"but this model's cache cannot shift positions"
+            )
+        _, pos = self.cell_map()
+        delta = np.arange(len(pos)) - pos
+        starts = np.r_[0, np.flatnonzero(np.diff(delta)) + 1] if len(pos) else np.empty(0, dtype=np.int64)
+        ends = np.r_[starts[1:], len(pos)]
+        for s, e in zip(starts, ends, strict=True):
+            if delta[s]:
+                llama.llama_memory_seq_add(mem, SEQ, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
+        return len(pos)
 
     def clear(self) -> None:
         llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)

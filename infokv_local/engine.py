@@ -13,34 +13,34 @@ tokens, then compresses it back to ``budget`` (the saw-tooth).
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from llama_cpp import llama_cpp as llama
 
 from .cache_types import check_cache_type, is_quantized, row_bytes
 from .context import StatsContext
-from .errors import InfoKVError
+from .errors import BudgetError, CacheFull, CacheSettingsError, ContextFullError, EmptyPromptError
+from .interrupts import sigint_deferred
 from .model import Model
 from .policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
 from .sampling import Sampler, SamplingParams
+from .selection import drop_order, evictable_span, keep_count
 from .signals import Signals
 
-
-class BudgetError(InfoKVError, ValueError):
-    """The budget cannot hold the protected tokens (sinks plus recent window) and anything else."""
-
-
-class ContextFullError(InfoKVError, ValueError):
-    """A policy that does not evict (``full``) ran out of context; nothing was changed."""
+HISTORY_STEPS = 4096  # engine steps kept in EngineTotals.history (the most recent ones)
 
 
 @dataclass
 class StepStats:
-    """What one engine call did (one prompt chunk or one decoded token)."""
+    """What one engine call did (one prompt chunk or one decoded token).
+
+    ``first_token`` is how many tokens the engine had read before this step (since the last reset).
+    """
 
     step: int
     n_tokens: int
@@ -53,6 +53,7 @@ class StepStats:
     score_s: float
     evict_s: float
     decode_s: float
+    first_token: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,6 +62,14 @@ class StepStats:
 
 @dataclass
 class EngineTotals:
+    """Counters since the last reset, and the most recent steps.
+
+    ``history`` keeps the last :data:`HISTORY_STEPS` steps (a long conversation must not grow
+    memory without bound); ``max_used_cells`` and :meth:`max_used_since` stay exact over every
+    step, through a stack of the decreasing suffix maxima of the cells in use, which never holds
+    more entries than there are distinct cell counts (at most the capacity).
+    """
+
     steps: int = 0
     tokens: int = 0
     evictions: int = 0
@@ -69,7 +78,39 @@ class EngineTotals:
     score_s: float = 0.0
     evict_s: float = 0.0
     decode_s: float = 0.0
-    history: list[StepStats] = field(default_factory=list)
+    history: deque[StepStats] = field(default_factory=lambda: deque(maxlen=HISTORY_STEPS))
+    _peaks: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (step, used), used decreasing
+
+    def record(self, st: StepStats) -> None:
+        """Count one step (``st.step`` must be :attr:`steps`)."""
+        self.steps += 1
+        self.tokens += st.n_tokens
+        self.evictions += bool(st.evicted)
+        self.evicted_tokens += st.evicted
+        self.max_used_cells = max(self.max_used_cells, st.used_cells)
+        self.score_s += st.score_s
+        self.evict_s += st.evict_s
+        self.decode_s += st.decode_s
+        self.history.append(st)
+        peaks = self._peaks
+        while peaks and peaks[-1][1] <= st.used_cells:
+            peaks.pop()
+        peaks.append((st.step, st.used_cells))
+
+    def max_used_since(self, step: int) -> int:
+        """The most cells in use after any step numbered ``step`` or later (0 if there is none)."""
+        i = bisect.bisect_left(self._peaks, (step, -1))
+        return self._peaks[i][1] if i < len(self._peaks) else 0
+
+    def cell_history(self) -> list[tuple[int, int]]:
+        """(tokens read so far, cells in use) before and after each step kept in :attr:`history`:
+        the saw-tooth of grow-and-compress (a compression shows as a drop just before its step's tokens)."""
+        points: list[tuple[int, int]] = []
+        for s in self.history:
+            if s.evicted:
+                points.append((s.first_token, s.used_cells - s.n_tokens))
+            points.append((s.first_token + s.n_tokens, s.used_cells))
+        return points
 
 
 class Engine:
@@ -122,20 +163,39 @@ class Engine:
         self.cache_type_v = check_cache_type(cache_type_v, "cache_type_v")
         self.kv_bytes_per_cell = kv_bytes_per_token(model, self.cache_type_k, self.cache_type_v)
         if budget_mib is not None:
-            if budget_mib <= 0:
-                raise BudgetError(f"budget_mib must be positive (got {budget_mib})")
+            if isinstance(budget_mib, bool) or not isinstance(budget_mib, (int, float)) or not budget_mib > 0:
+                raise BudgetError(f"budget_mib must be a positive number of MiB (got {budget_mib!r})")
             budget = int(budget_mib * 2**20 // self.kv_bytes_per_cell)
+            if budget < 1:
+                raise BudgetError(f"budget_mib={budget_mib} holds no token ({self.kv_bytes_per_cell} bytes each)")
         if budget is None:
             raise BudgetError("give a budget in tokens (budget) or in MiB of KV memory (budget_mib)")
+        sizes = {"budget": budget, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window,
+                 "n_batch": n_batch, "max_context": max_context, "compact_at": compact_at}
+        for name, value in sizes.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise BudgetError(f"{name} must be a whole number of tokens (got {value!r})")
         if n_sink < 0 or n_recent < 1:
             raise BudgetError(f"n_sink must be >= 0 and n_recent >= 1 (got {n_sink}, {n_recent})")
         if buffer < 1 or window < 1 or n_batch < 1:
             raise BudgetError(f"buffer, window and n_batch must be positive (got {buffer}, {window}, {n_batch})")
+        if budget is not None and budget < 1:
+            raise BudgetError(f"budget must be a positive number of tokens (got {budget})")
+        if max_context is not None and max_context < 1:
+            raise BudgetError(f"max_context must be a positive number of tokens (got {max_context})")
         if self.policy.evicts and budget < n_sink + n_recent + 1:
             raise BudgetError(
                 f"a budget of {budget} tokens cannot hold the {n_sink} sink and {n_recent} recent tokens that are "
                 f"never evicted plus at least one other: use a budget of at least {n_sink + n_recent + 1}, or fewer "
                 f"sinks (n_sink) or recent tokens (n_recent)"
+            )
+        # before any memory is allocated: a budget past the positions the model knows is refused
+        self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
+        if self.policy.evicts and self.compact_at <= budget + buffer:
+            raise BudgetError(
+                f"budget + buffer ({budget} + {buffer} = {budget + buffer} tokens) must be below "
+                + (f"compact_at ({self.compact_at})" if compact_at is not None else
+                   f"the model's trained context ({self.compact_at} tokens): use a smaller budget")
             )
         self.budget = budget
         self.buffer = buffer
@@ -154,11 +214,11 @@ class Engine:
         self.needs_outputs = bool(needs & {ENTROPY, LAYER_DIST})
         all_rows = ATTENTION_ALL_ROWS in needs
         if all_rows and flash_attn:
-            raise InfoKVError(f"policy {self.policy.name!r} needs the attention of every query row, which exists only "
-                              f"with flash attention off: leave flash_attn unset or False")
+            raise CacheSettingsError(f"policy {self.policy.name!r} needs the attention of every query row, which "
+                                     f"exists only with flash attention off: leave flash_attn unset or False")
         if is_quantized(self.cache_type_v):
             if all_rows or flash_attn is False:
-                raise InfoKVError(
+                raise CacheSettingsError(
                     f"a quantized V cache ({self.cache_type_v}) needs flash attention, and "
                     + (f"policy {self.policy.name!r} needs it off (the attention of every query row)" if all_rows
                        else "flash_attn is False") + ": use cache_type_v='f16' or another policy")
@@ -175,9 +235,6 @@ class Engine:
         self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
         self.n_threads = self.ctx.n_threads
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
-        self.compact_at = compact_at if compact_at is not None else model.info.n_ctx_train
-        if self.policy.evicts and self.compact_at <= self.capacity:
-            raise BudgetError(f"compact_at ({self.compact_at}) must exceed budget + buffer ({self.capacity})")
         self.compactions = 0
         self.rng = np.random.default_rng(seed)
 
@@ -210,6 +267,10 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the sequence (the cache is cleared, statistics restart)."""
+        with sigint_deferred():
+            self._reset()
+
+    def _reset(self) -> None:
         self.ctx.clear()
         for a in (self._attn_acc, self._attn_current, self._ring, self._ldist):
             a.fill(0)
@@ -269,20 +330,25 @@ class Engine:
         """
         if not 0 <= n_tokens <= len(self.tokens):
             raise ValueError(f"cannot truncate {len(self.tokens)} tokens to {n_tokens}")
-        if self._pending is not None and n_tokens < len(self.tokens):
-            self.tokens.pop()
-            self._pending = None
-        k = len(self.tokens) - n_tokens
-        if k == 0:
-            return True
-        cells, _ = self.ctx.cell_map()
-        tail = cells[self._cell_token[cells] >= n_tokens]
-        if len(tail) != k:
-            return False
-        self.ctx.remove_cells(tail)
-        self._forget(tail)
-        del self.tokens[n_tokens:]
-        self.n_past -= k
+        # decide first (nothing changes on False), then change
+        drop_pending = self._pending is not None and n_tokens < len(self.tokens)
+        n_decoded = len(self.tokens) - (self._pending is not None)
+        k = max(n_decoded - n_tokens, 0)
+        tail = np.empty(0, dtype=np.int32)
+        if k:
+            cells, _ = self.ctx.cell_map()
+            tail = cells[self._cell_token[cells] >= n_tokens]
+            if len(tail) != k:
+                return False
+        with sigint_deferred():
+            if drop_pending:
+                self.tokens.pop()
+                self._pending = None
+            if k:
+                self.ctx.remove_cells(tail)
+                self._forget(tail)
+                del self.tokens[n_tokens:]
+                self.n_past -= k
         return True
 
     # ---- feeding tokens --------------------------------------------------------------------
@@ -315,7 +381,7 @@ class Engine:
             if prompt:
                 self.prefill(prompt)
             elif not self.tokens:
-                raise ValueError("nothing to continue from: give a prompt")
+                raise EmptyPromptError("nothing to continue from: the prompt is empty and no sequence is cached")
             else:
                 self._flush_pending()
             # the repetition penalties see the recent sequence, prompt included
@@ -338,12 +404,29 @@ class Engine:
     # ---- internals -------------------------------------------------------------------------
     def _flush_pending(self) -> None:
         """Decode the token sampled last, which generate() leaves undecoded until the sequence goes on."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        pending = self._pending
+        if pending is None:
+            return
+        with sigint_deferred():
+            self._pending = None
             self.tokens.pop()
-            self._decode([pending], all_outputs=self.needs_outputs)
+            try:
+                self._decode([pending], all_outputs=self.needs_outputs)
+            except (ContextFullError, CacheFull):  # nothing was decoded: it stays pending
+                self.tokens.append(pending)
+                self._pending = pending
+                raise
 
     def _decode(self, part: list[int], all_outputs: bool) -> None:
+        """Decode one chunk, evicting first if needed: all or nothing for the engine's bookkeeping.
+
+        SIGINT is held back until llama.cpp's cache and the engine's records agree again
+        (:func:`~infokv_local.interrupts.sigint_deferred`); an error before llama_decode changes nothing.
+        """
+        with sigint_deferred():
+            self._decode_step(part, all_outputs)
+
+    def _decode_step(self, part: list[int], all_outputs: bool) -> None:
         self._flush_pending()
         if not self.policy.evicts and self.ctx.n_used + len(part) > self.capacity:
             raise ContextFullError(
@@ -365,17 +448,9 @@ class Engine:
             step=self.totals.steps, n_tokens=len(part), used_cells=used, budget=self.budget,
             capacity=self.capacity, kv_bytes=used * self.kv_bytes_per_cell, evicted=len(evicted),
             evicted_positions=evicted, score_s=score_s, evict_s=evict_s, decode_s=decode_s,
+            first_token=self.totals.tokens,
         )
-        t = self.totals
-        t.steps += 1
-        t.tokens += len(part)
-        t.evictions += bool(evicted)
-        t.evicted_tokens += len(evicted)
-        t.max_used_cells = max(t.max_used_cells, used)
-        t.score_s += score_s
-        t.evict_s += evict_s
-        t.decode_s += decode_s
-        t.history.append(st)
+        self.totals.record(st)
         if self.check_invariants:
             self._check(sig)
 
@@ -390,20 +465,15 @@ class Engine:
     def _compress(self, target: int) -> tuple[list[int], float, float]:
         t0 = time.perf_counter()
         cells, pos = self.ctx.cell_map()
-        n = len(cells)
-        lo, hi = self._evictable_span(n)
+        lo, hi, n_keep = keep_count(len(cells), target, self.n_sink, self.n_recent, self.policy.n_keep)
         ev_cells = cells[lo:hi]
-        n_protected = n - len(ev_cells)
-        keep_target = max(target - n_protected, 0)
-        n_keep = int(np.clip(self.policy.n_keep(len(ev_cells), keep_target), 0, keep_target))
         if n_keep >= len(ev_cells):
             return [], 0.0, 0.0
         inp = self._score_input(ev_cells, pos[lo:hi], n_keep)
         scores = np.asarray(self.policy.score(inp), dtype=np.float64)
         if scores.shape != (len(ev_cells),):
             raise ValueError(f"policy {self.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
-        order = np.argsort(-scores, kind="stable")
-        drop = np.sort(order[n_keep:])
+        drop = drop_order(scores, n_keep)
         t1 = time.perf_counter()
         drop_cells = ev_cells[drop]
         self.ctx.remove_cells(drop_cells)
@@ -413,22 +483,11 @@ class Engine:
 
     def _evictable_span(self, n: int) -> tuple[int, int]:
         """[lo, hi) of the n cached tokens (in position order) that may be evicted: all but sinks and recent."""
-        lo = min(self.n_sink, n)
-        return lo, max(n - self.n_recent, lo)
+        return evictable_span(n, self.n_sink, self.n_recent)
 
     def _compact_positions(self) -> None:
-        """Renumber the cached tokens 0..n-1, one ``seq_add`` per run of tokens with no hole between them."""
-        mem = llama.llama_get_memory(self.ctx.ptr)
-        if not llama.llama_memory_can_shift(mem):
-            raise InfoKVError("positions reached compact_at but this model's cache cannot shift positions")
-        cells, pos = self.ctx.cell_map()
-        delta = np.arange(len(pos)) - pos
-        starts = np.r_[0, np.flatnonzero(np.diff(delta)) + 1]
-        ends = np.r_[starts[1:], len(pos)]
-        for s, e in zip(starts, ends, strict=True):
-            if delta[s]:
-                llama.llama_memory_seq_add(mem, 0, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
-        self.n_past = len(pos)
+        """Renumber the cached tokens 0..n-1 (llama.cpp's K-shift, in :meth:`StatsContext.compact_positions`)."""
+        self.n_past = self.ctx.compact_positions()
         self.compactions += 1
 
     def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int) -> ScoreInput:

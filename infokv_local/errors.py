@@ -1,4 +1,9 @@
-"""Errors raised by infokv-local, each with a message that tells the user what to do."""
+"""Every error infokv-local raises on purpose: one hierarchy under :class:`InfoKVError`.
+
+Each message tells the user what is wrong and what to do. The errors that describe bad arguments
+are also :class:`ValueError` (so ``except ValueError`` keeps working for them). They are declared
+here only; :mod:`infokv_local.engine` and :mod:`infokv_local.context` re-export the ones they raise.
+"""
 
 
 class InfoKVError(Exception):
@@ -6,7 +11,8 @@ class InfoKVError(Exception):
 
 
 class UnpatchedLibraryError(InfoKVError):
-    """The llama.cpp library loaded by llama-cpp-python lacks the infokv patches."""
+    """The native parts are missing or stale: the llama.cpp library lacks the infokv patches, or the
+    kernels (``infokv_local._kernels``) are not built."""
 
 
 class ModelFileError(InfoKVError):
@@ -19,3 +25,40 @@ class UnsupportedArchitectureError(InfoKVError):
 
 class DecodeError(InfoKVError):
     """llama_decode failed for a reason other than a full cache."""
+
+
+class CacheFull(InfoKVError):
+    """llama_decode found no free cells for the batch (nothing was changed): evict and retry."""
+
+
+class BudgetError(InfoKVError, ValueError):
+    """A size is invalid: the budget cannot hold the protected tokens (sinks plus recent window) and
+    anything else, or a budget, buffer, window or batch size is zero or negative."""
+
+
+class ContextFullError(InfoKVError, ValueError):
+    """A policy that does not evict (``full``) ran out of context; nothing was changed."""
+
+
+class PolicyError(InfoKVError, ValueError):
+    """An unknown policy name, or a parameter the policy does not have or cannot take."""
+
+
+class CacheSettingsError(InfoKVError, ValueError):
+    """An unknown KV-cache data type, or a flash-attention setting the policy or the cache type rules
+    out (H2O needs flash attention off; a quantized V cache needs it on)."""
+
+
+class EmptyPromptError(InfoKVError, ValueError):
+    """Nothing to generate from: the prompt is empty and no sequence is cached."""
+
+
+class InvalidTextError(InfoKVError, ValueError):
+    """Text that cannot be turned into tokens (e.g. lone surrogates that stand for no bytes)."""
+
+
+__all__ = [
+    "BudgetError", "CacheFull", "CacheSettingsError", "ContextFullError", "DecodeError", "EmptyPromptError",
+    "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "UnpatchedLibraryError",
+    "UnsupportedArchitectureError",
+]

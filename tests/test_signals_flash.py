@@ -8,7 +8,7 @@ import pytest
 
 from infokv_local.context import StatsContext
 from infokv_local.engine import Engine
-from infokv_local.errors import InfoKVError
+from infokv_local.errors import CacheSettingsError, InfoKVError
 
 
 def _run(model, tokens, flash_attn, attn_all_rows, w=8):
@@ -61,7 +61,7 @@ def test_policies_choose_flash_attention(model):
         assert e.flash_attn == "off"  # the CPU default, measured faster here
     with Engine(model, "h2o", budget=64, buffer=16) as e:
         assert e.flash_attn == "off"
-    with pytest.raises(InfoKVError, match="every query row"):
+    with pytest.raises(CacheSettingsError, match="every query row"):
         Engine(model, "h2o", budget=64, buffer=16, flash_attn=True)
 
 
@@ -91,5 +91,5 @@ def test_quantized_cache_refusals(model):
         Engine(model, "h2o", budget=64, buffer=16, cache_type_v="q8_0")
     with pytest.raises(InfoKVError, match="quantized V cache"):
         Engine(model, "infokv", budget=64, buffer=16, cache_type_v="q4_0", flash_attn=False)
-    with pytest.raises(ValueError, match="cache_type_k 'q3_k' is not"):
+    with pytest.raises(CacheSettingsError, match="cache_type_k 'q3_k' is not"):
         Engine(model, "infokv", budget=64, buffer=16, cache_type_k="q3_k")

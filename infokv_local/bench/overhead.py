@@ -52,7 +52,8 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
     buf = (llama.llama_token * (len(raw) + 8))()
     n = llama.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
     tokens = list(buf[:n])[: n_prompt + n_gen]
-    assert len(tokens) == n_prompt + n_gen
+    if len(tokens) != n_prompt + n_gen:
+        raise RuntimeError(f"the benchmark text gave {len(tokens)} tokens, {n_prompt + n_gen} needed")
 
     if cfg == "signals":
         from infokv_local.context import StatsContext
@@ -85,7 +86,8 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
             from infokv_local import native
 
             native.require_patched()
-            assert native.lib.llama_infokv_set_stats(ctx_ptr, True, 32, True) == 0
+            if native.lib.llama_infokv_set_stats(ctx_ptr, True, 32, True) != 0:  # not an assert: gone under -O
+                raise RuntimeError("llama_infokv_set_stats failed")
         elif cfg == "patched_off":
             from infokv_local import native
 
@@ -101,7 +103,9 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = all_outputs or i == len(toks) - 1
             batch.n_tokens = len(toks)
-            assert llama.llama_decode(ctx_ptr, batch) == 0
+            rc = llama.llama_decode(ctx_ptr, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc}")
             llama.llama_synchronize(ctx_ptr)
 
         def run_prefill(all_outputs: bool) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import PolicyError
 from .base import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput
 from .context_shift import ContextShiftPolicy
 from .full import FullPolicy
@@ -30,22 +31,22 @@ def make_policy(spec: str | Policy, **params: Any) -> Policy:
     """
     if isinstance(spec, Policy):
         if params:
-            raise ValueError("parameters are given with a policy name, not with a policy object")
+            raise PolicyError("parameters are given with a policy name, not with a policy object")
         return spec
     name, _, rest = spec.partition(":")
     for item in filter(None, rest.replace("+", ",").split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"bad policy parameter {item!r} in {spec!r}: expected key=value")
+            raise PolicyError(f"bad policy parameter {item!r} in {spec!r}: expected key=value")
         params[key.strip()] = _parse_value(value.strip())
     try:
         cls = POLICIES[name.strip()]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+        raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
     try:
         return cls(**params)
     except TypeError as e:
-        raise ValueError(f"bad parameters for policy {name!r}: {e}") from None
+        raise PolicyError(f"bad parameters for policy {name!r}: {e}") from None
 
 
 def _parse_value(v: str) -> Any:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import PolicyError
 from .base import ATTENTION, ATTENTION_ALL_ROWS, Policy, ScoreInput, require
 
 
@@ -24,7 +25,7 @@ class H2OPolicy(Policy):
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in [0, 1] (got {self.recent_ratio})")
+            raise PolicyError(f"recent_ratio must be in [0, 1] (got {self.recent_ratio})")
 
     def score(self, inp: ScoreInput) -> np.ndarray:
         heavy = require(inp, "attn_acc").sum(axis=0).astype(np.float64)

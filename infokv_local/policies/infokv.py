@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import PolicyError
 from .base import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput, layer_normalised, require
 from .snapkv import pool1d
 
@@ -52,19 +53,19 @@ class InfoKVPolicy(Policy):
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (got {self.alpha})")
+            raise PolicyError(f"alpha must be in [0, 1] (got {self.alpha})")
         if self.tau < 0:
-            raise ValueError(f"tau must be >= 0 (got {self.tau})")
+            raise PolicyError(f"tau must be >= 0 (got {self.tau})")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, 0 meaning the full vocabulary (got {self.top_k})")
+            raise PolicyError(f"top_k must be >= 0, 0 meaning the full vocabulary (got {self.top_k})")
         if self.entropy not in ("produced", "at"):
-            raise ValueError(f"entropy must be 'produced' or 'at' (got {self.entropy!r})")
+            raise PolicyError(f"entropy must be 'produced' or 'at' (got {self.entropy!r})")
         if self.merge not in ("mean", "vote"):
-            raise ValueError(f"merge must be 'mean' or 'vote' (got {self.merge!r})")
+            raise PolicyError(f"merge must be 'mean' or 'vote' (got {self.merge!r})")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
+            raise PolicyError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
         if self.pooling not in ("max", "avg"):
-            raise ValueError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
+            raise PolicyError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
 
     @property
     def entropy_top_k(self) -> int | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..errors import PolicyError
 from .base import ATTENTION, Policy, ScoreInput, layer_normalised, require
 
 
@@ -37,9 +38,9 @@ class SnapKVPolicy(Policy):
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
+            raise PolicyError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
         if self.pooling not in ("max", "avg"):
-            raise ValueError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
+            raise PolicyError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
 
     def score(self, inp: ScoreInput) -> np.ndarray:
         window = layer_normalised(require(inp, "attn_window"))
