@@ -231,3 +231,28 @@ class StatsContext:
         if not ptr:
             return None
         return np.ctypeslib.as_array(ptr, shape=(nl.value, nt.value)).copy()
+
+    # ---- saving and restoring the sequence (parking a conversation) -----------------------------
+    def save_sequence(self) -> bytes:
+        """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``): every
+        cached token's position, K and V, holes left by eviction included. Logits are not saved."""
+        size = llama.llama_state_seq_get_size(self.ptr, SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
+        if n != size:
+            raise DecodeError(f"llama_state_seq_get_data wrote {n} bytes, {size} expected")
+        return ctypes.string_at(buf, n)
+
+    def load_sequence(self, data: bytes) -> None:
+        """Replace the sequence by one saved with :meth:`save_sequence` (``llama_state_seq_set_data``).
+
+        The tokens keep their positions (and the holes between them); llama.cpp puts them in free
+        cells of its choosing, so callers re-read :meth:`cell_map`. The last decode's logits are
+        not restored.
+        """
+        self.clear()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
+            self.clear()
+            raise DecodeError(f"llama.cpp could not restore a saved sequence of {len(data)} bytes into a context of "
+                              f"{self.n_cells} cells (saved from a different model or a larger context?)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
@@ -290,6 +290,7 @@ class Engine:
                 raise ValueError("nothing to continue from: give a prompt")
             else:
                 self._flush_pending()
+                self._refresh_logits()  # after restore(): the last token's logits were not saved
             # the repetition penalties see the recent sequence, prompt included
             for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
                 sampler.accept(t)
@@ -457,6 +458,93 @@ class Engine:
         if len(sig.cells) != used:
             raise AssertionError(f"cell map lists {len(sig.cells)} cells, llama.cpp counts {used}")
 
+    # ---- snapshots (parking a conversation, restoring it later without prefill) -------------------
+    def snapshot(self) -> EngineSnapshot:
+        """Everything needed to continue this sequence later in an engine of the same configuration:
+        the cached tokens' K/V and positions (llama.cpp's sequence state), the per-token signals the
+        policy scores with (stored in position order, since cell indices change on restore), the
+        tokens, ``n_past``, the totals and the random generator's state."""
+        cells, pos = self.ctx.cell_map()
+        return EngineSnapshot(
+            config=self._snapshot_config(),
+            sequence=self.ctx.save_sequence(),
+            positions=pos.copy(),
+            cell_token=self._cell_token[cells].copy(),
+            ent_prod=self._ent_prod[cells].copy(),
+            ent_at=self._ent_at[cells].copy(),
+            ldist=self._ldist[:, cells].copy(),
+            attn_acc=self._attn_acc[:, cells].copy(),
+            attn_current=self._attn_current[:, cells].copy(),
+            ring=self._ring[:, :, cells].copy(),
+            ring_next=self._ring_next,
+            ring_len=self._ring_len,
+            n_past=self.n_past,
+            tokens=list(self.tokens),
+            pending=self._pending,
+            totals=replace(self.totals, history=list(self.totals.history)),
+            compactions=self.compactions,
+            rng_state=self.rng.bit_generator.state,
+            last_entropy=self.ctx._last_entropy,
+        )
+
+    def restore(self, snap: EngineSnapshot) -> None:
+        """Continue from a :meth:`snapshot` (of this engine or another of the same configuration).
+
+        No token is decoded: the cells come back with their positions and holes, and the signals
+        are put on whichever cells llama.cpp chose. The last decode's logits are not part of the
+        state; if the next call brings no new token, the last token is decoded again first.
+        Raises ValueError (the engine is then empty) if the snapshot does not fit this engine.
+        """
+        if snap.config != self._snapshot_config():
+            raise ValueError(f"snapshot of an engine configured {snap.config}, this one is {self._snapshot_config()}")
+        self.reset()
+        try:
+            self.ctx.load_sequence(snap.sequence)
+            cells, pos = self.ctx.cell_map()
+            if not np.array_equal(pos, snap.positions):
+                raise ValueError("the restored sequence's positions differ from the snapshot's")
+        except BaseException:
+            self.reset()
+            raise
+        self._cell_token[cells] = snap.cell_token
+        self._ent_prod[cells] = snap.ent_prod
+        self._ent_at[cells] = snap.ent_at
+        self._ldist[:, cells] = snap.ldist
+        self._attn_acc[:, cells] = snap.attn_acc
+        self._attn_current[:, cells] = snap.attn_current
+        self._ring[:, :, cells] = snap.ring
+        self._ring_next, self._ring_len = snap.ring_next, snap.ring_len
+        self.n_past = snap.n_past
+        self.tokens = list(snap.tokens)
+        self._pending = snap.pending
+        self.totals = replace(snap.totals, history=list(snap.totals.history))
+        self.compactions = snap.compactions
+        self.rng.bit_generator.state = snap.rng_state
+        self.ctx._last_entropy = snap.last_entropy
+        self._restored_at_step = self.totals.steps  # logits are stale until the next decode
+
+    def _refresh_logits(self) -> None:
+        """After :meth:`restore`, before sampling with no new token: decode the last token again (its
+        logits were not saved)."""
+        if getattr(self, "_restored_at_step", None) != self.totals.steps or self._pending is not None:
+            return
+        self._restored_at_step = None
+        if not self.tokens:
+            return
+        cells, _ = self.ctx.cell_map()
+        last = cells[-1:]
+        if self._cell_token[last[0]] != len(self.tokens) - 1:
+            raise InfoKVError("the last token of a restored sequence is not cached")
+        self.ctx.remove_cells(last)
+        self._forget(last)
+        tok = self.tokens.pop()
+        self.n_past -= 1
+        self._decode([tok], all_outputs=self.needs_outputs)
+
+    def _snapshot_config(self) -> tuple[object, ...]:
+        return (str(self.model.path), self.policy.name, repr(self.policy), self.budget, self.buffer, self.n_sink,
+                self.n_recent, self.window, self.capacity)
+
 
 def kv_bytes_per_token(model: Model) -> int:
     """Bytes one cached token takes across all layers (K and V, F16 cache)."""
@@ -464,3 +552,35 @@ def kv_bytes_per_token(model: Model) -> int:
     head_k = model.meta_int(f"{info.arch}.attention.key_length") or info.n_embd // info.n_head
     head_v = model.meta_int(f"{info.arch}.attention.value_length") or info.n_embd // info.n_head
     return info.n_layer * info.n_head_kv * (head_k + head_v) * 2
+
+
+@dataclass
+class EngineSnapshot:
+    """A parked sequence (see :meth:`Engine.snapshot`); per-token arrays are in position order."""
+
+    config: tuple[object, ...]
+    sequence: bytes
+    positions: np.ndarray
+    cell_token: np.ndarray
+    ent_prod: np.ndarray
+    ent_at: np.ndarray
+    ldist: np.ndarray
+    attn_acc: np.ndarray
+    attn_current: np.ndarray
+    ring: np.ndarray
+    ring_next: int
+    ring_len: int
+    n_past: int
+    tokens: list[int]
+    pending: int | None
+    totals: EngineTotals
+    compactions: int
+    rng_state: dict[str, object]
+    last_entropy: float
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this snapshot holds in RAM (the sequence state and the signal arrays)."""
+        arrays = (self.positions, self.cell_token, self.ent_prod, self.ent_at, self.ldist, self.attn_acc,
+                  self.attn_current, self.ring)
+        return len(self.sequence) + sum(a.nbytes for a in arrays) + 8 * len(self.tokens)
