@@ -468,6 +468,7 @@ class Engine:
         return EngineSnapshot(
             config=self._snapshot_config(),
             sequence=self.ctx.save_sequence(),
+            cells=np.sort(cells),
             positions=pos.copy(),
             cell_token=self._cell_token[cells].copy(),
             ent_prod=self._ent_prod[cells].copy(),
@@ -490,8 +491,9 @@ class Engine:
     def restore(self, snap: EngineSnapshot) -> None:
         """Continue from a :meth:`snapshot` (of this engine or another of the same configuration).
 
-        No token is decoded: the cells come back with their positions and holes, and the signals
-        are put on whichever cells llama.cpp chose. The last decode's logits are not part of the
+        No token is decoded: the cells come back at their old indices with their positions and
+        holes (:meth:`StatsContext.load_sequence`), so the continuation is the one the engine would
+        have produced without the snapshot. The last decode's logits are not part of the
         state; if the next call brings no new token, the last token is decoded again first.
         Raises ValueError (the engine is then empty) if the snapshot does not fit this engine.
         """
@@ -499,7 +501,7 @@ class Engine:
             raise ValueError(f"snapshot of an engine configured {snap.config}, this one is {self._snapshot_config()}")
         self.reset()
         try:
-            self.ctx.load_sequence(snap.sequence)
+            self.ctx.load_sequence(snap.sequence, snap.cells)
             cells, pos = self.ctx.cell_map()
             if not np.array_equal(pos, snap.positions):
                 raise ValueError("the restored sequence's positions differ from the snapshot's")
@@ -560,6 +562,7 @@ class EngineSnapshot:
 
     config: tuple[object, ...]
     sequence: bytes
+    cells: np.ndarray  # the cells the sequence occupied, ascending (restored at the same indices)
     positions: np.ndarray
     cell_token: np.ndarray
     ent_prod: np.ndarray
