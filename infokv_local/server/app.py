@@ -236,6 +236,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             async def events() -> AsyncIterator[str]:
                 usage = None
                 key: str | None = None
+                done = False
                 try:
                     async for chunk in worker.chunks():
                         chunk = decorate(chunk)
@@ -244,20 +245,19 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                         elif include_usage:
                             chunk["usage"] = None
                         yield f"data: {json.dumps(chunk)}\n\n"
-                        if await request.is_disconnected():
-                            metrics.cancelled += 1
-                            key = prompt_key
-                            return
                     key = prompt_key
                     if include_usage and usage is not None:
                         last = {"id": chunk["id"], "object": chunk["object"], "created": chunk["created"],
                                 "model": settings.model_id, "choices": [], "usage": usage}
                         yield f"data: {json.dumps(last)}\n\n"
                     yield "data: [DONE]\n\n"
+                    done = True
                 except Exception as e:  # noqa: BLE001 (reported in the stream: the headers are gone)
                     err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                 finally:
+                    if not done:  # the client went away (seen here, or the response task was cancelled)
+                        metrics.cancelled += 1
                     await finish(key, usage)
 
             metrics.request(endpoint, 200)
