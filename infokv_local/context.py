@@ -265,6 +265,18 @@ class StatsContext:
         if placeholders is not None and len(placeholders):
             self.remove_cells(placeholders)
 
+    def set_last_logits(self, logits: np.ndarray) -> bool:
+        """Overwrite the last output row's logits (what sampling reads next) with ``logits``, e.g. a
+        restored sequence's. Returns False, changing nothing, when the context has no output row yet."""
+        ptr = llama.llama_get_logits_ith(self.ptr, -1)
+        if not ptr:
+            return False
+        row = np.ascontiguousarray(logits, dtype=np.float32)
+        if row.shape != (self.n_vocab,):
+            raise ValueError(f"logits of shape {row.shape}, expected ({self.n_vocab},)")
+        ctypes.memmove(ptr, row.ctypes.data, row.nbytes)
+        return True
+
 
 def _with_placeholders(data: bytes, cells: np.ndarray, n_cells: int) -> tuple[bytes, np.ndarray | None]:
     """The saved sequence ``data`` (llama.cpp's layout: a magic and the sequence id, the stream count, the

@@ -486,6 +486,7 @@ class Engine:
             compactions=self.compactions,
             rng_state=self.rng.bit_generator.state,
             last_entropy=self.ctx._last_entropy,
+            logits=self.ctx.logits(-1) if self.tokens and self._pending is None else None,
         )
 
     def restore(self, snap: EngineSnapshot) -> None:
@@ -493,8 +494,8 @@ class Engine:
 
         No token is decoded: the cells come back at their old indices with their positions and
         holes (:meth:`StatsContext.load_sequence`), so the continuation is the one the engine would
-        have produced without the snapshot. The last decode's logits are not part of the
-        state; if the next call brings no new token, the last token is decoded again first.
+        have produced without the snapshot. The last decode's logits come back too, for a call
+        that brings no new token.
         Raises ValueError (the engine is then empty) if the snapshot does not fit this engine.
         """
         if snap.config != self._snapshot_config():
@@ -524,15 +525,22 @@ class Engine:
         self.rng.bit_generator.state = snap.rng_state
         self.ctx._last_entropy = snap.last_entropy
         self._restored_at_step = self.totals.steps  # logits are stale until the next decode
+        self._restored_logits = snap.logits
 
     def _refresh_logits(self) -> None:
-        """After :meth:`restore`, before sampling with no new token: decode the last token again (its
-        logits were not saved)."""
+        """After :meth:`restore`, before sampling with no new token: the context's logits are another
+        sequence's; put the snapshot's back (or, in a context that never decoded, decode the last
+        token again)."""
         if getattr(self, "_restored_at_step", None) != self.totals.steps or self._pending is not None:
             return
         self._restored_at_step = None
         if not self.tokens:
             return
+        saved, self._restored_logits = getattr(self, "_restored_logits", None), None
+        if saved is not None and self.ctx.set_last_logits(saved):
+            return  # exact: sampling reads the saved logits
+        # a context that never decoded has no output row: decode the last token again (its signals
+        # are counted twice, so later evictions may differ slightly from an unparked run)
         cells, _ = self.ctx.cell_map()
         last = cells[-1:]
         if self._cell_token[last[0]] != len(self.tokens) - 1:
@@ -580,10 +588,12 @@ class EngineSnapshot:
     compactions: int
     rng_state: dict[str, object]
     last_entropy: float
+    logits: np.ndarray | None = None  # the last decode's logits, when the sequence goes on from them
 
     @property
     def nbytes(self) -> int:
         """Bytes this snapshot holds in RAM (the sequence state and the signal arrays)."""
         arrays = (self.positions, self.cell_token, self.ent_prod, self.ent_at, self.ldist, self.attn_acc,
                   self.attn_current, self.ring)
-        return len(self.sequence) + sum(a.nbytes for a in arrays) + 8 * len(self.tokens)
+        extra = self.logits.nbytes if self.logits is not None else 0
+        return len(self.sequence) + sum(a.nbytes for a in arrays) + 8 * len(self.tokens) + extra

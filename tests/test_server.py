@@ -192,6 +192,7 @@ def test_a_client_disconnect_cancels_the_generation_and_frees_the_slot(one_slot)
         assert time.monotonic() < deadline, view
         time.sleep(0.3)
     assert view["slots"][0]["kv"]["sequence_tokens"] < 1500
+    assert view["slots"][0]["conversation"] is not None  # the cut conversation can go on
     m = httpx.get(f"{one_slot}/metrics", headers=headers, timeout=30).text
     assert int(re.search(r"^infokv_cancelled_total (\d+)", m, re.M).group(1)) >= 1
     r2 = client(one_slot).completions.create(model=MODEL, prompt="Hello", max_tokens=2)
@@ -304,3 +305,33 @@ def test_concurrent_clients_stay_inside_slots_times_budget(model):
         m = httpx.get(f"{base}/metrics", timeout=30).text
         assert 'infokv_requests_total{endpoint="/v1/completions",status="200"} 4' in m
         assert "infokv_kv_cells_limit 128" in m and "infokv_completion_tokens_total " in m
+
+
+def test_engine_restore_continues_exactly_even_with_no_new_token(model, long_tokens):
+    """The snapshot/restore behind parking: a compressed sequence with holes, restored into another
+    engine, gives the same greedy tokens, including when it continues with no new token (the last
+    token's logits are not saved and are recomputed)."""
+    from infokv_local.engine import Engine
+
+    with Engine(model, "infokv", budget=BUDGET, buffer=BUFFER, n_threads=1) as a, \
+            Engine(model, "infokv", budget=BUDGET, buffer=BUFFER, n_threads=1) as b:
+        a.prefill(long_tokens[:300])
+        assert a.totals.evicted_tokens > 0
+        snap = a.snapshot()
+        b.prefill(long_tokens[500:520])  # something else first
+        b.restore(snap)
+        assert (b.ctx.cell_map()[0] == a.ctx.cell_map()[0]).all()  # the same cells, holes included
+        assert b.n_past == a.n_past and b.tokens == a.tokens
+        assert list(b.generate([], 24)) == list(a.generate([], 24))
+        with Engine(model, "h2o", budget=BUDGET, buffer=BUFFER, n_threads=1) as other:
+            with pytest.raises(ValueError, match="snapshot of an engine configured"):
+                other.restore(snap)
+
+
+def test_serve_refuses_bad_options_clearly():
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "serve", "--policy", "full"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "does not evict" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "serve", "--model", "/nonexistent/x.gguf"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Model file not found" in res.stderr

@@ -235,7 +235,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
         if req.stream:
             async def events() -> AsyncIterator[str]:
                 usage = None
-                key: str | None = None
+                key: str | None = prompt_key  # also after a disconnect: the cache is left consistent
                 done = False
                 try:
                     async for chunk in worker.chunks():
@@ -245,7 +245,6 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                         elif include_usage:
                             chunk["usage"] = None
                         yield f"data: {json.dumps(chunk)}\n\n"
-                    key = prompt_key
                     if include_usage and usage is not None:
                         last = {"id": chunk["id"], "object": chunk["object"], "created": chunk["created"],
                                 "model": settings.model_id, "choices": [], "usage": usage}
@@ -253,6 +252,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                     yield "data: [DONE]\n\n"
                     done = True
                 except Exception as e:  # noqa: BLE001 (reported in the stream: the headers are gone)
+                    key = None
                     err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                 finally:
@@ -265,7 +265,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         chunks: list[dict[str, Any]] = []
-        key = None
+        key: str | None = None
         usage = None
         try:
             n = 0
@@ -276,7 +276,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 if n % 8 == 0 and await request.is_disconnected():
                     metrics.cancelled += 1
                     break
-            key = prompt_key
+            key = prompt_key  # after a disconnect too: the cache is left consistent
         except (InfoKVError, ValueError) as e:
             raise APIError(400, str(e), code="invalid_value") from e
         finally:
