@@ -233,12 +233,30 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 await pool.release(slot, key)
 
         if req.stream:
+            stream = worker.chunks()
+            try:  # the prompt is read before the response starts: its errors get a status of their own
+                first: dict[str, Any] | None = await stream.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except (InfoKVError, ValueError) as e:
+                await finish(None, None)
+                raise APIError(400, str(e), code="invalid_value") from e
+            except BaseException:
+                await finish(None, None)
+                raise
+
+            async def rest() -> AsyncIterator[dict[str, Any]]:
+                if first is not None:
+                    yield first
+                    async for c in stream:
+                        yield c
+
             async def events() -> AsyncIterator[str]:
                 usage = None
                 key: str | None = prompt_key  # also after a disconnect: the cache is left consistent
                 done = False
                 try:
-                    async for chunk in worker.chunks():
+                    async for chunk in rest():
                         chunk = decorate(chunk)
                         if "usage" in chunk:
                             usage = chunk["usage"]
@@ -252,7 +270,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                     yield "data: [DONE]\n\n"
                     done = True
                 except Exception as e:  # noqa: BLE001 (reported in the stream: the headers are gone)
-                    key = None
+                    key, done = None, True
                     err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                 finally:
