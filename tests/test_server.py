@@ -335,3 +335,22 @@ def test_serve_refuses_bad_options_clearly():
     res = subprocess.run([sys.executable, "-m", "infokv_local", "serve", "--model", "/nonexistent/x.gguf"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Model file not found" in res.stderr
+
+
+def test_parking_store_is_bounded_least_recently_parked_first(model):
+    from infokv_local.server.slots import Parked, ParkingStore
+
+    with InfoKVLlama(model, policy="infokv", budget=BUDGET, buffer=BUFFER, n_threads=1) as llm:
+        states = []
+        for word in ("sea", "fox", "moon"):
+            llm.create_completion(f"A poem about the {word}:", max_tokens=4, temperature=0)
+            states.append(Parked(f"conv-{word}", f"A poem about the {word}:", llm.export_state()))
+    size = max(p.nbytes for p in states)
+    store = ParkingStore(max_bytes=int(2.5 * size))
+    for p in states:
+        assert store.put(p)
+    assert len(store) == 2 and store.dropped == 1 and store.nbytes <= store.max_bytes
+    assert store.take("A poem about the sea: and more") is None  # dropped first
+    got = store.take("A poem about the moon: the moon is")
+    assert got is not None and got.conversation == "conv-moon" and len(store) == 1
+    assert not ParkingStore(max_bytes=size // 2).put(states[0])  # larger than the whole store
