@@ -553,7 +553,8 @@ class Engine:
 
     def _snapshot_config(self) -> tuple[object, ...]:
         return (str(self.model.path), self.policy.name, repr(self.policy), self.budget, self.buffer, self.n_sink,
-                self.n_recent, self.window, self.capacity)
+                self.n_recent, self.window, self.capacity, getattr(self, "cache_type_k", "f16"),
+                getattr(self, "cache_type_v", "f16"), getattr(self, "flash_attn", "off"))
 
 
 def kv_bytes_per_token(model: Model) -> int:
