@@ -44,7 +44,7 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="after")
     def _stops(self) -> _Sampling:
-        if isinstance(self.stop, list) and any(not s for s in self.stop):
+        if self.stop == "" or (isinstance(self.stop, list) and any(not s for s in self.stop)):
             raise ValueError("stop sequences must not be empty")
         return self
 
