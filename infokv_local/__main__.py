@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   python -m infokv_local chat --budget 256 --system "You are concise."
   python -m infokv_local batch --input prompts.jsonl --output results.jsonl --budget 128
   python -m infokv_local models
+  python -m infokv_local serve --slots 2 --budget 1024 --port 8000
   python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25
 """
 
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     mo = sub.add_parser("models", help="where the default model is; list or fetch the benchmark models",
                         epilog="example: python -m infokv_local models --fetch qwen2.5-coder-1.5b")
     mo.add_argument("--fetch", metavar="NAME", help="download, join and verify a benchmark model")
+    from .server.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     tb = bsub.add_parser("table", help="one markdown table from fidelity JSON files (e.g. two budgets)",
                          epilog="example: python -m infokv_local bench table fidelity-25.json fidelity-12.json")
     tb.add_argument("json_files", nargs="+")
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args)
         elif args.command == "models":
             run_models(args)
+        elif args.command == "serve":
+            return args.func(args)
     except (InfoKVError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ import numpy as np
 from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 
-from .engine import ContextFullError, Engine, kv_bytes_per_token
+from .engine import ContextFullError, Engine, EngineSnapshot, kv_bytes_per_token
 from .model import Model, text_bytes
 from .policies import Policy
 from .sampling import SamplingParams
@@ -449,6 +449,34 @@ class InfoKVLlama:
             run.completion_tokens > 1 else None
         return kv
 
+    # ---- parking a conversation -------------------------------------------------------------------
+    def export_state(self) -> SavedConversation:
+        """The conversation as it stands (the compressed cache, the signals, the text it holds), to be
+        continued later with :meth:`import_state` on this or another instance, without prefill."""
+        if self._active:
+            raise RuntimeError("a streamed completion is still open on this InfoKVLlama")
+        with self._lock:
+            return SavedConversation(engine=self.engine.snapshot(), segments=list(self._segments),
+                                     calls=self._calls, engine_args=dict(self._engine_args))
+
+    def import_state(self, state: SavedConversation) -> None:
+        """Continue a conversation saved by :meth:`export_state`. The cache settings (policy, budget...)
+        become the saved ones if they differ; nothing is decoded."""
+        if self._active:
+            raise RuntimeError("a streamed completion is still open on this InfoKVLlama")
+        if state.engine_args != self._engine_args:
+            a = state.engine_args
+            self.configure(policy=a["policy"], budget=a["budget"], budget_mib=a["budget_mib"], buffer=a["buffer"],
+                           n_sink=a["n_sink"], n_recent=a["n_recent"])
+        with self._lock:
+            try:
+                self.engine.restore(state.engine)
+            except BaseException:
+                self._segments = []
+                raise
+            self._segments = list(state.segments)
+            self._calls = state.calls
+
 
 def _limit(max_tokens: int | None, n_ctx_train: int) -> int:
     return max_tokens if max_tokens is not None and max_tokens > 0 else n_ctx_train
@@ -519,4 +547,18 @@ def _chat_chunks(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         chunks.close()  # type: ignore[attr-defined]
 
 
-__all__ = ["CacheMap", "InfoKVLlama", "model_lock"]
+@dataclass
+class SavedConversation:
+    """A conversation parked by :meth:`InfoKVLlama.export_state`."""
+
+    engine: EngineSnapshot
+    segments: list[tuple[bytes, int]]
+    calls: int
+    engine_args: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return self.engine.nbytes + sum(len(b) for b, _ in self.segments)
+
+
+__all__ = ["CacheMap", "InfoKVLlama", "SavedConversation", "model_lock"]

@@ -267,3 +267,113 @@ class StatsContext:
         if not ptr:
             return None
         return np.ctypeslib.as_array(ptr, shape=(nl.value, nt.value)).copy()
+
+    # ---- saving and restoring the sequence (parking a conversation) -----------------------------
+    def save_sequence(self) -> bytes:
+        """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``): every
+        cached token's position, K and V, holes left by eviction included. Logits are not saved."""
+        size = llama.llama_state_seq_get_size(self.ptr, SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
+        if n != size:
+            raise DecodeError(f"llama_state_seq_get_data wrote {n} bytes, {size} expected")
+        return ctypes.string_at(buf, n)
+
+    def load_sequence(self, data: bytes, cells: np.ndarray | None = None) -> None:
+        """Replace the sequence by one saved with :meth:`save_sequence` (``llama_state_seq_set_data``).
+
+        The tokens keep their positions (and the holes eviction left between them). llama.cpp puts
+        restored cells in the first free cells, in the order of their old indices, so a cache with
+        holes comes back compacted: the attention then sums over the cells in another arrangement
+        and results differ in the last bits. ``cells`` (the sequence's old cell indices, ascending,
+        as :meth:`cell_map` gave them before saving) puts every cell back at its old index: the
+        holes are filled with placeholder cells in the data given to llama.cpp, then freed.
+        """
+        self.clear()
+        placeholders: np.ndarray | None = None
+        if cells is not None and len(cells):
+            data, placeholders = _with_placeholders(data, np.sort(np.asarray(cells, dtype=np.int64)), self.n_cells)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
+            self.clear()
+            raise DecodeError(f"llama.cpp could not restore a saved sequence of {len(data)} bytes into a context of "
+                              f"{self.n_cells} cells (saved from a different model or a larger context?)")
+        if placeholders is not None and len(placeholders):
+            self.remove_cells(placeholders)
+
+    def set_last_logits(self, logits: np.ndarray) -> bool:
+        """Overwrite the last output row's logits (what sampling reads next) with ``logits``, e.g. a
+        restored sequence's. Returns False, changing nothing, when the context has no output row yet."""
+        ptr = llama.llama_get_logits_ith(self.ptr, -1)
+        if not ptr:
+            return False
+        row = np.ascontiguousarray(logits, dtype=np.float32)
+        if row.shape != (self.n_vocab,):
+            raise ValueError(f"logits of shape {row.shape}, expected ({self.n_vocab},)")
+        ctypes.memmove(ptr, row.ctypes.data, row.nbytes)
+        return True
+
+
+def _with_placeholders(data: bytes, cells: np.ndarray, n_cells: int) -> tuple[bytes, np.ndarray | None]:
+    """The saved sequence ``data`` (llama.cpp's layout: a magic and the sequence id, the stream count, the
+    cells in index order (position, 1, sequence id), then per layer their K
+    rows and V rows or transposed V columns) rewritten to hold cells 0..max(cells), the missing
+    ones as placeholders (zero K/V, positions past the sequence's), and the placeholders' indices.
+    Returns ``data`` unchanged and None when the layout is not the plain one this expects."""
+    n = len(cells)
+    m = int(cells[-1]) + 1
+    if m > n_cells or m == n:
+        return data, (np.empty(0, dtype=np.int32) if m == n else None)
+    try:
+        off = 0
+
+        def take(k: int) -> bytes:
+            nonlocal off
+            if off + k > len(data):
+                raise ValueError("short")
+            out = data[off:off + k]
+            off += k
+            return out
+
+        prefix = take(8)  # llama_context's magic and the sequence id
+        n_stream, count = np.frombuffer(take(8), dtype=np.uint32)
+        if n_stream != 1 or count != n:
+            return data, None
+        meta = np.frombuffer(take(12 * n), dtype=np.int32).reshape(n, 3)  # pos, n_seq_id, seq_id
+        if not (meta[:, 1] == 1).all():
+            return data, None
+        holes = np.setdiff1d(np.arange(m), cells)
+        new_meta = np.zeros((m, 3), dtype=np.int32)
+        new_meta[cells] = meta
+        new_meta[holes, 0] = meta[:, 0].max() + 1 + np.arange(len(holes))
+        new_meta[holes, 1] = 1
+        new_meta[holes, 2] = meta[0, 2]
+        out = [prefix, np.array([1, m], dtype=np.uint32).tobytes(), new_meta.tobytes()]
+        v_trans, n_layer = np.frombuffer(take(8), dtype=np.uint32)
+        out.append(np.array([v_trans, n_layer], dtype=np.uint32).tobytes())
+
+        def rows() -> None:
+            head = take(12)  # type (i32), row size (u64)
+            row = int(np.frombuffer(head[4:], dtype=np.uint64)[0])
+            src = np.frombuffer(take(row * n), dtype=np.uint8).reshape(n, row)
+            dst = np.zeros((m, row), dtype=np.uint8)
+            dst[cells] = src
+            out.extend([head, dst.tobytes()])
+
+        for _ in range(n_layer):
+            rows()
+        for _ in range(n_layer):
+            if not v_trans:
+                rows()
+                continue
+            head = take(12)  # type (i32), element size (u32), n_embd_v_gqa (u32)
+            el, n_embd = (int(x) for x in np.frombuffer(head[4:], dtype=np.uint32))
+            src = np.frombuffer(take(el * n * n_embd), dtype=np.uint8).reshape(n_embd, n, el)
+            dst = np.zeros((n_embd, m, el), dtype=np.uint8)
+            dst[:, cells] = src
+            out.extend([head, dst.tobytes()])
+        if off != len(data):
+            return data, None
+    except ValueError:
+        return data, None
+    return b"".join(out), holes.astype(np.int32)

@@ -18,13 +18,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .cache_types import check_cache_type, is_quantized, row_bytes
 from .context import StatsContext
-from .errors import BudgetError, CacheFull, CacheSettingsError, ContextFullError, EmptyPromptError
+from .errors import BudgetError, CacheFull, CacheSettingsError, ContextFullError, DecodeError, EmptyPromptError
 from .interrupts import sigint_deferred
 from .model import Model
 from .policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
@@ -384,6 +384,7 @@ class Engine:
                 raise EmptyPromptError("nothing to continue from: the prompt is empty and no sequence is cached")
             else:
                 self._flush_pending()
+                self._refresh_logits()  # after restore(): the last token's logits were not saved
             # the repetition penalties see the recent sequence, prompt included
             for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
                 sampler.accept(t)
@@ -544,6 +545,109 @@ class Engine:
         if len(sig.cells) != used:
             raise AssertionError(f"cell map lists {len(sig.cells)} cells, llama.cpp counts {used}")
 
+    # ---- snapshots (parking a conversation, restoring it later without prefill) -------------------
+    def snapshot(self) -> EngineSnapshot:
+        """Everything needed to continue this sequence later in an engine of the same configuration:
+        the cached tokens' K/V and positions (llama.cpp's sequence state), the per-token signals the
+        policy scores with (stored in position order, since cell indices change on restore), the
+        tokens, ``n_past``, the totals and the random generator's state."""
+        cells, pos = self.ctx.cell_map()
+        return EngineSnapshot(
+            config=self._snapshot_config(),
+            sequence=self.ctx.save_sequence(),
+            cells=np.sort(cells),
+            positions=pos.copy(),
+            cell_token=self._cell_token[cells].copy(),
+            ent_prod=self._ent_prod[cells].copy(),
+            ent_at=self._ent_at[cells].copy(),
+            ldist=self._ldist[:, cells].copy(),
+            attn_acc=self._attn_acc[:, cells].copy(),
+            attn_current=self._attn_current[:, cells].copy(),
+            ring=self._ring[:, :, cells].copy(),
+            ring_next=self._ring_next,
+            ring_len=self._ring_len,
+            n_past=self.n_past,
+            tokens=list(self.tokens),
+            pending=self._pending,
+            totals=_copy_totals(self.totals),
+            compactions=self.compactions,
+            rng_state=self.rng.bit_generator.state,
+            last_entropy=self.ctx._last_entropy,
+            logits=self.ctx.logits(-1) if self.tokens and self._pending is None else None,
+        )
+
+    def restore(self, snap: EngineSnapshot) -> None:
+        """Continue from a :meth:`snapshot` (of this engine or another of the same configuration).
+
+        No token is decoded: the cells come back at their old indices with their positions and
+        holes (:meth:`StatsContext.load_sequence`), so the continuation is the one the engine would
+        have produced without the snapshot. The last decode's logits come back too, for a call
+        that brings no new token.
+        Raises ValueError (the engine is then empty) if the snapshot does not fit this engine.
+        """
+        if snap.config != self._snapshot_config():
+            raise ValueError(f"snapshot of an engine configured {snap.config}, this one is {self._snapshot_config()}")
+        self.reset()
+        try:
+            self.ctx.load_sequence(snap.sequence, snap.cells)
+            cells, pos = self.ctx.cell_map()
+            if not np.array_equal(pos, snap.positions):
+                raise ValueError("the restored sequence's positions differ from the snapshot's")
+        except BaseException:
+            self.reset()
+            raise
+        self._cell_token[cells] = snap.cell_token
+        self._ent_prod[cells] = snap.ent_prod
+        self._ent_at[cells] = snap.ent_at
+        self._ldist[:, cells] = snap.ldist
+        self._attn_acc[:, cells] = snap.attn_acc
+        self._attn_current[:, cells] = snap.attn_current
+        self._ring[:, :, cells] = snap.ring
+        self._ring_next, self._ring_len = snap.ring_next, snap.ring_len
+        self.n_past = snap.n_past
+        self.tokens = list(snap.tokens)
+        self._pending = snap.pending
+        self.totals = _copy_totals(snap.totals)
+        self.compactions = snap.compactions
+        self.rng.bit_generator.state = snap.rng_state
+        self.ctx._last_entropy = snap.last_entropy
+        self._restored_at_step = self.totals.steps  # logits are stale until the next decode
+        self._restored_logits = snap.logits
+
+    def _refresh_logits(self) -> None:
+        """After :meth:`restore`, before sampling with no new token: the context's logits are another
+        sequence's; put the snapshot's back (or, in a context that never decoded, decode the last
+        token again)."""
+        if getattr(self, "_restored_at_step", None) != self.totals.steps or self._pending is not None:
+            return
+        self._restored_at_step = None
+        if not self.tokens:
+            return
+        saved, self._restored_logits = getattr(self, "_restored_logits", None), None
+        if saved is not None and self.ctx.set_last_logits(saved):
+            return  # exact: sampling reads the saved logits
+        # a context that never decoded has no output row: decode the last token again (its signals
+        # are counted twice, so later evictions may differ slightly from an unparked run)
+        cells, _ = self.ctx.cell_map()
+        last = cells[-1:]
+        if self._cell_token[last[0]] != len(self.tokens) - 1:
+            raise DecodeError("the last token of a restored sequence is not cached")
+        self.ctx.remove_cells(last)
+        self._forget(last)
+        tok = self.tokens.pop()
+        self.n_past -= 1
+        self._decode([tok], all_outputs=self.needs_outputs)
+
+    def _snapshot_config(self) -> tuple[object, ...]:
+        return (str(self.model.path), self.policy.name, repr(self.policy), self.budget, self.buffer, self.n_sink,
+                self.n_recent, self.window, self.capacity, getattr(self, "cache_type_k", "f16"),
+                getattr(self, "cache_type_v", "f16"), getattr(self, "flash_attn", "off"))
+
+
+def _copy_totals(t: EngineTotals) -> EngineTotals:
+    """A copy that shares no mutable state with ``t`` (a snapshot must not change as the engine goes on)."""
+    return replace(t, history=deque(t.history, maxlen=HISTORY_STEPS), _peaks=list(t._peaks))
+
 
 def kv_bytes_per_token(model: Model, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
     """Bytes one cached token takes across all layers (K and V rows in the cache's data types)."""
@@ -552,3 +656,38 @@ def kv_bytes_per_token(model: Model, cache_type_k: str = "f16", cache_type_v: st
     head_v = model.meta_int(f"{info.arch}.attention.value_length") or info.n_embd // info.n_head
     return info.n_layer * (row_bytes(cache_type_k, info.n_head_kv * head_k)
                            + row_bytes(cache_type_v, info.n_head_kv * head_v))
+
+
+@dataclass
+class EngineSnapshot:
+    """A parked sequence (see :meth:`Engine.snapshot`); per-token arrays are in position order."""
+
+    config: tuple[object, ...]
+    sequence: bytes
+    cells: np.ndarray  # the cells the sequence occupied, ascending (restored at the same indices)
+    positions: np.ndarray
+    cell_token: np.ndarray
+    ent_prod: np.ndarray
+    ent_at: np.ndarray
+    ldist: np.ndarray
+    attn_acc: np.ndarray
+    attn_current: np.ndarray
+    ring: np.ndarray
+    ring_next: int
+    ring_len: int
+    n_past: int
+    tokens: list[int]
+    pending: int | None
+    totals: EngineTotals
+    compactions: int
+    rng_state: dict[str, object]
+    last_entropy: float
+    logits: np.ndarray | None = None  # the last decode's logits, when the sequence goes on from them
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this snapshot holds in RAM (the sequence state and the signal arrays)."""
+        arrays = (self.positions, self.cell_token, self.ent_prod, self.ent_at, self.ldist, self.attn_acc,
+                  self.attn_current, self.ring)
+        extra = self.logits.nbytes if self.logits is not None else 0
+        return len(self.sequence) + sum(a.nbytes for a in arrays) + 8 * len(self.tokens) + extra

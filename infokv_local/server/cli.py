@@ -1,0 +1,120 @@
+"""``python -m infokv_local serve``: the command line of the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """examples:
+  python -m infokv_local serve                                   # SmolLM2-135M on http://127.0.0.1:8000/v1
+  python -m infokv_local serve --slots 4 --budget 1024 --buffer 128 --api-key secret
+  python -m infokv_local serve --model qwen2.5-coder-0.5b --budget-mib 64 --port 8001
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand (its options, help and examples) to ``subparsers``."""
+    from ..cli_options import MODEL_HELP
+
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server, every conversation in a fixed KV budget",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/kv, /metrics and /health. "
+                    "--slots caches of budget + buffer cells share the model; idle conversations are parked in "
+                    "RAM and restored without prefill; requests beyond the slots queue (503 when the queue is full).",
+    )
+    g = p.add_argument_group("model and KV cache")
+    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument("--model-alias", action="append", default=[],
+                   help="another name clients may send as 'model' (repeatable; the file name always works)")
+    g.add_argument("--policy", default="infokv", help="eviction policy (default: infokv); see generate --help")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--budget", type=int, default=1024, help="KV budget per slot in tokens (default: 1024)")
+    b.add_argument("--budget-mib", type=float, help="KV budget per slot in MiB (instead of --budget)")
+    g.add_argument("--buffer", type=int, default=128, help="growth before each compression (default: 128)")
+    g.add_argument("--n-sink", type=int, default=4)
+    g.add_argument("--n-recent", type=int, default=32)
+    g.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
+    g.add_argument("--n-gpu-layers", type=int, default=0)
+    s = p.add_argument_group("server")
+    s.add_argument("--slots", type=int, default=1, help="conversations generating at once (default: 1)")
+    s.add_argument("--queue", type=int, default=16, help="requests waiting for a slot before 503 (default: 16)")
+    s.add_argument("--park-mib", type=float, default=512.0,
+                   help="RAM for parked conversations; the least recently parked are dropped beyond it (default: 512)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    s.add_argument("--max-body-kib", type=int, default=4096, help="largest request body (default: 4096 KiB)")
+    s.add_argument("--verbose", action="store_true", help="llama.cpp's log and uvicorn's access log")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, build the slots, print the KV memory and serve until interrupted."""
+    import uvicorn
+
+    from ..api import InfoKVLlama
+    from ..engine import kv_bytes_per_token
+    from ..errors import InfoKVError
+    from ..model import Model, set_verbose
+    from ..policies import make_policy
+    from ..registry_models import resolve_model_path
+    from .app import ServerSettings, create_app
+    from .slots import ParkingStore, SlotPool
+
+    try:
+        if args.slots < 1 or args.queue < 0 or args.park_mib < 0 or args.max_body_kib < 1:
+            raise ValueError("--slots and --max-body-kib must be positive, --queue and --park-mib >= 0")
+        if not make_policy(args.policy).evicts:
+            raise ValueError(f"policy {args.policy!r} does not evict: the server needs a fixed budget per slot")
+        if args.verbose:
+            set_verbose(True)
+        model = Model(resolve_model_path(args.model), n_gpu_layers=args.n_gpu_layers)
+        per_cell = kv_bytes_per_token(model)
+        budget = args.budget if args.budget_mib is None else int(args.budget_mib * 2**20 // per_cell)
+        llms = [InfoKVLlama(model, policy=args.policy, budget=budget, buffer=args.buffer, n_sink=args.n_sink,
+                            n_recent=args.n_recent, n_threads=args.threads) for _ in range(args.slots)]
+    except (InfoKVError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = Path(model.path)
+    settings = ServerSettings(
+        model_id=path.name, model_path=str(path), policy=args.policy, budget=budget, buffer=args.buffer,
+        kv_bytes_per_cell=per_cell, api_key=args.api_key, max_body_bytes=args.max_body_kib * 1024,
+        model_aliases=(path.stem, *args.model_alias),
+    )
+    pool = SlotPool(llms, max_queue=args.queue, store=ParkingStore(int(args.park_mib * 2**20)))
+    app = create_app(pool, settings)
+    cap = settings.capacity
+    alloc = llms[0].engine.ctx.n_cells
+    mib = 2**20
+    print(f"infokv-local serve: {path.name}, policy {args.policy}, {args.slots} slot(s) x (budget {budget} + buffer "
+          f"{args.buffer}) = {args.slots * cap} KV cells = {args.slots * cap * per_cell / mib:.1f} MiB of KV memory at "
+          f"most ({per_cell} bytes per cell; llama.cpp allocates {alloc} cells per slot = "
+          f"{args.slots * alloc * per_cell / mib:.1f} MiB); parking up to {args.park_mib:g} MiB", flush=True)
+    print(f"listening on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                    access_log=args.verbose)
+    finally:
+        for llm in llms:
+            llm.close()
+        model.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m infokv_local.server.cli``: the same as ``python -m infokv_local serve``."""
+    ap = argparse.ArgumentParser(prog="python -m infokv_local")
+    add_parser(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
