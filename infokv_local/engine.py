@@ -384,7 +384,7 @@ class Engine:
                 raise EmptyPromptError("nothing to continue from: the prompt is empty and no sequence is cached")
             else:
                 self._flush_pending()
-                self._refresh_logits()  # after restore(): the last token's logits were not saved
+                self._refresh_logits()  # after restore(): the context's logits are another sequence's
             # the repetition penalties see the recent sequence, prompt included
             for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
                 sampler.accept(t)

@@ -127,6 +127,12 @@ def test_chat_and_completion_streaming_and_not(one_slot):
                                     temperature=0, stream=True)
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == comp.choices[0].text
 
+    short = c.chat.completions.create(model=MODEL, messages=Y1, max_completion_tokens=3, temperature=0)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    counted = c.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
+    assert counted.choices[0].finish_reason == "stop" and " 7" not in counted.choices[0].text
+    assert " 5" in counted.choices[0].text
+
 
 def test_raw_sse_ends_with_done_and_extension_fields_are_not_fatal(one_slot):
     body = {"messages": Y1, "max_tokens": 4, "temperature": 0, "stream": True, "top_k": 20, "min_p": 0.1,

@@ -255,6 +255,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 usage = None
                 key: str | None = prompt_key  # also after a disconnect: the cache is left consistent
                 done = False
+                ready: list[str] = []  # events not sent yet: sent together when the loop lags behind
                 try:
                     async for chunk in rest():
                         chunk = decorate(chunk)
@@ -262,7 +263,12 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                             usage = chunk["usage"]
                         elif include_usage:
                             chunk["usage"] = None
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        ready.append(f"data: {json.dumps(chunk)}\n\n")
+                        if worker.queue.empty():
+                            yield "".join(ready)
+                            ready.clear()
+                    if ready:
+                        yield "".join(ready)
                     if include_usage and usage is not None:
                         last = {"id": chunk["id"], "object": chunk["object"], "created": chunk["created"],
                                 "model": settings.model_id, "choices": [], "usage": usage}
