@@ -221,7 +221,8 @@ def summarize(records: list[dict], edges: Sequence[int] = BUCKETS) -> list[dict]
 def format_table(rows: list[dict], by_distance: bool = False) -> str:
     """Plain-text table sorted by budget then mean KL; with ``by_distance`` the bucket means too."""
     labels = bucket_labels()
-    head = f"{'budget':>7s} {'policy':14s}{'items':>6s}{'mean KL':>10s}{'p95 KL':>9s}{'top-1':>7s}{'ΔNLL':>9s}{'tokens':>8s}"
+    head = (f"{'budget':>7s} {'policy':14s}{'items':>6s}{'mean KL':>10s}{'p95 KL':>9s}{'top-1':>7s}{'ΔNLL':>9s}"
+            f"{'tokens':>8s}")
     if by_distance:
         head += "".join(f"{lab:>10s}" for lab in labels)
     lines = [head]
