@@ -197,10 +197,82 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_summary_cmd(args: argparse.Namespace) -> int:
+    """Summarize a (possibly partial) per-item JSONL of ``tasks`` or ``fidelity-decode``: JSON, table, plot."""
+    from . import decode_fidelity as D
+    from . import plots
+    from . import tasks as T
+
+    src = Path(args.jsonl)
+    records = [json.loads(x) for x in src.read_text().splitlines() if x.strip().endswith("}")]
+    out = src.with_suffix(".json") if args.out is None else Path(args.out)
+    png = out.with_suffix(".png")
+    if records and "kl" in records[0]:
+        rows = D.summarize(records)
+        out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": rows}, indent=1))
+        print(D.format_table(rows, by_distance=True))
+        print(markdown_fidelity(rows))
+        plots.plot_kl_by_distance(rows, out.with_name(out.stem + "-by-distance.png"))
+        plots.plot_fidelity_bars(rows, png, title=f"{rows[0]['model']}: decode-time fidelity" if rows else "")
+    else:
+        results = T.summarize(records)
+        out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": results,
+                                   "items": records}, indent=1))
+        print(T.format_table(results))
+        print(markdown_tasks(results))
+        if results:
+            plots.plot_task_accuracy(results, png, title=f"{results[0]['task']}, {results[0]['model']}")
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def markdown_tasks(results: list[dict]) -> str:
+    """Markdown: accuracy [Wilson 95%] per policy; InfoKV's paired difference against each baseline."""
+    lines = ["| task | length | budget | policy | n | correct | accuracy | Wilson 95% "
+             "| InfoKV − policy (bootstrap 95%) | InfoKV wins / losses | McNemar p |", "|---|---:|---:|---|---:|---:|---:|---|---|---|---:|"]
+    pairs = {(r["task"], r["length"], r["budget"]): r.get("paired", {}) for r in results if r["policy"] == "infokv"}
+    for r in results:
+        d = None
+        if r["policy"] != "infokv":
+            for (t, n, b), pr in pairs.items():
+                if (t, n) == (r["task"], r["length"]) and (b == r["budget"] or r["policy"] == "full"):
+                    d = pr.get(r["policy"])
+                    break
+        pd = (f"{d['diff']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | {d['wins']} / {d['losses']} | "
+              f"{d['mcnemar_p']:.2f}") if d else "— | — | —"
+        lines.append(f"| {r['task']} | {r['length'] or '—'} | {r['budget']} | {r['policy']} | {r['n']} | "
+                     f"{r['correct']} | {r['accuracy']:.2f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {pd} |")
+    return "\n".join(lines)
+
+
+def markdown_fidelity(rows: list[dict]) -> str:
+    """Markdown: decode-time fidelity per budget and policy, with the KL by distance buckets."""
+    from .decode_fidelity import bucket_labels
+
+    labs = bucket_labels()
+    lines = ["| budget | policy | traces | mean KL | p95 KL | top-1 | ΔNLL | tokens | "
+             + " | ".join(f"KL {x}" for x in labs) + " |", "|---|---|---:|---:|---:|---:|---:|---:|"
+             + "---:|" * len(labs)]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["mean_kl"] if r["mean_kl"] is not None else 1e9)):
+        if r["mean_kl"] is None:
+            continue
+        bd = " | ".join(f"{r['by_distance'][x]['mean']:.4f} ({r['by_distance'][x]['n']})" if x in r["by_distance"]
+                        else "—" for x in labs)
+        lines.append(f"| {r['budget']} | {r['policy']} | {r['n_items']} | {r['mean_kl']:.4f} | {r['p95_kl']:.4f} | "
+                     f"{r['top1_agreement']:.3f} | {r['delta_nll']:+.4f} | {r['n_tokens']} | {bd} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m infokv_local.bench.evidence_cli",
                                  description="Task accuracy and decode-time fidelity benchmarks.")
-    register(ap.add_subparsers(dest="bench", required=True))
+    sub = ap.add_subparsers(dest="bench", required=True)
+    register(sub)
+    sm = sub.add_parser("summary", help="summarize a per-item JSONL (partial runs too): JSON, table, markdown, plot")
+    sm.add_argument("jsonl")
+    sm.add_argument("--out", help="summary JSON (default: the JSONL's name with .json)")
+    sm.add_argument("--partial", action="store_true", help="mark the summary as a partial run")
+    sm.set_defaults(func=run_summary_cmd)
     return ap
 
 

@@ -237,7 +237,11 @@ def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 1000
             continue
         groups[(r["task"], r["model"], r["length"], r["policy"], r["budget_spec"])][r["item_id"]] = bool(r["correct"])
     results = []
-    for (task, model, length, policy, spec), outcomes in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    def order(key: tuple) -> tuple:
+        task, model, length, policy, spec = key
+        return (task, model, length or 0, policy != "full", spec, policy != "infokv", policy)
+
+    for (task, model, length, policy, spec), outcomes in sorted(groups.items(), key=lambda kv: order(kv[0])):
         n, k = len(outcomes), sum(outcomes.values())
         lo, hi = wilson(k, n)
         row: dict[str, Any] = {"task": task, "model": model, "length": length, "policy": policy, "budget": spec,
