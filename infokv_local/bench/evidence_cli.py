@@ -229,7 +229,8 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
 def markdown_tasks(results: list[dict]) -> str:
     """Markdown: accuracy [Wilson 95%] per policy; InfoKV's paired difference against each baseline."""
     lines = ["| task | length | budget | policy | n | correct | accuracy | Wilson 95% "
-             "| InfoKV − policy (bootstrap 95%) | InfoKV wins / losses | McNemar p |", "|---|---:|---:|---|---:|---:|---:|---|---|---|---:|"]
+             "| InfoKV − policy (bootstrap 95%) | InfoKV wins / losses | McNemar p |",
+             "|---|---:|---:|---|---:|---:|---:|---|---|---|---:|"]
     pairs = {(r["task"], r["length"], r["budget"]): r.get("paired", {}) for r in results if r["policy"] == "infokv"}
     for r in results:
         d = None
