@@ -239,3 +239,18 @@ def test_wired_into_the_bench_command(capsys: pytest.CaptureFixture[str]) -> Non
             main(["bench", sub, "--help"])
         assert e.value.code == 0
         assert "--budget" in capsys.readouterr().out
+
+
+def test_kl_ratios_fixed_inputs() -> None:
+    def rec(item: str, policy: str, kl: list[float]) -> dict:
+        return {"model": "m", "budget_spec": "r0.25", "item_id": item, "policy": policy, "kl": kl}
+
+    recs = [rec("a", "infokv", [1.0, 1.0]), rec("a", "h2o", [2.0, 2.0]), rec("a", "snapkv", [1.0, 3.0]),
+            rec("b", "infokv", [3.0]), rec("b", "h2o", [6.0]), rec("b", "snapkv", [4.0]),
+            rec("c", "h2o", [9.0])]  # trace c has no infokv record: not paired
+    (r,) = D.kl_ratios(recs)
+    assert r["n_traces"] == 2 and r["best_baseline"] == "snapkv" and "tova" not in r
+    assert r["h2o"]["ratio"] == pytest.approx(0.5) and r["h2o"]["ci95"] == pytest.approx([0.5, 0.5])
+    assert r["snapkv"]["ratio"] == pytest.approx(5 / 8) and r["best"] == r["snapkv"]
+    lo, hi = r["snapkv"]["ci95"]
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.75)  # per-trace ratios 2/4 and 3/4

@@ -209,9 +209,12 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
     png = out.with_suffix(".png")
     if records and "kl" in records[0]:
         rows = D.summarize(records)
-        out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": rows}, indent=1))
+        ratios = D.kl_ratios(records)
+        out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": rows,
+                                   "infokv_kl_ratios": ratios}, indent=1))
         print(D.format_table(rows, by_distance=True))
         print(markdown_fidelity(rows))
+        print(markdown_ratios(ratios))
         plots.plot_kl_by_distance(rows, out.with_name(out.stem + "-by-distance.png"))
         plots.plot_fidelity_bars(rows, png, title=f"{rows[0]['model']}: decode-time fidelity" if rows else "")
     else:
@@ -261,6 +264,19 @@ def markdown_fidelity(rows: list[dict]) -> str:
                         else "—" for x in labs)
         lines.append(f"| {r['budget']} | {r['policy']} | {r['n_items']} | {r['mean_kl']:.4f} | {r['p95_kl']:.4f} | "
                      f"{r['top1_agreement']:.3f} | {r['delta_nll']:+.4f} | {r['n_tokens']} | {bd} |")
+    return "\n".join(lines)
+
+
+def markdown_ratios(ratios: list[dict]) -> str:
+    """Markdown: InfoKV's mean KL over each attention baseline's, with bootstrap intervals over traces."""
+    lines = ["| budget | traces | ÷ best (which) | ÷ h2o | ÷ snapkv | ÷ tova |", "|---|---:|---|---|---|---|"]
+    def cell(r: dict, b: str) -> str:
+        d = r.get(b)
+        return f"{d['ratio']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d else "—"
+
+    for r in ratios:
+        lines.append(f"| {r['budget']} | {r['n_traces']} | {cell(r, 'best')} ({r['best_baseline']}) | "
+                     f"{cell(r, 'h2o')} | {cell(r, 'snapkv')} | {cell(r, 'tova')} |")
     return "\n".join(lines)
 
 
