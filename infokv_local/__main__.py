@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                     add_help=False)
     bsub.add_parser("throughput", help="generation speed per policy against llama-cpp-python (see its --help)",
                     add_help=False)
+    from .bench.evidence_cli import register as register_evidence  # bench tasks, bench fidelity-decode
+
+    register_evidence(bsub)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             from .batch import run_batch
 
             return run_batch(args)
+        elif args.command == "bench" and hasattr(args, "func"):
+            return args.func(args)
         elif args.command == "bench":
             run_bench(args)
         elif args.command == "models":

@@ -1,0 +1,308 @@
+"""``bench tasks`` and ``bench fidelity-decode``: task accuracy and decode-time fidelity.
+
+Wired into ``python -m infokv_local bench`` through :func:`register`; also runnable alone:
+``python -m infokv_local.bench.evidence_cli tasks --task decode-pressure --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TASK_EXAMPLES = """examples:
+  python -m infokv_local bench tasks --task decode-pressure --model qwen2.5-coder-1.5b --budget 128,256 --limit 20
+  python -m infokv_local bench tasks --task long-prefill --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.4,0.2
+  python -m infokv_local bench tasks --task retrieval --lengths 4096,8192 --ratio 0.25 --limit 10
+  python -m infokv_local bench tasks --task decode-pressure --quick
+"""
+
+FID_EXAMPLES = """examples:
+  python -m infokv_local bench fidelity-decode --ratio 0.25,0.125 --limit 20 --by-distance
+  python -m infokv_local bench fidelity-decode --model qwen2.5-coder-1.5b --budget 128,256,512
+  python -m infokv_local bench fidelity-decode --quick
+"""
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _policies(text: str) -> list[str]:
+    """Policy specs separated by ';' when any is given, else by ','."""
+    return [p.strip() for p in text.split(";" if ";" in text else ",") if p.strip()]
+
+
+def _budget_specs(args: argparse.Namespace) -> list[str]:
+    specs = [str(b) for b in args.budget] if args.budget else []
+    specs += [f"r{r:g}" for r in args.ratio] if args.ratio else []
+    return specs
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF path or registry name (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b); "
+                                   "default: the embedded SmolLM2-135M")
+    p.add_argument("--policies", help="comma-separated policy specs (use ';' between specs that carry "
+                                      "parameters, e.g. 'infokv:alpha=0.9;snapkv')")
+    p.add_argument("--budget", type=_ints, help="budgets in tokens, e.g. 128,256")
+    p.add_argument("--ratio", type=_floats, help="budgets as fractions, e.g. 0.25,0.125")
+    p.add_argument("--questions", help='JSONL of {"question", "answer"} in GSM8K format (default: GSM8K test)')
+    p.add_argument("--limit", type=int, help="number of questions (from --offset)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the constructions (filler, needles)")
+    p.add_argument("--max-tokens", type=int, help="generation limit per item (default 400 for CoT, 48 retrieval)")
+    p.add_argument("--buffer", type=int, default=64, help="cache growth between compressions (default 64)")
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--n-recent", type=int, default=32)
+    p.add_argument("--threads", type=int, help="CPU threads (default: the physical cores available)")
+    p.add_argument("--out", help="JSON summary path (per-item lines go to the same name with .jsonl)")
+    p.add_argument("--quick", action="store_true", help="a few items, two policies, one budget (minutes)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(bench_subparsers: Any) -> None:
+    """Add ``tasks`` and ``fidelity-decode`` to the ``bench`` sub-commands."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    t = bench_subparsers.add_parser(
+        "tasks", help="task accuracy under a budget (long-prefill, decode-pressure, retrieval)", formatter_class=fmt,
+        description="Greedy generation per policy and budget; accuracy with Wilson 95%% intervals and InfoKV's "
+                    "paired difference against each baseline (bootstrap interval, exact McNemar p). Resumable: "
+                    "finished generations are appended to OUT.jsonl and skipped on a rerun.",
+        epilog=TASK_EXAMPLES)
+    t.add_argument("--task", required=True, choices=["long-prefill", "decode-pressure", "retrieval"])
+    t.add_argument("--lengths", type=_ints, help="context lengths in tokens (long-prefill default 2048; "
+                                                  "retrieval 4096,8192)")
+    _common(t)
+    t.set_defaults(func=run_tasks_cmd)
+    f = bench_subparsers.add_parser(
+        "fidelity-decode", help="decode-time fidelity over the model's own chain-of-thought", formatter_class=fmt,
+        description="The model writes a greedy chain-of-thought per GSM8K question with the full cache (cached); "
+                    "each policy is then teacher-forced over prompt + trace, compressing as generation does. "
+                    "Mean KL to the full cache, top-1 agreement, NLL change; --by-distance buckets KL by "
+                    "tokens since the first compression.",
+        epilog=FID_EXAMPLES)
+    f.add_argument("--by-distance", action="store_true", help="print and plot KL by distance after the first "
+                                                             "compression (0-128, 128-512, 512-2K, 2K+)")
+    f.add_argument("--traces", help="trace cache JSONL (default results/traces-MODEL-maxN.jsonl)")
+    _common(f)
+    f.set_defaults(func=run_fidelity_decode_cmd)
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    from ..model import Model
+    from ..registry_models import resolve_model_path
+
+    return Model(resolve_model_path(args.model))
+
+
+def _model_tag(model: Any) -> str:
+    name = Path(str(model.path)).name.lower()
+    for tag in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "smollm2-135m"):
+        if tag in name:
+            return tag
+    return Path(name).stem
+
+
+def run_tasks_cmd(args: argparse.Namespace) -> int:
+    from . import tasks as T
+    from .task_data import load_questions
+
+    policies = _policies(args.policies) if args.policies else list(T.ALL_POLICIES)
+    specs = _budget_specs(args)
+    if args.quick:
+        args.limit = args.limit or 3
+        policies = _policies(args.policies) if args.policies else ["full", "infokv", "streaming"]
+        if not specs:
+            specs = ["128"] if args.task == "decode-pressure" else ["r0.25"]
+    if not specs:
+        specs = ["128", "256"] if args.task == "decode-pressure" else ["r0.4", "r0.2"]
+    if args.task == "long-prefill":
+        lengths = args.lengths or ([1024] if args.quick else [2048])
+    elif args.task == "retrieval":
+        lengths = args.lengths or ([2048] if args.quick else [4096, 8192])
+    else:
+        lengths = []
+    if args.task == "retrieval":
+        n = args.limit if args.limit is not None else 10
+        questions = [{"id": str(i)} for i in range(args.offset, args.offset + n)]
+    else:
+        questions = load_questions(args.questions, args.limit, args.offset)
+    model = _load_model(args)
+    try:
+        tag = _model_tag(model)
+        out = Path(args.out) if args.out else Path("results") / f"tasks-{args.task}-{tag}.json"
+        items = T.build_items(args.task, model, questions, lengths, args.seed, args.max_tokens)
+        records = T.run_tasks(model, args.task, items, policies, specs, out.with_suffix(".jsonl"),
+                              buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
+                              n_threads=args.threads, progress=not args.no_progress)
+    finally:
+        model.close()
+    results = T.summarize(records)
+    summary = {"task": args.task, "model": tag, "command": " ".join(sys.argv), "policies": policies,
+               "budgets": specs, "lengths": lengths, "buffer": args.buffer, "seed": args.seed,
+               "results": results, "items": records}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    print(T.format_table(results))
+    print(f"\nwrote {out} ({len(records)} generations; per item: {out.with_suffix('.jsonl')})")
+    return 0
+
+
+def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
+    from . import decode_fidelity as D
+    from .task_data import cot_prompt, load_questions
+
+    policies = _policies(args.policies) if args.policies else ["infokv", "snapkv", "h2o", "tova", "streaming",
+                                                                 "context-shift", "random"]
+    specs = _budget_specs(args)
+    max_tokens = args.max_tokens or 400
+    if args.quick:
+        args.limit = args.limit or 3
+        max_tokens = args.max_tokens or 160
+        specs = specs or ["r0.25"]
+    specs = specs or ["r0.25", "r0.125"]
+    questions = load_questions(args.questions, args.limit, args.offset)
+    model = _load_model(args)
+    try:
+        tag = _model_tag(model)
+        traces_path = Path(args.traces) if args.traces else Path("results") / f"traces-{tag}-max{max_tokens}.jsonl"
+        traces = D.make_traces(model, questions, traces_path, max_tokens, cot_prompt, n_threads=args.threads,
+                               progress=not args.no_progress)
+        out = Path(args.out) if args.out else Path("results") / f"fidelity-decode-{tag}.json"
+        records = D.run_decode_fidelity(model, traces, policies, specs, out.with_suffix(".jsonl"),
+                                        buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
+                                        n_threads=args.threads, progress=not args.no_progress)
+    finally:
+        model.close()
+    rows = D.summarize(records)
+    summary = {"model": tag, "command": " ".join(sys.argv), "policies": policies, "budgets": specs,
+               "max_tokens": max_tokens, "buffer": args.buffer, "n_questions": len(questions),
+               "mean_trace_tokens": sum(len(t["trace_ids"]) for t in traces) / max(len(traces), 1),
+               "results": rows}
+    out.write_text(json.dumps(summary, indent=1))
+    print(D.format_table(rows, by_distance=args.by_distance))
+    if args.by_distance:
+        from .plots import plot_kl_by_distance
+
+        png = out.with_name(out.stem + "-by-distance.png")
+        plot_kl_by_distance(rows, png)
+        print(f"plot: {png}")
+    print(f"\nwrote {out} (per question and policy: {out.with_suffix('.jsonl')})")
+    return 0
+
+
+def run_summary_cmd(args: argparse.Namespace) -> int:
+    """Summarize a (possibly partial) per-item JSONL of ``tasks`` or ``fidelity-decode``: JSON, table, plot."""
+    from . import decode_fidelity as D
+    from . import plots
+    from . import tasks as T
+
+    src = Path(args.jsonl)
+    records = [json.loads(x) for x in src.read_text().splitlines() if x.strip().endswith("}")]
+    out = src.with_suffix(".json") if args.out is None else Path(args.out)
+    png = out.with_suffix(".png")
+    if records and "kl" in records[0]:
+        rows = D.summarize(records)
+        ratios = D.kl_ratios(records)
+        out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": rows,
+                                   "infokv_kl_ratios": ratios}, indent=1))
+        print(D.format_table(rows, by_distance=True))
+        print(markdown_fidelity(rows))
+        print(markdown_ratios(ratios))
+        plots.plot_kl_by_distance(rows, out.with_name(out.stem + "-by-distance.png"))
+        plots.plot_fidelity_bars(rows, png, title=f"{rows[0]['model']}: decode-time fidelity" if rows else "")
+    else:
+        results = T.summarize(records)
+        out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": results,
+                                   "items": records}, indent=1))
+        print(T.format_table(results))
+        print(markdown_tasks(results))
+        if results:
+            plots.plot_task_accuracy(results, png, title=f"{results[0]['task']}, {results[0]['model']}")
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def markdown_tasks(results: list[dict]) -> str:
+    """Markdown: accuracy [Wilson 95%] per policy; InfoKV's paired difference against each baseline."""
+    lines = ["| task | length | budget | policy | n | correct | accuracy | Wilson 95% "
+             "| InfoKV − policy (bootstrap 95%) | InfoKV wins / losses | McNemar p |",
+             "|---|---:|---:|---|---:|---:|---:|---|---|---|---:|"]
+    pairs = {(r["task"], r["length"], r["budget"]): r.get("paired", {}) for r in results if r["policy"] == "infokv"}
+    for r in results:
+        d = None
+        if r["policy"] != "infokv":
+            for (t, n, b), pr in pairs.items():
+                if (t, n) == (r["task"], r["length"]) and (b == r["budget"] or r["policy"] == "full"):
+                    d = pr.get(r["policy"])
+                    break
+        pd = (f"{d['diff']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | {d['wins']} / {d['losses']} | "
+              f"{d['mcnemar_p']:.2f}") if d else "— | — | —"
+        lines.append(f"| {r['task']} | {r['length'] or '—'} | {r['budget']} | {r['policy']} | {r['n']} | "
+                     f"{r['correct']} | {r['accuracy']:.2f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {pd} |")
+    return "\n".join(lines)
+
+
+def markdown_fidelity(rows: list[dict]) -> str:
+    """Markdown: decode-time fidelity per budget and policy, with the KL by distance buckets."""
+    from .decode_fidelity import bucket_labels
+
+    labs = bucket_labels()
+    lines = ["| budget | policy | traces | mean KL | p95 KL | top-1 | ΔNLL | tokens | "
+             + " | ".join(f"KL {x}" for x in labs) + " |", "|---|---|---:|---:|---:|---:|---:|---:|"
+             + "---:|" * len(labs)]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["mean_kl"] if r["mean_kl"] is not None else 1e9)):
+        if r["mean_kl"] is None:
+            continue
+        bd = " | ".join(f"{r['by_distance'][x]['mean']:.4f} ({r['by_distance'][x]['n']})" if x in r["by_distance"]
+                        else "—" for x in labs)
+        lines.append(f"| {r['budget']} | {r['policy']} | {r['n_items']} | {r['mean_kl']:.4f} | {r['p95_kl']:.4f} | "
+                     f"{r['top1_agreement']:.3f} | {r['delta_nll']:+.4f} | {r['n_tokens']} | {bd} |")
+    return "\n".join(lines)
+
+
+def markdown_ratios(ratios: list[dict]) -> str:
+    """Markdown: InfoKV's mean KL over each attention baseline's, with bootstrap intervals over traces."""
+    lines = ["| budget | traces | ÷ best (which) | ÷ h2o | ÷ snapkv | ÷ tova |", "|---|---:|---|---|---|---|"]
+    def cell(r: dict, b: str) -> str:
+        d = r.get(b)
+        return f"{d['ratio']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d else "—"
+
+    for r in ratios:
+        lines.append(f"| {r['budget']} | {r['n_traces']} | {cell(r, 'best')} ({r['best_baseline']}) | "
+                     f"{cell(r, 'h2o')} | {cell(r, 'snapkv')} | {cell(r, 'tova')} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m infokv_local.bench.evidence_cli",
+                                 description="Task accuracy and decode-time fidelity benchmarks.")
+    sub = ap.add_subparsers(dest="bench", required=True)
+    register(sub)
+    sm = sub.add_parser("summary", help="summarize a per-item JSONL (partial runs too): JSON, table, markdown, plot")
+    sm.add_argument("jsonl")
+    sm.add_argument("--out", help="summary JSON (default: the JSONL's name with .json)")
+    sm.add_argument("--partial", action="store_true", help="mark the summary as a partial run")
+    sm.set_defaults(func=run_summary_cmd)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import InfoKVError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (InfoKVError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The evidence benchmarks: answer extraction, constructions, intervals, bucketing, tiny real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from infokv_local.bench import decode_fidelity as D
+from infokv_local.bench import evidence_cli
+from infokv_local.bench import task_data as TD
+from infokv_local.bench import tasks as T
+from infokv_local.bench.stats import mcnemar_exact, paired_bootstrap, wilson
+from infokv_local.model import Model
+
+# ---- answer extraction ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("She makes 9 * 2 = $18 every day.\nThe answer is 18.", "18"),
+    ("so 3 bolts.\n\nThe answer is \\(\\boxed{3}\\).", "3"),
+    ("Thus the total is \\(\\boxed{3}\\) bolts, 4 more later", "3"),
+    ("The answer is: $1,234.50.", "1234.5"),
+    ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
+    ("the answer is 7, not 8. Actually the answer is 12.", "12"),
+    ("She has 5 apples and eats 2, leaving 3", "3"),
+    ("The temperature drops to -4 degrees; the answer is -4.", "-4"),
+    ("The answer is 18.0", "18"),
+    ("no digits here at all", None),
+])
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert T.extract_answer(text) == expected
+
+
+def test_numeric_match_and_gold() -> None:
+    assert TD.gold_answer("He pays 2 + 3 = <<2+3=5>>5\n#### 1,200") == "1200"
+    assert T.numeric_match("1200", "1200") and T.numeric_match("18", "18.00")
+    assert not T.numeric_match("18", "19") and not T.numeric_match(None, "3")
+    assert T.retrieval_correct("The number is 5600228.", ["5600228"])
+    assert not T.retrieval_correct("The number is 56002289.", ["5600228"])
+    assert T.retrieval_correct("ABCDE, FGHIJ and KLMNO", ["KLMNO", "ABCDE", "FGHIJ"])
+    assert not T.retrieval_correct("ABCDE and FGHIJ", ["KLMNO", "ABCDE", "FGHIJ"])
+
+
+def test_split_sentences_keeps_decimals() -> None:
+    q = "A pen costs $2.50 each. Tom buys 3 pens. How much does he pay?"
+    assert TD.split_sentences(q) == ["A pen costs $2.50 each.", "Tom buys 3 pens.", "How much does he pay?"]
+
+
+# ---- constructions -------------------------------------------------------------------------------
+
+
+def _count(model: Model):
+    return lambda text: len(model.tokenize(text, add_special=False, parse_special=False))
+
+
+@pytest.mark.parametrize("target", [512, 2048])
+def test_long_prefill_construction(model: Model, target: int) -> None:
+    q = TD.load_questions(limit=3)[2]["question"]
+    sents = TD.split_sentences(q)
+    assert len(sents) >= 3
+    lp = TD.long_prefill_context(q, target, _count(model), seed=5)
+    # every background sentence is present, in order, and the inquiry is the last sentence
+    at = -1
+    for s in sents[:-1]:
+        i = lp.context.find(s, at + 1)
+        assert i > at, f"sentence missing or out of order: {s!r}"
+        at = i
+    assert lp.inquiry == sents[-1]
+    # the stated length: at most the target, short of it by less than one filler sentence (<= 3%)
+    n = _count(model)(lp.context + "\n\n" + lp.inquiry)
+    assert n == lp.n_tokens
+    assert target * 0.97 <= n <= target
+    # the sentences are spread through the filler, not all in one place
+    assert lp.context.find(sents[-2]) - lp.context.find(sents[0]) > len(lp.context) // 20
+    # the same seed gives the same text, another seed another filler
+    assert TD.long_prefill_context(q, target, _count(model), seed=5).context == lp.context
+    assert TD.long_prefill_context(q, target, _count(model), seed=6).context != lp.context
+
+
+def test_retrieval_constructions(model: Model) -> None:
+    count = _count(model)
+    niah = TD.niah_item(1024, count, seed=3)
+    assert f"is: {niah['answers'][0]}." in niah["prompt"] and 0.95 * 1024 <= count(niah["prompt"]) <= 1024
+    vt = TD.variable_tracking_item(1024, count, seed=3)
+    names = vt["answers"]
+    assert len(set(names)) == 5 and 0.95 * 1024 <= count(vt["prompt"]) <= 1024
+    positions = [vt["prompt"].find(f"VAR {v} =") for v in names]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions)
+
+
+# ---- intervals and bucketing ---------------------------------------------------------------------
+
+
+def test_wilson_known_values() -> None:
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson(81, 100)
+    assert lo == pytest.approx(0.7222, abs=1e-4) and hi == pytest.approx(0.8749, abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson(11, 10)
+
+
+def test_paired_intervals_known_values() -> None:
+    assert mcnemar_exact([1] * 6, [0] * 6) == (6, 0, pytest.approx(0.03125))
+    assert mcnemar_exact([1, 1, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 1, 1]) == (5, 1, pytest.approx(0.21875))
+    assert mcnemar_exact([1, 0], [1, 0]) == (0, 0, 1.0)
+    assert paired_bootstrap([1] * 8, [0] * 8) == (1.0, 1.0, 1.0)
+    assert paired_bootstrap([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+    a = [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]
+    b = [1, 0, 1, 0, 0, 0, 1, 0, 0, 1]
+    mean, lo, hi = paired_bootstrap(a, b, n_boot=20000, seed=1)
+    assert mean == pytest.approx(0.3)
+    # the differences are 3 ones and 7 zeros: the bootstrap mean is Binomial(10, 0.3) / 10
+    assert lo == pytest.approx(0.0) and hi == pytest.approx(0.6)
+
+
+def test_bucket_by_distance_fixed_inputs() -> None:
+    dist = [-3, 0, 5, 127, 128, 300, 511, 512, 2047, 2048, 9000]
+    kl = [9.0, 1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 100.0, 200.0, 1000.0, 3000.0]
+    out = D.bucket_by_distance(dist, kl)
+    assert D.bucket_labels() == ["0-128", "128-512", "512-2K", "2K+"]
+    assert out == {"0-128": {"mean": 2.0, "n": 3}, "128-512": {"mean": 20.0, "n": 3},
+                   "512-2K": {"mean": 150.0, "n": 2}, "2K+": {"mean": 2000.0, "n": 2}}
+    assert D.bucket_by_distance([0, 1], [1.0, 3.0]) == {"0-128": {"mean": 2.0, "n": 2}}
+
+
+def test_summarize_pairs_the_same_items() -> None:
+    recs = []
+    for i, (x, y, f) in enumerate([(1, 0, 1), (1, 1, 1), (0, 0, 1), (1, 0, 0)]):
+        base = {"task": "t", "model": "m", "length": None, "item_id": str(i)}
+        recs += [dict(base, policy="infokv", budget_spec="128", correct=bool(x)),
+                 dict(base, policy="h2o", budget_spec="128", correct=bool(y)),
+                 dict(base, policy="full", budget_spec="full", correct=bool(f))]
+    recs.append({"task": "t", "model": "m", "length": None, "item_id": "9", "policy": "h2o", "budget_spec": "128",
+                 "correct": True})  # not answered by infokv: left out of the pairing
+    rows = {(r["policy"], r["budget"]): r for r in T.summarize(recs)}
+    inf = rows[("infokv", "128")]
+    assert (inf["n"], inf["correct"]) == (4, 3) and inf["ci95"] == pytest.approx(list(wilson(3, 4)))
+    assert inf["paired"]["h2o"]["n"] == 4 and inf["paired"]["h2o"]["diff"] == pytest.approx(0.5)
+    assert (inf["paired"]["h2o"]["wins"], inf["paired"]["h2o"]["losses"]) == (2, 0)
+    assert inf["paired"]["full"]["diff"] == 0.0
+    assert rows[("h2o", "128")]["n"] == 5
+
+
+# ---- tiny real runs on SmolLM2 -------------------------------------------------------------------
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_tasks_command_tiny_real_run(tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "dp.json"
+    argv = ["tasks", "--task", "decode-pressure", "--model", str(model_path), "--limit", "1", "--max-tokens", "24",
+            "--budget", "48", "--buffer", "16", "--policies", "full,infokv,streaming", "--out", str(out),
+            "--no-progress"]
+    assert evidence_cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    recs = _lines(out.with_suffix(".jsonl"))
+    assert len(recs) == 3 and len(data["items"]) == 3
+    by = {r["policy"]: r for r in recs}
+    assert by["full"]["evicted_tokens"] == 0 and by["full"]["budget"] is None
+    for p in ("infokv", "streaming"):
+        assert by[p]["budget"] == 48 and by[p]["evicted_tokens"] > 0 and by[p]["max_used_cells"] <= 48 + 16
+        assert by[p]["prompt_tokens"] == by["full"]["prompt_tokens"] > 48
+    assert {(r["policy"], r["budget"]) for r in data["results"]} == {("full", "full"), ("infokv", "48"),
+                                                                     ("streaming", "48")}
+    assert all(set(r) >= {"task", "model", "policy", "budget", "n", "correct", "accuracy", "ci95"}
+               for r in data["results"])
+    # resumable: a rerun generates nothing new; a torn last line is dropped and redone
+    assert evidence_cli.main(argv) == 0
+    assert len(_lines(out.with_suffix(".jsonl"))) == 3
+    text = out.with_suffix(".jsonl").read_text().splitlines()
+    out.with_suffix(".jsonl").write_text("\n".join(text[:2]) + "\n" + text[2][:20])
+    assert evidence_cli.main(argv) == 0
+    again = _lines(out.with_suffix(".jsonl"))
+    assert len(again) == 3 and {r["policy"] for r in again} == {"full", "infokv", "streaming"}
+
+
+def test_tasks_long_prefill_and_retrieval_tiny(tmp_path: Path, model_path: Path) -> None:
+    for task in ("long-prefill", "retrieval"):
+        out = tmp_path / f"{task}.json"
+        assert evidence_cli.main(["tasks", "--task", task, "--model", str(model_path), "--limit", "1", "--lengths",
+                                  "384", "--max-tokens", "8", "--ratio", "0.25", "--buffer", "32", "--policies",
+                                  "full,snapkv", "--out", str(out), "--no-progress"]) == 0
+        recs = _lines(out.with_suffix(".jsonl"))
+        assert len(recs) == (2 if task == "long-prefill" else 4)
+        for r in recs:
+            assert r["length"] == 384 and r["prompt_tokens"] >= 0.95 * 384
+            if r["policy"] == "snapkv":
+                assert r["budget"] == int(0.25 * r["prompt_tokens"]) and r["evicted_tokens"] > 0
+
+
+def test_fidelity_decode_tiny_real_run(tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "fd.json"
+    argv = ["fidelity-decode", "--model", str(model_path), "--limit", "1", "--max-tokens", "48", "--budget", "60,4000",
+            "--buffer", "16", "--policies", "infokv,streaming,full", "--traces", str(tmp_path / "tr.jsonl"),
+            "--out", str(out), "--by-distance", "--no-progress"]
+    assert evidence_cli.main(argv) == 0
+    (trace,) = _lines(tmp_path / "tr.jsonl")
+    assert len(trace["trace_ids"]) > 16 and len(trace["prompt_ids"]) > 60 + 16
+    rows = {(r["policy"], r["budget"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("infokv", "60"), ("streaming", "60"), ("infokv", "4000"), ("streaming", "4000")}
+    for p in ("infokv", "streaming"):
+        r = rows[(p, "60")]
+        # the prompt alone overflows 60 + 16: compressed from the prefill on, every trace token counted
+        assert r["n_tokens"] == len(trace["trace_ids"]) and r["mean_kl"] > 0
+        assert 0 <= r["top1_agreement"] <= 1 and math.isfinite(r["delta_nll"])
+        assert sum(b["n"] for b in r["by_distance"].values()) == r["n_tokens"]
+        big = rows[(p, "4000")]
+        assert big["n_never_compressed"] == 1 and big["n_tokens"] == 0
+    assert (tmp_path / "fd-by-distance.png").stat().st_size > 1000
+
+
+def test_replay_counts_from_the_first_compression(model: Model) -> None:
+    """The first compression starts the count (the token decoded after it), distances grow by one per token."""
+    toks = model.tokenize(TD.cot_prompt("Tom has 3 apples and buys 4 more. How many apples does he have?"))
+    trace = {"id": "x", "prompt_ids": toks, "trace_ids": model.tokenize(" He has 7 apples. " * 12, add_special=False)}
+    n_all = len(toks) + len(trace["trace_ids"])
+    b = n_all - 40  # compresses once the sequence passes b + buffer
+    res = D.replay_trace(model, trace, [("h2o", str(b))], buffer=16)[("h2o", str(b))]
+    assert res["first_evict"] == b + 16
+    d = res["distance"]
+    assert d[0] == 0 and d == list(range(len(d)))
+    assert len(res["kl"]) == n_all - 1 - res["first_evict"]
+
+
+def test_wired_into_the_bench_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from infokv_local.__main__ import main
+
+    for sub in ("tasks", "fidelity-decode"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", sub, "--help"])
+        assert e.value.code == 0
+        assert "--budget" in capsys.readouterr().out
+
+
+def test_kl_ratios_fixed_inputs() -> None:
+    def rec(item: str, policy: str, kl: list[float]) -> dict:
+        return {"model": "m", "budget_spec": "r0.25", "item_id": item, "policy": policy, "kl": kl}
+
+    recs = [rec("a", "infokv", [1.0, 1.0]), rec("a", "h2o", [2.0, 2.0]), rec("a", "snapkv", [1.0, 3.0]),
+            rec("b", "infokv", [3.0]), rec("b", "h2o", [6.0]), rec("b", "snapkv", [4.0]),
+            rec("c", "h2o", [9.0])]  # trace c has no infokv record: not paired
+    (r,) = D.kl_ratios(recs)
+    assert r["n_traces"] == 2 and r["best_baseline"] == "snapkv" and "tova" not in r
+    assert r["h2o"]["ratio"] == pytest.approx(0.5) and r["h2o"]["ci95"] == pytest.approx([0.5, 0.5])
+    assert r["snapkv"]["ratio"] == pytest.approx(5 / 8) and r["best"] == r["snapkv"]
+    lo, hi = r["snapkv"]["ci95"]
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.75)  # per-trace ratios 2/4 and 3/4
