@@ -295,7 +295,7 @@ class Engine:
                 sampler.accept(t)
             stops = set(stop_tokens)
             for i in range(max_tokens):
-                tok = sampler.sample(self.ctx.ptr)
+                tok = sampler.sample(self.ctx)
                 if (self.model.is_eog(tok) and not ignore_eos) or tok in stops:
                     return
                 yield tok
