@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from ..settings import DEFAULTS
+
 
 class ChatLLM(Protocol):
     """What the UI needs from :class:`infokv_local.InfoKVLlama`."""
@@ -28,15 +30,16 @@ class ChatLLM(Protocol):
 
 @dataclass(frozen=True)
 class Settings:
-    """The controls of the chat; a change applies to the next message."""
+    """The controls of the chat; a change applies to the next message. The cache's defaults are
+    :data:`infokv_local.settings.DEFAULTS` (shared with the API and the command line)."""
 
-    policy: str = "infokv"
-    budget: int = 256
-    buffer: int = 64
+    policy: str = DEFAULTS.policy
+    budget: int = DEFAULTS.budget
+    buffer: int = DEFAULTS.buffer
     temperature: float = 0.7
     max_tokens: int = 512
-    n_sink: int = 4
-    n_recent: int = 32
+    n_sink: int = DEFAULTS.n_sink
+    n_recent: int = DEFAULTS.n_recent
 
     @property
     def min_budget(self) -> int:
