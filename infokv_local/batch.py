@@ -183,8 +183,10 @@ def run_batch(args: argparse.Namespace) -> int:
                     if item.messages is not None:
                         res = llm.create_chat_completion(item.messages, **params)
                         text = res["choices"][0]["message"]["content"]
-                    else:
+                    elif item.prompt is not None:
                         res = llm.create_completion(item.prompt, **params)
+                    else:
+                        raise BatchInputError('needs exactly one of "prompt" and "messages"')
                         text = res["choices"][0]["text"]
                 except (ValueError, RuntimeError) as e:  # bad parameters, a full cache...: report, go on
                     failed += 1

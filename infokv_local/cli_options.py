@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .api import InfoKVLlama
 from .settings import DEFAULTS, Settings
@@ -48,7 +49,7 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> N
     g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling options as keyword arguments of ``create_(chat_)completion``."""
     if args.max_tokens <= 0:
         raise ValueError("--max-tokens must be positive")
@@ -88,7 +89,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                           n_gpu_layers=args.n_gpu_layers, seed=args.seed)
 
 
-def kv_summary(kv: dict[str, object]) -> str:
+def kv_summary(kv: dict[str, Any]) -> str:
     budget = "no budget" if kv["budget"] is None else f"budget {kv['budget']} + buffer {kv['buffer']}"
     return (f"{kv['policy']}, {budget}: KV cells used {kv['used_cells']} (max {kv['max_used_cells']}, "
             f"{int(kv['kv_bytes']) / 2**20:.1f} MiB), {kv['evicted_tokens']} tokens evicted in "

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from ..text_stream import token_bytes
-from .completion import CompletionMixin, _grammar_text, _join_completion, _n_logprobs, _stops
+from .completion import CompletionMixin, CompletionResult, _grammar_text, _join_completion, _n_logprobs, _stops
 
 
 class ChatMixin(CompletionMixin):
@@ -20,7 +20,20 @@ class ChatMixin(CompletionMixin):
 
     _formatter: Jinja2ChatFormatter | None = None
 
-    def create_chat_completion(
+    @overload
+    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
+                               top_k: int = ..., min_p: float = ..., stream: Literal[False] = ...,
+                               **kwargs: Any) -> dict[str, Any]: ...
+    @overload
+    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
+                               top_k: int = ..., min_p: float = ..., *, stream: Literal[True],
+                               **kwargs: Any) -> Iterator[dict[str, Any]]: ...
+    @overload
+    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
+                               top_k: int = ..., min_p: float = ..., stream: bool = ...,
+                               **kwargs: Any) -> CompletionResult: ...
+
+    def create_chat_completion(  # type: ignore[misc]  # the overloads name only the arguments that pick the type
         self,
         messages: list[dict[str, Any]],
         temperature: float = 0.2,
@@ -38,7 +51,7 @@ class ChatMixin(CompletionMixin):
         top_logprobs: int | None = None,
         response_format: dict[str, Any] | None = None,
         grammar: Any = None,
-    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    ) -> CompletionResult:
         """Reply to a conversation, formatted by the chat template in the GGUF metadata.
 
         Arguments and result as ``Llama.create_chat_completion``. Pass the whole history each
@@ -48,7 +61,7 @@ class ChatMixin(CompletionMixin):
         ``{"type": "json_schema", "json_schema": {"schema": ...}}`` constrains the reply to JSON
         through llama.cpp's grammar sampler; ``grammar`` takes a GBNF text or a ``LlamaGrammar``.
         """
-        formatted = self._chat_formatter()(messages=messages)
+        formatted = self._chat_formatter()(messages=messages)  # type: ignore[arg-type]  # OpenAI message dicts
         gbnf = _grammar_text(grammar)
         if response_format is not None:
             if gbnf is not None:
@@ -81,12 +94,12 @@ def _response_format_grammar(fmt: dict[str, Any]) -> str | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_schema_to_gbnf(json.dumps(fmt["schema"])) if "schema" in fmt else JSON_GBNF
+        return str(json_schema_to_gbnf(json.dumps(fmt["schema"]))) if "schema" in fmt else str(JSON_GBNF)
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:
             raise ValueError('response_format {"type": "json_schema"} needs "json_schema": {"schema": {...}}')
-        return json_schema_to_gbnf(json.dumps(spec["schema"]))
+        return str(json_schema_to_gbnf(json.dumps(spec["schema"])))
     raise ValueError(f"unsupported response_format {fmt!r}: use {{'type': 'json_object'}} (optionally with a "
                      f"'schema'), {{'type': 'json_schema', 'json_schema': {{'schema': ...}}}} or {{'type': 'text'}}")
 

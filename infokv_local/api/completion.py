@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -21,6 +21,8 @@ from ..text_stream import StopMatcher, Utf8Pieces, token_bytes
 from .base import _Run
 from .kv import KVStatsMixin
 from .prompt import text_of
+
+CompletionResult = dict[str, Any] | Iterator[dict[str, Any]]  # a whole result, or its chunks with stream=True
 
 
 @dataclass
@@ -40,9 +42,38 @@ class _Logprobs:
 class CompletionMixin(KVStatsMixin):
     """``create_completion`` and ``__call__``."""
 
-    def __call__(self, prompt: str | bytes, **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    @overload
+    def __call__(self, prompt: str | bytes, *, stream: Literal[False] = ..., **kwargs: Any) -> dict[str, Any]: ...
+    @overload
+    def __call__(self, prompt: str | bytes, *, stream: Literal[True], **kwargs: Any) -> Iterator[dict[str, Any]]: ...
+    @overload
+    def __call__(self, prompt: str | bytes, *, stream: bool, **kwargs: Any) -> CompletionResult: ...
+
+    def __call__(self, prompt: str | bytes, *, stream: bool = False, **kwargs: Any) -> CompletionResult:
         """Same as :meth:`create_completion` (as ``Llama.__call__``)."""
-        return self.create_completion(prompt, **kwargs)
+        return self.create_completion(prompt, stream=stream, **kwargs)
+
+    @overload
+    def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
+                          top_p: float = ..., min_p: float = ..., top_k: int = ...,
+                          stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
+                          presence_penalty: float = ..., repeat_penalty: float = ...,
+                          stream: Literal[False] = ..., seed: int | None = ..., logprobs: int | None = ...,
+                          echo: bool = ..., grammar: Any = ...) -> dict[str, Any]: ...
+    @overload
+    def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
+                          top_p: float = ..., min_p: float = ..., top_k: int = ...,
+                          stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
+                          presence_penalty: float = ..., repeat_penalty: float = ..., *, stream: Literal[True],
+                          seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
+                          grammar: Any = ...) -> Iterator[dict[str, Any]]: ...
+    @overload
+    def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
+                          top_p: float = ..., min_p: float = ..., top_k: int = ...,
+                          stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
+                          presence_penalty: float = ..., repeat_penalty: float = ..., stream: bool = ...,
+                          seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
+                          grammar: Any = ...) -> CompletionResult: ...
 
     def create_completion(
         self,
@@ -61,7 +92,7 @@ class CompletionMixin(KVStatsMixin):
         logprobs: int | None = None,
         echo: bool = False,
         grammar: Any = None,
-    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    ) -> CompletionResult:
         """Complete ``prompt``; the arguments and the result are those of ``Llama.create_completion``
         (pass them by keyword: ``suffix``, llama-cpp-python's second positional argument, is not supported).
 
@@ -131,6 +162,7 @@ class CompletionMixin(KVStatsMixin):
         except BaseException:
             self._active = False
             raise
+        assert isinstance(gen, Generator)
         utf8, stopper = Utf8Pieces(), StopMatcher(stops)
         consistent = False  # True once the prompt is in and the sequence's tokens are known
         base = len(prompt)  # text_offset counts from the prompt's start, as llama-cpp-python's does

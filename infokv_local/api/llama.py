@@ -72,7 +72,7 @@ class InfoKVLlama(ChatMixin):
         if isinstance(model_path, Model):
             self.model = model_path
         else:
-            self.model, self._owns_model = Model(model_path, n_gpu_layers=n_gpu_layers), True
+            self.model, self._owns_model = Model(os.fspath(model_path), n_gpu_layers=n_gpu_layers), True
         self.model_path = str(self.model.path)
         self.seed = seed
         self._calls = 0
