@@ -15,10 +15,11 @@ def utf8_of(text: str, what: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:
-        bad = text[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ") if text[e.start:e.end] else "?"
+        ch = text[e.start]
+        hint = f" (the undecodable byte {ord(ch) - 0xDC00:#04x}?)" if 0xDC80 <= ord(ch) <= 0xDCFF else ""
         raise ValueError(
-            f"the {what} is not valid UTF-8 text: character {e.start} is a lone surrogate {text[e.start]!r} "
-            f"(undecodable bytes {bad}?); pass text, or bytes that decode as UTF-8"
+            f"the {what} is not valid UTF-8 text: character {e.start} is a lone surrogate {ch!r}{hint}; "
+            f"pass text, or bytes that decode as UTF-8"
         ) from None
 
 
