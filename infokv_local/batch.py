@@ -185,9 +185,9 @@ def run_batch(args: argparse.Namespace) -> int:
                         text = res["choices"][0]["message"]["content"]
                     elif item.prompt is not None:
                         res = llm.create_completion(item.prompt, **params)
+                        text = res["choices"][0]["text"]
                     else:
                         raise BatchInputError('needs exactly one of "prompt" and "messages"')
-                        text = res["choices"][0]["text"]
                 except (ValueError, RuntimeError) as e:  # bad parameters, a full cache...: report, go on
                     failed += 1
                     bar.write(f"{inp}:{item.line}: item {item.id!r} failed: {e}")
