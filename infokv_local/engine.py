@@ -390,7 +390,7 @@ class Engine:
                 sampler.accept(t)
             stops = set(stop_tokens)
             for i in range(max_tokens):
-                tok = sampler.sample(self.ctx.ptr)
+                tok = sampler.sample(self.ctx)
                 if (self.model.is_eog(tok) and not ignore_eos) or tok in stops:
                     return
                 yield tok
@@ -514,7 +514,7 @@ class Engine:
             self._ent_at[new_cells] = sig.entropy_at
         if sig.layer_dist is not None:
             self._ldist[:, new_cells] = sig.layer_dist
-        if sig.attn_sum is not None:
+        if sig.attn_sum is not None and sig.attn_last is not None:
             self._attn_acc += sig.attn_sum
             for row in range(sig.attn_last.shape[1]):
                 self._ring[self._ring_next] = sig.attn_last[:, row]
@@ -571,7 +571,7 @@ class Engine:
             pending=self._pending,
             totals=_copy_totals(self.totals),
             compactions=self.compactions,
-            rng_state=self.rng.bit_generator.state,
+            rng_state=dict(self.rng.bit_generator.state),
             last_entropy=self.ctx._last_entropy,
             logits=self.ctx.logits(-1) if self.tokens and self._pending is None else None,
         )
@@ -611,7 +611,7 @@ class Engine:
         self.compactions = snap.compactions
         self.rng.bit_generator.state = snap.rng_state
         self.ctx._last_entropy = snap.last_entropy
-        self._restored_at_step = self.totals.steps  # logits are stale until the next decode
+        self._restored_at_step: int | None = self.totals.steps  # logits are stale until the next decode
         self._restored_logits = snap.logits
 
     def _refresh_logits(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import numpy as np
 
@@ -42,5 +43,5 @@ def topk_entropy_ctx(ctx_ptr: object, rows: np.ndarray, n_vocab: int, k: int) ->
     return out
 
 
-def _address(ptr: object) -> int:
+def _address(ptr: Any) -> int:
     return ctypes.cast(ptr, ctypes.c_void_p).value or 0

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llama_cpp import llama_cpp as llama
+
+if TYPE_CHECKING:
+    from .context import StatsContext
+    from .model import Model
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int = 0
+    grammar: str | None = None  # a GBNF grammar (root rule "root") the output must follow
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -35,16 +41,29 @@ class SamplingParams:
 
 
 class Sampler:
-    """A llama.cpp sampler chain built from :class:`SamplingParams`; free it with :meth:`close`."""
+    """A llama.cpp sampler chain built from :class:`SamplingParams`; free it with :meth:`close`.
+
+    The chain is: repetition penalties (when on), the grammar (when given), then greedy or
+    top-k / top-p / min-p / temperature / random draw. The grammar needs the model's vocabulary, so
+    everything after the penalties is added on the first :meth:`sample`, from the context's model.
+    """
 
     def __init__(self, params: SamplingParams, n_vocab: int) -> None:
         self.params = params
         self._chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        add = lambda s: llama.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        self._penalties = None
+        self._complete = False
         p = params
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            add(llama.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty,
-                                                   p.presence_penalty))
+            self._penalties = llama.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty,
+                                                                 p.frequency_penalty, p.presence_penalty)
+            llama.llama_sampler_chain_add(self._chain, self._penalties)
+
+    def _finish_chain(self, model: Model) -> None:
+        add = lambda s: llama.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        p = self.params
+        if p.grammar is not None:
+            add(grammar_sampler(model, p.grammar))
         if p.temperature == 0:
             add(llama.llama_sampler_init_greedy())
         else:
@@ -56,19 +75,41 @@ class Sampler:
                 add(llama.llama_sampler_init_min_p(p.min_p, 1))
             add(llama.llama_sampler_init_temp(p.temperature))
             add(llama.llama_sampler_init_dist(p.seed))
+        self._complete = True
 
-    def sample(self, ctx_ptr: llama.llama_context_p, idx: int = -1) -> int:
+    def sample(self, ctx: StatsContext, idx: int = -1) -> int:
         """Sample from output row ``idx`` of the context's last decode (and accept the token)."""
-        return int(llama.llama_sampler_sample(self._chain, ctx_ptr, idx))
+        if self._chain is None:
+            raise ValueError("the sampler is closed")
+        if not self._complete:
+            self._finish_chain(ctx.model)
+        return int(llama.llama_sampler_sample(self._chain, ctx.ptr, idx))
 
     def accept(self, token: int) -> None:
-        """Record a token that was not sampled here (e.g. the prompt) for the repetition penalties."""
-        llama.llama_sampler_accept(self._chain, token)
+        """Record a token that was not sampled here (e.g. the prompt) for the repetition penalties
+        (only: a grammar constrains what is generated, not the prompt)."""
+        if self._penalties is not None:
+            llama.llama_sampler_accept(self._penalties, token)
 
     def close(self) -> None:
         if self._chain is not None:
-            llama.llama_sampler_free(self._chain)
+            llama.llama_sampler_free(self._chain)  # frees the samplers it holds
             self._chain = None
+            self._penalties = None
 
     def __del__(self) -> None:
         self.close()
+
+
+def grammar_sampler(model: Model, grammar: str) -> llama.llama_sampler_p:
+    """llama.cpp's grammar sampler for a GBNF text (root rule ``root``); ``ValueError`` when it does not parse."""
+    sampler = llama.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise ValueError("the grammar does not parse (llama.cpp's GBNF parser refused it; its message is in "
+                         "llama.cpp's log, shown with --verbose / INFOKV_VERBOSE=1)")
+    return sampler
+
+
+def check_grammar(model: Model, grammar: str) -> None:
+    """Raise ``ValueError`` now, before any decoding, if ``grammar`` does not parse."""
+    llama.llama_sampler_free(grammar_sampler(model, grammar))

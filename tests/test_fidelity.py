@@ -45,6 +45,11 @@ def test_fidelity_on_one_document(model):
         assert 0 <= s["mean_kl"] <= s["p95_kl"] * 10
         assert 0.3 < s["top1_agreement"] <= 1
         assert s["delta_nll"] > -0.5
+    # the same tokens, the same budget: InfoKV must keep the distribution closer to the full cache's than
+    # random eviction (seeded, so the comparison is fixed), or the policy is broken
+    pol = res["policies"]
+    assert pol["infokv"]["mean_kl"] < pol["random"]["mean_kl"]
+    assert pol["infokv"]["top1_agreement"] >= pol["random"]["top1_agreement"]
 
 
 def test_cli_fidelity_writes_json(tmp_path):

@@ -1,11 +1,14 @@
-"""The README's examples run as written: every code block after a ``<!-- tested -->`` line."""
+"""The README's examples run as written, and print or do what the README says: every code block after a
+``<!-- tested -->`` line has a check in :data:`CHECKS`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,10 +26,72 @@ def test_the_readme_has_readme_blocks():
     assert kinds.count("python") >= 2 and kinds.count("sh") >= 2
 
 
+def _api(out: str, err: str, cwd: Path) -> None:
+    nums = [line for line in out.splitlines() if re.fullmatch(r"\d+ \d+ \d+ \d+", line)]
+    assert len(nums) == 1, out
+    used, peak, evicted, kv_bytes = map(int, nums[0].split())
+    assert 0 < used <= peak <= 128 + 32 and evicted > 0 and kv_bytes % used == 0  # 200 tokens under 128 + 32
+    reused = re.search(r"^history reused: (\d+) tokens$", out, re.M)
+    assert reused and int(reused.group(1)) > 0, out  # the second turn reuses the compressed cache
+    assert len(out) > 300  # the story
+
+
+def _commands(out: str, err: str, cwd: Path) -> None:
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith('{"text"')]
+    assert len(lines) == 1, out
+    j = lines[0]
+    assert j["kv"]["policy"] == "h2o" and j["kv"]["budget"] == 64 and j["kv"]["max_used_cells"] <= 80
+    assert j["usage"]["completion_tokens"] == 100 and j["kv"]["evicted_tokens"] > 0 and j["text"]
+    assert err.count("tokens evicted in") >= 2  # generate's cache summary, chat's per turn
+    assert re.search(r"^default \(embedded\): .*\.gguf$", out, re.M)  # models
+    assert "qwen2.5-coder-1.5b" in out and "qwen2.5-coder-0.5b" in out
+
+
+def _batch(out: str, err: str, cwd: Path) -> None:
+    rows = [json.loads(line) for line in (cwd / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["fr", "h2o-story", "story"]  # each once: the rerun added nothing
+    by_id = {r["id"]: r for r in rows}
+    assert "Paris" in by_id["fr"]["text"] and by_id["story"]["usage"]["completion_tokens"] <= 150
+    assert by_id["h2o-story"]["kv"]["policy"] == "h2o" and all(r["kv"]["max_used_cells"] <= 80 for r in rows)
+    assert "3 items, 3 already in results.jsonl, 0 to do" in err
+    assert out.splitlines()[0].startswith('{"id": ')
+
+
+def _engine(out: str, err: str, cwd: Path) -> None:
+    assert out.strip() == "160 160"  # as the block's comment says: peak = budget + buffer
+
+
+def _signals(out: str, err: str, cwd: Path) -> None:
+    assert out.strip() == "(30, 10) (30, 1024) 8"  # as the block's comment says
+
+
+# what each tested block must print or leave behind, found by a line of its code
+CHECKS: dict[str, Callable[[str, str, Path], None]] = {
+    'out = llm.create_chat_completion(messages, max_tokens=200': _api,
+    "python -m infokv_local models": _commands,
+    "python -m infokv_local batch --input prompts.jsonl": _batch,
+    'with Engine(model, "infokv", budget=128': _engine,
+    "sig = ctx.decode(tokens, start_pos=0)": _signals,
+}
+
+
+def _check_of(code: str) -> Callable[[str, str, Path], None]:
+    found = [f for key, f in CHECKS.items() if key in code]
+    assert len(found) == 1, f"every tested README block needs exactly one check in CHECKS:\n{code}"
+    return found[0]
+
+
+def test_every_tested_block_has_a_check():
+    for _, code in readme_blocks():
+        _check_of(code)
+
+
 @pytest.mark.parametrize("kind, code", readme_blocks(), ids=lambda v: v.splitlines()[0][:50] if "\n" in v else v)
 def test_readme_block_runs(kind, code, tmp_path):
+    check = _check_of(code)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-c", code] if kind == "python" else ["bash", "-euo", "pipefail", "-c", code]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{kind} block failed:\n{code}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}"
     assert res.stdout.strip()
+    check(res.stdout, res.stderr, tmp_path)

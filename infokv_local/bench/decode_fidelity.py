@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,8 @@ def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buff
         def last_logits(eng: Engine, toks: list[int]) -> np.ndarray:
             row = None
             for _, lg in eng.feed(toks, all_logits=True):
-                row = lg[-1]
+                if lg is not None:
+                    row = lg[-1]
             assert row is not None
             return row
 
@@ -139,12 +141,13 @@ def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buff
             lp_full = log_softmax(last_logits(full, toks)[None, :])[0]
             target = tr[i]
             for key, eng in engines.items():
-                n_hist = len(eng.totals.history)
+                n_steps = eng.totals.steps
                 row = last_logits(eng, toks)
                 o = out[key]
                 if o["first_evict"] is None:
                     start = pos  # sequence index of the first token of the chunk decoded after the compression
-                    for st in eng.totals.history[n_hist:]:
+                    new_steps = list(islice(reversed(eng.totals.history), eng.totals.steps - n_steps))[::-1]
+                    for st in new_steps:
                         if st.evicted:
                             o["first_evict"] = start
                             break
@@ -213,7 +216,7 @@ def summarize(records: list[dict], edges: Sequence[int] = BUCKETS) -> list[dict]
             "mean_budget": float(np.mean([r["budget"] for r in recs])),
             "mean_kl": float(kl.mean()) if n else None, "p95_kl": float(np.percentile(kl, 95)) if n else None,
             "top1_agreement": float(agree.mean()) if n else None, "delta_nll": dn, "n_tokens": n,
-            "by_distance": bucket_by_distance(dist, kl, edges) if n else {},
+            "by_distance": bucket_by_distance(dist.tolist(), kl.tolist(), edges) if n else {},
         })
     return rows
 

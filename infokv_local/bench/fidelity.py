@@ -113,7 +113,7 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
     t_start = time.perf_counter()
     for doc in tqdm(docs, desc="documents", unit="doc", disable=not progress):
         toks = model.tokenize(doc["text"])[:max_tokens]
-        b = budget if budget is not None else max(int(ratio * len(toks)), n_sink + n_recent + 1)
+        b = budget if budget is not None else max(int(float(ratio or 0) * len(toks)), n_sink + n_recent + 1)
         full = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8)
         engines = {spec: Engine(model, p, budget=b, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
                                 window=window) for spec, p in policies.items()}
@@ -121,12 +121,15 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
         try:
             feeds = {spec: eng.feed(toks, all_logits=True) for spec, eng in engines.items()}
             for start, lf in full.feed(toks, all_logits=True):
+                if lf is None:
+                    raise RuntimeError("feed(all_logits=True) gave no logits")
                 n = len(lf)
                 targets = np.asarray(toks[start + 1 : start + 1 + n])
                 lp_full = log_softmax(lf)[: len(targets)]
                 for spec, feed in feeds.items():
                     s2, lc = next(feed)
-                    assert s2 == start
+                    if s2 != start or lc is None:
+                        raise RuntimeError(f"the engines' chunks differ ({s2} vs {start}) or gave no logits")
                     if engines[spec].totals.evicted_tokens == 0 or len(targets) == 0:
                         continue
                     doc_tallies[spec].add(lp_full, log_softmax(lc)[: len(targets)], targets)

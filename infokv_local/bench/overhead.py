@@ -141,8 +141,8 @@ def _stock_lib_dir() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """This benchmark's options (on its own parser, or on ``python -m infokv_local bench overhead``)."""
     ap.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M)")
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens to prefill")
@@ -154,14 +154,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stock-lib", help="folder of the unpatched libllama (default: build or reuse it)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:
+        ap.error(str(e))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the benchmark with parsed options; ``ValueError`` on options that do not fit together."""
     if args.model is None:
         from infokv_local.model import default_model_path
 
         args.model = str(default_model_path())
     if args.prompt + args.gen > args.n_ctx:
-        ap.error("--prompt + --gen must fit in --n-ctx")
+        raise ValueError("--prompt + --gen must fit in --n-ctx")
 
     if args.worker:
         res = _worker(args.worker, args.model, args.n_ctx, args.prompt, args.gen, args.batch, args.threads,

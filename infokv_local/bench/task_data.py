@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,9 @@ def long_prefill_context(question: str, target_tokens: int, count: TokenCount, s
 
     def build(k: int) -> str:
         chunk = pool[:k]
-        gaps = np.sort(np.random.default_rng(seed + 1).integers(0, k + 1, size=len(background))) if background else []
+        gaps: Any = []
+        if background:
+            gaps = np.sort(np.random.default_rng(seed + 1).integers(0, k + 1, size=len(background)))
         out: list[str] = []
         j = 0
         for g in range(k + 1):

@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -193,7 +193,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
             for it, p, spec in bar:
                 bar.set_postfix_str(f"{p} {spec}")
                 messages = [{"role": "user", "content": it.prompt}]
-                formatted = fmt(messages=messages)
+                formatted = fmt(messages=cast(Any, messages))
                 n_prompt = len(model.tokenize(formatted.prompt, add_special=not formatted.added_special))
                 rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
                                        "length": it.length, "policy": p, "budget_spec": spec,

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..settings import DEFAULTS
 from ..threads import default_threads
 
 BASELINE = "llama-cpp-python"
@@ -130,27 +131,36 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from ..registry_models import resolve_model_path
-
-    ap = argparse.ArgumentParser(prog="python -m infokv_local bench throughput", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """This benchmark's options (on its own parser, or on ``python -m infokv_local bench throughput``)."""
     ap.add_argument("--model", help="GGUF file or registry name (default: the embedded SmolLM2-135M)")
     ap.add_argument("--policies", default="full,streaming,h2o,snapkv,tova,infokv")
-    ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--buffer", type=int, default=64)
+    ap.add_argument("--budget", type=int, default=DEFAULTS.budget)
+    ap.add_argument("--buffer", type=int, default=DEFAULTS.buffer)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the benchmark with parsed options."""
+    from ..registry_models import resolve_model_path
+
     result = run_throughput(str(resolve_model_path(args.model)), [p for p in args.policies.split(",") if p],
                             args.budget, args.buffer, args.prompt_tokens, args.max_tokens, args.rounds, args.threads)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m infokv_local bench throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import InfoKVError
 from ..policies import make_policy
 from .metrics import Metrics
-from .schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, _Sampling, validation_param
+from .schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, _Sampling, validation_param
 from .slots import Lease, QueueFull, SlotPool
 
 
@@ -61,8 +61,7 @@ class APIError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        body = ErrorResponse(error={"message": self.message, "type": self.type, "param": self.param,
-                                    "code": self.code})
+        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
         return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
@@ -316,7 +315,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
         try:
             messages = req.plain_messages()
-            prompt = formatter()(messages=messages).prompt
+            prompt = formatter()(messages=cast(Any, messages)).prompt
         except Exception as e:  # noqa: BLE001 (a template that refuses these messages)
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from e
         kw = req.sampling_kwargs(default_temperature=1.0)

@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     """Load the model, build the app and serve it until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the chat UI needs Gradio, an optional part: pip install 'infokv-local[ui]' "
+              "(or `make setup`, which installs everything)", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     ui_log = logging.getLogger("infokv_local.ui")

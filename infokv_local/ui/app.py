@@ -134,7 +134,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             return new_session(request)
 
         def prepare(message: str, system_prompt: str, pol: str, bud: float | None, buf: float | None, temp: float,
-                    max_new: float | None, session: ChatSession | None, request: gr.Request):
+                    max_new: float | None, session: ChatSession | None, request: gr.Request) -> Any:
             session = session or new_session(request)
             if not (message or "").strip():
                 raise gr.Error("Type a message first.", duration=4)
@@ -173,7 +173,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             if session is not None:
                 session.stop()
 
-        def on_new(session: ChatSession | None, request: gr.Request):
+        def on_new(session: ChatSession | None, request: gr.Request) -> Any:
             session = session or new_session(request)
             if not session.new_chat():
                 gr.Warning("The answer did not stop in time; try again.")

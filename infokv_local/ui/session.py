@@ -11,14 +11,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from ..settings import DEFAULTS
 
 
 class ChatLLM(Protocol):
     """What the UI needs from :class:`infokv_local.InfoKVLlama`."""
 
-    def configure(self, **kwargs: Any) -> None: ...
-    def create_chat_completion(self, messages: list[dict[str, str]], **kwargs: Any) -> Iterator[dict[str, Any]]: ...
+    def configure(self, *, policy: str | None = ..., budget: int | None = ..., buffer: int | None = ...,
+                  n_sink: int | None = ..., n_recent: int | None = ...) -> None: ...
+    def create_chat_completion(self, messages: list[dict[str, Any]], *, stream: Literal[True],
+                               **kwargs: Any) -> Iterator[dict[str, Any]]: ...
     def kv_stats(self) -> dict[str, Any]: ...
     def cell_history(self) -> list[tuple[int, int]]: ...
     def cache_map(self) -> Any: ...
@@ -28,15 +32,16 @@ class ChatLLM(Protocol):
 
 @dataclass(frozen=True)
 class Settings:
-    """The controls of the chat; a change applies to the next message."""
+    """The controls of the chat; a change applies to the next message. The cache's defaults are
+    :data:`infokv_local.settings.DEFAULTS` (shared with the API and the command line)."""
 
-    policy: str = "infokv"
-    budget: int = 256
-    buffer: int = 64
+    policy: str = DEFAULTS.policy
+    budget: int = DEFAULTS.budget
+    buffer: int = DEFAULTS.buffer
     temperature: float = 0.7
     max_tokens: int = 512
-    n_sink: int = 4
-    n_recent: int = 32
+    n_sink: int = DEFAULTS.n_sink
+    n_recent: int = DEFAULTS.n_recent
 
     @property
     def min_budget(self) -> int:

@@ -1,0 +1,112 @@
+"""What the cache holds: the ``kv`` block, the grow-and-compress history and the cache map.
+
+``max_used_cells`` means one thing everywhere: the most cells in use at any step since the
+conversation began (the object's creation, :meth:`reset`, :meth:`configure`, or a prompt that
+shares no prefix with the cache, which starts the sequence over). A request's ``usage.kv`` (and
+every chunk's ``kv``) adds ``request_max_used_cells``: the most during that request alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..engine import kv_bytes_per_token
+from ..model import Model
+from ..text_stream import Utf8Pieces, token_bytes
+from .base import LlamaBase, _Run
+
+
+@dataclass
+class CacheMap:
+    """The conversation's tokens and what the cache holds of them (for display)."""
+
+    pieces: list[str]  # the text of every token of the sequence (control tokens as their text; a character
+    # split across tokens is on the token that completes it)
+    in_cache: np.ndarray  # bool per token
+    score: np.ndarray  # the policy's score per cached token (higher = kept longer); NaN otherwise
+    protected: np.ndarray  # bool per token: a sink or recent token, never evicted
+    evicted: np.ndarray  # bool per token: removed from the cache (not in_cache and not the undecoded last token)
+
+
+class KVStatsMixin(LlamaBase):
+    """The ``kv`` block and the views of the cache."""
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.engine.kv_bytes_per_cell
+
+    @staticmethod
+    def budget_mib_for(model: Model, tokens: int) -> float:
+        """MiB of KV memory that ``tokens`` cached tokens take for this model."""
+        return tokens * kv_bytes_per_token(model) / 2**20
+
+    def kv_stats(self) -> dict[str, Any]:
+        """The ``kv`` block: policy, budget, cells in use (now and the most at any step since the
+        conversation began), KV bytes, compressions and evicted tokens, since the last reset.
+        Waits for the model's lock (a step of another request on the model ends first)."""
+        with self._lock:
+            return self._kv_stats()
+
+    def _kv_stats(self) -> dict[str, Any]:
+        e = self.engine
+        t = e.totals
+        used = e.used_cells
+        return {
+            "policy": e.policy.name,
+            "budget": e.budget if e.policy.evicts else None,
+            "buffer": e.buffer if e.policy.evicts else None,
+            "capacity": e.capacity,
+            "used_cells": used,
+            "max_used_cells": max(t.max_used_cells, used),
+            "kv_bytes": used * e.kv_bytes_per_cell,
+            "kv_bytes_per_token": e.kv_bytes_per_cell,
+            "evictions": t.evictions,
+            "evicted_tokens": t.evicted_tokens,
+            "compactions": e.compactions,
+            "sequence_tokens": len(e.tokens),
+            "n_threads": e.n_threads,
+            "flash_attn": e.flash_attn,
+            "cache_type_k": e.cache_type_k,
+            "cache_type_v": e.cache_type_v,
+        }
+
+    def cell_history(self) -> list[tuple[int, int]]:
+        """(tokens read so far, cells in use) before and after every engine step since the last reset:
+        the saw-tooth of grow-and-compress."""
+        return self.engine.totals.cell_history()
+
+    def cache_map(self) -> CacheMap:
+        """Every token of the sequence, whether it is still cached, and the policy's score of it."""
+        with self._lock:
+            e = self.engine
+            idx, scores, protected = e.token_scores()
+            n = len(e.tokens)
+            pending = e.pending_token is not None
+            utf8 = Utf8Pieces()  # a character split across tokens is shown on the token that completes it
+            pieces = [utf8.push(token_bytes(self.model, t, special=True)) for t in e.tokens]
+        in_cache = np.zeros(n, dtype=bool)
+        score = np.full(n, np.nan)
+        prot = np.zeros(n, dtype=bool)
+        ok = (idx >= 0) & (idx < n)
+        in_cache[idx[ok]] = True
+        score[idx[ok]] = scores[ok]
+        prot[idx[ok]] = protected[ok]
+        evicted = ~in_cache
+        if n and pending:
+            evicted[-1] = False
+        return CacheMap(pieces=pieces, in_cache=in_cache, score=score, protected=prot, evicted=evicted)
+
+    def _kv(self, run: _Run) -> dict[str, Any]:
+        """A request's ``kv`` block (the caller holds the model's lock)."""
+        run.max_used_cells = self.engine.totals.max_used_since(run.first_step)
+        kv = self._kv_stats()
+        kv["request_max_used_cells"] = max(run.max_used_cells, kv["used_cells"])
+        kv["reused_tokens"] = run.reused_tokens
+        now = time.perf_counter()
+        kv["tokens_per_s"] = (run.completion_tokens - 1) / (now - run.t_first) if run.t_first and \
+            run.completion_tokens > 1 else None
+        return kv

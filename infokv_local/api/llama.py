@@ -1,0 +1,216 @@
+"""``InfoKVLlama``: the object and its lifetime (loading, closing, reset, configure, tokens).
+
+The completion and chat methods take llama-cpp-python's arguments and return the same
+OpenAI-style dicts as ``llama_cpp.Llama`` (choices, finish_reason, usage; chunk dicts with
+``stream=True``). What is new: the budget and the eviction policy, and a ``kv`` block (in
+``usage`` and in every chunk) telling what the cache holds. Successive calls reuse the compressed
+cache for the part of the prompt it already holds (a chat's history), instead of prefilling it again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import Engine, EngineSnapshot
+from ..model import Model
+from ..policies import Policy
+from ..settings import DEFAULTS, Settings
+from ..text_stream import token_bytes
+from .chat import ChatMixin
+from .prompt import PromptCache
+
+_model_locks: weakref.WeakKeyDictionary[Model, threading.Lock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: Model) -> threading.Lock:
+    """The lock that queues generation on one loaded model (shared by every InfoKVLlama on it)."""
+    with _locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.Lock()
+        return lock
+
+
+class InfoKVLlama(ChatMixin):
+    """A GGUF model generating under a fixed KV-cache budget, used like ``llama_cpp.Llama``.
+
+    ``model_path`` is a GGUF file or an already loaded :class:`~infokv_local.model.Model` (shared,
+    e.g. between chat sessions; it is then not closed here). ``budget`` (tokens) or ``budget_mib``
+    (MiB of KV memory) is what the cache is compressed to, ``buffer`` how far it grows between
+    compressions; the ``n_sink`` first and ``n_recent`` last tokens are never evicted (``n_ctx``
+    sizes the context of the non-evicting ``full`` policy; default the model's trained context). ``policy`` is
+    a name (``infokv``, ``h2o``, ``snapkv``, ``tova``, ``streaming``, ``full``...; parameters as
+    ``"infokv:alpha=0.9"``) or a :class:`~infokv_local.policies.Policy`. ``flash_attn`` (None: chosen
+    per backend), ``cache_type_k`` / ``cache_type_v`` (``f16``, ``q8_0``, ``q4_0``...) are the
+    engine's (:class:`~infokv_local.engine.Engine`). The defaults are
+    :data:`infokv_local.settings.DEFAULTS`, shared with the command line and the chat UI.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | Model,
+        *,
+        policy: str | Policy = DEFAULTS.policy,
+        budget: int | None = DEFAULTS.budget,
+        budget_mib: float | None = DEFAULTS.budget_mib,
+        buffer: int = DEFAULTS.buffer,
+        n_sink: int = DEFAULTS.n_sink,
+        n_recent: int = DEFAULTS.n_recent,
+        window: int = DEFAULTS.window,
+        n_batch: int = DEFAULTS.n_batch,
+        n_threads: int | None = DEFAULTS.n_threads,
+        n_gpu_layers: int = DEFAULTS.n_gpu_layers,
+        seed: int = DEFAULTS.seed,
+        n_ctx: int | None = DEFAULTS.n_ctx,
+        flash_attn: bool | None = DEFAULTS.flash_attn,
+        cache_type_k: str = DEFAULTS.cache_type_k,
+        cache_type_v: str = DEFAULTS.cache_type_v,
+        check_invariants: bool = False,
+    ) -> None:
+        self._engine = None
+        self._owns_model = False
+        if isinstance(model_path, Model):
+            self.model = model_path
+        else:
+            self.model, self._owns_model = Model(os.fspath(model_path), n_gpu_layers=n_gpu_layers), True
+        self.model_path = str(self.model.path)
+        self.seed = seed
+        self._calls = 0
+        self._lock = model_lock(self.model)
+        self._engine_args: dict[str, Any] = dict(
+            policy=policy, budget=None if budget_mib is not None else budget, budget_mib=budget_mib, buffer=buffer,
+            n_sink=n_sink, n_recent=n_recent, window=window, n_batch=n_batch, n_threads=n_threads, seed=seed,
+            max_context=n_ctx, flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+            check_invariants=check_invariants,
+        )
+        try:
+            self._engine = Engine(self.model, **self._engine_args)
+        except BaseException:
+            self._free()
+            raise
+        self._prompt = PromptCache()
+        self._formatter = None
+        self._active = False
+
+    @classmethod
+    def from_settings(cls, model_path: str | os.PathLike[str] | Model, settings: Settings,
+                      **kwargs: Any) -> InfoKVLlama:
+        """Load with a :class:`~infokv_local.settings.Settings` (``kwargs``: e.g. ``check_invariants``)."""
+        return cls(model_path, **settings.as_kwargs(), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str, *, cache_dir: str | None = None,
+                        **kwargs: Any) -> InfoKVLlama:
+        """Load ``filename`` (a name or a glob) of a Hugging Face Hub repository, downloaded through
+        huggingface-hub or taken from its local cache when offline."""
+        from ..hub import hf_model_file
+
+        return cls(hf_model_file(repo_id, filename, cache_dir=cache_dir), **kwargs)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context (and the model, unless it was passed in loaded)."""
+        with self._lock:
+            self._free()
+
+    def _free(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._owns_model:
+            self.model.close()
+
+    def __enter__(self) -> InfoKVLlama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # no lock: the collector may run this on a thread that holds it; nobody else can use this context
+        if getattr(self, "_lock", None) is not None:
+            self._free()
+
+    def reset(self) -> None:
+        """Forget the conversation: the cache is emptied and the statistics restart.
+
+        Refused (``RuntimeError``) while a stream of this object is open: close it first."""
+        self._refuse_while_streaming("reset()")
+        with self._lock:
+            self.engine.reset()
+            self._prompt.clear()
+
+    def configure(self, *, policy: str | Policy | None = None, budget: int | None = None,
+                  budget_mib: float | None = None, buffer: int | None = None, n_sink: int | None = None,
+                  n_recent: int | None = None) -> None:
+        """Change the policy or the budget. The cache is rebuilt: the next call prefills its prompt again.
+
+        On a bad value (e.g. a budget too small for the protected tokens) nothing changes. Refused
+        (``RuntimeError``) while a stream of this object is open: close it first.
+        """
+        self._refuse_while_streaming("configure()")
+        args = dict(self._engine_args)
+        for key, value in dict(policy=policy, buffer=buffer, n_sink=n_sink, n_recent=n_recent).items():
+            if value is not None:
+                args[key] = value
+        if budget is not None or budget_mib is not None:
+            args["budget"], args["budget_mib"] = budget, budget_mib
+        with self._lock:
+            new = Engine(self.model, **args)  # raises before anything is replaced
+            self.engine.close()
+            self._engine, self._engine_args = new, args
+            self._prompt.clear()
+
+    # ---- tokens ----------------------------------------------------------------------------------
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Tokens of ``text`` (llama.cpp's tokenizer; same signature as ``Llama.tokenize``)."""
+        return self.model.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        return b"".join(token_bytes(self.model, t, special) for t in tokens)
+
+    # ---- parking a conversation -------------------------------------------------------------------
+    def export_state(self) -> SavedConversation:
+        """The conversation as it stands (the compressed cache, the signals, the text it holds), to be
+        continued later with :meth:`import_state` on this or another instance, without prefill."""
+        self._refuse_while_streaming("export_state()")
+        with self._lock:
+            return SavedConversation(engine=self.engine.snapshot(), segments=self._prompt.segments(),
+                                     calls=self._calls, engine_args=dict(self._engine_args))
+
+    def import_state(self, state: SavedConversation) -> None:
+        """Continue a conversation saved by :meth:`export_state`. The cache settings (policy, budget...)
+        become the saved ones if they differ; nothing is decoded."""
+        self._refuse_while_streaming("import_state()")
+        if state.engine_args != self._engine_args:
+            a = state.engine_args
+            self.configure(policy=a["policy"], budget=a["budget"], budget_mib=a["budget_mib"], buffer=a["buffer"],
+                           n_sink=a["n_sink"], n_recent=a["n_recent"])
+        with self._lock:
+            try:
+                self.engine.restore(state.engine)
+            except BaseException:
+                self._prompt.clear()
+                raise
+            self._prompt.restore(state.segments)
+            self._calls = state.calls
+
+
+@dataclass
+class SavedConversation:
+    """A conversation parked by :meth:`InfoKVLlama.export_state`."""
+
+    engine: EngineSnapshot
+    segments: list[tuple[bytes, int]]
+    calls: int
+    engine_args: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return self.engine.nbytes + sum(len(b) for b, _ in self.segments)

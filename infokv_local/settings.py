@@ -1,0 +1,61 @@
+"""The one set of defaults for loading a model and sizing its KV cache, shared by every surface.
+
+``InfoKVLlama``'s keyword defaults, the command line's options (``generate``, ``chat``, ``batch``),
+the chat UI and the throughput benchmark all read :data:`DEFAULTS`, so a budget means the same thing
+wherever it is left out.
+
+Why these values: ``budget=256`` + ``buffer=64`` is what the command line, the chat UI, the batch
+runner and the throughput benchmark (``results/throughput-smollm2.json``) already used; only the
+Python API differed (1024 + 128). 256 + 64 cells is small enough that eviction is visible on the
+short prompts of the demo and the chat (a 1024-token budget never evicts in a short chat, so the
+point of the package would not show), keeps the attended window at 320 cells (decode 1.1-1.35x
+llama-cpp-python's full cache in the throughput table) and takes under 10 MiB of KV memory for the
+1.5B demo model. Long documents want more: pass ``budget`` (or ``budget_mib``). ``n_sink=4``
+(StreamingLLM's attention sinks), ``n_recent=32`` and ``window=32`` (SnapKV's observation window)
+are the values the fidelity benchmark measured. ``n_threads=None`` means the physical cores this
+process may use (:func:`~infokv_local.threads.default_threads`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to load a model and size its KV cache. Sampling parameters are per request, not here."""
+
+    policy: str = "infokv"  # a policy name, parameters as "infokv:alpha=0.9"
+    budget: int = 256  # tokens the cache is compressed to (ignored when budget_mib is given)
+    budget_mib: float | None = None  # the budget in MiB of KV memory instead of tokens
+    buffer: int = 64  # tokens the cache may grow past the budget before the next compression
+    n_sink: int = 4  # first tokens, never evicted
+    n_recent: int = 32  # last tokens, never evicted
+    window: int = 32  # recent queries whose attention forms the observation window
+    n_batch: int = 512  # largest prompt chunk per decode call (also capped by the buffer)
+    n_threads: int | None = None  # None: the physical cores this process may use
+    n_gpu_layers: int = 0  # layers offloaded to the GPU in a GPU build
+    seed: int = 0  # the random policy's and the sampler's base seed
+    n_ctx: int | None = None  # context of the non-evicting "full" policy (None: the model's trained context)
+    flash_attn: bool | None = None  # None: chosen per backend (off on the CPU, llama.cpp's auto on a GPU)
+    cache_type_k: str = "f16"  # KV cache data types (q8_0, q4_0...: a quantized V cache needs flash attention)
+    cache_type_v: str = "f16"
+
+    @property
+    def min_budget(self) -> int:
+        """The smallest budget an evicting policy accepts: the sinks, the recent tokens and one more."""
+        return self.n_sink + self.n_recent + 1
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied, ``None`` values ignored (an option left out keeps its default)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``InfoKVLlama(...)``."""
+        return asdict(self)
+
+
+DEFAULTS = Settings()
+
+__all__ = ["DEFAULTS", "Settings"]
