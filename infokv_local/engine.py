@@ -35,7 +35,7 @@ from .signals import Signals
 HISTORY_STEPS = 4096  # engine steps kept in EngineTotals.history (the most recent ones)
 
 
-@dataclass
+@dataclass(slots=True)
 class StepStats:
     """What one engine call did (one prompt chunk or one decoded token).
 
