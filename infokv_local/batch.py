@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .cli_options import open_llm, sampling_kwargs
+from .errors import BatchInputError
 
 _num = (int, float)
 # per-item parameter -> (accepted types, check, what it must be)
@@ -43,10 +44,6 @@ ITEM_PARAMS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "buffer": ((int,), lambda v: v > 0, "a positive integer"),
 }
 CACHE_PARAMS = ("policy", "budget", "buffer")
-
-
-class BatchInputError(ValueError):
-    pass
 
 
 @dataclass

@@ -32,6 +32,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "this process may use, as llama.cpp's own tools choose)")
     g.add_argument("--n-gpu-layers", type=int, default=d.n_gpu_layers,
                    help="layers offloaded to the GPU in a GPU build")
+    g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="flash attention (default auto: off on the CPU, where it measured slower; llama.cpp's "
+                        "choice on a GPU; h2o always runs with it off)")
+    g.add_argument("--cache-type-k", default=d.cache_type_k, help=f"K cache data type: f16, q8_0, q4_0, ... "
+                   f"(default: {d.cache_type_k})")
+    g.add_argument("--cache-type-v", default=d.cache_type_v, help=f"V cache data type (a quantized one turns flash "
+                   f"attention on; default: {d.cache_type_v})")
     # also accepted before the command (python -m infokv_local --verbose ...); SUPPRESS keeps that value here
     g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="print the settings in force (threads, cache), llama.cpp's log and tracebacks to stderr")
@@ -86,7 +93,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """The :class:`~infokv_local.settings.Settings` the model and cache options describe."""
     return DEFAULTS.with_(policy=args.policy, budget=args.budget, budget_mib=args.budget_mib, buffer=args.buffer,
                           n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
-                          n_gpu_layers=args.n_gpu_layers, seed=args.seed)
+                          n_gpu_layers=args.n_gpu_layers, seed=args.seed, cache_type_k=args.cache_type_k,
+                          cache_type_v=args.cache_type_v,
+                          flash_attn={"on": True, "off": False}.get(getattr(args, "flash_attn", "auto")))
 
 
 def kv_summary(kv: dict[str, Any]) -> str:

@@ -44,6 +44,11 @@ class PolicyError(InfoKVError, ValueError):
     """An unknown policy name, or a parameter the policy does not have or cannot take."""
 
 
+class BatchInputError(InfoKVError, ValueError):
+    """An invalid line of a batch input file: bad JSON, a missing or duplicate id, an unknown or invalid
+    parameter (reported with its file and line number)."""
+
+
 class CacheSettingsError(InfoKVError, ValueError):
     """An unknown KV-cache data type, or a flash-attention setting the policy or the cache type rules
     out (H2O needs flash attention off; a quantized V cache needs it on)."""
@@ -58,7 +63,7 @@ class InvalidTextError(InfoKVError, ValueError):
 
 
 __all__ = [
-    "BudgetError", "CacheFull", "CacheSettingsError", "ContextFullError", "DecodeError", "EmptyPromptError",
-    "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "UnpatchedLibraryError",
+    "BatchInputError", "BudgetError", "CacheFull", "CacheSettingsError", "ContextFullError", "DecodeError",
+    "EmptyPromptError", "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "UnpatchedLibraryError",
     "UnsupportedArchitectureError",
 ]

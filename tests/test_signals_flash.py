@@ -93,3 +93,23 @@ def test_quantized_cache_refusals(model):
         Engine(model, "infokv", budget=64, buffer=16, cache_type_v="q4_0", flash_attn=False)
     with pytest.raises(CacheSettingsError, match="cache_type_k 'q3_k' is not"):
         Engine(model, "infokv", budget=64, buffer=16, cache_type_k="q3_k")
+
+
+def test_command_line_cache_types_and_flash_attention():
+    import json
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "infokv_local", "generate", "Once upon a time", "--raw", "--max-tokens", "8",
+           "--budget", "48", "--buffer", "16", "--json"]
+    res = subprocess.run([*cli, "--cache-type-k", "q8_0", "--cache-type-v", "q8_0"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    kv = json.loads(res.stdout)["kv"]
+    assert (kv["cache_type_k"], kv["cache_type_v"], kv["flash_attn"]) == ("q8_0", "q8_0", "on")
+    res = subprocess.run([*cli, "--policy", "h2o", "--cache-type-v", "q4_0"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and "quantized V cache" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([*cli, "--flash-attn", "on", "--policy", "snapkv"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and json.loads(res.stdout)["kv"]["flash_attn"] == "on", res.stderr

@@ -7,11 +7,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Literal, overload
 
-from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from ..text_stream import token_bytes
 from .completion import CompletionMixin, CompletionResult, _grammar_text, _join_completion, _n_logprobs, _stops
 
 
@@ -81,9 +79,8 @@ class ChatMixin(CompletionMixin):
     def _chat_formatter(self) -> Jinja2ChatFormatter:
         if self._formatter is None:
             template = self.model.meta("tokenizer.chat_template") or CHATML_CHAT_TEMPLATE
-            vocab = self.model.vocab
-            eos = token_bytes(self.model, llama.llama_vocab_eos(vocab), True).decode("utf-8", "replace")
-            bos = token_bytes(self.model, llama.llama_vocab_bos(vocab), True).decode("utf-8", "replace")
+            eos = self.model.token_bytes(self.model.eos_token_id, True).decode("utf-8", "replace")
+            bos = self.model.token_bytes(self.model.bos_token_id, True).decode("utf-8", "replace")
             self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
         return self._formatter
 
