@@ -135,7 +135,8 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
     }
 
 
-def _stock_lib_dir() -> str:
+def stock_lib_dir() -> str:
+    """Folder of the unpatched libllama (built or reused by ``native/build_llama.py --stock``)."""
     script = ROOT / "native" / "build_llama.py"
     out = subprocess.run([sys.executable, str(script), "--stock"], check=True, capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1]
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(res))
         return
 
-    stock_lib = args.stock_lib or _stock_lib_dir()
+    stock_lib = args.stock_lib or stock_lib_dir()
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     for r in range(args.rounds):
         for cfg in CONFIGS:

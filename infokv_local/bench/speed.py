@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ..threads import default_threads
+from .overhead import stock_lib_dir
 
-ROOT = Path(__file__).resolve().parents[2]
 WINDOW = 256  # decode tokens per timeline point
 QUICK_LENGTHS = "1024x512,1024x2048"
 DEFAULT_LENGTHS = "1024x1024,4096x1024,16384x1024,1024x4096,1024x8192,1024x16384"
@@ -180,12 +180,6 @@ def _kv_bytes_per_cell(model_path: str) -> int:
 
     with Model(model_path) as model:
         return kv_bytes_per_token(model)
-
-
-def _stock_lib_dir() -> str:
-    script = ROOT / "native" / "build_llama.py"
-    out = subprocess.run([sys.executable, str(script), "--stock"], check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def _run_key(cfg: dict[str, Any]) -> str:
@@ -355,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
             done[_run_key(rec)] = rec
-    stock_lib = args.stock_lib or _stock_lib_dir()
+    stock_lib = args.stock_lib or stock_lib_dir()
     records = []
     with runs_path.open("a") as log, tqdm(todo, desc="speed runs", unit="run") as bar:
         for cfg in bar:
