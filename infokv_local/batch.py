@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .cli_options import open_llm, sampling_kwargs
+from .cli_options import eos_bias, open_llm, sampling_kwargs
 from .errors import BatchInputError
 
 _num = (int, float)
@@ -164,6 +164,7 @@ def run_batch(args: argparse.Namespace) -> int:
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         with open_llm(args) as llm, tqdm(total=len(todo), unit="item", desc="batch", file=sys.stderr) as bar:
+            defaults.update(eos_bias(args, llm))
             current_cache = dict(base_cache)
             for item in todo:
                 cache = {k: item.params.get(k, base_cache[k]) for k in CACHE_PARAMS}

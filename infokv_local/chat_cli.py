@@ -6,15 +6,17 @@ import argparse
 import sys
 from typing import Any
 
-from .cli_options import kv_summary, open_llm, sampling_kwargs
+from .cli_options import eos_bias, kv_summary, open_llm, sampling_kwargs
 from .interrupts import sigint_deferred
 
 COMMANDS = "/reset starts over, /stats shows the cache, /exit (or Ctrl-D) quits; Ctrl-C stops an answer"
+AT_PROMPT = "(Ctrl-C stops an answer; /exit or Ctrl-D quits)"
 
 
 def run_chat(args: argparse.Namespace) -> None:
     sampling = sampling_kwargs(args)
     with open_llm(args) as llm:
+        sampling.update(eos_bias(args, llm))
         start: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
         messages = list(start)
         print(f"{llm.model.path.name}: {kv_summary(llm.kv_stats())}\n{COMMANDS}", file=sys.stderr)
@@ -25,8 +27,10 @@ def run_chat(args: argparse.Namespace) -> None:
                 print(file=sys.stderr)
                 return
             except KeyboardInterrupt:
-                print(file=sys.stderr)
-                return
+                # as Python's REPL and Ollama do: a Ctrl-C meant for an answer that had just ended must not
+                # throw the conversation away
+                print(f"\n{AT_PROMPT}", file=sys.stderr)
+                continue
             line = line.strip()
             if not line:
                 continue

@@ -54,6 +54,8 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> N
     g.add_argument("--repeat-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)
     g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="never end at an end-of-generation token: generate --max-tokens tokens (as llama.cpp's)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,6 +64,13 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--max-tokens must be positive")
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or None)
+
+
+def eos_bias(args: argparse.Namespace, llm: InfoKVLlama) -> dict[str, Any]:
+    """``logit_bias`` banning the end-of-generation tokens when ``--ignore-eos`` is given."""
+    if not getattr(args, "ignore_eos", False):
+        return {}
+    return {"logit_bias": {t: float("-inf") for t in llm.model.eog_tokens()}}
 
 
 def open_llm(args: argparse.Namespace) -> InfoKVLlama:

@@ -7,12 +7,13 @@ import json
 import sys
 from typing import Any
 
-from .cli_options import kv_summary, open_llm, sampling_kwargs
+from .cli_options import eos_bias, kv_summary, open_llm, sampling_kwargs
 
 
 def run_generate(args: argparse.Namespace) -> None:
     sampling = sampling_kwargs(args)
     with open_llm(args) as llm:
+        sampling.update(eos_bias(args, llm))
         if args.raw:
             chunks = llm.create_completion(args.prompt, stream=True, **sampling)
         else:

@@ -103,6 +103,7 @@ class Model:
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         self.n_gpu_layers = n_gpu_layers
+        self._eog: list[int] | None = None
         self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise ModelFileError(
@@ -168,6 +169,12 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary (EOS, EOT, ...), as llama.cpp marks them."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.info.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
+        return list(self._eog)
 
     @property
     def bos_token_id(self) -> int:

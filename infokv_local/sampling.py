@@ -26,6 +26,24 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int = 0
     grammar: str | None = None  # a GBNF grammar (root rule "root") the output must follow
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit); -inf bans the token
+
+    @staticmethod
+    def bias_of(logit_bias: dict[int | str, float] | None, n_vocab: int) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as llama-cpp-python (int keys) or the OpenAI API (token ids as strings) give it."""
+        out = []
+        for key, value in (logit_bias or {}).items():
+            try:
+                tok = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias keys are token ids (got {key!r})") from None
+            if not 0 <= tok < n_vocab:
+                raise ValueError(f"logit_bias token {tok} is outside the vocabulary (0..{n_vocab - 1})")
+            bias = float(value)
+            if bias != bias or bias == float("inf"):
+                raise ValueError(f"logit_bias for token {tok} must be a number or -inf (got {value!r})")
+            out.append((tok, bias))
+        return tuple(sorted(out))
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -43,7 +61,7 @@ class SamplingParams:
 class Sampler:
     """A llama.cpp sampler chain built from :class:`SamplingParams`; free it with :meth:`close`.
 
-    The chain is: repetition penalties (when on), the grammar (when given), then greedy or
+    The chain is: the logit bias (when given), repetition penalties (when on), the grammar (when given), then greedy or
     top-k / top-p / min-p / temperature / random draw. The grammar needs the model's vocabulary, so
     everything after the penalties is added on the first :meth:`sample`, from the context's model.
     """
@@ -54,6 +72,11 @@ class Sampler:
         self._penalties = None
         self._complete = False
         p = params
+        if p.logit_bias:
+            biases = (llama.llama_logit_bias * len(p.logit_bias))(
+                *(llama.llama_logit_bias(token=t, bias=b) for t, b in p.logit_bias))
+            llama.llama_sampler_chain_add(
+                self._chain, llama.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             self._penalties = llama.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty,
                                                                  p.frequency_penalty, p.presence_penalty)

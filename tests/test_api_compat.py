@@ -241,3 +241,41 @@ def test_stops_that_begin_inside_a_multibyte_token_piece(llm, model):
             else:
                 text, finish = r["choices"][0]["text"], r["choices"][0]
             assert text == whole[: whole.find(stop)] and finish["finish_reason"] == "stop", (stop, text)
+
+
+def test_logit_bias_as_stock_llama_cpp_python(llm, stock, model):
+    """A banned token is never generated, a favoured one is, and the greedy text is stock's with the same
+    ``logit_bias``; OpenAI's string keys work; ids outside the vocabulary and NaN are clear errors."""
+    prompt = "The capital of France is"
+    plain = llm.create_completion(prompt, max_tokens=6, temperature=0, logprobs=1)
+    first = model.tokenize(plain["choices"][0]["logprobs"]["tokens"][0], add_special=False, parse_special=False)[0]
+    for bias in ({first: float("-inf")}, {first: -100.0}, {str(first): -100.0}):
+        ours = llm.create_completion(prompt, max_tokens=6, temperature=0, logit_bias=bias)["choices"][0]["text"]
+        assert ours != plain["choices"][0]["text"]
+        theirs = stock.create_completion(prompt, max_tokens=6, temperature=0,
+                                         logit_bias={int(k): v for k, v in bias.items()})["choices"][0]["text"]
+        assert ours == theirs
+    favoured = model.tokenize(" banana", add_special=False, parse_special=False)[0]
+    out = llm.create_chat_completion(HELLO, max_tokens=3, temperature=0, logit_bias={favoured: 100.0})
+    assert out["choices"][0]["message"]["content"] == " banana" * 3
+    for bad, why in (({model.info.n_vocab: -1.0}, "outside the vocabulary"), ({"x": 1.0}, "token ids"),
+                     ({first: float("nan")}, "must be a number")):
+        with pytest.raises(ValueError, match=why):
+            llm.create_completion(prompt, max_tokens=2, logit_bias=bad)
+    again = llm.create_completion(prompt, max_tokens=6, temperature=0)
+    assert again["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_ignore_eos_generates_max_tokens(model, model_path):
+    """``--ignore-eos`` bans every end-of-generation token (as llama.cpp's option of that name)."""
+    import subprocess
+    import sys
+
+    eog = model.eog_tokens()
+    assert model.eos_token_id in eog and all(model.is_eog(t) for t in eog)
+    r = subprocess.run([sys.executable, "-m", "infokv_local", "generate", "Say hi.", "--model", str(model_path),
+                        "--max-tokens", "120", "--budget", "64", "--buffer", "16", "--ignore-eos", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["usage"]["completion_tokens"] == 120 and res["finish_reason"] == "length"

@@ -251,6 +251,20 @@ def test_bad_requests_get_openai_shaped_errors(one_slot):
     assert (kv["policy"], kv["budget"]) == ("h2o", 40)
 
 
+def test_logit_bias_as_openai_names_it(one_slot, model):
+    c = client(one_slot)
+    banana = model.tokenize(" banana", add_special=False, parse_special=False)[0]
+    r = c.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0,
+                             logit_bias={str(banana): 100})
+    assert r.choices[0].text == " banana banana"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="Hello", max_tokens=2, logit_bias={str(banana): 101})
+    assert _error(e.value)["param"].startswith("logit_bias")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="Hello", max_tokens=2, logit_bias={"999999999": -100})
+    assert "outside the vocabulary" in _error(e.value)["message"]
+
+
 def test_a_full_queue_answers_503_with_retry_after(one_slot):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 3000, "temperature": 0, "stream": True}

@@ -49,6 +49,7 @@ class ChatMixin(CompletionMixin):
         top_logprobs: int | None = None,
         response_format: dict[str, Any] | None = None,
         grammar: Any = None,
+        logit_bias: dict[int | str, float] | None = None,
     ) -> CompletionResult:
         """Reply to a conversation, formatted by the chat template in the GGUF metadata.
 
@@ -57,7 +58,8 @@ class ChatMixin(CompletionMixin):
         OpenAI ``logprobs: {"content": [...]}`` block with ``top_logprobs`` most probable tokens per
         token; ``response_format={"type": "json_object"}`` (optionally with a ``"schema"``) or
         ``{"type": "json_schema", "json_schema": {"schema": ...}}`` constrains the reply to JSON
-        through llama.cpp's grammar sampler; ``grammar`` takes a GBNF text or a ``LlamaGrammar``.
+        through llama.cpp's grammar sampler; ``grammar`` takes a GBNF text or a ``LlamaGrammar``;
+        ``logit_bias`` as in :meth:`create_completion`.
         """
         formatted = self._chat_formatter()(messages=messages)  # type: ignore[arg-type]  # OpenAI message dicts
         gbnf = _grammar_text(grammar)
@@ -71,7 +73,7 @@ class ChatMixin(CompletionMixin):
         elif top_logprobs is not None:
             raise ValueError("top_logprobs needs logprobs=True")
         sampling = self._sampling(temperature, top_p, min_p, top_k, frequency_penalty, presence_penalty,
-                                  repeat_penalty, seed, gbnf)
+                                  repeat_penalty, seed, gbnf, logit_bias)
         chunks = self._completion_chunks(formatted.prompt, not formatted.added_special, max_tokens, sampling,
                                          _stops(stop), f"chatcmpl-{uuid.uuid4()}", logprobs=_n_logprobs(n_top))
         return _chat_chunks(chunks) if stream else _chat_result(_join_completion(chunks))

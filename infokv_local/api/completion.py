@@ -59,21 +59,24 @@ class CompletionMixin(KVStatsMixin):
                           stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
                           presence_penalty: float = ..., repeat_penalty: float = ...,
                           stream: Literal[False] = ..., seed: int | None = ..., logprobs: int | None = ...,
-                          echo: bool = ..., grammar: Any = ...) -> dict[str, Any]: ...
+                          echo: bool = ..., grammar: Any = ...,
+                          logit_bias: dict[int | str, float] | None = ...) -> dict[str, Any]: ...
     @overload
     def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
                           top_p: float = ..., min_p: float = ..., top_k: int = ...,
                           stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
                           presence_penalty: float = ..., repeat_penalty: float = ..., *, stream: Literal[True],
                           seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
-                          grammar: Any = ...) -> Iterator[dict[str, Any]]: ...
+                          grammar: Any = ...,
+                          logit_bias: dict[int | str, float] | None = ...) -> Iterator[dict[str, Any]]: ...
     @overload
     def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
                           top_p: float = ..., min_p: float = ..., top_k: int = ...,
                           stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
                           presence_penalty: float = ..., repeat_penalty: float = ..., stream: bool = ...,
                           seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
-                          grammar: Any = ...) -> CompletionResult: ...
+                          grammar: Any = ...,
+                          logit_bias: dict[int | str, float] | None = ...) -> CompletionResult: ...
 
     def create_completion(
         self,
@@ -92,6 +95,7 @@ class CompletionMixin(KVStatsMixin):
         logprobs: int | None = None,
         echo: bool = False,
         grammar: Any = None,
+        logit_bias: dict[int | str, float] | None = None,
     ) -> CompletionResult:
         """Complete ``prompt``; the arguments and the result are those of ``Llama.create_completion``
         (pass them by keyword: ``suffix``, llama-cpp-python's second positional argument, is not supported).
@@ -101,11 +105,13 @@ class CompletionMixin(KVStatsMixin):
         token, its log-probability and the ``n`` most probable tokens (from the logits the token was
         sampled from, before any grammar). ``echo``: the prompt is returned before the completion.
         ``grammar``: a GBNF text or a ``llama_cpp.LlamaGrammar``, applied by llama.cpp's grammar
-        sampler. The result's ``usage`` has a ``kv`` block; with ``stream=True`` every chunk has one too.
+        sampler. ``logit_bias``: token id (an int, or its string as in the OpenAI API) to a value added to
+        its logit before sampling; ``-inf`` bans it. The result's ``usage`` has a ``kv`` block; with
+        ``stream=True`` every chunk has one too.
         """
         text = prompt_of(prompt)
         sampling = self._sampling(temperature, top_p, min_p, top_k, frequency_penalty, presence_penalty,
-                                  repeat_penalty, seed, _grammar_text(grammar))
+                                  repeat_penalty, seed, _grammar_text(grammar), logit_bias)
         chunks = self._completion_chunks(text, True, max_tokens, sampling, _stops(stop), f"cmpl-{uuid.uuid4()}",
                                          logprobs=_n_logprobs(logprobs), echo=echo)
         return chunks if stream else _join_completion(chunks)
@@ -113,7 +119,8 @@ class CompletionMixin(KVStatsMixin):
     # ---- internals -------------------------------------------------------------------------------
     def _sampling(self, temperature: float, top_p: float, min_p: float, top_k: int, frequency_penalty: float,
                   presence_penalty: float, repeat_penalty: float, seed: int | None,
-                  grammar: str | None = None) -> SamplingParams:
+                  grammar: str | None = None,
+                  logit_bias: dict[int | str, float] | None = None) -> SamplingParams:
         if grammar is not None:
             check_grammar(self.model, grammar)
         if seed is None:  # reproducible runs, yet successive calls differ (as a stateful RNG would)
@@ -121,7 +128,8 @@ class CompletionMixin(KVStatsMixin):
         self._calls += 1
         return SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
                               frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                              repeat_penalty=repeat_penalty, seed=seed & 0xFFFFFFFF, grammar=grammar)
+                              repeat_penalty=repeat_penalty, seed=seed & 0xFFFFFFFF, grammar=grammar,
+                              logit_bias=SamplingParams.bias_of(logit_bias, self.model.info.n_vocab))
 
     def _token_logprobs(self, tok: int, n: int) -> tuple[str, float, dict[str, float]]:
         """The sampled token's text and log-probability, and the ``n`` most probable tokens with theirs,

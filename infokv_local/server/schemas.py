@@ -6,7 +6,7 @@ Unknown fields are accepted and ignored (other local servers' extensions such as
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,6 +39,8 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id -> bias in [-100, 100], as OpenAI's")
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     infokv: InfoKVOptions | None = None
 
@@ -53,7 +55,7 @@ class _Sampling(BaseModel):
         kw: dict[str, Any] = dict(
             temperature=default_temperature if self.temperature is None else self.temperature,
             stop=self.stop, seed=self.seed, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias,
         )
         for key in ("top_p", "top_k", "min_p", "repeat_penalty"):
             value = getattr(self, key)
