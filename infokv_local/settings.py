@@ -35,12 +35,13 @@ class Settings:
     window: int = 32  # recent queries whose attention forms the observation window
     n_batch: int = 512  # largest prompt chunk per decode call (also capped by the buffer)
     n_threads: int | None = None  # None: the physical cores this process may use
-    n_gpu_layers: int = 0  # layers offloaded to the GPU in a GPU build
+    n_gpu_layers: int = 0  # layers offloaded to the GPU in a GPU build (with rpc servers and 0: all layers)
     seed: int = 0  # the random policy's and the sampler's base seed
     n_ctx: int | None = None  # context of the non-evicting "full" policy (None: the model's trained context)
     flash_attn: bool | None = None  # None: chosen per backend (off on the CPU, llama.cpp's auto on a GPU)
     cache_type_k: str = "f16"  # KV cache data types (q8_0, q4_0...: a quantized V cache needs flash attention)
     cache_type_v: str = "f16"
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers ("host:port") whose devices take the offloaded layers
 
     @property
     def min_budget(self) -> int:

@@ -34,6 +34,9 @@ BASE_CMAKE_ARGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
+    # llama.cpp's RPC backend (a model's layers on other machines: --rpc, `infokv_local rpc-server`);
+    # one more source file, and nothing changes for a run that names no server
+    "-DGGML_RPC=ON",
 ]
 
 

@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from infokv_local import InfoKVLlama
+from infokv_local.engine import kv_bytes_per_token
 
 KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file name is the model id
@@ -355,6 +356,20 @@ def test_serve_refuses_bad_options_clearly():
     res = subprocess.run([sys.executable, "-m", "infokv_local", "serve", "--model", "/nonexistent/x.gguf"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Model file not found" in res.stderr
+    for bad, why in ((["--cache-type-v", "q9"], "not a KV-cache type"), (["--rpc", "x"], "is not HOST:PORT")):
+        res = subprocess.run([sys.executable, "-m", "infokv_local", "serve", *bad], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2 and why in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_serve_with_a_quantized_cache(model):
+    """``--cache-type-k/v q8_0``: answers, and the KV bytes are the quantized ones (34/64 of f16's)."""
+    with serve(*SMALL, "--cache-type-k", "q8_0", "--cache-type-v", "q8_0") as base:
+        r = client(base, key="unused").chat.completions.create(model=MODEL, messages=Y1, max_tokens=80,
+                                                                temperature=0)
+        kv = kv_of(r.usage)
+    assert r.choices[0].message.content and kv["evictions"] > 0
+    assert kv["kv_bytes"] * 64 == kv["used_cells"] * 34 * kv_bytes_per_token(model)
 
 
 def test_parking_store_is_bounded_least_recently_parked_first(model):

@@ -71,6 +71,7 @@ class InfoKVLlama(ChatMixin):
         flash_attn: bool | None = DEFAULTS.flash_attn,
         cache_type_k: str = DEFAULTS.cache_type_k,
         cache_type_v: str = DEFAULTS.cache_type_v,
+        rpc: tuple[str, ...] | list[str] | str = DEFAULTS.rpc,
         check_invariants: bool = False,
     ) -> None:
         self._engine = None
@@ -78,7 +79,8 @@ class InfoKVLlama(ChatMixin):
         if isinstance(model_path, Model):
             self.model = model_path
         else:
-            self.model, self._owns_model = Model(os.fspath(model_path), n_gpu_layers=n_gpu_layers), True
+            self.model, self._owns_model = Model(os.fspath(model_path), n_gpu_layers=n_gpu_layers,
+                                                        rpc=rpc), True
         self.model_path = str(self.model.path)
         self.seed = seed
         self._calls = 0

@@ -18,7 +18,7 @@ EXAMPLES = """examples:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand (its options, help and examples) to ``subparsers``."""
-    from ..cli_options import MODEL_HELP
+    from ..cli_options import MODEL_HELP, add_backend_options
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server, every conversation in a fixed KV budget",
@@ -38,8 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--buffer", type=int, default=128, help="growth before each compression (default: 128)")
     g.add_argument("--n-sink", type=int, default=4)
     g.add_argument("--n-recent", type=int, default=32)
-    g.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
-    g.add_argument("--n-gpu-layers", type=int, default=0)
+    add_backend_options(g)
     s = p.add_argument_group("server")
     s.add_argument("--slots", type=int, default=1, help="conversations generating at once (default: 1)")
     s.add_argument("--queue", type=int, default=16, help="requests waiting for a slot before 503 (default: 16)")
@@ -59,11 +58,14 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import InfoKVLlama
+    from ..cache_types import check_cache_type
+    from ..cli_options import flash_attn_of
     from ..engine import kv_bytes_per_token
     from ..errors import InfoKVError
     from ..model import Model, set_verbose
     from ..policies import make_policy
     from ..registry_models import resolve_model_path
+    from ..rpc_backend import parse_endpoints
     from .app import ServerSettings, create_app
     from .slots import ParkingStore, SlotPool
 
@@ -74,11 +76,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"policy {args.policy!r} does not evict: the server needs a fixed budget per slot")
         if args.verbose:
             set_verbose(True)
-        model = Model(resolve_model_path(args.model), n_gpu_layers=args.n_gpu_layers)
-        per_cell = kv_bytes_per_token(model)
+        check_cache_type(args.cache_type_k, "--cache-type-k")
+        check_cache_type(args.cache_type_v, "--cache-type-v")
+        model = Model(resolve_model_path(args.model), n_gpu_layers=args.n_gpu_layers, rpc=parse_endpoints(args.rpc))
+        per_cell = kv_bytes_per_token(model, args.cache_type_k, args.cache_type_v)
         budget = args.budget if args.budget_mib is None else int(args.budget_mib * 2**20 // per_cell)
         llms = [InfoKVLlama(model, policy=args.policy, budget=budget, buffer=args.buffer, n_sink=args.n_sink,
-                            n_recent=args.n_recent, n_threads=args.threads) for _ in range(args.slots)]
+                            n_recent=args.n_recent, n_threads=args.threads, flash_attn=flash_attn_of(args),
+                            cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+                for _ in range(args.slots)]
     except (InfoKVError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
