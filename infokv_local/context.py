@@ -225,7 +225,7 @@ class StatsContext:
         ent_at = ent_prod = None
         if self.entropy_top_k is not None:
             rows = np.arange(n, dtype=np.int32) if all_outputs else np.array([n - 1], dtype=np.int32)
-            ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, self.entropy_top_k)
+            ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, self.entropy_top_k, self.n_threads)
             if all_outputs:
                 ent_at = ent
                 ent_prod = np.concatenate([[self._last_entropy], ent[:-1]]).astype(np.float32)

@@ -17,9 +17,10 @@ SOURCE = ROOT / "native" / "kernels.cpp"
 
 CDEF = """
 struct llama_context;
-void infokv_topk_entropy(const float * logits, int64_t n_rows, int64_t n_vocab, int64_t k, float * out);
+void infokv_topk_entropy(const float * logits, int64_t n_rows, int64_t n_vocab, int64_t k, float * out,
+                         int32_t n_threads);
 void infokv_topk_entropy_ctx(struct llama_context * ctx, const int32_t * idx, int64_t n_idx, int64_t n_vocab,
-                             int64_t k, float * out);
+                             int64_t k, float * out, int32_t n_threads);
 struct ggml_tensor;
 int infokv_tensor_desc(const struct ggml_tensor * t, char * name, int64_t name_cap, int64_t * ne);
 void infokv_tensor_f32(const struct ggml_tensor * t, float * out);
@@ -51,8 +52,8 @@ def main() -> None:
         include_dirs=[str(include)],
         library_dirs=[str(lib)],
         libraries=["llama", "ggml-base"],
-        extra_compile_args=["-O3", "-std=c++17"],
-        extra_link_args=[f"-Wl,-rpath,{lib}"],
+        extra_compile_args=["-O3", "-std=c++17", "-pthread"],
+        extra_link_args=[f"-Wl,-rpath,{lib}", "-pthread"],
     )
     ffi.compile(tmpdir=str(ROOT), verbose=False)
     stamp.write_text(key + "\n")

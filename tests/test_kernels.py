@@ -53,3 +53,26 @@ def test_kernel_on_real_logits_in_place(model, tokens):
     np.testing.assert_allclose(kernels.topk_entropy(logits, 256), sig.entropy_at, atol=1e-6)
     np.testing.assert_allclose(kernels.topk_entropy(logits, model.info.n_vocab), numpy_topk_entropy(logits, 0),
                                atol=1e-5)
+
+
+def test_large_vocabularies_take_the_threshold_path_exactly():
+    """Vocabularies over 4,096 select the top k among values above a threshold guessed from a sample:
+    exact whatever the row looks like (ties, values hidden between the sampled positions, -inf), and the
+    same with any number of threads."""
+    rng = np.random.default_rng(3)
+    n_vocab = 49152  # SmolLM2's; the sample takes every 24th value
+    rows = [
+        rng.standard_normal(n_vocab) * 4,
+        rng.integers(0, 4, n_vocab).astype(float),  # thousands of ties at the top
+        np.zeros(n_vocab),  # all equal: fewer than k above any guess but the value itself
+        np.where(np.arange(n_vocab) % 24 == 5, 10.0, 0.0) + rng.standard_normal(n_vocab) * 0.01,  # unsampled peaks
+        np.where(rng.random(n_vocab) < 0.5, -np.inf, rng.standard_normal(n_vocab)),
+        np.linspace(-30, 5, n_vocab)[::-1],
+    ]
+    logits = np.stack(rows).astype(np.float32)
+    for k in (1, 40, 256, 3000):
+        want = numpy_topk_entropy(logits, k)
+        for threads in (1, 2, 5):
+            np.testing.assert_allclose(kernels.topk_entropy(logits, k, n_threads=threads), want, atol=2e-5)
+    many = np.repeat(logits, 20, axis=0)  # 120 rows: split over up to 7 workers
+    np.testing.assert_array_equal(kernels.topk_entropy(many, 256, n_threads=4), kernels.topk_entropy(many, 256))
