@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cache_types import check_cache_type, is_quantized
 from ..threads import default_threads
 from .overhead import stock_lib_dir
 
@@ -104,6 +105,8 @@ def _worker_stock(cfg: dict[str, Any]) -> dict[str, Any]:
     params.no_perf = True
     params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg["flash_attn"]
                               else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    cache_type = cfg.get("cache_type", "f16")
+    params.type_k = params.type_v = getattr(llama, f"GGML_TYPE_{cache_type.upper()}")
     ctx = llama.llama_init_from_model(model, params)
     if not ctx:
         raise RuntimeError("could not create the context")
@@ -149,8 +152,10 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     n_prompt, n_gen = cfg["prompt_tokens"], cfg["generated_tokens"]
     with Model(cfg["model"]) as model:
         prompt = _prompt_tokens(model.tokenize, n_prompt)
+        cache_type = cfg.get("cache_type", "f16")
         engine = Engine(model, cfg["policy"], budget=cfg["budget"], buffer=cfg["buffer"], n_threads=cfg["threads"],
-                        max_context=n_prompt + n_gen + 8)
+                        max_context=n_prompt + n_gen + 8, flash_attn=cfg["flash_attn"], cache_type_k=cache_type,
+                        cache_type_v=cache_type)
         with engine:
             t0 = time.perf_counter()
             gen = engine.generate(prompt, n_gen, SamplingParams(temperature=0.0), ignore_eos=True)
@@ -170,21 +175,22 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
                 "allocated_cells": engine.ctx.n_cells, "peak_rss_bytes": _peak_rss(),
                 "compressions": t.evictions, "evicted_tokens": t.evicted_tokens,
                 "compress_ms_mean": 1e3 * (t.score_s + t.evict_s) / t.evictions if t.evictions else None,
-                "n_threads": engine.n_threads,
+                "n_threads": engine.n_threads, "flash_attn_used": engine.flash_attn == "on",
             }
 
 
-def _kv_bytes_per_cell(model_path: str) -> int:
+def _kv_bytes_per_cell(model_path: str, cache_type: str = "f16") -> int:
     from ..engine import kv_bytes_per_token
     from ..model import Model
 
     with Model(model_path) as model:
-        return kv_bytes_per_token(model)
+        return kv_bytes_per_token(model, cache_type, cache_type)
 
 
 def _run_key(cfg: dict[str, Any]) -> str:
-    return "|".join(str(cfg[k]) for k in ("round", "engine", "policy", "flash_attn", "prompt_tokens",
-                                          "generated_tokens", "budget", "buffer", "threads"))
+    return "|".join([*(str(cfg[k]) for k in ("round", "engine", "policy", "flash_attn", "prompt_tokens",
+                                              "generated_tokens", "budget", "buffer", "threads")),
+                     *([cfg["cache_type"]] if cfg.get("cache_type", "f16") != "f16" else [])])
 
 
 def _spawn(cfg: dict[str, Any], stock_lib: str) -> dict[str, Any]:
@@ -199,13 +205,17 @@ def _spawn(cfg: dict[str, Any], stock_lib: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base: dict[str, Any]) -> list[dict]:
-    """The runs in the order they are made: for each round and length, stock (flash on, off), then each policy."""
+def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base: dict[str, Any],
+         ours_flash: tuple[bool | None, ...] = (None,)) -> list[dict]:
+    """The runs in the order they are made: for each round and length, stock (flash on, off; on only with a
+    quantized cache, which needs it), then each policy at each flash-attention setting of ours (None: the
+    engine's choice for the backend)."""
+    stock_flash = (True,) if is_quantized(base.get("cache_type", "f16")) else (True, False)
     runs = []
     for r in range(rounds):
         for p, g in lengths:
-            for engine, policy, fa in [("stock", "full", True), ("stock", "full", False),
-                                       *(("infokv-local", pol, False) for pol in policies)]:
+            for engine, policy, fa in [*(("stock", "full", f) for f in stock_flash),
+                                       *(("infokv-local", pol, f) for f in ours_flash for pol in policies)]:
                 runs.append({**base, "round": r, "engine": engine, "policy": policy, "flash_attn": fa,
                              "prompt_tokens": p, "generated_tokens": g})
     return runs
@@ -215,7 +225,8 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
     """One row per (engine, policy, flash_attn, length): medians over rounds, KV bytes, ratios to stock."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        key = (r["engine"], r["policy"], r["flash_attn"], r["prompt_tokens"], r["generated_tokens"])
+        key = (r["engine"], r["policy"], bool(r.get("flash_attn_used", r["flash_attn"])), r["prompt_tokens"],
+               r["generated_tokens"])
         groups.setdefault(key, []).append(r)
     rows = []
     for (engine, policy, fa, p, g), rs in groups.items():
@@ -322,6 +333,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--buffer", type=int, default=128, help="growth before each compression (default: 128)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported (default: 1)")
     ap.add_argument("--threads", type=int, default=default_threads(), help="threads of every engine")
+    ap.add_argument("--flash-attn", choices=["auto", "on", "off", "both"], default="auto",
+                    help="flash attention of our engine (default auto: the engine's choice, off on the CPU; both: "
+                         "every policy with it on and off); stock always runs both")
+    ap.add_argument("--cache-type", default="f16",
+                    help="K and V cache data type of every engine, e.g. q8_0 (a quantized one needs flash attention; "
+                         "default: f16)")
     ap.add_argument("--quick", action="store_true", help=f"short lengths ({QUICK_LENGTHS}), policies full,infokv")
     ap.add_argument("--stock-lib", help="folder of the unpatched libllama (default: build or reuse it)")
     ap.add_argument("--out", default="bench-speed.json", help="JSON result; runs are kept in <out>.runs.jsonl")
@@ -338,8 +355,14 @@ def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))
     policies = [p.strip() for p in ("full,infokv" if args.quick and args.policies == DEFAULT_POLICIES
                                     else args.policies).split(",") if p.strip()]
-    base = {"model": args.model, "budget": args.budget, "buffer": args.buffer, "threads": args.threads}
-    todo = plan(lengths, policies, args.rounds, base)
+    cache_type = check_cache_type(args.cache_type, "--cache-type")
+    base = {"model": args.model, "budget": args.budget, "buffer": args.buffer, "threads": args.threads,
+            "cache_type": cache_type}
+    ours_flash = {"auto": (None,), "on": (True,), "off": (False,), "both": (True, False)}[args.flash_attn]
+    if is_quantized(cache_type) and False in ours_flash:
+        raise ValueError(f"--cache-type {cache_type} needs flash attention (llama.cpp's quantized V cache): "
+                         f"--flash-attn {args.flash_attn} asks for runs without it; use auto or on")
+    todo = plan(lengths, policies, args.rounds, base, ours_flash)
     runs_path = Path(str(args.out) + ".runs.jsonl")
     done: dict[str, dict[str, Any]] = {}
     if runs_path.exists():
@@ -360,9 +383,10 @@ def run(args: argparse.Namespace) -> int:
                 log.write(json.dumps(done[key]) + "\n")
                 log.flush()
             records.append(done[key])
-    per_cell = _kv_bytes_per_cell(args.model)
+    per_cell = _kv_bytes_per_cell(args.model, cache_type)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
               "threads": args.threads, "budget": args.budget, "buffer": args.buffer, "rounds": args.rounds,
+              "cache_type": cache_type,
               "kv_bytes_per_cell": per_cell, "runs": records, "rows": summarize(records, per_cell)}
     print(format_table(result))
     Path(args.out).write_text(json.dumps(result, indent=1))

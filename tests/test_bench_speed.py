@@ -1,0 +1,57 @@
+"""``bench speed`` on a tiny real run: stock llama.cpp (the unpatched build) and our engine, the JSON the
+issue names, ratios, and a rerun that resumes instead of measuring again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+RUN_KEYS = {"engine", "policy", "flash_attn", "prompt_tokens", "generated_tokens", "prefill_s", "decode_s",
+            "used_cells", "allocated_cells", "peak_rss_bytes"}
+ROW_KEYS = {"engine", "policy", "flash_attn", "prompt_tokens", "generated_tokens", "prefill_tok_s", "decode_tok_s",
+            "kv_bytes", "peak_rss_bytes", "decode_ratio_vs_stock_best", "prefill_ratio_vs_stock_best"}
+
+
+def _speed(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, "-m", "infokv_local", "bench", "speed", "--lengths", "96x80",
+                        "--policies", "full,infokv", "--budget", "48", "--buffer", "16", "--threads", "1",
+                        "--out", str(out), *extra], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, json.loads(out.read_text())
+
+
+def test_bench_speed_tiny_run_and_resume(tmp_path):
+    r, res = _speed(tmp_path)
+    assert {"machine", "runs", "rows", "kv_bytes_per_cell"} <= set(res)
+    runs = res["runs"]
+    assert [(x["engine"], x["policy"], x["flash_attn"]) for x in runs] == [
+        ("stock", "full", True), ("stock", "full", False), ("infokv-local", "full", None),
+        ("infokv-local", "infokv", None)]
+    for x in runs:
+        assert RUN_KEYS <= set(x) and x["prefill_s"] > 0 and x["decode_s"] > 0
+    ours = {x["policy"]: x for x in runs if x["engine"] == "infokv-local"}
+    assert ours["infokv"]["max_used_cells"] <= 48 + 16 < ours["full"]["max_used_cells"]
+    assert ours["infokv"]["compressions"] > 0 and ours["infokv"]["flash_attn_used"] is False  # the CPU default
+    for row in res["rows"]:
+        assert ROW_KEYS <= set(row) and row["decode_tok_s"] > 0
+    assert "infokv" in r.stdout
+    again, res2 = _speed(tmp_path)  # every run is in speed.json.runs.jsonl: nothing is measured again
+    assert [x["decode_s"] for x in res2["runs"]] == [x["decode_s"] for x in runs]
+
+
+def test_bench_speed_quantized_cache_and_flash_options(tmp_path):
+    _, res = _speed(tmp_path, "--cache-type", "q8_0")
+    runs = res["runs"]
+    assert [(x["engine"], x["flash_attn"]) for x in runs if x["engine"] == "stock"] == [("stock", True)]
+    ours = [x for x in runs if x["engine"] == "infokv-local"]
+    assert sorted((x["policy"], x["flash_attn_used"]) for x in ours) == [("full", True), ("infokv", True)]
+    bad = subprocess.run([sys.executable, "-m", "infokv_local", "bench", "speed", "--cache-type", "q8_0",
+                          "--flash-attn", "both", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "needs flash attention" in bad.stderr
+    _, both = _speed(tmp_path / "fa", "--flash-attn", "both", "--policies", "infokv")
+    assert sorted(x["flash_attn_used"] for x in both["runs"] if x["engine"] == "infokv-local") == [False, True]
+    assert res["cache_type"] == "q8_0" and res["kv_bytes_per_cell"] * 64 % 34 == 0
