@@ -188,6 +188,33 @@ def test_tabs_have_their_own_conversations_and_closing_one_releases_it(server: U
     a.close()
 
 
+def _choose(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    page.get_by_role("option", name=value, exact=True).click()
+    expect(box).to_have_value(value)
+
+
+def test_a_quantized_cache_from_the_dropdown(server: UIServer, browser) -> None:
+    """KV cache type q8_0: the note shows its MiB, the answer runs on it (the panel says so), h2o is refused."""
+    page = _open(browser, server)
+    f16_note = page.locator("#budget-note").inner_text()
+    _choose(page, "cache-type", "q8_0")
+    expect(page.locator("#budget-note")).to_contain_text("(q8_0)")
+    assert page.locator("#budget-note").inner_text() != f16_note
+    page.locator("#max-tokens input").fill("40")
+    _send(page, "Name three colours.")
+    expect(page.locator("#kv-panel .kv-panel")).to_have_attribute("data-state", re.compile(r"^done"), timeout=90_000)
+    expect(page.locator("#kv-panel .kv-foot")).to_have_attribute("data-cache-type", "q8_0")
+    expect(page.locator("#kv-panel .kv-foot")).to_contain_text("(q8_0)")
+    _choose(page, "policy", "h2o")
+    expect(page.locator("#budget-note")).to_contain_text("h2o needs flash attention off")
+    _send(page, "And three animals.")
+    expect(page.get_by_text(re.compile(r"Policy h2o needs flash attention off"))).to_be_visible(timeout=10_000)
+    expect(page.locator("#msg textarea")).to_have_value("And three animals.")
+    page.close()
+
+
 # ---- the pieces the page is made of (no browser) ------------------------------------------------------------------
 def test_cache_map_escapes_tokens_and_marks_what_the_cache_keeps() -> None:
     pieces = ["<|im_start|>", "<script>alert(1)</script>", " & ", "\n", "kept", "low", "recent", "next"]

@@ -150,15 +150,18 @@ class InfoKVLlama(ChatMixin):
 
     def configure(self, *, policy: str | Policy | None = None, budget: int | None = None,
                   budget_mib: float | None = None, buffer: int | None = None, n_sink: int | None = None,
-                  n_recent: int | None = None) -> None:
-        """Change the policy or the budget. The cache is rebuilt: the next call prefills its prompt again.
+                  n_recent: int | None = None, cache_type_k: str | None = None,
+                  cache_type_v: str | None = None) -> None:
+        """Change the policy, the budget or the cache's data types. The cache is rebuilt: the next call
+        prefills its prompt again.
 
         On a bad value (e.g. a budget too small for the protected tokens) nothing changes. Refused
         (``RuntimeError``) while a stream of this object is open: close it first.
         """
         self._refuse_while_streaming("configure()")
         args = dict(self._engine_args)
-        for key, value in dict(policy=policy, buffer=buffer, n_sink=n_sink, n_recent=n_recent).items():
+        for key, value in dict(policy=policy, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
+                               cache_type_k=cache_type_k, cache_type_v=cache_type_v).items():
             if value is not None:
                 args[key] = value
         if budget is not None or budget_mib is not None:

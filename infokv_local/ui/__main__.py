@@ -9,6 +9,8 @@ import sys
 
 from .session import Settings
 
+CACHE_TYPES_OFFERED = ("f16", "q8_0", "q4_0")  # what Ollama and LM Studio offer; the API takes every type
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; settings are checked (a budget too small is an error here, not later)."""
@@ -35,11 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sampling temperature (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens,
                    help="max new tokens per answer (default %(default)s)")
+    p.add_argument("--cache-type", default=d.cache_type, choices=CACHE_TYPES_OFFERED,
+                   help="KV cache data type, K and V (default %(default)s; q8_0/q4_0 turn flash attention on)")
     p.add_argument("--system", default=None, help="initial system prompt")
     p.add_argument("--open", action="store_true", help="open the chat in the default browser")
     args = p.parse_args(argv)
     args.settings = Settings(policy=args.policy, budget=args.budget, buffer=args.buffer, temperature=args.temperature,
-                             max_tokens=args.max_tokens, n_sink=args.n_sink, n_recent=args.n_recent)
+                             max_tokens=args.max_tokens, n_sink=args.n_sink, n_recent=args.n_recent,
+                             cache_type=args.cache_type)
     try:
         args.settings.check()
     except ValueError as e:
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Model(path)
     policies = tuple(POLICIES) + (() if args.policy in POLICIES else (args.policy,))
     config = AppConfig(model_label=path.name, kv_bytes_per_token=kv_bytes_per_token(model), policies=policies,
-                       defaults=args.settings, system_prompt=args.system or DEFAULT_SYSTEM_PROMPT)
+                       defaults=args.settings, system_prompt=args.system or DEFAULT_SYSTEM_PROMPT,
+                       kv_bytes_by_type={t: kv_bytes_per_token(model, t, t) for t in CACHE_TYPES_OFFERED})
 
     def factory(settings: Settings) -> InfoKVLlama:
         return InfoKVLlama(model, **settings.engine_kwargs())

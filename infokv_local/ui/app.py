@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +39,33 @@ class AppConfig:
     defaults: Settings = Settings()
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_budget: int = 8192
+    kv_bytes_by_type: dict[str, int] = field(default_factory=dict)  # per KV cache type offered (f16 if empty)
+
+    def bytes_per_token(self, cache_type: str | None) -> int:
+        return self.kv_bytes_by_type.get(cache_type or "f16", self.kv_bytes_per_token)
+
+    @property
+    def cache_types(self) -> list[str]:
+        return list(self.kv_bytes_by_type) or ["f16"]
 
 
 def budget_note(budget: float | None, buffer: float | None, bytes_per_token: int, min_budget: int,
-                policy: str = "infokv") -> str:
+                policy: str = "infokv", cache_type: str = "f16") -> str:
     """Markdown under the budget control: the MiB the budget means for the loaded model, or what is wrong."""
+    of = "" if cache_type == "f16" else f" ({cache_type})"
     if policy == "full":
-        return f"The **full** cache evicts nothing: {bytes_per_token / 1024:.1f} KiB per token, no budget."
+        return f"The **full** cache evicts nothing: {bytes_per_token / 1024:.1f} KiB per token{of}, no budget."
     if budget is None or buffer is None:
         return "Set a budget and a buffer."
     budget, buffer = int(budget), int(buffer)
     if budget < min_budget:
         return f"⚠️ **Budget too small**: at least {min_budget} tokens (sinks + recent window + 1)."
+    if cache_type != "f16" and policy.split(":")[0] == "h2o":
+        return f"⚠️ **h2o needs flash attention off**, a {cache_type} cache needs it on: choose f16 or another policy."
     mib = budget * bytes_per_token / MIB
     peak = (budget + buffer) * bytes_per_token / MIB
     return (
-        f"**{budget} tokens = {mib:.2f} MiB** of KV cache for this model; "
+        f"**{budget} tokens = {mib:.2f} MiB** of KV cache{of} for this model; "
         f"it grows to {budget + buffer} tokens ({peak:.2f} MiB) before each compression."
     )
 
@@ -121,9 +132,12 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                                            maximum=config.max_budget, elem_id="budget")
                         buffer = gr.Number(d.buffer, label="Buffer (tokens)", precision=0, minimum=1,
                                            maximum=config.max_budget, elem_id="buffer")
+                    cache_type = gr.Dropdown(
+                        config.cache_types, value=d.cache_type, label="KV cache type", elem_id="cache-type",
+                        info="q8_0 / q4_0 quantize K and V (flash attention on; not with h2o)")
                     note = gr.Markdown(
-                        budget_note(d.budget, d.buffer, config.kv_bytes_per_token, d.min_budget, d.policy),
-                        elem_id="budget-note")
+                        budget_note(d.budget, d.buffer, config.bytes_per_token(d.cache_type), d.min_budget,
+                                    d.policy), elem_id="budget-note")
                     with gr.Row():
                         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
                                                 elem_id="temperature")
@@ -133,8 +147,8 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
         def on_load(request: gr.Request) -> ChatSession:
             return new_session(request)
 
-        def prepare(message: str, system_prompt: str, pol: str, bud: float | None, buf: float | None, temp: float,
-                    max_new: float | None, session: ChatSession | None, request: gr.Request) -> Any:
+        def prepare(message: str, system_prompt: str, pol: str, bud: float | None, buf: float | None, ctype: str,
+                    temp: float, max_new: float | None, session: ChatSession | None, request: gr.Request) -> Any:
             session = session or new_session(request)
             if not (message or "").strip():
                 raise gr.Error("Type a message first.", duration=4)
@@ -142,7 +156,8 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                 raise gr.Error("Still answering: press Stop (or New chat) first.", duration=4)
             try:
                 settings = replace(d, policy=pol, budget=int(bud if bud is not None else -1),
-                                   buffer=int(buf if buf is not None else -1), temperature=float(temp),
+                                   buffer=int(buf if buf is not None else -1), cache_type=ctype or "f16",
+                                   temperature=float(temp),
                                    max_tokens=int(max_new if max_new is not None else -1))
                 session.submit(message, settings, system_prompt or "")
             except ValueError as e:
@@ -180,15 +195,15 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), session
             return [], *_views(session, "new chat"), session
 
-        def on_settings(pol: str, bud: float | None, buf: float | None) -> str:
-            return budget_note(bud, buf, config.kv_bytes_per_token, d.min_budget, pol)
+        def on_settings(pol: str, bud: float | None, buf: float | None, ctype: str | None) -> str:
+            return budget_note(bud, buf, config.bytes_per_token(ctype), d.min_budget, pol, ctype or "f16")
 
         def on_unload(request: gr.Request) -> None:
             if request is not None and request.session_hash and registry.close(request.session_hash):
                 log.info("session %s closed (%d open)", request.session_hash[:8], len(registry))
 
         demo.load(on_load, outputs=session_state, api_visibility="private", concurrency_limit=None)
-        inputs = [msg, system, policy, budget, buffer, temperature, max_tokens, session_state]
+        inputs = [msg, system, policy, budget, buffer, cache_type, temperature, max_tokens, session_state]
         views = [chatbot, panel, plot, cmap]
         for trigger in (msg.submit, send.click):
             trigger(prepare, inputs, [msg, chatbot, session_state], api_visibility="private",
@@ -203,9 +218,9 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                    show_progress="hidden")
         new.click(on_new, session_state, [*views, session_state], api_visibility="private",
                   concurrency_limit=None, show_progress="hidden")
-        for ctl in (policy, budget, buffer):
-            ctl.change(on_settings, [policy, budget, buffer], note, api_visibility="private", concurrency_limit=None,
-                       show_progress="hidden")
+        for ctl in (policy, budget, buffer, cache_type):
+            ctl.change(on_settings, [policy, budget, buffer, cache_type], note, api_visibility="private",
+                       concurrency_limit=None, show_progress="hidden")
         demo.unload(on_unload)
         demo.infokv_registry = registry  # for tests and the launcher
     return demo

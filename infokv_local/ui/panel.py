@@ -50,10 +50,14 @@ def render_panel(kv: dict[str, Any] | None, state: str = "idle") -> str:
         _stat("tps", "tokens/s", round(tps, 1), f"{tps:.1f}"),
     ])
     policy = html.escape(str(kv.get("policy", "")))
-    per = f"{per_token / 1024:.1f} KiB per token" if per_token else ""
+    ctype = str(kv.get("cache_type_k", "f16"))
+    ctype = ctype if ctype == kv.get("cache_type_v", ctype) else f"{ctype}/{kv.get('cache_type_v')}"
+    per = f"{per_token / 1024:.1f} KiB per token" + (f" ({html.escape(ctype)})" if ctype != "f16" else "") \
+        if per_token else ""
     return (
         f'<div class="kv-panel" data-state="{html.escape(state)}">'
         f'<div class="kv-head"><span class="kv-policy">{policy or "no cache yet"}</span>'
         f'<span class="kv-state">{html.escape(state)}</span></div>'
-        f'{meter}<div class="kv-grid">{stats}</div><div class="kv-foot">{per}</div></div>'
+        f'{meter}<div class="kv-grid">{stats}</div><div class="kv-foot" data-cache-type="{html.escape(ctype)}">{per}'
+        '</div></div>'
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+from ..cache_types import check_cache_type, is_quantized
 from ..settings import DEFAULTS
 
 
@@ -20,7 +21,8 @@ class ChatLLM(Protocol):
     """What the UI needs from :class:`infokv_local.InfoKVLlama`."""
 
     def configure(self, *, policy: str | None = ..., budget: int | None = ..., buffer: int | None = ...,
-                  n_sink: int | None = ..., n_recent: int | None = ...) -> None: ...
+                  n_sink: int | None = ..., n_recent: int | None = ..., cache_type_k: str | None = ...,
+                  cache_type_v: str | None = ...) -> None: ...
     def create_chat_completion(self, messages: list[dict[str, Any]], *, stream: Literal[True],
                                **kwargs: Any) -> Iterator[dict[str, Any]]: ...
     def kv_stats(self) -> dict[str, Any]: ...
@@ -42,6 +44,7 @@ class Settings:
     max_tokens: int = 512
     n_sink: int = DEFAULTS.n_sink
     n_recent: int = DEFAULTS.n_recent
+    cache_type: str = DEFAULTS.cache_type_k  # K and V alike: f16, q8_0, q4_0
 
     @property
     def min_budget(self) -> int:
@@ -65,11 +68,16 @@ class Settings:
             raise ValueError(f"Temperature {self.temperature} must be between 0 and 5.")
         if self.max_tokens < 1:
             raise ValueError(f"Max tokens {self.max_tokens} must be at least 1.")
+        check_cache_type(self.cache_type, "KV cache type")
+        if is_quantized(self.cache_type) and self.policy.split(":")[0] == "h2o":
+            raise ValueError(f"Policy h2o needs flash attention off, and a {self.cache_type} cache needs it on: "
+                             f"choose f16 for h2o, or another policy.")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``InfoKVLlama(...)`` and ``.configure(...)``."""
         d = asdict(self)
-        return {k: d[k] for k in ("policy", "budget", "buffer", "n_sink", "n_recent")}
+        return {**{k: d[k] for k in ("policy", "budget", "buffer", "n_sink", "n_recent")},
+                "cache_type_k": self.cache_type, "cache_type_v": self.cache_type}
 
 
 @dataclass
