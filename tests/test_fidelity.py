@@ -52,6 +52,20 @@ def test_fidelity_on_one_document(model):
     assert pol["infokv"]["top1_agreement"] >= pol["random"]["top1_agreement"]
 
 
+def test_fidelity_with_a_quantized_cache(model):
+    """q8_0 K and V for the evicting policies against the f16 full cache, and the q8_0 full cache alone over
+    every token: quantization costs far less than eviction, and eviction on top of it costs more."""
+    docs = [{"id": "gba", "text": haystack_essay("gba.txt")}]
+    res = run_fidelity(model, docs, ["infokv"], budget=128, buffer=32, max_tokens=400, progress=False,
+                       cache_type="q8_0")
+    pol = res["policies"]
+    assert res["cache_type"] == "q8_0" and set(pol) == {"infokv", "full@q8_0"}
+    assert pol["full@q8_0"]["n_tokens"] == 400 - 1 and pol["infokv"]["n_tokens"] == 400 - 160 - 1
+    assert 0 < pol["full@q8_0"]["mean_kl"] < pol["infokv"]["mean_kl"]
+    with pytest.raises(ValueError, match="not a KV-cache type"):
+        run_fidelity(model, docs, ["infokv"], budget=128, cache_type="q9")
+
+
 def test_cli_fidelity_writes_json(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text(json.dumps({"id": "hubs", "text": haystack_essay("hubs.txt")}) + "\n")

@@ -46,6 +46,9 @@ def register(bsub: Any) -> None:
     f.add_argument("--window", type=int, default=DEFAULTS.window)
     f.add_argument("--max-tokens", type=int, help="read at most this many tokens of each document")
     f.add_argument("--max-docs", type=int)
+    f.add_argument("--cache-type", default="f16",
+                   help="K and V cache type of the evicting policies (e.g. q8_0); the reference stays the f16 full "
+                        "cache, and a quantized run adds the quantized full cache as a row of its own")
     f.add_argument("--json", help="write the result here")
     f.set_defaults(func=run_fidelity)
 
@@ -118,6 +121,7 @@ def run_fidelity(args: argparse.Namespace) -> None:
         result = fidelity.run_fidelity(
             model, docs, split_policies(args.policies), budget=args.budget, ratio=args.ratio, buffer=args.buffer,
             n_sink=args.n_sink, n_recent=args.n_recent, window=args.window, max_tokens=args.max_tokens,
+            cache_type=args.cache_type,
         )
     print(fidelity.format_table(result))
     if args.json:

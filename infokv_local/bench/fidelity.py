@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..cache_types import check_cache_type
 from ..engine import Engine
 from ..model import Model
 from ..policies import make_policy
@@ -100,14 +101,20 @@ class Tally:
 
 def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], budget: int | None = None,
                  ratio: float | None = None, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
-                 window: int = 32, max_tokens: int | None = None, progress: bool = True) -> dict:
+                 window: int = 32, max_tokens: int | None = None, progress: bool = True,
+                 cache_type: str = "f16") -> dict:
+    """Teacher-forced fidelity of each evicting policy against the full f16 cache. ``cache_type`` (K and V)
+    of the evicting policies: with a quantized one, the row ``full@<type>`` is the full cache in that type, its
+    KL over every token (quantization and the flash attention it needs, without eviction)."""
+    cache_type = check_cache_type(cache_type, "cache_type")
+    quantized_full = f"full@{cache_type}" if cache_type != "f16" else None
     if (budget is None) == (ratio is None):
         raise ValueError("give exactly one of budget or ratio")
     if ratio is not None and not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1) (got {ratio})")
     policies = {spec: make_policy(spec) for spec in policy_specs}
     policies = {k: p for k, p in policies.items() if p.evicts}  # the full cache is the reference
-    tallies = {spec: Tally() for spec in policies}
+    tallies = {spec: Tally() for spec in [*policies, *([quantized_full] if quantized_full else [])]}
     per_doc = []
     docs = list(docs)
     t_start = time.perf_counter()
@@ -115,9 +122,12 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
         toks = model.tokenize(doc["text"])[:max_tokens]
         b = budget if budget is not None else max(int(float(ratio or 0) * len(toks)), n_sink + n_recent + 1)
         full = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8)
+        types = {"cache_type_k": cache_type, "cache_type_v": cache_type}
         engines = {spec: Engine(model, p, budget=b, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
-                                window=window) for spec, p in policies.items()}
-        doc_tallies = {spec: Tally() for spec in policies}
+                                window=window, **types) for spec, p in policies.items()}
+        if quantized_full:
+            engines[quantized_full] = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8, **types)
+        doc_tallies = {spec: Tally() for spec in engines}
         try:
             feeds = {spec: eng.feed(toks, all_logits=True) for spec, eng in engines.items()}
             for start, lf in full.feed(toks, all_logits=True):
@@ -130,7 +140,7 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
                     s2, lc = next(feed)
                     if s2 != start or lc is None:
                         raise RuntimeError(f"the engines' chunks differ ({s2} vs {start}) or gave no logits")
-                    if engines[spec].totals.evicted_tokens == 0 or len(targets) == 0:
+                    if (engines[spec].totals.evicted_tokens == 0 and spec != quantized_full) or len(targets) == 0:
                         continue
                     doc_tallies[spec].add(lp_full, log_softmax(lc)[: len(targets)], targets)
             for spec, eng in engines.items():
@@ -149,7 +159,7 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
     result: dict[str, Any] = {"model": str(model.path)}
     result["budget" if budget is not None else "ratio"] = budget if budget is not None else ratio
     result.update({
-        "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window, "max_tokens": max_tokens,
+        "cache_type": cache_type, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window, "max_tokens": max_tokens,
         "n_docs": len(docs), "seconds": time.perf_counter() - t_start,
         "policies": {spec: t.summary() for spec, t in tallies.items()},
         "per_doc": per_doc,
