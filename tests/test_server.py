@@ -389,3 +389,19 @@ def test_parking_store_is_bounded_least_recently_parked_first(model):
     got = store.take("A poem about the moon: the moon is")
     assert got is not None and got.conversation == "conv-moon" and len(store) == 1
     assert not ParkingStore(max_bytes=size // 2).put(states[0])  # larger than the whole store
+
+
+def test_soak_tool_keeps_every_slot_in_its_budget(tmp_path):
+    """``python -m infokv_local.server.soak`` on a tiny scale: two simultaneous multi-turn conversations,
+    cells sampled from /v1/kv never above slots x (budget + buffer), and a parked one restored."""
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, "-m", "infokv_local.server.soak", "--slots", "2", "--conversations", "2",
+                        "--tokens", "240", "--turn-tokens", "120", "--budget", "48", "--buffer", "16", "--threads", "1",
+                        "--every", "0.2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["generated_tokens"] == 480 and len(res["turns"]) == 4
+    assert res["samples"] and 0 < res["max_used_cells_sampled"] <= res["cells_limit"] == 2 * 64
+    assert res["max_used_cells_per_turn"] <= 64
+    assert all(t["reused_tokens"] > 0 for t in res["turns"] if t["prompt_tokens"] > 100)  # later turns reuse
+    assert res["resumed"]["restored"] is True and res["resumed"]["reused_tokens"] > 0

@@ -159,7 +159,8 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
     result: dict[str, Any] = {"model": str(model.path)}
     result["budget" if budget is not None else "ratio"] = budget if budget is not None else ratio
     result.update({
-        "cache_type": cache_type, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window, "max_tokens": max_tokens,
+        "cache_type": cache_type, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window,
+        "max_tokens": max_tokens,
         "n_docs": len(docs), "seconds": time.perf_counter() - t_start,
         "policies": {spec: t.summary() for spec, t in tallies.items()},
         "per_doc": per_doc,
