@@ -122,11 +122,12 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
         toks = model.tokenize(doc["text"])[:max_tokens]
         b = budget if budget is not None else max(int(float(ratio or 0) * len(toks)), n_sink + n_recent + 1)
         full = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8)
-        types = {"cache_type_k": cache_type, "cache_type_v": cache_type}
         engines = {spec: Engine(model, p, budget=b, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
-                                window=window, **types) for spec, p in policies.items()}
+                                window=window, cache_type_k=cache_type, cache_type_v=cache_type)
+                   for spec, p in policies.items()}
         if quantized_full:
-            engines[quantized_full] = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8, **types)
+            engines[quantized_full] = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8,
+                                             cache_type_k=cache_type, cache_type_v=cache_type)
         doc_tallies = {spec: Tally() for spec in engines}
         try:
             feeds = {spec: eng.feed(toks, all_logits=True) for spec, eng in engines.items()}

@@ -137,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.slots - 1):
                 client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi again!"}],
                                                max_tokens=8, temperature=0)
-        back = histories[0]
+        back: Any = histories[0]
         t1 = time.perf_counter()
         r = client.chat.completions.create(model=model_id, messages=back, max_tokens=16, temperature=0)
-        resumed = {"ttft_s": time.perf_counter() - t1, **{k: r.usage.model_dump()["kv"][k]
+        usage: Any = r.usage
+        resumed = {"ttft_s": time.perf_counter() - t1, **{k: usage.model_dump()["kv"][k]
                                                          for k in ("restored", "reused_tokens")},
-                   "prompt_tokens": r.usage.prompt_tokens}
+                   "prompt_tokens": usage.prompt_tokens}
         view = httpx.get(f"{base}/v1/kv", timeout=30).json()
     finally:
         done.set()
