@@ -237,6 +237,7 @@ class Engine:
         self.n_threads = self.ctx.n_threads
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
         self.compactions = 0
+        self._restored_at_step: int | None = None  # the step at which restore() left stale logits
         self.rng = np.random.default_rng(seed)
 
         n_cells, n_layer = self.ctx.n_cells, model.info.n_layer
@@ -612,14 +613,14 @@ class Engine:
         self.compactions = snap.compactions
         self.rng.bit_generator.state = snap.rng_state
         self.ctx._last_entropy = snap.last_entropy
-        self._restored_at_step: int | None = self.totals.steps  # logits are stale until the next decode
+        self._restored_at_step = self.totals.steps  # logits are stale until the next decode
         self._restored_logits = snap.logits
 
     def _refresh_logits(self) -> None:
         """After :meth:`restore`, before sampling with no new token: the context's logits are another
         sequence's; put the snapshot's back (or, in a context that never decoded, decode the last
         token again)."""
-        if getattr(self, "_restored_at_step", None) != self.totals.steps or self._pending is not None:
+        if self._restored_at_step != self.totals.steps or self._pending is not None:
             return
         self._restored_at_step = None
         if not self.tokens:
@@ -641,8 +642,7 @@ class Engine:
 
     def _snapshot_config(self) -> tuple[object, ...]:
         return (str(self.model.path), self.policy.name, repr(self.policy), self.budget, self.buffer, self.n_sink,
-                self.n_recent, self.window, self.capacity, getattr(self, "cache_type_k", "f16"),
-                getattr(self, "cache_type_v", "f16"), getattr(self, "flash_attn", "off"))
+                self.n_recent, self.window, self.capacity, self.cache_type_k, self.cache_type_v, self.flash_attn)
 
 
 def _copy_totals(t: EngineTotals) -> EngineTotals:

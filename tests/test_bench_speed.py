@@ -55,3 +55,17 @@ def test_bench_speed_quantized_cache_and_flash_options(tmp_path):
     _, both = _speed(tmp_path / "fa", "--flash-attn", "both", "--policies", "infokv")
     assert sorted(x["flash_attn_used"] for x in both["runs"] if x["engine"] == "infokv-local") == [False, True]
     assert res["cache_type"] == "q8_0" and res["kv_bytes_per_cell"] * 64 % 34 == 0
+
+
+def test_bench_overhead_tiny_run(tmp_path):
+    """``bench overhead``: stock, patched with statistics off and on, and our context, on the plain decode loop."""
+    out = tmp_path / "overhead.json"
+    r = subprocess.run([sys.executable, "-m", "infokv_local", "bench", "overhead", "--rounds", "1", "--prompt", "64",
+                        "--gen", "8", "--inner", "1", "--threads", "1", "--batch", "64", "--n-ctx", "256", "--json",
+                        str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["median"]) == {"stock", "patched_off", "patched_on", "signals"}
+    for figures in res["median"].values():
+        assert all(v > 0 for v in figures.values())
+    assert "patched_on/stock" in res["ratios"]

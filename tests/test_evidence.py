@@ -254,3 +254,25 @@ def test_kl_ratios_fixed_inputs() -> None:
     assert r["snapkv"]["ratio"] == pytest.approx(5 / 8) and r["best"] == r["snapkv"]
     lo, hi = r["snapkv"]["ci95"]
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.75)  # per-trace ratios 2/4 and 3/4
+
+
+def test_jsonl_inputs_are_strict_and_logs_resume_after_a_torn_line(tmp_path):
+    from infokv_local.bench.jsonl import read_inputs, read_log
+
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"text": "a"}\n\n{"text": "b", "id": "x"}\n')
+    assert [i for i, _ in read_inputs(good, lambda d: "text" in d, "text")] == [1, 3]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        read_inputs(bad, lambda d: True, "x")
+    bad.write_text('{"text": "a"}\n[1]\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with text"):
+        read_inputs(bad, lambda d: True, "an object with text")
+    log = tmp_path / "runs.jsonl"
+    assert read_log(log) == []
+    log.write_text('{"k": 1}\n{"k": 2}\n{"k": 3, "cut by a ki')
+    assert read_log(log) == [{"k": 1}, {"k": 2}]
+    with log.open("a") as f:  # the next record starts on a line of its own
+        f.write('{"k": 4}\n')
+    assert read_log(log) == [{"k": 1}, {"k": 2}, {"k": 4}]

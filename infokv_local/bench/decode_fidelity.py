@@ -31,6 +31,7 @@ from ..engine import Engine
 from ..model import Model
 from ..policies import make_policy
 from .fidelity import log_softmax
+from .jsonl import read_log
 from .tasks import read_done
 
 BUCKETS = (0, 128, 512, 2048)
@@ -68,15 +69,7 @@ def make_traces(model: Model, questions: list[dict], path: str | Path, max_token
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    have: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                t = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            have[t["id"]] = t
-        path.write_text("".join(json.dumps(t) + "\n" for t in have.values()))
+    have = {t["id"]: t for t in read_log(path)}
     todo = [q for q in questions if q["id"] not in have]
     if todo:
         need = max(len(model.tokenize(prompt_fn(q["question"]))) for q in todo) + max_tokens + 64

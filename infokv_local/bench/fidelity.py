@@ -28,20 +28,12 @@ from ..cache_types import check_cache_type
 from ..engine import Engine
 from ..model import Model
 from ..policies import make_policy
+from .jsonl import read_inputs
 
 
 def read_docs(path: str | Path) -> list[dict]:
-    docs = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict) or "text" not in d or not isinstance(d["text"], str):
-            raise ValueError(f"{path}:{i}: expected an object with a string 'text' (and an 'id')")
-        docs.append({"id": d.get("id", str(i)), "text": d["text"]})
+    rows = read_inputs(path, lambda d: isinstance(d.get("text"), str), "an object with a string 'text' (and an 'id')")
+    docs = [{"id": d.get("id", str(i)), "text": d["text"]} for i, d in rows]
     if not docs:
         raise ValueError(f"{path}: no documents")
     return docs

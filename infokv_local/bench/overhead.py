@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from ..threads import default_threads
+from .plain_decode import PlainDecoder
 
 CONFIGS = ("stock", "patched_off", "patched_on", "signals")
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,21 +93,8 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
             from infokv_local import native
 
             native.require_patched()
-        batch = llama.llama_batch_init(n_batch, 0, 1)
+        decode = PlainDecoder(ctx_ptr, n_batch)
         mem = llama.llama_get_memory(ctx_ptr)
-
-        def decode(toks: list[int], start: int, all_outputs: bool) -> None:
-            for i, t in enumerate(toks):
-                batch.token[i] = t
-                batch.pos[i] = start + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = all_outputs or i == len(toks) - 1
-            batch.n_tokens = len(toks)
-            rc = llama.llama_decode(ctx_ptr, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc}")
-            llama.llama_synchronize(ctx_ptr)
 
         def run_prefill(all_outputs: bool) -> float:
             llama.llama_memory_clear(mem, True)

@@ -37,7 +37,9 @@ from typing import Any
 
 from ..cache_types import check_cache_type, is_quantized
 from ..threads import default_threads
+from .jsonl import read_log
 from .overhead import stock_lib_dir
+from .plain_decode import PlainDecoder
 
 WINDOW = 256  # decode tokens per timeline point
 QUICK_LENGTHS = "1024x512,1024x2048"
@@ -111,21 +113,9 @@ def _worker_stock(cfg: dict[str, Any]) -> dict[str, Any]:
     if not ctx:
         raise RuntimeError("could not create the context")
     n_ctx = llama.llama_n_ctx(ctx)
-    batch = llama.llama_batch_init(512, 0, 1)
+    decode = PlainDecoder(ctx, 512)
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
-
-    def decode(toks: list[int], start: int) -> None:
-        for i, t in enumerate(toks):
-            batch.token[i] = t
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(toks) - 1
-        batch.n_tokens = len(toks)
-        rc = llama.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
 
     t0 = time.perf_counter()
     for s in range(0, n_prompt, 512):
@@ -364,14 +354,7 @@ def run(args: argparse.Namespace) -> int:
                          f"--flash-attn {args.flash_attn} asks for runs without it; use auto or on")
     todo = plan(lengths, policies, args.rounds, base, ours_flash)
     runs_path = Path(str(args.out) + ".runs.jsonl")
-    done: dict[str, dict[str, Any]] = {}
-    if runs_path.exists():
-        for line in runs_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            done[_run_key(rec)] = rec
+    done = {_run_key(rec): rec for rec in read_log(runs_path)}  # a line cut by a kill is dropped
     stock_lib = args.stock_lib or stock_lib_dir()
     records = []
     with runs_path.open("a") as log, tqdm(todo, desc="speed runs", unit="run") as bar:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import string
 from collections.abc import Callable
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .jsonl import read_inputs
 
 TokenCount = Callable[[str], int]
 
@@ -72,17 +73,10 @@ def load_questions(path: str | Path | None = None, limit: int | None = None, off
     has an ``id`` field.
     """
     path = Path(path) if path is not None else gsm8k_test_path()
-    items = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict) or not isinstance(d.get("question"), str) or "answer" not in d:
-            raise ValueError(f"{path}:{i + 1}: expected an object with 'question' and 'answer'")
-        items.append({"id": str(d.get("id", i)), "question": d["question"], "answer": gold_answer(str(d["answer"]))})
+    rows = read_inputs(path, lambda d: isinstance(d.get("question"), str) and "answer" in d,
+                       "an object with 'question' and 'answer'")
+    items = [{"id": str(d.get("id", i - 1)), "question": d["question"], "answer": gold_answer(str(d["answer"]))}
+             for i, d in rows]
     items = items[offset:]
     return items[:limit] if limit is not None else items
 

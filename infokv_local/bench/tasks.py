@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..api import InfoKVLlama
 from ..model import Model
 from . import task_data
+from .jsonl import read_log
 from .stats import mcnemar_exact, paired_bootstrap, wilson
 
 TASKS = ("long-prefill", "decode-pressure", "retrieval")
@@ -148,19 +149,7 @@ def budget_tokens(spec: str, prompt_tokens: int) -> int:
 
 def read_done(path: Path) -> dict[tuple[str, str, str], dict]:
     """Finished records of a JSONL, keyed by (item, policy, budget spec); a torn last line is dropped."""
-    done: dict[tuple[str, str, str], dict] = {}
-    if not path.exists():
-        return done
-    good: list[str] = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        done[(r["item_id"], r["policy"], r["budget_spec"])] = r
-        good.append(line)
-    path.write_text("".join(g + "\n" for g in good))
-    return done
+    return {(r["item_id"], r["policy"], r["budget_spec"]): r for r in read_log(path)}
 
 
 def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str], budget_specs: list[str],
