@@ -130,13 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.time() - t0
         done.set()
         sampler.join()
-        # park one: a new conversation takes the least recently used slot; then the parked one continues
-        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hello!"}],
-                                       max_tokens=16, temperature=0)
-        if args.conversations >= args.slots:
-            for _ in range(args.slots - 1):
-                client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi again!"}],
-                                               max_tokens=8, temperature=0)
+        # park them: as many new conversations as slots take every slot; then the first one continues
+        for i in range(args.slots):
+            client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": f"Hello {i}!"}],
+                                           max_tokens=8, temperature=0)
         back: Any = histories[0]
         t1 = time.perf_counter()
         r = client.chat.completions.create(model=model_id, messages=back, max_tokens=16, temperature=0)
