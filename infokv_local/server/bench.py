@@ -31,6 +31,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the server started as ``proc`` answers ``/health``; SystemExit when it exits or times out."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit("the server exited at start")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not start in {timeout:.0f} s")
+
+
 def _per_token_ms(stamps: list[float]) -> float:
     return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1) * 1e3
 
@@ -114,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.max_tokens, args.repeats, args.resume_words = 64, 3, 600
 
-    import httpx
 
     from ..api import InfoKVLlama
     from ..model import Model
@@ -131,18 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     api_ms: list[float] = []
     srv_ms: list[float] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("the server exited at start")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not start in 300 s")
-            time.sleep(0.5)
+        wait_ready(base, server)
         with Model(path) as model, InfoKVLlama(model, policy=args.policy, budget=args.budget, buffer=args.buffer,
                                                 n_threads=args.threads) as llm:
             time_api(llm, 8)  # warm-up, both sides

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import _free_port
+from .bench import _free_port, wait_ready
 
 OPENING = "Tell me a long story about a lighthouse keeper, a storm and a ship."
 
@@ -30,22 +30,6 @@ def _rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit("the server exited at start")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server did not start in {timeout:.0f} s")
 
 
 def converse(client: Any, model: str, n_tokens: int, turn_tokens: int, eos_bias: dict[str, int], seed: int,
@@ -99,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     turns: list[dict[str, Any]] = []
     done = threading.Event()
     try:
-        _wait_ready(base, server)
+        wait_ready(base, server)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=3600)
         model_id = client.models.list().data[0].id
         from ..model import Model
