@@ -107,6 +107,7 @@ class StatsContext:
         self.n_layer = model.info.n_layer
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._last_entropy = float("nan")
+        self._attn_active = attn
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -186,6 +187,16 @@ class StatsContext:
         self._last_entropy = float("nan")
 
     # ---- decoding --------------------------------------------------------------------------
+    def set_attention_active(self, active: bool) -> None:
+        """Attention statistics for the next decodes or not (only with ``attn``): switching costs nothing
+        (no graph reserve, the patch's ``llama_infokv_set_attn_active``); while off, a decode builds no
+        statistics nodes and its signals have no attention."""
+        if not self.attn or active == self._attn_active:
+            return
+        if native.lib.llama_infokv_set_attn_active(self.ptr, active) != 0:
+            raise DecodeError("llama.cpp refused to switch the attention statistics (not enabled for this context)")
+        self._attn_active = active
+
     def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True) -> Signals:
         """Decode ``tokens`` at positions ``start_pos..`` and return the call's signals.
 

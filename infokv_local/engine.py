@@ -136,6 +136,14 @@ class Engine:
     (with it on, from a small softmax of the window rows next to the fused kernel); H2O needs the
     attention of every query row, which only the explicit softmax has, so it always runs with flash
     attention off.
+    The observation window is computed on demand: a decode of one token builds the attention
+    statistics only when it is one of the ``window`` tokens before the cache is full (the rows a
+    compression reads), so that with a buffer of 128 and a window of 32 three steps in four run
+    without them; batches (prompts) always have them. When a batch must compress before the
+    window of the tokens decoded last was recorded (a new prompt after a generation that ended
+    early), those tokens are decoded again with the statistics on first (they get the same K/V
+    and signals), so the compression reads the window it would have read with statistics at
+    every step.
     """
 
     def __init__(
@@ -234,6 +242,10 @@ class Engine:
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
         )
         self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
+        # attention statistics only in the steps a compression reads (see the class docstring); H2O sums all
+        self._window_on_demand = ATTENTION in needs and not all_rows and self.policy.evicts
+        self._unrecorded = 0  # tokens decoded last whose attention rows are not in the ring
+        self.window_refreshes = 0
         self.n_threads = self.ctx.n_threads
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
         self.compactions = 0
@@ -280,6 +292,7 @@ class Engine:
         self._ent_at.fill(np.nan)
         self._cell_token.fill(-1)
         self._ring_next = self._ring_len = 0
+        self._unrecorded = 0
         self.n_past = 0
         self.tokens = []
         self._pending = None
@@ -351,6 +364,7 @@ class Engine:
                 self._forget(tail)
                 del self.tokens[n_tokens:]
                 self.n_past -= k
+                self._unrecorded = max(self._unrecorded - k, 0)
         return True
 
     # ---- feeding tokens --------------------------------------------------------------------
@@ -439,6 +453,8 @@ class Engine:
         evicted, score_s, evict_s = self._make_room(len(part))
         if self.policy.evicts and self.n_past + len(part) > self.compact_at:
             self._compact_positions()
+        if self._window_on_demand:
+            self.ctx.set_attention_active(len(part) > 1 or self.capacity - self.ctx.n_used - len(part) < self.window)
         t0 = time.perf_counter()
         sig = self.ctx.decode(part, self.n_past, all_outputs=all_outputs)
         decode_s = time.perf_counter() - t0
@@ -463,7 +479,32 @@ class Engine:
         used = self.ctx.n_used
         if used + n_new <= self.capacity:
             return [], 0.0, 0.0
-        return self._compress(min(self.budget, self.capacity - n_new))
+        record_s = 0.0
+        if self._window_on_demand and self._unrecorded:
+            t0 = time.perf_counter()
+            self._record_window()
+            record_s = time.perf_counter() - t0
+        evicted, score_s, evict_s = self._compress(min(self.budget, self.capacity - n_new))
+        return evicted, score_s + record_s, evict_s
+
+    def _record_window(self) -> None:
+        """Decode the last tokens whose attention rows were skipped again, with the statistics on, so the
+        ring holds the observation window of the last ``window`` tokens. They come back with the same
+        positions, K/V and signals; only the cells they occupy may differ."""
+        k = min(self._unrecorded, self.window, len(self.tokens))
+        cells, pos = self.ctx.cell_map()
+        last, last_pos = cells[-k:], pos[-k:]
+        if not np.array_equal(last_pos, np.arange(self.n_past - k, self.n_past)) or \
+                not np.array_equal(self._cell_token[last], np.arange(len(self.tokens) - k, len(self.tokens))):
+            raise DecodeError("the tokens decoded last are not all cached; cannot record their attention")
+        saved_prod = self._ent_prod[last].copy()
+        self.ctx.remove_cells(last)
+        self._forget(last)
+        self.ctx.set_attention_active(True)
+        self.ctx._last_entropy = float(saved_prod[0])  # what produced the first of them, as before
+        sig = self.ctx.decode(self.tokens[-k:], self.n_past - k, all_outputs=self.needs_outputs)
+        self._absorb(sig, k, first=len(self.tokens) - k)
+        self.window_refreshes += 1
 
     def _compress(self, target: int) -> tuple[list[int], float, float]:
         t0 = time.perf_counter()
@@ -508,14 +549,19 @@ class Engine:
             inp.layer_dist = self._ldist[:, cells]
         return inp
 
-    def _absorb(self, sig: Signals, n: int) -> None:
+    def _absorb(self, sig: Signals, n: int, first: int | None = None) -> None:
+        """Take in the signals of ``n`` tokens just decoded, the tokens ``first..`` of :attr:`tokens`
+        (default: the ones about to be appended)."""
         new_cells = sig.cells[-n:]
-        self._cell_token[new_cells] = np.arange(len(self.tokens), len(self.tokens) + n)
+        first = len(self.tokens) if first is None else first
+        self._cell_token[new_cells] = np.arange(first, first + n)
         if sig.entropy_produced is not None:
             self._ent_prod[new_cells] = sig.entropy_produced
             self._ent_at[new_cells] = sig.entropy_at
         if sig.layer_dist is not None:
             self._ldist[:, new_cells] = sig.layer_dist
+        if self._window_on_demand:
+            self._unrecorded = 0 if sig.attn_last is not None else self._unrecorded + n
         if sig.attn_sum is not None and sig.attn_last is not None:
             self._attn_acc += sig.attn_sum
             for row in range(sig.attn_last.shape[1]):
@@ -576,6 +622,7 @@ class Engine:
             rng_state=dict(self.rng.bit_generator.state),
             last_entropy=self.ctx._last_entropy,
             logits=self.ctx.logits(-1) if self.tokens and self._pending is None else None,
+            unrecorded=self._unrecorded,
         )
 
     def restore(self, snap: EngineSnapshot) -> None:
@@ -606,6 +653,7 @@ class Engine:
         self._attn_current[:, cells] = snap.attn_current
         self._ring[:, :, cells] = snap.ring
         self._ring_next, self._ring_len = snap.ring_next, snap.ring_len
+        self._unrecorded = snap.unrecorded
         self.n_past = snap.n_past
         self.tokens = list(snap.tokens)
         self._pending = snap.pending
@@ -684,6 +732,7 @@ class EngineSnapshot:
     rng_state: dict[str, object]
     last_entropy: float
     logits: np.ndarray | None = None  # the last decode's logits, when the sequence goes on from them
+    unrecorded: int = 0  # tokens decoded last whose attention rows the ring lacks (window on demand)
 
     @property
     def nbytes(self) -> int:

@@ -13,7 +13,7 @@ from llama_cpp import llama_cpp as _llama
 
 from .errors import UnpatchedLibraryError
 
-EXPECTED_PATCH_VERSION = 2
+EXPECTED_PATCH_VERSION = 3
 BUILD_COMMAND = "make setup   (or: python native/build_llama.py, then python native/build_kernels.py)"
 
 lib = _llama._lib
@@ -30,6 +30,7 @@ _SIGNATURES = {
     "llama_infokv_set_stats": ([ctypes.c_void_p, ctypes.c_bool, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
     "llama_infokv_set_stats_ext": ([ctypes.c_void_p, ctypes.c_bool, ctypes.c_int32, ctypes.c_bool, ctypes.c_bool],
                                    ctypes.c_int32),
+    "llama_infokv_set_attn_active": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_int32),
     "llama_infokv_get_attn_sum": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_attn_last": ([ctypes.c_void_p, _c_int32_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_layer_dist": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),
@@ -51,14 +52,15 @@ def require_patched() -> int:
             f"the infokv patches (cell removal by index, attention and layer statistics). Build and install "
             f"the patched library with:\n    {BUILD_COMMAND}"
         ) from None
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = restype
+    version_fn.argtypes, version_fn.restype = [], ctypes.c_int32
     version = version_fn()
     if version != EXPECTED_PATCH_VERSION:
         raise UnpatchedLibraryError(
             f"The llama.cpp library at {library_path()} carries infokv patch version {version}, this package "
             f"needs version {EXPECTED_PATCH_VERSION}. Rebuild it with:\n    {BUILD_COMMAND}"
         )
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = restype
     return version

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -52,11 +53,37 @@ def user_cmake_args() -> str:
     return os.environ.get("CMAKE_ARGS", "").strip()
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's CPU (Linux; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_compiler_flags() -> list[str]:
+    """C/C++ flags added to ggml's native (-march=native) build on this machine.
+
+    On CPUs with AMX the vendored ggml's AMX kernels die with SIGILL: worker threads run tile
+    instructions without the per-thread XTILEDATA permission, and the tile configuration on the stack
+    can be optimised away (llama.cpp PR #26954, issue #28756; seen here on a Xeon with amx_tile). Until
+    the vendored llama.cpp carries the fix, the build leaves AMX out (AVX-512 kernels are used instead).
+    """
+    if platform.machine().lower() in ("x86_64", "amd64") and "amx_tile" in cpu_flags():
+        return ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+    return []
+
+
 def build_key(patched: bool) -> str:
     h = hashlib.sha256()
     h.update(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}\n".encode())
     h.update(f"{sys.implementation.cache_tag} {sysconfig.get_platform()}\n".encode())
     h.update(" ".join(BASE_CMAKE_ARGS + [user_cmake_args()]).encode())
+    # -march=native: a wheel is built for this CPU (a shared cache must not hand it to another one)
+    h.update(" ".join(sorted(cpu_flags()) + native_compiler_flags()).encode())
     if patched:
         for p in patch_files():
             h.update(p.name.encode())
@@ -117,11 +144,15 @@ def build_wheel(patched: bool) -> Path:
         env.setdefault("CCACHE_DIR", str(cache_dir() / "ccache"))
         env.setdefault("CCACHE_MAXSIZE", "5G")
     env["CMAKE_ARGS"] = " ".join(cmake_args + [user_cmake_args()]).strip()
+    extra = native_compiler_flags()
+    if extra:  # CMake takes CFLAGS/CXXFLAGS as the start of CMAKE_C(XX)_FLAGS: user CMAKE_ARGS still apply
+        for var in ("CFLAGS", "CXXFLAGS"):
+            env[var] = " ".join([env.get(var, ""), *extra]).strip()
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({key}); CMAKE_ARGS={env['CMAKE_ARGS']}",
-          flush=True)
+    print(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({key}); CMAKE_ARGS={env['CMAKE_ARGS']}"
+          + (f"; CFLAGS/CXXFLAGS += {' '.join(extra)}" if extra else ""), flush=True)
     build_dir = cache_dir() / "build"  # fixed too: absolute paths end up in the compiler commands
     shutil.rmtree(build_dir, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),

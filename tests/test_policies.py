@@ -145,6 +145,20 @@ def test_infokv_layer_change_matters():
     assert InfoKVPolicy(alpha=0.0).score(i).argmax() == 3
 
 
+def test_infokv_ablations_use_one_signal():
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    i.layer_dist[:, 3] = 3.0  # token 3's representation changes most; token 8 has the highest entropy
+    ent = InfoKVPolicy(alpha=0.0, info="entropy").layer_scores(i)
+    evo = InfoKVPolicy(alpha=0.0, info="evolution").layer_scores(i)
+    h = i.entropy_produced
+    np.testing.assert_allclose(ent, np.broadcast_to(np.exp(h) / np.exp(h).sum(), ent.shape))
+    d = i.layer_dist + 1.0
+    np.testing.assert_allclose(evo, np.exp(d) / np.exp(d).sum(axis=1, keepdims=True))
+    assert ent.mean(axis=0).argmax() == 8 and evo.mean(axis=0).argmax() == 3
+    with pytest.raises(ValueError, match="info must be"):
+        InfoKVPolicy(info="attention")
+
+
 def test_infokv_vote_merge_counts_layers():
     i = infokv_inputs(attn_hot=1, entropy_hot=8)
     i.attn_window[0] = 0.01

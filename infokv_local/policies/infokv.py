@@ -20,6 +20,8 @@ held-out essays, ``results/sweep-*``; the paper uses 0.9, and 0.95 for some deco
 ``entropy`` ("produced": the distribution that produced the token, i.e. the logits one position
 earlier; "at": the distribution at the token), ``merge``, and ``kernel_size``/``pooling``: the
 attention term pooled over neighbouring tokens as SnapKV does (1 = no pooling).
+``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
+"evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class InfoKVPolicy(Policy):
     merge: str = "mean"
     kernel_size: int = 1
     pooling: str = "max"
+    info: str = "product"
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
@@ -66,6 +69,8 @@ class InfoKVPolicy(Policy):
             raise PolicyError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
         if self.pooling not in ("max", "avg"):
             raise PolicyError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
+        if self.info not in ("product", "entropy", "evolution"):
+            raise PolicyError(f"info must be 'product', 'entropy' or 'evolution' (got {self.info!r})")
 
     @property
     def entropy_top_k(self) -> int | None:
@@ -81,7 +86,13 @@ class InfoKVPolicy(Policy):
         # a token without a known entropy (the sequence's first) gets the mean, neither kept nor dropped for it
         h = np.where(np.isfinite(h), h, np.nanmean(h) if np.isfinite(h).any() else 0.0)
         dist = np.where(np.isfinite(dist), dist, 0.0)
-        info = softmax_rows((dist + self.tau) * h[None, :])
+        if self.info == "entropy":
+            energy = np.broadcast_to(h[None, :], dist.shape)
+        elif self.info == "evolution":
+            energy = dist + self.tau
+        else:
+            energy = (dist + self.tau) * h[None, :]
+        info = softmax_rows(energy)
         return self.alpha * attn + (1.0 - self.alpha) * info
 
     def score(self, inp: ScoreInput) -> np.ndarray:
