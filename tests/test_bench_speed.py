@@ -69,3 +69,17 @@ def test_bench_overhead_tiny_run(tmp_path):
     for figures in res["median"].values():
         assert all(v > 0 for v in figures.values())
     assert "patched_on/stock" in res["ratios"]
+
+
+def test_speed_plan_interleaves_and_leaves_out_h2o_with_flash_attention():
+    from infokv_local.bench.speed import plan
+
+    runs = plan([(64, 32), (128, 32)], ["full", "infokv", "h2o"], rounds=2, base={"threads": 2},
+                ours_flash=(True, False))
+    keys = [(r["round"], r["prompt_tokens"], r["engine"], r["policy"], r["flash_attn"]) for r in runs]
+    per_length = [("stock", "full", True), ("stock", "full", False), ("infokv-local", "full", True),
+                  ("infokv-local", "infokv", True), ("infokv-local", "full", False),
+                  ("infokv-local", "infokv", False), ("infokv-local", "h2o", False)]
+    assert keys == [(r, p, *k) for r in (0, 1) for p in (64, 128) for k in per_length]
+    quantized = plan([(64, 32)], ["infokv"], 1, {"cache_type": "q8_0"}, (True,))
+    assert [(r["engine"], r["flash_attn"]) for r in quantized] == [("stock", True), ("infokv-local", True)]

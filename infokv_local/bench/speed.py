@@ -199,13 +199,19 @@ def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base:
          ours_flash: tuple[bool | None, ...] = (None,)) -> list[dict]:
     """The runs in the order they are made: for each round and length, stock (flash on, off; on only with a
     quantized cache, which needs it), then each policy at each flash-attention setting of ours (None: the
-    engine's choice for the backend)."""
+    engine's choice for the backend). A policy that needs the attention of every query row (H2O) runs only
+    with flash attention off: its flash-on runs are left out."""
+    from ..policies import make_policy
+    from ..policies.base import ATTENTION_ALL_ROWS
+
     stock_flash = (True,) if is_quantized(base.get("cache_type", "f16")) else (True, False)
+    all_rows = {pol for pol in policies if ATTENTION_ALL_ROWS in make_policy(pol).needs}
     runs = []
     for r in range(rounds):
         for p, g in lengths:
             for engine, policy, fa in [*(("stock", "full", f) for f in stock_flash),
-                                       *(("infokv-local", pol, f) for f in ours_flash for pol in policies)]:
+                                       *(("infokv-local", pol, f) for f in ours_flash for pol in policies
+                                         if not (f and pol in all_rows))]:
                 runs.append({**base, "round": r, "engine": engine, "policy": policy, "flash_attn": fa,
                              "prompt_tokens": p, "generated_tokens": g})
     return runs
