@@ -2,7 +2,9 @@
 
 The same greedy generation (a raw completion, same model, policy, budget, threads) is timed
 through ``InfoKVLlama`` in this process and through ``POST /v1/completions`` (streamed, read with
-httpx) on a server started as a subprocess on 127.0.0.1, alternately, ``--repeats`` times each.
+httpx) on a server started as a subprocess on 127.0.0.1, in adjacent pairs (the order alternating),
+``--repeats`` pairs; the overhead is the median of the pairs' ratios, which drift on a shared
+machine does not move as it moves the medians of each side.
 Decode ms/token is the time from the first to the last text chunk divided by the tokens in
 between, as the client sees it; the medians are compared. Then a long conversation is parked
 (another takes the only slot) and resumed, against the same history sent as a new conversation:
@@ -152,22 +154,28 @@ def main(argv: list[str] | None = None) -> int:
                                                 n_threads=args.threads) as llm:
             time_api(llm, 8)  # warm-up, both sides
             time_server(base, 8)
-            for _ in range(args.repeats):
-                ms, n_api = time_api(llm, args.max_tokens)
-                api_ms.append(ms)
-                ms, n_srv = time_server(base, args.max_tokens)
-                srv_ms.append(ms)
+            for i in range(args.repeats):
+                # adjacent pairs, the order alternating, so that drift on a shared machine cancels
+                for side in (("api", "server") if i % 2 == 0 else ("server", "api")):
+                    if side == "api":
+                        ms, n_api = time_api(llm, args.max_tokens)
+                        api_ms.append(ms)
+                    else:
+                        ms, n_srv = time_server(base, args.max_tokens)
+                        srv_ms.append(ms)
             threads = llm.kv_stats()["n_threads"]
         resume = resume_vs_prefill(base, args.resume_words)
     finally:
         server.terminate()
         server.wait(timeout=60)
     api, srv = statistics.median(api_ms), statistics.median(srv_ms)
+    paired = [(b / a - 1) * 100 for a, b in zip(api_ms, srv_ms, strict=True)]
     result = {
         "model": path.name, "policy": args.policy, "budget": args.budget, "buffer": args.buffer,
         "threads": threads, "max_tokens": args.max_tokens, "tokens_api": n_api, "tokens_server": n_srv,
         "repeats": args.repeats, "api_ms_per_token": api_ms, "server_ms_per_token": srv_ms,
-        "api_median_ms": api, "server_median_ms": srv, "overhead_pct": (srv / api - 1) * 100,
+        "api_median_ms": api, "server_median_ms": srv, "overhead_pct": statistics.median(paired),
+        "paired_overhead_pct": paired, "overhead_of_medians_pct": (srv / api - 1) * 100,
         "resume": resume,
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "platform": platform.platform()},
     }
@@ -176,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':10s} {'median ms/token':>16s}  runs")
     print(f"{'python API':10s} {api:16.2f}  {' '.join(f'{x:.2f}' for x in api_ms)}")
     print(f"{'server':10s} {srv:16.2f}  {' '.join(f'{x:.2f}' for x in srv_ms)}")
-    print(f"server overhead: {result['overhead_pct']:+.1f}% (load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs)")
+    print(f"server overhead: {result['overhead_pct']:+.1f}% (median of the {len(paired)} adjacent pairs: "
+          f"{' '.join(f'{x:+.1f}' for x in paired)}; of the medians {result['overhead_of_medians_pct']:+.1f}%; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     r, f_ = resume["resumed"], resume["prefilled"]
     print(f"resume a parked conversation of {resume['history_tokens']} tokens ({resume['cached_cells']} cells cached): "
           f"first token after {r['ttft_ms']:.0f} ms, {r['prefilled_tokens']} tokens prefilled (restored: "
