@@ -159,6 +159,22 @@ def test_infokv_ablations_use_one_signal():
         InfoKVPolicy(info="attention")
 
 
+def test_infokv_rank_mix_blends_two_rankings():
+    from infokv_local.policies.infokv import rank_rows
+
+    np.testing.assert_allclose(rank_rows(np.array([[3.0, 1.0, 2.0, 2.0]])), [[1.0, 0.0, 0.5, 0.5]])
+    i = infokv_inputs(attn_hot=1, entropy_hot=8)
+    i.entropy_produced[1] = 4.0  # token 1: top attention, second entropy; token 8: top entropy, low attention
+    s = InfoKVPolicy(alpha=0.5, mix="rank").layer_scores(i)
+    assert s.shape == i.attn_window.shape and 0.0 <= s.min() and s.max() <= 1.0
+    assert s.mean(axis=0).argmax() == 1
+    a = rank_rows(i.attn_window)
+    e = rank_rows((i.layer_dist + 1.0) * i.entropy_produced[None])
+    np.testing.assert_allclose(s, 0.5 * a + 0.5 * e)
+    with pytest.raises(ValueError, match="mix must be"):
+        InfoKVPolicy(mix="sum")
+
+
 def test_infokv_vote_merge_counts_layers():
     i = infokv_inputs(attn_hot=1, entropy_hot=8)
     i.attn_window[0] = 0.01

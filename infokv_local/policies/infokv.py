@@ -22,6 +22,10 @@ earlier; "at": the distribution at the token), ``merge``, and ``kernel_size``/``
 attention term pooled over neighbouring tokens as SnapKV does (1 = no pooling).
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
+``mix`` is how the two terms are put on one scale before mixing: "paper" (the attention normalised
+over tokens, the information term a softmax over tokens, as above) or "rank" (each term replaced by
+its rank among the tokens, scaled to [0, 1]: a blend of two rankings, so that the peaked softmax
+cannot reduce the information term to a few forced-in tokens; an option to evaluate, not the default).
 """
 
 from __future__ import annotations
@@ -41,6 +45,21 @@ def softmax_rows(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def rank_rows(x: np.ndarray) -> np.ndarray:
+    """Each row's values replaced by their ranks scaled to [0, 1] (ties share the mean rank)."""
+    n = x.shape[-1]
+    if n < 2:
+        return np.zeros_like(x, dtype=np.float64)
+    order = np.argsort(x, axis=-1, kind="stable")
+    ranks = np.empty(x.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, np.arange(n, dtype=np.float64)[None, :].repeat(x.shape[0], 0), axis=-1)
+    for i in range(x.shape[0]):  # ties: the mean rank of the group, so equal values score equally
+        vals, inv = np.unique(x[i], return_inverse=True)
+        if len(vals) < n:
+            ranks[i] = (np.bincount(inv, weights=ranks[i]) / np.bincount(inv))[inv]
+    return ranks / (n - 1)
+
+
 @dataclass
 class InfoKVPolicy(Policy):
     alpha: float = 0.95
@@ -51,6 +70,7 @@ class InfoKVPolicy(Policy):
     kernel_size: int = 1
     pooling: str = "max"
     info: str = "product"
+    mix: str = "paper"
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
@@ -69,6 +89,8 @@ class InfoKVPolicy(Policy):
             raise PolicyError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
         if self.pooling not in ("max", "avg"):
             raise PolicyError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
+        if self.mix not in ("paper", "rank"):
+            raise PolicyError(f"mix must be 'paper' or 'rank' (got {self.mix!r})")
         if self.info not in ("product", "entropy", "evolution"):
             raise PolicyError(f"info must be 'product', 'entropy' or 'evolution' (got {self.info!r})")
 
@@ -92,6 +114,8 @@ class InfoKVPolicy(Policy):
             energy = dist + self.tau
         else:
             energy = (dist + self.tau) * h[None, :]
+        if self.mix == "rank":
+            return self.alpha * rank_rows(attn) + (1.0 - self.alpha) * rank_rows(energy)
         info = softmax_rows(energy)
         return self.alpha * attn + (1.0 - self.alpha) * info
 
