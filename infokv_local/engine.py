@@ -322,6 +322,9 @@ class Engine:
         Returns ``(token_indices, scores, protected)`` over the cached tokens in position order:
         indices into :attr:`tokens`, the policy's score (higher = kept longer; NaN for protected
         tokens and for policies that do not evict), and whether the token is a sink or recent token.
+        With the window on demand, the attention term between compressions is the last recorded
+        window (taken before the previous compression and during prompts), so tokens generated since
+        then show no attention yet; the next compression reads a fresh window.
         """
         cells, pos = self.ctx.cell_map()
         n = len(cells)
