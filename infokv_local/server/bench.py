@@ -6,7 +6,7 @@ httpx) on a server started as a subprocess on 127.0.0.1, in adjacent pairs (the 
 ``--repeats`` pairs; the overhead is the median of the pairs' ratios, which drift on a shared
 machine does not move as it moves the medians of each side.
 Decode ms/token is the time from the first to the last text chunk divided by the tokens in
-between, as the client sees it; the medians are compared. Then a long conversation is parked
+between, as the client sees it (each side's median is printed too). Then a long conversation is parked
 (another takes the only slot) and resumed, against the same history sent as a new conversation:
 time to the first token and tokens prefilled. Prints the figures and writes JSON.
 """
