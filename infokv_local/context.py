@@ -39,8 +39,9 @@ class StatsContext:
     llama.cpp's own tools choose (:func:`~infokv_local.threads.default_threads`). ``flash_attn`` None
     lets llama.cpp choose (its ``auto``) unless all-row attention statistics are on.
     ``cache_type_k`` / ``cache_type_v`` are the KV cache's data types (``f16``, ``q8_0``, ``q4_0``...;
-    a quantized V cache needs flash attention). With
-    ``layer_dist`` or entropy wanted, every token of a batch is decoded as an output.
+    a quantized V cache needs flash attention). Entropy and layer distances exist for the tokens a
+    decode makes outputs (llama.cpp computes logits for those only): every token, every k-th
+    (:meth:`decode`'s ``stride``) or the last.
     """
 
     def __init__(
@@ -197,28 +198,42 @@ class StatsContext:
             raise DecodeError("llama.cpp refused to switch the attention statistics (not enabled for this context)")
         self._attn_active = active
 
-    def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True) -> Signals:
+    def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True, stride: int = 1,
+               logits_all: bool = False) -> Signals:
         """Decode ``tokens`` at positions ``start_pos..`` and return the call's signals.
+
+        ``all_outputs``: every token's entropy and layer distances, else the last token's only. With
+        ``stride`` k > 1 they are computed for the tokens at positions p with p % k == k - 1 and for the
+        last token, and interpolated linearly in between (:func:`signal_rows`): llama.cpp then runs the
+        LM head on those rows only. ``logits_all`` makes every token an output (its logits readable
+        with :meth:`logits_rows`) whatever the signals' rows.
 
         Raises :class:`CacheFull` (nothing changed) when the cache has no room for the batch.
         """
         n = len(tokens)
         if n == 0 or n > self.n_batch:
             raise ValueError(f"a batch holds 1..{self.n_batch} tokens (got {n})")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1 (got {stride})")
+        rows = signal_rows(n, start_pos, stride) if all_outputs else np.array([n - 1], dtype=np.int32)
+        outputs = np.zeros(n, dtype=bool)
+        outputs[rows] = True
+        if logits_all:
+            outputs[:] = True
         b = self._batch
         for i, tok in enumerate(tokens):
             b.token[i] = tok
             b.pos[i] = start_pos + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
-            b.logits[i] = all_outputs or i == n - 1
+            b.logits[i] = bool(outputs[i])
         b.n_tokens = n
         rc = llama.llama_decode(self.ptr, b)
         if rc == 1:
             raise CacheFull(f"no free cells for {n} tokens ({self.n_used}/{self.n_cells} used)")
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")
-        return self._signals(n, start_pos, all_outputs)
+        return self._signals(n, start_pos, rows, np.flatnonzero(outputs))
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Logits of output row ``i`` of the last decode (a copy)."""
@@ -232,26 +247,38 @@ class StatsContext:
         ptr = llama.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
-    def _signals(self, n: int, start_pos: int, all_outputs: bool) -> Signals:
+    def _signals(self, n: int, start_pos: int, rows: np.ndarray, outputs: np.ndarray) -> Signals:
+        """The call's signals: entropy and layer distances measured on ``rows`` (token indices, ascending,
+        the last token among them) and interpolated between them; ``outputs`` are the call's output tokens."""
         ent_at = ent_prod = None
+        every = len(rows) == n
         if self.entropy_top_k is not None:
-            rows = np.arange(n, dtype=np.int32) if all_outputs else np.array([n - 1], dtype=np.int32)
             ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, self.entropy_top_k, self.n_threads)
-            if all_outputs:
+            if every:
                 ent_at = ent
-                ent_prod = np.concatenate([[self._last_entropy], ent[:-1]]).astype(np.float32)
-            else:
+            elif len(rows) == 1:
                 ent_at = np.full(n, np.nan, dtype=np.float32)
                 ent_at[-1] = ent[0]
-                ent_prod = np.full(n, np.nan, dtype=np.float32)
-                ent_prod[0] = self._last_entropy
+            else:
+                ent_at = interpolate_rows(ent[None, :], rows, n, self._last_entropy)[0]
+            ent_prod = np.concatenate([[self._last_entropy], ent_at[:-1]]).astype(np.float32)
             self._last_entropy = float(ent[-1])
+        ldist = self._layer_dist()
+        if ldist is not None and not every:
+            measured = ldist[:, np.searchsorted(outputs, rows)] if ldist.shape[1] == len(outputs) else None
+            if measured is None or len(rows) == 1:
+                full = np.full((ldist.shape[0], n), np.nan, dtype=np.float32)
+                if measured is not None:
+                    full[:, -1] = measured[:, 0]
+                ldist = full
+            else:
+                ldist = interpolate_rows(measured, rows, n)
         cells, cell_pos = self.cell_map()
         return Signals(
             positions=np.arange(start_pos, start_pos + n, dtype=np.int32),
             entropy_produced=ent_prod,
             entropy_at=ent_at,
-            layer_dist=self._layer_dist(),
+            layer_dist=ldist,
             attn_sum=self._attn_sum(),
             attn_last=self._attn_last(),
             cells=cells,
@@ -323,6 +350,32 @@ class StatsContext:
             raise ValueError(f"logits of shape {row.shape}, expected ({self.n_vocab},)")
         ctypes.memmove(ptr, row.ctypes.data, row.nbytes)
         return True
+
+
+def signal_rows(n: int, start_pos: int, stride: int) -> np.ndarray:
+    """The tokens of a batch of ``n`` at ``start_pos..`` whose signals are measured with ``stride`` k: those at
+    positions p with p % k == k - 1, and the last (aligned on positions, so chunking does not move them)."""
+    first = (stride - 1 - start_pos) % stride
+    rows = np.arange(first, n, stride, dtype=np.int32)
+    if not len(rows) or rows[-1] != n - 1:
+        rows = np.append(rows, np.int32(n - 1))
+    return rows
+
+
+def interpolate_rows(values: np.ndarray, rows: np.ndarray, n: int, before: float = float("nan")) -> np.ndarray:
+    """[k, len(rows)] values measured at ``rows`` spread over the n tokens of the batch, linearly in between.
+
+    ``before`` is the value at the token just before the batch (row -1), when known: tokens ahead of the
+    first measured row lie between the two; without it they take the first measured value."""
+    xp = rows.astype(np.float64)
+    out = np.empty((values.shape[0], n), dtype=np.float32)
+    x = np.arange(n, dtype=np.float64)
+    for i, fp in enumerate(values.astype(np.float64)):
+        if np.isfinite(before) and rows[0] > 0:
+            out[i] = np.interp(x, np.concatenate([[-1.0], xp]), np.concatenate([[before], fp]))
+        else:
+            out[i] = np.interp(x, xp, fp)
+    return out
 
 
 def _with_placeholders(data: bytes, cells: np.ndarray, n_cells: int) -> tuple[bytes, np.ndarray | None]:

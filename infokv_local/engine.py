@@ -122,6 +122,10 @@ class Engine:
     ``window`` is the number of recent queries whose attention forms the observation window.
     ``check_invariants`` (or ``INFOKV_DEBUG=1``) verifies the budget and the protected tokens after
     every call.
+    A policy whose ``signal_stride`` is k > 1 (``infokv:stride=4``) gets entropy and layer evolution
+    measured on every k-th token of a prompt chunk only, interpolated in between
+    (:meth:`StatsContext.decode`): llama.cpp's LM head, InfoKV's prefill overhead, then runs on 1/k of
+    the prompt's rows. Generated tokens always have their own (their logits exist for sampling).
     Positions keep growing as tokens are evicted; before they would pass ``compact_at`` (default:
     the model's trained context) the kept tokens are renumbered 0..n-1 with llama.cpp's batched
     K-shift (``llama_memory_seq_add``), so RoPE never extrapolates.
@@ -381,7 +385,7 @@ class Engine:
         tokens = list(tokens)
         for s in range(0, len(tokens), self.chunk):
             part = tokens[s : s + self.chunk]
-            self._decode(part, all_outputs=all_logits or self.needs_outputs)
+            self._decode(part, all_outputs=all_logits or self.needs_outputs, logits_all=all_logits)
             yield s, (self.ctx.logits_rows(len(part)).copy() if all_logits else None)
 
     def prefill(self, tokens: Sequence[int]) -> None:
@@ -437,16 +441,16 @@ class Engine:
                 self._pending = pending
                 raise
 
-    def _decode(self, part: list[int], all_outputs: bool) -> None:
+    def _decode(self, part: list[int], all_outputs: bool, logits_all: bool = False) -> None:
         """Decode one chunk, evicting first if needed: all or nothing for the engine's bookkeeping.
 
         SIGINT is held back until llama.cpp's cache and the engine's records agree again
         (:func:`~infokv_local.interrupts.sigint_deferred`); an error before llama_decode changes nothing.
         """
         with sigint_deferred():
-            self._decode_step(part, all_outputs)
+            self._decode_step(part, all_outputs, logits_all)
 
-    def _decode_step(self, part: list[int], all_outputs: bool) -> None:
+    def _decode_step(self, part: list[int], all_outputs: bool, logits_all: bool = False) -> None:
         self._flush_pending()
         if not self.policy.evicts and self.ctx.n_used + len(part) > self.capacity:
             raise ContextFullError(
@@ -459,7 +463,8 @@ class Engine:
         if self._window_on_demand:
             self.ctx.set_attention_active(len(part) > 1 or self.capacity - self.ctx.n_used - len(part) < self.window)
         t0 = time.perf_counter()
-        sig = self.ctx.decode(part, self.n_past, all_outputs=all_outputs)
+        sig = self.ctx.decode(part, self.n_past, all_outputs=all_outputs,
+                              stride=self.policy.signal_stride if self.needs_outputs else 1, logits_all=logits_all)
         decode_s = time.perf_counter() - t0
         self._absorb(sig, len(part))
         self.n_past += len(part)

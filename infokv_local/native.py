@@ -13,7 +13,7 @@ from llama_cpp import llama_cpp as _llama
 
 from .errors import UnpatchedLibraryError
 
-EXPECTED_PATCH_VERSION = 3
+EXPECTED_PATCH_VERSION = 4
 BUILD_COMMAND = "make setup   (or: python native/build_llama.py, then python native/build_kernels.py)"
 
 lib = _llama._lib

@@ -64,11 +64,16 @@ def test_layer_distances_match_l_out(model, tokens):
     assert sig.attn_sum is None and sig.attn_last is None
 
 
-def test_layer_distances_need_all_outputs(model, tokens):
+def test_layer_distances_only_for_output_tokens(model, tokens):
     with StatsContext(model, n_ctx=256, n_batch=64) as ctx:
+        every = ctx.decode(tokens[:30], 0)
+        ctx.clear()
         sig = ctx.decode(tokens[:30], 0, all_outputs=False)
     assert sig.layer_dist.shape == (model.info.n_layer, 30)
-    assert np.isnan(sig.layer_dist).all()
+    # the last token is the call's only output: its distances are measured (the earlier layers' rows taken
+    # with llama.cpp's out_ids), the others' are not
+    assert np.isnan(sig.layer_dist[:, :-1]).all()
+    np.testing.assert_allclose(sig.layer_dist[:, -1], every.layer_dist[:, -1], atol=1e-5)
     # the last token's own entropy is still known; the others are not
     assert np.isfinite(sig.entropy_at[-1]) and np.isnan(sig.entropy_at[:-1]).all()
 

@@ -71,6 +71,12 @@ class Policy:
         """k of the restricted entropy this policy wants computed (None: no entropy)."""
         return None
 
+    @property
+    def signal_stride(self) -> int:
+        """k: the per-token signals (entropy, layer evolution) of a prompt are measured on every k-th token
+        and interpolated in between (1: every token)."""
+        return 1
+
 
 def require(inp: ScoreInput, field: str) -> np.ndarray:
     value = getattr(inp, field)

@@ -20,6 +20,9 @@ held-out essays, ``results/sweep-*``; the paper uses 0.9, and 0.95 for some deco
 ``entropy`` ("produced": the distribution that produced the token, i.e. the logits one position
 earlier; "at": the distribution at the token), ``merge``, and ``kernel_size``/``pooling``: the
 attention term pooled over neighbouring tokens as SnapKV does (1 = no pooling).
+``stride`` (1: the paper) measures entropy and layer evolution of prompt tokens on every ``stride``-th
+token only, interpolating linearly in between, so that llama.cpp computes logits for 1/stride of a
+prompt's rows (the LM head is InfoKV's prefill overhead); generated tokens always have their own.
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
 ``mix`` is how the two terms are put on one scale before mixing: "paper" (the attention normalised
@@ -71,6 +74,7 @@ class InfoKVPolicy(Policy):
     pooling: str = "max"
     info: str = "product"
     mix: str = "paper"
+    stride: int = 1
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
@@ -91,12 +95,18 @@ class InfoKVPolicy(Policy):
             raise PolicyError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
         if self.mix not in ("paper", "rank"):
             raise PolicyError(f"mix must be 'paper' or 'rank' (got {self.mix!r})")
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+            raise PolicyError(f"stride must be a whole number >= 1 (got {self.stride!r})")
         if self.info not in ("product", "entropy", "evolution"):
             raise PolicyError(f"info must be 'product', 'entropy' or 'evolution' (got {self.info!r})")
 
     @property
     def entropy_top_k(self) -> int | None:
         return self.top_k
+
+    @property
+    def signal_stride(self) -> int:
+        return self.stride
 
     def layer_scores(self, inp: ScoreInput) -> np.ndarray:
         """S^(l) for every layer: [n_layer, n]."""

@@ -1,0 +1,94 @@
+"""Signals measured on every k-th prompt token (``infokv:stride=k``): the LM head on fewer rows, the rest
+interpolated. Real model for the measured rows and the engine; arrays for the row choice and interpolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from infokv_local.context import StatsContext, interpolate_rows, signal_rows
+from infokv_local.engine import Engine
+from infokv_local.errors import PolicyError
+from infokv_local.policies import make_policy
+
+
+@given(st.integers(1, 300), st.integers(0, 5000), st.integers(1, 16))
+def test_signal_rows_are_aligned_on_positions(n, start, k):
+    rows = signal_rows(n, start, k)
+    assert rows[-1] == n - 1 and np.all(np.diff(rows) > 0)
+    aligned = [r for r in range(n) if (start + r) % k == k - 1]
+    assert sorted(set(aligned) | {n - 1}) == rows.tolist()
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=8), st.integers(1, 8))
+def test_chunking_moves_no_measured_position(chunks, k):
+    start, measured = 0, set()
+    for n in chunks:
+        measured |= {start + int(r) for r in signal_rows(n, start, k)}
+        start += n
+    ends = set(np.cumsum(chunks) - 1)
+    assert measured == {p for p in range(start) if p % k == k - 1} | ends
+
+
+def test_interpolation_between_measured_rows():
+    vals = np.array([[2.0, 4.0, 8.0]])
+    out = interpolate_rows(vals, np.array([1, 3, 7]), 8)
+    np.testing.assert_allclose(out[0], [2, 2, 3, 4, 5, 6, 7, 8])
+    # the value just before the batch anchors the first rows
+    out = interpolate_rows(vals, np.array([1, 3, 7]), 8, before=0.0)
+    np.testing.assert_allclose(out[0][:2], [1, 2])
+
+
+def test_stride_parameter_checked():
+    assert make_policy("infokv:stride=4").signal_stride == 4
+    assert make_policy("infokv").signal_stride == 1 and make_policy("snapkv").signal_stride == 1
+    for bad in ("infokv:stride=0", "infokv:stride=2.5"):
+        with pytest.raises(PolicyError):
+            make_policy(bad)
+
+
+def test_strided_decode_measures_the_same_rows(model, tokens):
+    n, k = 90, 4
+    with StatsContext(model, n_ctx=512, n_batch=128) as ctx:
+        ctx.decode(tokens[:10], 0)
+        ref = ctx.decode(tokens[10:10 + n], 10)
+        ctx.clear()
+        ctx.decode(tokens[:10], 0)
+        sig = ctx.decode(tokens[10:10 + n], 10, stride=k)
+        rows = signal_rows(n, 10, k)
+        # llama.cpp computed logits for the measured rows only
+        assert ctx.logits(int(rows[0])).shape == (model.info.n_vocab,)
+        with pytest.raises(ValueError):
+            ctx.logits(int(rows[0]) + 1)
+        ctx.clear()
+        ctx.decode(tokens[:10], 0)
+        tf = ctx.decode(tokens[10:10 + n], 10, stride=k, logits_all=True)
+        assert ctx.logits_rows(n).shape == (n, model.info.n_vocab)  # every row's logits, for teacher forcing
+    np.testing.assert_allclose(sig.entropy_at[rows], ref.entropy_at[rows], atol=1e-4)
+    np.testing.assert_allclose(sig.layer_dist[:, rows], ref.layer_dist[:, rows], atol=1e-4)
+    # the same signals whether or not every row is an output
+    np.testing.assert_allclose(tf.entropy_at, sig.entropy_at, atol=1e-4)
+    np.testing.assert_allclose(tf.layer_dist, sig.layer_dist, atol=1e-4)
+    assert np.isfinite(sig.entropy_at).all() and np.isfinite(sig.layer_dist).all()
+    # in between: on the line between the measured neighbours
+    a, b = int(rows[3]), int(rows[4])
+    mid = (a + b) // 2
+    w = (mid - a) / (b - a)
+    np.testing.assert_allclose(sig.entropy_at[mid], (1 - w) * sig.entropy_at[a] + w * sig.entropy_at[b], rtol=1e-5)
+    # the rows before the first measured one lie between the previous call's last token and it
+    assert np.isfinite(sig.entropy_at[: rows[0]]).all()
+    np.testing.assert_array_equal(sig.entropy_produced[1:], sig.entropy_at[:-1])
+
+
+def test_engine_with_stride_keeps_budget_and_generates(model, long_tokens):
+    budget, buffer = 256, 64
+    for spec in ("infokv", "infokv:stride=4"):
+        with Engine(model, spec, budget=budget, buffer=buffer, n_threads=2, check_invariants=True) as eng:
+            eng.prefill(long_tokens[:1200])
+            assert eng.ctx.n_used <= budget + buffer and eng.totals.evictions > 0
+            out = list(eng.generate([], max_tokens=40, ignore_eos=True))
+            assert len(out) == 40 and eng.ctx.n_used <= budget + buffer
+            cells, pos = eng.ctx.cell_map()
+            assert np.isfinite(eng._ent_at[cells]).all() and np.isfinite(eng._ldist[:, cells]).all()
