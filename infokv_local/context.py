@@ -188,6 +188,16 @@ class StatsContext:
         self._last_entropy = float("nan")
 
     # ---- decoding --------------------------------------------------------------------------
+    @property
+    def last_entropy(self) -> float:
+        """Entropy at the last token decoded (NaN if unknown): what produced the next call's first token,
+        and the value interpolation starts from. Set it when the sequence is restored or rewound."""
+        return self._last_entropy
+
+    @last_entropy.setter
+    def last_entropy(self, value: float) -> None:
+        self._last_entropy = float(value)
+
     def set_attention_active(self, active: bool) -> None:
         """Attention statistics for the next decodes or not (only with ``attn``): switching costs nothing
         (no graph reserve, the patch's ``llama_infokv_set_attn_active``); while off, a decode builds no

@@ -367,6 +367,9 @@ class Engine:
                 self.tokens.pop()
                 self._pending = None
             if k:
+                # the entropy that produced the first dropped token is the one at the new last token
+                first = tail[self._cell_token[tail] == n_tokens]
+                self.ctx.last_entropy = float(self._ent_prod[first[0]]) if len(first) else float("nan")
                 self.ctx.remove_cells(tail)
                 self._forget(tail)
                 del self.tokens[n_tokens:]
@@ -509,7 +512,7 @@ class Engine:
         self.ctx.remove_cells(last)
         self._forget(last)
         self.ctx.set_attention_active(True)
-        self.ctx._last_entropy = float(saved_prod[0])  # what produced the first of them, as before
+        self.ctx.last_entropy = float(saved_prod[0])  # what produced the first of them, as before
         sig = self.ctx.decode(self.tokens[-k:], self.n_past - k, all_outputs=self.needs_outputs)
         self._absorb(sig, k, first=len(self.tokens) - k)
         self.window_refreshes += 1
@@ -628,7 +631,7 @@ class Engine:
             totals=_copy_totals(self.totals),
             compactions=self.compactions,
             rng_state=dict(self.rng.bit_generator.state),
-            last_entropy=self.ctx._last_entropy,
+            last_entropy=self.ctx.last_entropy,
             logits=self.ctx.logits(-1) if self.tokens and self._pending is None else None,
             unrecorded=self._unrecorded,
         )
@@ -668,7 +671,7 @@ class Engine:
         self.totals = _copy_totals(snap.totals)
         self.compactions = snap.compactions
         self.rng.bit_generator.state = snap.rng_state
-        self.ctx._last_entropy = snap.last_entropy
+        self.ctx.last_entropy = snap.last_entropy
         self._restored_at_step = self.totals.steps  # logits are stale until the next decode
         self._restored_logits = snap.logits
 

@@ -146,6 +146,18 @@ def test_truncate_that_cannot_happen_changes_nothing(model, tokens):
         assert eng.ctx.cell_map()[1].max() == eng.n_past - 1
 
 
+def test_truncate_then_new_tokens_get_the_entropy_that_produced_them(model, tokens):
+    with Engine(model, "infokv", budget=512, buffer=64) as ref, Engine(model, "infokv", budget=512, buffer=64) as eng:
+        ref.prefill(tokens[:60])
+        ref.prefill(tokens[60:70])
+        eng.prefill(tokens[:60])
+        eng.prefill(tokens[80:95])  # a continuation taken back
+        assert eng.truncate(60) is True
+        eng.prefill(tokens[60:70])
+        cells_ref, cells = ref.ctx.cell_map()[0], eng.ctx.cell_map()[0]
+        np.testing.assert_allclose(eng._ent_prod[cells], ref._ent_prod[cells_ref], atol=1e-4)
+
+
 def test_compaction_through_the_context_keeps_generating(model):
     with Engine(model, "snapkv", budget=96, buffer=16, n_recent=16, compact_at=200, check_invariants=True) as eng:
         list(eng.generate(model.tokenize("Count slowly:"), 300, ignore_eos=True))
