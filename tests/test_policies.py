@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infokv_local.policies import (
     POLICIES,
@@ -200,3 +202,15 @@ def test_infokv_pooling_and_alpha_one_ranks_like_snapkv():
     assert a[0] == b[0]
     with pytest.raises(ValueError):
         InfoKVPolicy(kernel_size=2)
+
+
+@given(st.integers(1, 4).flatmap(lambda r: st.integers(2, 12).flatmap(
+    lambda n: st.lists(st.lists(st.integers(0, 4), min_size=n, max_size=n), min_size=r, max_size=r))))
+def test_rank_rows_is_the_mean_rank_among_the_row(values):
+    from infokv_local.policies.infokv import rank_rows
+
+    x = np.array(values, dtype=np.float64)
+    n = x.shape[1]
+    # by definition: the values below, plus half of the other equal ones, over n - 1
+    ref = np.array([[((r < v).sum() + ((r == v).sum() - 1) / 2) / (n - 1) for v in r] for r in x])
+    np.testing.assert_allclose(rank_rows(x), ref)

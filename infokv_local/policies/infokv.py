@@ -50,16 +50,20 @@ def softmax_rows(x: np.ndarray) -> np.ndarray:
 
 def rank_rows(x: np.ndarray) -> np.ndarray:
     """Each row's values replaced by their ranks scaled to [0, 1] (ties share the mean rank)."""
-    n = x.shape[-1]
+    rows, n = x.shape
     if n < 2:
         return np.zeros_like(x, dtype=np.float64)
     order = np.argsort(x, axis=-1, kind="stable")
-    ranks = np.empty(x.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, np.arange(n, dtype=np.float64)[None, :].repeat(x.shape[0], 0), axis=-1)
-    for i in range(x.shape[0]):  # ties: the mean rank of the group, so equal values score equally
-        vals, inv = np.unique(x[i], return_inverse=True)
-        if len(vals) < n:
-            ranks[i] = (np.bincount(inv, weights=ranks[i]) / np.bincount(inv))[inv]
+    s = np.take_along_axis(x, order, axis=-1)
+    j = np.broadcast_to(np.arange(n), (rows, n))
+    starts = np.ones((rows, n), dtype=bool)  # the first of a group of equal values
+    starts[:, 1:] = s[:, 1:] != s[:, :-1]
+    ends = np.ones((rows, n), dtype=bool)  # the last of one
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, j, 0), axis=-1)
+    last = np.minimum.accumulate(np.where(ends, j, n)[:, ::-1], axis=-1)[:, ::-1]
+    ranks = np.empty((rows, n), dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0, axis=-1)
     return ranks / (n - 1)
 
 
