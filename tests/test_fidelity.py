@@ -72,7 +72,7 @@ def test_cli_fidelity_writes_json(tmp_path):
     out = tmp_path / "f.json"
     res = subprocess.run(
         [sys.executable, "-m", "infokv_local", "bench", "fidelity", "--docs", str(docs), "--ratio", "0.25",
-         "--max-tokens", "400", "--buffer", "32", "--policies", "tova,infokv:alpha=0.95+entropy=at",
+         "--max-tokens", "400", "--buffer", "32", "--threads", "1", "--policies", "tova,infokv:alpha=0.95+entropy=at",
          "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )

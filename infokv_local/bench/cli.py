@@ -49,6 +49,8 @@ def register(bsub: Any) -> None:
     f.add_argument("--cache-type", default="f16",
                    help="K and V cache type of the evicting policies (e.g. q8_0); the reference stays the f16 full "
                         "cache, and a quantized run adds the quantized full cache as a row of its own")
+    f.add_argument("--threads", type=int, help="CPU threads per engine (default: the physical cores; give 1 per run "
+                   "when runs share the machine: llama.cpp's threads spin while they wait)")
     f.add_argument("--json", help="write the result here")
     f.set_defaults(func=run_fidelity)
 
@@ -121,7 +123,7 @@ def run_fidelity(args: argparse.Namespace) -> None:
         result = fidelity.run_fidelity(
             model, docs, split_policies(args.policies), budget=args.budget, ratio=args.ratio, buffer=args.buffer,
             n_sink=args.n_sink, n_recent=args.n_recent, window=args.window, max_tokens=args.max_tokens,
-            cache_type=args.cache_type,
+            cache_type=args.cache_type, n_threads=args.threads,
         )
     print(fidelity.format_table(result))
     if args.json:

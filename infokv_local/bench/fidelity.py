@@ -94,7 +94,7 @@ class Tally:
 def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], budget: int | None = None,
                  ratio: float | None = None, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
                  window: int = 32, max_tokens: int | None = None, progress: bool = True,
-                 cache_type: str = "f16") -> dict:
+                 cache_type: str = "f16", n_threads: int | None = None) -> dict:
     """Teacher-forced fidelity of each evicting policy against the full f16 cache. ``cache_type`` (K and V)
     of the evicting policies: with a quantized one, the row ``full@<type>`` is the full cache in that type, its
     KL over every token (quantization and the flash attention it needs, without eviction)."""
@@ -113,13 +113,13 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
     for doc in tqdm(docs, desc="documents", unit="doc", disable=not progress):
         toks = model.tokenize(doc["text"])[:max_tokens]
         b = budget if budget is not None else max(int(float(ratio or 0) * len(toks)), n_sink + n_recent + 1)
-        full = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8)
+        full = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8, n_threads=n_threads)
         engines = {spec: Engine(model, p, budget=b, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
-                                window=window, cache_type_k=cache_type, cache_type_v=cache_type)
+                                window=window, cache_type_k=cache_type, cache_type_v=cache_type, n_threads=n_threads)
                    for spec, p in policies.items()}
         if quantized_full:
             engines[quantized_full] = Engine(model, "full", n_batch=buffer, max_context=len(toks) + 8,
-                                             cache_type_k=cache_type, cache_type_v=cache_type)
+                                             cache_type_k=cache_type, cache_type_v=cache_type, n_threads=n_threads)
         doc_tallies = {spec: Tally() for spec in engines}
         try:
             feeds = {spec: eng.feed(toks, all_logits=True) for spec, eng in engines.items()}
