@@ -31,7 +31,11 @@ def inp(**kw) -> ScoreInput:
 
 
 def test_registry_and_errors():
-    assert set(POLICIES) == {"full", "streaming", "context-shift", "h2o", "snapkv", "tova", "random", "infokv"}
+    assert set(POLICIES) == {"full", "streaming", "context-shift", "h2o", "snapkv", "tova", "random", "infokv",
+                             "infokv-paper"}
+    paper = make_policy("infokv-paper")
+    assert (paper.mix, paper.alpha, paper.name) == ("paper", 0.9, "infokv-paper")
+    assert (InfoKVPolicy().mix, InfoKVPolicy().alpha) == ("paper", 0.95)
     assert isinstance(make_policy("snapkv", kernel_size=3), SnapKVPolicy)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("lru")
@@ -130,7 +134,7 @@ def test_infokv_alpha_zero_is_entropy_times_layer_change():
 
 def test_infokv_formula_per_layer():
     i = infokv_inputs(attn_hot=1, entropy_hot=8)
-    p = InfoKVPolicy(alpha=0.9, tau=1.0)
+    p = make_policy("infokv-paper")  # alpha 0.9, tau 1, the paper's mix
     a = i.attn_window / i.attn_window.sum(axis=1, keepdims=True)
     e = (i.layer_dist + 1.0) * i.entropy_produced[None]
     soft = np.exp(e - e.max(axis=1, keepdims=True))
@@ -150,8 +154,8 @@ def test_infokv_layer_change_matters():
 def test_infokv_ablations_use_one_signal():
     i = infokv_inputs(attn_hot=1, entropy_hot=8)
     i.layer_dist[:, 3] = 3.0  # token 3's representation changes most; token 8 has the highest entropy
-    ent = InfoKVPolicy(alpha=0.0, info="entropy").layer_scores(i)
-    evo = InfoKVPolicy(alpha=0.0, info="evolution").layer_scores(i)
+    ent = InfoKVPolicy(alpha=0.0, info="entropy", mix="paper").layer_scores(i)
+    evo = InfoKVPolicy(alpha=0.0, info="evolution", mix="paper").layer_scores(i)
     h = i.entropy_produced
     np.testing.assert_allclose(ent, np.broadcast_to(np.exp(h) / np.exp(h).sum(), ent.shape))
     d = i.layer_dist + 1.0

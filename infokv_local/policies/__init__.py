@@ -9,7 +9,7 @@ from .base import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, Sc
 from .context_shift import ContextShiftPolicy
 from .full import FullPolicy
 from .h2o import H2OPolicy
-from .infokv import InfoKVPolicy
+from .infokv import InfoKVPaperPolicy, InfoKVPolicy
 from .random_eviction import RandomPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
@@ -18,7 +18,7 @@ from .tova import TOVAPolicy
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (FullPolicy, StreamingPolicy, ContextShiftPolicy, H2OPolicy, SnapKVPolicy, TOVAPolicy, RandomPolicy,
-                InfoKVPolicy)
+                InfoKVPolicy, InfoKVPaperPolicy)
 }
 
 
@@ -60,7 +60,6 @@ def _parse_value(v: str) -> Any:
 
 __all__ = [
     "ATTENTION", "ATTENTION_ALL_ROWS", "ENTROPY", "LAYER_DIST", "POLICIES", "ContextShiftPolicy", "FullPolicy",
-    "H2OPolicy",
-    "InfoKVPolicy", "Policy", "RandomPolicy", "ScoreInput", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
-    "make_policy",
+    "H2OPolicy", "InfoKVPaperPolicy", "InfoKVPolicy", "Policy", "RandomPolicy", "ScoreInput", "SnapKVPolicy",
+    "StreamingPolicy", "TOVAPolicy", "make_policy",
 ]

@@ -4,19 +4,28 @@ distant future as well as the near one.
 Per layer l and token i:
 
     E_i^(l) = (D_i^(l) + tau) * H_i
-    S_i^(l) = alpha * A_i^(l) + (1 - alpha) * softmax_i(E^(l))
+    S_i^(l) = alpha * A_i^(l) + (1 - alpha) * I_i^(l)
 
 with ``H_i`` the top-k restricted predictive entropy (k = 256 in the paper), ``D_i^(l)`` the
 cosine distance between the token's hidden state after layer l and after the last layer, and
-``A_i^(l)`` the attention the observation window pays the token (normalised over tokens, as the
-softmax term is). The paper keeps the top tokens per layer; llama.cpp stores one cell per token for
-all layers, so the per-layer scores are merged into one ranking: ``merge="mean"`` averages them,
-``merge="vote"`` counts in how many layers a token is among the ``n_keep`` best (ties broken by the
-mean).
+``A_i^(l)`` the attention the observation window pays the token. ``mix`` says how the two terms are
+put on one scale: "paper" (the paper's and the default: A normalised over tokens, I = softmax_i(E^(l)))
+or "rank" (A and E each replaced by their rank among the tokens, scaled to [0, 1], so the score blends
+two rankings; the paper's softmax is peaked on a few high-entropy tokens, which makes its mix an
+attention ranking with a few tokens forced in). The paper keeps the top tokens per layer; llama.cpp
+stores one cell per token for all layers, so the per-layer scores are merged into one ranking:
+``merge="mean"`` averages them, ``merge="vote"`` counts in how many layers a token is among the
+``n_keep`` best (ties broken by the mean).
 
-Parameters: ``alpha`` (0.95: measured best of 0.8 / 0.9 / 0.95 with the fidelity benchmark on
-held-out essays, ``results/sweep-*``; the paper uses 0.9, and 0.95 for some decode tasks),
-``tau`` (1), ``top_k``,
+Defaults: the paper's mix with ``alpha`` 0.95 (measured best of 0.8 / 0.9 / 0.95 with the fidelity
+benchmark on held-out essays, ``results/sweep-*``; the paper uses 0.9, and 0.95 for some decode
+tasks: that is :class:`InfoKVPaperPolicy`, ``infokv-paper``). ``mix="rank", alpha=0.5`` was chosen on
+a selection slice of GSM8K chain-of-thought traces and has less decode-time KL than the default on
+two held-out sets (SmolLM2 questions 65-88: 0.945x H2O's where the default is 1.108x; Qwen2.5-Coder-0.5B
+questions 17-28: 0.83x where the default is 1.11x), but 1.43x the default's KL when prompts of
+essays are compressed (8 held-out essays at 25%), so it is not the default (BENCHMARKS.md).
+
+Other parameters: ``tau`` (1), ``top_k``,
 ``entropy`` ("produced": the distribution that produced the token, i.e. the logits one position
 earlier; "at": the distribution at the token), ``merge``, and ``kernel_size``/``pooling``: the
 attention term pooled over neighbouring tokens as SnapKV does (1 = no pooling).
@@ -25,10 +34,6 @@ token only, interpolating linearly in between, so that llama.cpp computes logits
 prompt's rows (the LM head is InfoKV's prefill overhead); generated tokens always have their own.
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
-``mix`` is how the two terms are put on one scale before mixing: "paper" (the attention normalised
-over tokens, the information term a softmax over tokens, as above) or "rank" (each term replaced by
-its rank among the tokens, scaled to [0, 1]: a blend of two rankings, so that the peaked softmax
-cannot reduce the information term to a few forced-in tokens; an option to evaluate, not the default).
 """
 
 from __future__ import annotations
@@ -142,3 +147,13 @@ class InfoKVPolicy(Policy):
         top = np.argpartition(-per_layer, k - 1, axis=1)[:, :k]
         votes = np.bincount(top.ravel(), minlength=inp.n).astype(np.float64)
         return votes + mean / (mean.max() + 1e-30) * 0.5  # mean only breaks ties between equal votes
+
+
+@dataclass
+class InfoKVPaperPolicy(InfoKVPolicy):
+    """InfoKV as the paper mixes it: ``alpha`` 0.9, attention normalised over tokens plus a softmax of the
+    information term over tokens (see :class:`InfoKVPolicy`; every parameter can still be given)."""
+
+    alpha: float = 0.9
+    mix: str = "paper"
+    name = "infokv-paper"
