@@ -321,7 +321,8 @@ def machine() -> dict[str, Any]:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--model", help="GGUF file or registry model name, e.g. qwen2.5-coder-0.5b (default: the embedded "
+                    "SmolLM2-135M)")
     ap.add_argument("--lengths", help=f"PROMPTxGENERATED pairs (default: {DEFAULT_LENGTHS}; --quick: {QUICK_LENGTHS})")
     ap.add_argument("--policies", default=DEFAULT_POLICIES,
                     help=f"policies of ours to run (default: {DEFAULT_POLICIES})")
@@ -344,10 +345,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    if args.model is None:
-        from ..model import default_model_path
+    from ..registry_models import resolve_model_path
 
-        args.model = str(default_model_path())
+    args.model = str(resolve_model_path(args.model))  # the workers get a file path (a name is fetched here once)
     lengths = parse_lengths(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))
     policies = [p.strip() for p in ("full,infokv" if args.quick and args.policies == DEFAULT_POLICIES
                                     else args.policies).split(",") if p.strip()]
