@@ -243,7 +243,7 @@ class StatsContext:
             raise CacheFull(f"no free cells for {n} tokens ({self.n_used}/{self.n_cells} used)")
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")
-        return self._signals(n, start_pos, rows, np.flatnonzero(outputs))
+        return self._signals(n, start_pos, rows, np.flatnonzero(outputs), spread=all_outputs)
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Logits of output row ``i`` of the last decode (a copy)."""
@@ -257,16 +257,17 @@ class StatsContext:
         ptr = llama.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
-    def _signals(self, n: int, start_pos: int, rows: np.ndarray, outputs: np.ndarray) -> Signals:
+    def _signals(self, n: int, start_pos: int, rows: np.ndarray, outputs: np.ndarray, spread: bool) -> Signals:
         """The call's signals: entropy and layer distances measured on ``rows`` (token indices, ascending,
-        the last token among them) and interpolated between them; ``outputs`` are the call's output tokens."""
+        the last token among them), interpolated between them when ``spread`` (else NaN elsewhere);
+        ``outputs`` are the call's output tokens."""
         ent_at = ent_prod = None
         every = len(rows) == n
         if self.entropy_top_k is not None:
             ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, self.entropy_top_k, self.n_threads)
             if every:
                 ent_at = ent
-            elif len(rows) == 1:
+            elif not spread:
                 ent_at = np.full(n, np.nan, dtype=np.float32)
                 ent_at[-1] = ent[0]
             else:
@@ -276,10 +277,10 @@ class StatsContext:
         ldist = self._layer_dist()
         if ldist is not None and not every:
             measured = ldist[:, np.searchsorted(outputs, rows)] if ldist.shape[1] == len(outputs) else None
-            if measured is None or len(rows) == 1:
+            if measured is None or not spread:
                 full = np.full((ldist.shape[0], n), np.nan, dtype=np.float32)
                 if measured is not None:
-                    full[:, -1] = measured[:, 0]
+                    full[:, rows] = measured
                 ldist = full
             else:
                 ldist = interpolate_rows(measured, rows, n)

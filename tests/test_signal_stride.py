@@ -92,3 +92,12 @@ def test_engine_with_stride_keeps_budget_and_generates(model, long_tokens):
             assert len(out) == 40 and eng.ctx.n_used <= budget + buffer
             cells, pos = eng.ctx.cell_map()
             assert np.isfinite(eng._ent_at[cells]).all() and np.isfinite(eng._ldist[:, cells]).all()
+
+
+def test_a_chunk_shorter_than_the_stride_is_interpolated(model, tokens):
+    with StatsContext(model, n_ctx=256, n_batch=64) as ctx:
+        ctx.decode(tokens[:8], 0, stride=4)  # positions 3 and 7 measured
+        sig = ctx.decode(tokens[8:10], 8, stride=4)  # position 11 is not in it: only the last (9) is measured
+    assert signal_rows(2, 8, 4).tolist() == [1]
+    assert np.isfinite(sig.entropy_at).all() and np.isfinite(sig.layer_dist).all()
+    assert np.isfinite(sig.entropy_produced).all()
