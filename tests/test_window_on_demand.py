@@ -74,9 +74,9 @@ def test_window_on_demand_skips_most_decode_steps(model, tokens):
     seen: list[tuple[bool, bool]] = []
     decode = e.ctx.decode
 
-    def spy(part, start_pos, all_outputs=True):
+    def spy(part, start_pos, all_outputs=True, **kw):
         free_after = e.capacity - e.ctx.n_used - len(part)
-        sig = decode(part, start_pos, all_outputs=all_outputs)
+        sig = decode(part, start_pos, all_outputs=all_outputs, **kw)
         if len(part) == 1:
             seen.append((sig.attn_last is not None, free_after < e.window))
         return sig
