@@ -262,28 +262,14 @@ class StatsContext:
         the last token among them), interpolated between them when ``spread`` (else NaN elsewhere);
         ``outputs`` are the call's output tokens."""
         ent_at = ent_prod = None
-        every = len(rows) == n
         if self.entropy_top_k is not None:
             ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, self.entropy_top_k, self.n_threads)
-            if every:
-                ent_at = ent
-            elif not spread:
-                ent_at = np.full(n, np.nan, dtype=np.float32)
-                ent_at[-1] = ent[0]
-            else:
-                ent_at = interpolate_rows(ent[None, :], rows, n, self._last_entropy)[0]
+            ent_at = place_rows(ent[None, :], rows, n, spread, self._last_entropy)[0]
             ent_prod = np.concatenate([[self._last_entropy], ent_at[:-1]]).astype(np.float32)
             self._last_entropy = float(ent[-1])
-        ldist = self._layer_dist()
-        if ldist is not None and not every:
-            measured = ldist[:, np.searchsorted(outputs, rows)] if ldist.shape[1] == len(outputs) else None
-            if measured is None or not spread:
-                full = np.full((ldist.shape[0], n), np.nan, dtype=np.float32)
-                if measured is not None:
-                    full[:, rows] = measured
-                ldist = full
-            else:
-                ldist = interpolate_rows(measured, rows, n)
+        ldist = self._layer_dist()  # one column per output token (patch 7)
+        if ldist is not None and len(rows) < n:
+            ldist = place_rows(ldist[:, np.searchsorted(outputs, rows)], rows, n, spread)
         cells, cell_pos = self.cell_map()
         return Signals(
             positions=np.arange(start_pos, start_pos + n, dtype=np.int32),
@@ -371,6 +357,18 @@ def signal_rows(n: int, start_pos: int, stride: int) -> np.ndarray:
     if not len(rows) or rows[-1] != n - 1:
         rows = np.append(rows, np.int32(n - 1))
     return rows
+
+
+def place_rows(values: np.ndarray, rows: np.ndarray, n: int, spread: bool, before: float = float("nan")) -> np.ndarray:
+    """[k, len(rows)] values measured at ``rows`` as [k, n] over the batch: as they are when every token was
+    measured, else interpolated in between (``spread``, see :func:`interpolate_rows`) or NaN where not measured."""
+    if len(rows) == n:
+        return values
+    if spread:
+        return interpolate_rows(values, rows, n, before)
+    out = np.full((values.shape[0], n), np.nan, dtype=np.float32)
+    out[:, rows] = values
+    return out
 
 
 def interpolate_rows(values: np.ndarray, rows: np.ndarray, n: int, before: float = float("nan")) -> np.ndarray:
