@@ -83,3 +83,10 @@ def test_speed_plan_interleaves_and_leaves_out_h2o_with_flash_attention():
     assert keys == [(r, p, *k) for r in (0, 1) for p in (64, 128) for k in per_length]
     quantized = plan([(64, 32)], ["infokv"], 1, {"cache_type": "q8_0"}, (True,))
     assert [(r["engine"], r["flash_attn"]) for r in quantized] == [("stock", True), ("infokv-local", True)]
+
+
+def test_speed_plan_runs_stock_only_at_the_asked_flash_attention_setting():
+    from infokv_local.bench.speed import plan
+
+    runs = plan([(64, 32)], ["infokv"], 1, {"threads": 1}, (False,), stock_flash=(False,))
+    assert [(r["engine"], r["flash_attn"]) for r in runs] == [("stock", False), ("infokv-local", False)]

@@ -196,15 +196,16 @@ def _spawn(cfg: dict[str, Any], stock_lib: str) -> dict[str, Any]:
 
 
 def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base: dict[str, Any],
-         ours_flash: tuple[bool | None, ...] = (None,)) -> list[dict]:
-    """The runs in the order they are made: for each round and length, stock (flash on, off; on only with a
-    quantized cache, which needs it), then each policy at each flash-attention setting of ours (None: the
-    engine's choice for the backend). A policy that needs the attention of every query row (H2O) runs only
-    with flash attention off: its flash-on runs are left out."""
+         ours_flash: tuple[bool | None, ...] = (None,), stock_flash: tuple[bool, ...] = (True, False)) -> list[dict]:
+    """The runs in the order they are made: for each round and length, stock at each of ``stock_flash`` (on
+    only with a quantized cache, which needs it), then each policy at each flash-attention setting of ours
+    (None: the engine's choice for the backend). A policy that needs the attention of every query row (H2O)
+    runs only with flash attention off: its flash-on runs are left out."""
     from ..policies import make_policy
     from ..policies.base import ATTENTION_ALL_ROWS
 
-    stock_flash = (True,) if is_quantized(base.get("cache_type", "f16")) else (True, False)
+    if is_quantized(base.get("cache_type", "f16")):
+        stock_flash = (True,)
     all_rows = {pol for pol in policies if ATTENTION_ALL_ROWS in make_policy(pol).needs}
     runs = []
     for r in range(rounds):
@@ -332,7 +333,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=default_threads(), help="threads of every engine")
     ap.add_argument("--flash-attn", choices=["auto", "on", "off", "both"], default="auto",
                     help="flash attention of our engine (default auto: the engine's choice, off on the CPU; both: "
-                         "every policy with it on and off); stock always runs both")
+                         "every policy with it on and off)")
+    ap.add_argument("--stock-flash-attn", choices=["on", "off", "both"], default="both",
+                    help="flash attention of stock llama.cpp (default both; ratios are against its faster one, so "
+                         "leave one out only where it is known to be the slower, e.g. on at 16K generated tokens "
+                         "on a CPU where it decodes at a third of the speed)")
     ap.add_argument("--cache-type", default="f16",
                     help="K and V cache data type of every engine, e.g. q8_0 (a quantized one needs flash attention; "
                          "default: f16)")
@@ -358,7 +363,10 @@ def run(args: argparse.Namespace) -> int:
     if is_quantized(cache_type) and False in ours_flash:
         raise ValueError(f"--cache-type {cache_type} needs flash attention (llama.cpp's quantized V cache): "
                          f"--flash-attn {args.flash_attn} asks for runs without it; use auto or on")
-    todo = plan(lengths, policies, args.rounds, base, ours_flash)
+    stock_flash = {"on": (True,), "off": (False,), "both": (True, False)}[args.stock_flash_attn]
+    if is_quantized(cache_type) and stock_flash == (False,):
+        raise ValueError(f"--cache-type {cache_type} needs flash attention: --stock-flash-attn off cannot run it")
+    todo = plan(lengths, policies, args.rounds, base, ours_flash, stock_flash)
     runs_path = Path(str(args.out) + ".runs.jsonl")
     done = {_run_key(rec): rec for rec in read_log(runs_path)}  # a line cut by a kill is dropped
     stock_lib = args.stock_lib or stock_lib_dir()
