@@ -495,7 +495,7 @@ class Engine:
             t0 = time.perf_counter()
             self._record_window()
             record_s = time.perf_counter() - t0
-        evicted, score_s, evict_s = self._compress(min(self.budget, self.capacity - n_new))
+        evicted, score_s, evict_s = self._compress(min(self.budget, self.capacity - n_new), n_new)
         return evicted, score_s + record_s, evict_s
 
     def _record_window(self) -> None:
@@ -517,14 +517,14 @@ class Engine:
         self._absorb(sig, k, first=len(self.tokens) - k)
         self.window_refreshes += 1
 
-    def _compress(self, target: int) -> tuple[list[int], float, float]:
+    def _compress(self, target: int, n_incoming: int = 1) -> tuple[list[int], float, float]:
         t0 = time.perf_counter()
         cells, pos = self.ctx.cell_map()
         lo, hi, n_keep = keep_count(len(cells), target, self.n_sink, self.n_recent, self.policy.n_keep)
         ev_cells = cells[lo:hi]
         if n_keep >= len(ev_cells):
             return [], 0.0, 0.0
-        inp = self._score_input(ev_cells, pos[lo:hi], n_keep)
+        inp = self._score_input(ev_cells, pos[lo:hi], n_keep, n_incoming)
         scores = np.asarray(self.policy.score(inp), dtype=np.float64)
         if scores.shape != (len(ev_cells),):
             raise ValueError(f"policy {self.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
@@ -545,9 +545,9 @@ class Engine:
         self.n_past = self.ctx.compact_positions()
         self.compactions += 1
 
-    def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int) -> ScoreInput:
+    def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int, n_incoming: int = 1) -> ScoreInput:
         needs = self.policy.needs
-        inp = ScoreInput(positions=positions.astype(np.int64), n_keep=n_keep, rng=self.rng)
+        inp = ScoreInput(positions=positions.astype(np.int64), n_keep=n_keep, n_incoming=n_incoming, rng=self.rng)
         if ATTENTION in needs:
             inp.attn_acc = self._attn_acc[:, cells]
             inp.attn_current = self._attn_current[:, cells]

