@@ -95,3 +95,17 @@ def test_markdown_table_orders_by_the_first_run():
     md = format_markdown([run({"a": 0.2, "b": 0.1}), run({"a": 0.3, "b": 0.4})]).splitlines()
     assert md[2].startswith("| b | 0.1000") and md[3].startswith("| a | 0.2000")
     assert "0.4000 / 0.8000 / 0.900 / +0.0100" in md[2]
+
+
+def test_documents_of_either_source_are_written_in_name_order(model, tmp_path):
+    from infokv_local.bench.fidelity import make_docs, source_documents
+
+    out = tmp_path / "docs.jsonl"
+    n = make_docs(model, out, min_tokens=2048, n=3, source="python-docs")
+    docs = read_docs(out)
+    assert n == 3 and [d["id"] for d in docs] == sorted(d["id"] for d in docs)
+    assert all(d["id"].startswith("pydoc-") and len(model.tokenize(d["text"])) >= 2048 for d in docs)
+    essays = source_documents("essays")
+    assert len(essays) == 49 and not {d["id"] for d in essays} & {d["id"] for d in docs}
+    with pytest.raises(ValueError, match="unknown document source"):
+        source_documents("wikipedia")
