@@ -116,7 +116,9 @@ def infokv_inputs(attn_hot: int, entropy_hot: int) -> ScoreInput:
     ent = np.full(N, 0.1)
     ent[entropy_hot] = 5.0
     dist = np.full((N_LAYER, N), 0.5)
-    return inp(attn_window=win, entropy_produced=ent, entropy_at=ent[::-1].copy(), layer_dist=dist, n_keep=2)
+    # a prompt chunk's compression, scored with ``mix`` and ``alpha`` (generation steps use decode_mix / decode_alpha)
+    return inp(attn_window=win, entropy_produced=ent, entropy_at=ent[::-1].copy(), layer_dist=dist, n_keep=2,
+               n_incoming=64)
 
 
 def test_infokv_alpha_one_is_attention_only():
@@ -228,14 +230,19 @@ def _signals(seed: int) -> dict:
 
 @given(st.integers(0, 10_000), st.integers(2, 512))
 def test_decode_mix_applies_to_generation_steps_only(seed, chunk):
-    by_phase = InfoKVPolicy(decode_mix="rank", decode_alpha=0.5)
+    default = InfoKVPolicy()  # the rank mix at 0.5 for generation steps, the paper's at 0.95 for prompt chunks
+    one_mix = InfoKVPolicy(decode_mix=None, decode_alpha=None)  # the default before the split
     sig = _signals(seed)
     step, prompt = inp(n_incoming=1, **sig), inp(n_incoming=chunk, **sig)
-    np.testing.assert_array_equal(by_phase.score(step), InfoKVPolicy(mix="rank", alpha=0.5).score(step))
-    np.testing.assert_array_equal(by_phase.score(prompt), InfoKVPolicy().score(prompt))
-    assert InfoKVPolicy(decode_alpha=0.5).mix_for(step) == ("paper", 0.5)
-    assert InfoKVPolicy(decode_mix="rank").mix_for(step) == ("rank", 0.95)
-    assert InfoKVPolicy(decode_mix="rank").mix_for(prompt) == ("paper", 0.95)
+    np.testing.assert_array_equal(default.score(step), InfoKVPolicy(mix="rank", alpha=0.5).score(step))
+    np.testing.assert_array_equal(default.score(prompt), one_mix.score(prompt))
+    np.testing.assert_array_equal(one_mix.score(step), one_mix.score(prompt))
+    np.testing.assert_array_equal(make_policy("infokv:decode_mix=paper+decode_alpha=0.95").score(step),
+                                  one_mix.score(step))
+    assert InfoKVPolicy(decode_mix=None).mix_for(step) == ("paper", 0.5)
+    assert InfoKVPolicy(decode_alpha=None).mix_for(step) == ("rank", 0.95)
+    assert default.mix_for(prompt) == ("paper", 0.95)
+    assert make_policy("infokv-paper").mix_for(step) == make_policy("infokv-paper").mix_for(prompt) == ("paper", 0.9)
 
 
 @pytest.mark.parametrize("spec", ["infokv:decode_mix=softmax", "infokv:decode_alpha=2", "infokv:decode_alpha=x"])
@@ -245,5 +252,6 @@ def test_bad_decode_mix_or_alpha_is_a_policy_error(spec):
 
 
 def test_decode_mix_parses_from_a_spec():
-    pol = make_policy("infokv:decode_mix=rank+decode_alpha=0.5")
-    assert (pol.mix, pol.alpha, pol.decode_mix, pol.decode_alpha) == ("paper", 0.95, "rank", 0.5)
+    pol = make_policy("infokv:decode_mix=paper+decode_alpha=0.9")
+    assert (pol.mix, pol.alpha, pol.decode_mix, pol.decode_alpha) == ("paper", 0.95, "paper", 0.9)
+    assert (InfoKVPolicy().decode_mix, InfoKVPolicy().decode_alpha) == ("rank", 0.5)

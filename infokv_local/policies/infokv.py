@@ -17,13 +17,15 @@ stores one cell per token for all layers, so the per-layer scores are merged int
 ``merge="mean"`` averages them, ``merge="vote"`` counts in how many layers a token is among the
 ``n_keep`` best (ties broken by the mean).
 
-Defaults: the paper's mix with ``alpha`` 0.95 (measured best of 0.8 / 0.9 / 0.95 with the fidelity
-benchmark on held-out essays, ``results/sweep-*``; the paper uses 0.9, and 0.95 for some decode
-tasks: that is :class:`InfoKVPaperPolicy`, ``infokv-paper``). ``mix="rank", alpha=0.5`` was chosen on
-a selection slice of GSM8K chain-of-thought traces and has less decode-time KL than the default on
-two held-out sets (SmolLM2 questions 65-88: 0.945x H2O's where the default is 1.108x; Qwen2.5-Coder-0.5B
-questions 17-28: 0.83x where the default is 1.11x), but 1.43x the default's KL when prompts of
-essays are compressed (8 held-out essays at 25%), so it is not the default (BENCHMARKS.md).
+Defaults: prompt chunks are compressed with the paper's mix at ``alpha`` 0.95 (measured best of 0.8 / 0.9 /
+0.95 with the fidelity benchmark on held-out essays, ``results/sweep-*``; the paper uses 0.9, and 0.95 for some
+decode tasks), generation steps with ``decode_mix="rank", decode_alpha=0.5`` (chosen on a selection slice of
+GSM8K chain-of-thought traces). The rank mix loses by 24-43% when prompts are compressed (essays, Python's
+reference) and the paper's mix loses on the models' own chain-of-thought (Qwen2.5-Coder-0.5B: 1.11-1.14x H2O's
+KL, where the rank mix has 0.83-0.89x); split by what triggers the compression, InfoKV had 0.78x the KL of the
+paper's mix everywhere on fresh Qwen traces, tied on SmolLM2's, and is the paper's mix on prompts (BENCHMARKS.md).
+The paper's method, one mix everywhere at alpha 0.9, is :class:`InfoKVPaperPolicy` (``infokv-paper``); the
+default before the split is ``infokv:decode_mix=paper+decode_alpha=0.95``.
 
 Other parameters: ``tau`` (1), ``top_k``,
 ``entropy`` ("produced": the distribution that produced the token, i.e. the logits one position
@@ -34,8 +36,7 @@ token only, interpolating linearly in between, so that llama.cpp computes logits
 prompt's rows (the LM head is InfoKV's prefill overhead); generated tokens always have their own.
 ``decode_mix`` / ``decode_alpha`` (None: ``mix`` / ``alpha``) are the mix and alpha of the compressions that
 make room for a single token, i.e. while the model generates, so that prompt compression and decode-time
-compression can mix differently (the paper's mix is the better one on compressed essay prompts, the rank mix on
-chain-of-thought; ``infokv:decode_mix=rank+decode_alpha=0.5``).
+compression can mix differently.
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
 """
@@ -88,8 +89,8 @@ class InfoKVPolicy(Policy):
     info: str = "product"
     mix: str = "paper"
     stride: int = 1
-    decode_mix: str | None = None
-    decode_alpha: float | None = None
+    decode_mix: str | None = "rank"
+    decode_alpha: float | None = 0.5
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
@@ -167,8 +168,11 @@ class InfoKVPolicy(Policy):
 @dataclass
 class InfoKVPaperPolicy(InfoKVPolicy):
     """InfoKV as the paper mixes it: ``alpha`` 0.9, attention normalised over tokens plus a softmax of the
-    information term over tokens (see :class:`InfoKVPolicy`; every parameter can still be given)."""
+    information term over tokens, the same in every compression (see :class:`InfoKVPolicy`; every parameter can
+    still be given)."""
 
     alpha: float = 0.9
     mix: str = "paper"
+    decode_mix: str | None = None
+    decode_alpha: float | None = None
     name = "infokv-paper"
