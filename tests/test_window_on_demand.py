@@ -54,10 +54,10 @@ def test_a_prompt_after_an_early_stop_records_the_window_first(model, tokens, po
         list(e.generate(tokens[:50], max_tokens=70, sampling=GREEDY, ignore_eos=True))
         compress = e._compress
 
-        def spy(target, e=e, compress=compress, key=on_demand):
+        def spy(target, n_incoming=1, *, e=e, compress=compress, key=on_demand):
             cells, pos = e.ctx.cell_map()
             rings.setdefault(key, e._ring[: e._ring_len][:, :, cells].sum(axis=(0, 1)))
-            return compress(target)
+            return compress(target, n_incoming)
 
         e._compress = spy
         before = e.totals.steps
