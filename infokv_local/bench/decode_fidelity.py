@@ -233,39 +233,3 @@ def format_table(rows: list[dict], by_distance: bool = False) -> str:
                             for lab in labels)
         lines.append(line)
     return "\n".join(lines)
-
-
-def kl_ratios(records: list[dict], policy: str = "infokv", baselines: Sequence[str] = ("h2o", "snapkv", "tova"),
-              n_boot: int = 5000, seed: int = 0) -> list[dict]:
-    """Mean KL of ``policy`` over each baseline's (and over the best baseline's), per (model, budget),
-    with a percentile bootstrap interval resampling traces (all policies of a trace score the same
-    tokens, so the ratio of KL sums is the ratio of mean KLs). The best baseline is the one with the
-    lowest mean KL on the whole sample."""
-    sums: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-    for r in records:
-        sums.setdefault((r["model"], r["budget_spec"]), {}).setdefault(r["policy"], {})[r["item_id"]] = float(
-            np.sum(r["kl"]))
-    out = []
-    rng = np.random.default_rng(seed)
-    for (model, spec), per in sorted(sums.items()):
-        if policy not in per:
-            continue
-        present = [b for b in baselines if b in per]
-        ids = sorted(set(per[policy]).intersection(*(per[b] for b in present)))
-        if not ids or not present:
-            continue
-        mine = np.array([per[policy][i] for i in ids])
-        base = {b: np.array([per[b][i] for i in ids]) for b in present}
-        best = min(present, key=lambda b: base[b].sum())
-        idx = rng.integers(0, len(ids), size=(n_boot, len(ids)))
-        row: dict[str, Any] = {"model": model, "budget": spec, "policy": policy, "n_traces": len(ids),
-                               "best_baseline": best}
-        for b in [*present, "best"]:
-            den = base[best if b == "best" else b]
-            if den.sum() <= 0:
-                continue
-            boot = mine[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1e-12)
-            row[b] = {"ratio": float(mine.sum() / den.sum()), "ci95": [float(np.quantile(boot, 0.025)),
-                                                                     float(np.quantile(boot, 0.975))]}
-        out.append(row)
-    return out

@@ -156,6 +156,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
 
 def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     from . import decode_fidelity as D
+    from .kl_ratios import all_kl_ratios, markdown_ratios
     from .task_data import cot_prompt, load_questions
 
     policies = _policies(args.policies) if args.policies else ["infokv", "snapkv", "h2o", "tova", "streaming",
@@ -181,12 +182,16 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     finally:
         model.close()
     rows = D.summarize(records)
+    ratios = all_kl_ratios(records)
     summary = {"model": tag, "command": " ".join(sys.argv), "policies": policies, "budgets": specs,
                "max_tokens": max_tokens, "buffer": args.buffer, "n_questions": len(questions),
                "mean_trace_tokens": sum(len(t["trace_ids"]) for t in traces) / max(len(traces), 1),
-               "results": rows}
+               "results": rows, "kl_ratios": ratios}
     out.write_text(json.dumps(summary, indent=1))
     print(D.format_table(rows, by_distance=args.by_distance))
+    if ratios:
+        print("\nKL over the baselines', paired by trace (95% bootstrap over traces; traces won):")
+        print(markdown_ratios(ratios))
     if args.by_distance:
         from .plots import plot_kl_by_distance
 
@@ -202,6 +207,7 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
     from . import decode_fidelity as D
     from . import plots
     from . import tasks as T
+    from .kl_ratios import all_kl_ratios, markdown_ratios
 
     src = Path(args.jsonl)
     records = [json.loads(x) for x in src.read_text().splitlines() if x.strip().endswith("}")]
@@ -209,9 +215,9 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
     png = out.with_suffix(".png")
     if records and "kl" in records[0]:
         rows = D.summarize(records)
-        ratios = D.kl_ratios(records)
+        ratios = all_kl_ratios(records)
         out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": rows,
-                                   "infokv_kl_ratios": ratios}, indent=1))
+                                   "kl_ratios": ratios}, indent=1))
         print(D.format_table(rows, by_distance=True))
         print(markdown_fidelity(rows))
         print(markdown_ratios(ratios))
@@ -264,19 +270,6 @@ def markdown_fidelity(rows: list[dict]) -> str:
                         else "—" for x in labs)
         lines.append(f"| {r['budget']} | {r['policy']} | {r['n_items']} | {r['mean_kl']:.4f} | {r['p95_kl']:.4f} | "
                      f"{r['top1_agreement']:.3f} | {r['delta_nll']:+.4f} | {r['n_tokens']} | {bd} |")
-    return "\n".join(lines)
-
-
-def markdown_ratios(ratios: list[dict]) -> str:
-    """Markdown: InfoKV's mean KL over each attention baseline's, with bootstrap intervals over traces."""
-    lines = ["| budget | traces | ÷ best (which) | ÷ h2o | ÷ snapkv | ÷ tova |", "|---|---:|---|---|---|---|"]
-    def cell(r: dict, b: str) -> str:
-        d = r.get(b)
-        return f"{d['ratio']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d else "—"
-
-    for r in ratios:
-        lines.append(f"| {r['budget']} | {r['n_traces']} | {cell(r, 'best')} ({r['best_baseline']}) | "
-                     f"{cell(r, 'h2o')} | {cell(r, 'snapkv')} | {cell(r, 'tova')} |")
     return "\n".join(lines)
 
 
