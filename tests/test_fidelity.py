@@ -150,3 +150,17 @@ def test_documents_of_either_source_are_written_in_name_order(model, tmp_path):
     assert len(essays) == 49 and not {d["id"] for d in essays} & {d["id"] for d in docs}
     with pytest.raises(ValueError, match="unknown document source"):
         source_documents("wikipedia")
+
+
+def test_cli_fidelity_quick_reads_the_offline_essays_without_a_docs_file(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "bench", "fidelity", "--quick", "--max-docs", "1",
+                          "--threads", "1", "--no-progress"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "1 docs, ratio 0.25" in res.stdout
+    rows = {line.split()[0] for line in res.stdout.splitlines()[2:5]}
+    assert rows == {"infokv", "snapkv", "h2o"}
+    assert list(tmp_path.iterdir()) == []  # nothing written without --json
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "bench", "fidelity", "--max-docs", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "give --budget or --ratio" in res.stderr
