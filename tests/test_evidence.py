@@ -290,3 +290,27 @@ def test_jsonl_inputs_are_strict_and_logs_resume_after_a_torn_line(tmp_path):
     with log.open("a") as f:  # the next record starts on a line of its own
         f.write('{"k": 4}\n')
     assert read_log(log) == [{"k": 1}, {"k": 2}, {"k": 4}]
+
+
+def test_needle_retention_on_the_real_model(model) -> None:
+    from infokv_local.bench import needle_retention as NR
+
+    res = NR.run_needle_retention(model, 512, 0.25, [0, 1], ["streaming", "snapkv"], progress=False)
+    assert [(r["policy"], r["mode"], r["n"]) for r in res["results"]] == [
+        ("streaming", "chunked", 2), ("streaming", "once", 2), ("snapkv", "chunked", 2), ("snapkv", "once", 2)]
+    for it in res["items"]:
+        assert 0 <= it["value_kept"] <= it["value_tokens"] == 7  # SmolLM2 writes digits one token each
+        assert it["value_tokens"] <= it["sentence_tokens"] and 0 <= it["sentence_kept"] <= it["sentence_tokens"]
+        assert it["budget"] == int(0.25 * it["n_tokens"])
+    item = TD.niah_item(512, lambda t: len(model.tokenize(t, add_special=False, parse_special=False)), 0)
+    tokens = model.tokenize(item["prompt"])
+    sentence, value = NR.needle_span(model, item["prompt"], item["answers"][0])
+    assert b"".join(model.token_bytes(tokens[i]) for i in value).decode().strip() == item["answers"][0]
+    assert b"special magic number" in b"".join(model.token_bytes(tokens[i]) for i in sentence)
+    b = int(0.25 * len(tokens))
+    # StreamingLLM keeps the sinks and a recent run; read once, every policy ends at the budget + the new token
+    kept = sorted(NR.kept_after_reading(model, tokens, "streaming", b, "chunked", 64, 1))
+    assert kept[:4] == [0, 1, 2, 3] and kept[4:] == list(range(kept[4], len(tokens) + 1))
+    assert len(NR.kept_after_reading(model, tokens, "snapkv", b, "once", 64, 1)) == b + 1
+    with pytest.raises(ValueError, match="unknown mode"):
+        NR.kept_after_reading(model, tokens, "snapkv", b, "twice", 64, 1)

@@ -113,6 +113,16 @@ def register(bsub: Any) -> None:
     speed.add_arguments(sp)
     sp.set_defaults(func=speed.run)
 
+    from . import needle_retention
+
+    nr = bsub.add_parser("needle-retention", help="how much of a needle each policy keeps after reading a long "
+                         "prompt, chunked or compressed once", formatter_class=FMT,
+                         description=needle_retention.__doc__,
+                         epilog="example:\n  python -m infokv_local bench needle-retention --length 2048 --ratio 0.25 "
+                                "--items 12 --json needles.json")
+    needle_retention.add_arguments(nr)
+    nr.set_defaults(func=needle_retention.run)
+
     from .evidence_cli import register as register_evidence  # bench tasks, bench fidelity-decode
 
     register_evidence(bsub)
