@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..settings import DEFAULTS
+from .evidence_cli import float_list, int_list
 
 FMT = argparse.RawDescriptionHelpFormatter
 FIDELITY_POLICIES = "streaming,context-shift,h2o,snapkv,tova,random,infokv"
@@ -51,8 +52,9 @@ def register(bsub: Any) -> None:
     f.add_argument("--policies", help="policies separated by ','; parameters as name:key=value+key=value "
                                       f"(e.g. infokv:alpha=0.95+entropy=at); default: {FIDELITY_POLICIES}")
     g = f.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=_ints, help="KV budgets in tokens, e.g. 128,256")
-    g.add_argument("--ratio", type=_floats, help="KV budgets as fractions of each document's length, e.g. 0.25,0.125")
+    g.add_argument("--budget", type=int_list, help="KV budgets in tokens, e.g. 128,256")
+    g.add_argument("--ratio", type=float_list,
+                   help="KV budgets as fractions of each document's length, e.g. 0.25,0.125")
     f.add_argument("--buffer", type=int, default=DEFAULTS.buffer)
     f.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink)
     f.add_argument("--n-recent", type=int, default=DEFAULTS.n_recent)
@@ -128,14 +130,6 @@ def register(bsub: Any) -> None:
     register_evidence(bsub)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def run_table(args: argparse.Namespace) -> None:
     from . import fidelity
 
@@ -163,7 +157,6 @@ def run_fidelity(args: argparse.Namespace) -> int:
     from ..registry_models import resolve_model_path
     from . import fidelity
     from .kl_ratios import markdown_ratios
-    from .task_data import source_documents
 
     if args.quick:
         args.max_docs = args.max_docs or 2
@@ -180,8 +173,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
             docs = fidelity.read_docs(args.docs)[: args.max_docs]
         else:
             min_tokens = args.max_tokens or 2048
-            docs = [d for d in source_documents(args.source) if len(model.tokenize(d["text"])) >= min_tokens]
-            docs = docs[: args.max_docs]
+            docs = fidelity.long_documents(model, args.source, min_tokens, args.max_docs)
             if not docs:
                 print(f"error: no {args.source} document has {min_tokens} tokens", file=sys.stderr)
                 return 2

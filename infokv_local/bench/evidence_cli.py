@@ -26,11 +26,13 @@ FID_EXAMPLES = """examples:
 """
 
 
-def _floats(text: str) -> list[float]:
+def float_list(text: str) -> list[float]:
+    """``"0.25,0.125"`` -> [0.25, 0.125] (an argparse type)."""
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """``"128,256"`` -> [128, 256] (an argparse type)."""
     return [int(x) for x in text.split(",") if x.strip()]
 
 
@@ -50,8 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                                    "default: the embedded SmolLM2-135M")
     p.add_argument("--policies", help="comma-separated policy specs (use ';' between specs that carry "
                                       "parameters, e.g. 'infokv:alpha=0.9;snapkv')")
-    p.add_argument("--budget", type=_ints, help="budgets in tokens, e.g. 128,256")
-    p.add_argument("--ratio", type=_floats, help="budgets as fractions, e.g. 0.25,0.125")
+    p.add_argument("--budget", type=int_list, help="budgets in tokens, e.g. 128,256")
+    p.add_argument("--ratio", type=float_list, help="budgets as fractions, e.g. 0.25,0.125")
     p.add_argument("--questions", help='JSONL of {"question", "answer"} in GSM8K format (default: GSM8K test)')
     p.add_argument("--limit", type=int, help="number of questions (from --offset)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
@@ -76,7 +78,7 @@ def register(bench_subparsers: Any) -> None:
                     "finished generations are appended to OUT.jsonl and skipped on a rerun.",
         epilog=TASK_EXAMPLES)
     t.add_argument("--task", required=True, choices=["long-prefill", "decode-pressure", "retrieval"])
-    t.add_argument("--lengths", type=_ints, help="context lengths in tokens (long-prefill default 2048; "
+    t.add_argument("--lengths", type=int_list, help="context lengths in tokens (long-prefill default 2048; "
                                                   "retrieval 4096,8192)")
     _common(t)
     t.set_defaults(func=run_tasks_cmd)

@@ -273,14 +273,19 @@ def format_markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def make_docs(model: Model, out: str | Path, min_tokens: int = 2000, n: int | None = None,
-              source: str = "essays") -> int:
-    """Write the offline documents of ``source`` (see :func:`.task_data.source_documents`) of at least
-    ``min_tokens`` tokens as JSONL."""
+def long_documents(model: Model, source: str = "essays", min_tokens: int = 2000, n: int | None = None) -> list[dict]:
+    """The first ``n`` (all: None) offline documents of ``source`` (see :func:`.task_data.source_documents`)
+    of at least ``min_tokens`` tokens of ``model``'s tokenizer."""
     from .task_data import source_documents
 
     docs = [d for d in source_documents(source) if len(model.tokenize(d["text"])) >= min_tokens]
-    docs = docs[:n] if n else docs
+    return docs[:n] if n else docs
+
+
+def make_docs(model: Model, out: str | Path, min_tokens: int = 2000, n: int | None = None,
+              source: str = "essays") -> int:
+    """Write :func:`long_documents` as JSONL."""
+    docs = long_documents(model, source, min_tokens, n)
     with Path(out).open("w") as fh:
         for d in docs:
             fh.write(json.dumps(d) + "\n")

@@ -69,6 +69,9 @@ def run_needle_retention(model: Model, length: int, ratio: float, seeds: list[in
     per item: seed, depth, prompt tokens and what was kept."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1) (got {ratio})")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode {unknown[0]!r}; choose one of {', '.join(MODES)}")
     policies = [p for p in policies if make_policy(p).evicts]
 
     def count(text: str) -> int:
@@ -134,10 +137,6 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.items, args.length = min(args.items, 2), min(args.length, 1024)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    for m in modes:
-        if m not in MODES:
-            print(f"error: unknown mode {m!r}; choose from {', '.join(MODES)}", file=sys.stderr)
-            return 2
     policies = [p.strip() for p in args.policies.split(";") if p.strip()]
     with Model(resolve_model_path(args.model)) as model:
         result = run_needle_retention(model, args.length, args.ratio, list(range(args.items)), policies, modes,
