@@ -266,6 +266,7 @@ class Engine:
         self._ring_next = 0
         self._ring_len = 0
         self._cell_token = np.full(n_cells, -1, dtype=np.int64)  # index in self.tokens of each cell's token
+        self._cell_alone = np.zeros(n_cells, dtype=bool)  # decoded in a batch of one (generated, or forced as such)
 
         self.n_past = 0
         self.tokens: list[int] = []
@@ -295,6 +296,7 @@ class Engine:
         self._ent_prod.fill(np.nan)
         self._ent_at.fill(np.nan)
         self._cell_token.fill(-1)
+        self._cell_alone.fill(False)
         self._ring_next = self._ring_len = 0
         self._unrecorded = 0
         self.n_past = 0
@@ -509,12 +511,13 @@ class Engine:
                 not np.array_equal(self._cell_token[last], np.arange(len(self.tokens) - k, len(self.tokens))):
             raise DecodeError("the tokens decoded last are not all cached; cannot record their attention")
         saved_prod = self._ent_prod[last].copy()
+        saved_alone = self._cell_alone[last].copy()
         self.ctx.remove_cells(last)
         self._forget(last)
         self.ctx.set_attention_active(True)
         self.ctx.last_entropy = float(saved_prod[0])  # what produced the first of them, as before
         sig = self.ctx.decode(self.tokens[-k:], self.n_past - k, all_outputs=self.needs_outputs)
-        self._absorb(sig, k, first=len(self.tokens) - k)
+        self._absorb(sig, k, first=len(self.tokens) - k, alone=saved_alone)
         self.window_refreshes += 1
 
     def _compress(self, target: int, n_incoming: int = 1) -> tuple[list[int], float, float]:
@@ -547,7 +550,8 @@ class Engine:
 
     def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int, n_incoming: int = 1) -> ScoreInput:
         needs = self.policy.needs
-        inp = ScoreInput(positions=positions.astype(np.int64), n_keep=n_keep, n_incoming=n_incoming, rng=self.rng)
+        inp = ScoreInput(positions=positions.astype(np.int64), n_keep=n_keep, n_incoming=n_incoming, rng=self.rng,
+                         window_generated=self._window_generated())
         if ATTENTION in needs:
             inp.attn_acc = self._attn_acc[:, cells]
             inp.attn_current = self._attn_current[:, cells]
@@ -560,12 +564,22 @@ class Engine:
             inp.layer_dist = self._ldist[:, cells]
         return inp
 
-    def _absorb(self, sig: Signals, n: int, first: int | None = None) -> None:
+    def _window_generated(self) -> float:
+        """The share of the observation window's queries (the last tokens decoded) that were decoded one at
+        a time, as generation decodes: near 0 when a compression reads a prompt's end, 1 while generating."""
+        k = max(self._ring_len, 1)
+        cells, _ = self.ctx.cell_map()
+        recent = cells[self._cell_token[cells] >= len(self.tokens) - k]
+        return float(self._cell_alone[recent].mean()) if len(recent) else 1.0
+
+    def _absorb(self, sig: Signals, n: int, first: int | None = None, alone: np.ndarray | None = None) -> None:
         """Take in the signals of ``n`` tokens just decoded, the tokens ``first..`` of :attr:`tokens`
-        (default: the ones about to be appended)."""
+        (default: the ones about to be appended); ``alone``: whether each was decoded in a batch of one
+        (default: whether ``n`` is 1)."""
         new_cells = sig.cells[-n:]
         first = len(self.tokens) if first is None else first
         self._cell_token[new_cells] = np.arange(first, first + n)
+        self._cell_alone[new_cells] = (n == 1) if alone is None else alone
         if sig.entropy_produced is not None:
             self._ent_prod[new_cells] = sig.entropy_produced
             self._ent_at[new_cells] = sig.entropy_at
@@ -583,6 +597,7 @@ class Engine:
 
     def _forget(self, cells: np.ndarray) -> None:
         self._cell_token[cells] = -1
+        self._cell_alone[cells] = False
         self._ent_prod[cells] = np.nan
         self._ent_at[cells] = np.nan
         self._ldist[:, cells] = 0
@@ -617,6 +632,7 @@ class Engine:
             cells=np.sort(cells),
             positions=pos.copy(),
             cell_token=self._cell_token[cells].copy(),
+            cell_alone=self._cell_alone[cells].copy(),
             ent_prod=self._ent_prod[cells].copy(),
             ent_at=self._ent_at[cells].copy(),
             ldist=self._ldist[:, cells].copy(),
@@ -657,6 +673,8 @@ class Engine:
             self.reset()
             raise
         self._cell_token[cells] = snap.cell_token
+        if snap.cell_alone is not None:
+            self._cell_alone[cells] = snap.cell_alone
         self._ent_prod[cells] = snap.ent_prod
         self._ent_at[cells] = snap.ent_at
         self._ldist[:, cells] = snap.ldist
@@ -744,6 +762,7 @@ class EngineSnapshot:
     last_entropy: float
     logits: np.ndarray | None = None  # the last decode's logits, when the sequence goes on from them
     unrecorded: int = 0  # tokens decoded last whose attention rows the ring lacks (window on demand)
+    cell_alone: np.ndarray | None = None  # whether each token was decoded in a batch of one
 
     @property
     def nbytes(self) -> int:

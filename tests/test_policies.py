@@ -242,10 +242,18 @@ def test_decode_mix_applies_to_generation_steps_only(seed, chunk):
     assert InfoKVPolicy(decode_mix=None).mix_for(step) == ("paper", 0.5)
     assert InfoKVPolicy(decode_alpha=None).mix_for(step) == ("rank", 0.95)
     assert default.mix_for(prompt) == ("paper", 0.95)
+    # one token's compression that reads a prompt's end (the window mostly prompt) is a prompt compression
+    prompt_end = inp(n_incoming=1, window_generated=0.5, **sig)
+    assert default.mix_for(prompt_end) == ("paper", 0.95)
+    np.testing.assert_array_equal(default.score(prompt_end), one_mix.score(prompt))
+    assert default.mix_for(inp(n_incoming=1, window_generated=0.53, **sig)) == ("rank", 0.5)
+    assert default.mix_for(inp(n_incoming=chunk, window_generated=1.0, **sig)) == ("paper", 0.95)
+    assert make_policy("infokv:decode_on=step").mix_for(prompt_end) == ("rank", 0.5)  # the rule until 30 Nov
     assert make_policy("infokv-paper").mix_for(step) == make_policy("infokv-paper").mix_for(prompt) == ("paper", 0.9)
 
 
-@pytest.mark.parametrize("spec", ["infokv:decode_mix=softmax", "infokv:decode_alpha=2", "infokv:decode_alpha=x"])
+@pytest.mark.parametrize("spec", ["infokv:decode_mix=softmax", "infokv:decode_alpha=2", "infokv:decode_alpha=x",
+                                  "infokv:decode_on=sometimes"])
 def test_bad_decode_mix_or_alpha_is_a_policy_error(spec):
     with pytest.raises(ValueError, match="decode_"):
         make_policy(spec)

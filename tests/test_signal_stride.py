@@ -119,3 +119,45 @@ def test_compressions_tell_the_policy_how_many_tokens_they_make_room_for(model, 
         out = list(eng.generate([], max_tokens=80, ignore_eos=True))
     assert len(out) == 80 and n_prompt > 0 and len(seen) > n_prompt
     assert all(n > 1 for n in seen[:n_prompt]) and set(seen[n_prompt:]) == {1}
+
+
+def test_one_tokens_compression_at_a_prompts_end_uses_the_prompts_mix(model, long_tokens):
+    """What the observation window holds decides the mix of a one-token compression: the window of the
+    first answer tokens is the prompt's end (prompt mix), after ``window`` generated tokens it is all
+    generated (decode mix); a prompt read whole and compressed once is compressed with the prompt mix."""
+    seen: list[tuple[int, int, float, tuple[str, float]]] = []
+
+    class Spy(InfoKVPolicy):
+        def score(self, inp):
+            seen.append((len(eng.tokens), inp.n_incoming, inp.window_generated, self.mix_for(inp)))
+            return super().score(inp)
+
+    prompt = long_tokens[:316]
+    # budget 128 + buffer 32, prompt chunks of 32: the prompt leaves 128 + 28 = 156 of the 160 cells used, so the
+    # answer's first compression comes after 4 answer tokens (window: 4 answer, 28 prompt tokens), the next
+    # after 36 (window: all answer)
+    with Engine(model, Spy(), budget=128, buffer=32, window=32, n_threads=1, check_invariants=True) as eng:
+        eng.prefill(prompt)
+        n_prompt = len(seen)
+        out = list(eng.generate([], max_tokens=110, ignore_eos=True))
+        parked = eng.snapshot()
+        share = eng._window_generated()
+    assert len(out) == 110
+    answer = [(n_tokens - len(prompt), n, generated, mix) for n_tokens, n, generated, mix in seen[n_prompt:]]
+    assert [a[0] for a in answer] == [4, 36, 68, 100]
+    for decoded_alone, n_incoming, generated, mix in answer:
+        assert n_incoming == 1 and generated == pytest.approx(min(decoded_alone, 32) / 32)
+        assert mix == (("rank", 0.5) if decoded_alone > 16 else ("paper", 0.95))
+    with Engine(model, Spy(), budget=128, buffer=32, window=32, n_threads=1) as other:
+        other.restore(parked)
+        assert other._window_generated() == share == 1.0
+
+    seen.clear()
+    budget = 96
+    with Engine(model, Spy(), budget=budget, buffer=len(prompt) - budget, window=32, n_threads=1,
+                check_invariants=True) as eng:
+        eng.prefill(prompt)
+        assert seen == []
+        list(eng.generate([], max_tokens=2, ignore_eos=True))  # the first answer token is decoded, not the second
+        assert eng.used_cells == budget + 1
+    assert seen == [(len(prompt), 1, 0.0, ("paper", 0.95))]

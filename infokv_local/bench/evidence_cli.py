@@ -42,9 +42,9 @@ def _policies(text: str) -> list[str]:
 
 
 def _budget_specs(args: argparse.Namespace) -> list[str]:
-    specs = [str(b) for b in args.budget] if args.budget else []
-    specs += [f"r{r:g}" for r in args.ratio] if args.ratio else []
-    return specs
+    from .fidelity import budget_spec
+
+    return [budget_spec(b, None) for b in args.budget or []] + [budget_spec(None, r) for r in args.ratio or []]
 
 
 def _common(p: argparse.ArgumentParser) -> None:

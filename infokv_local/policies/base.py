@@ -36,11 +36,15 @@ class ScoreInput:
     - ``n_keep``: how many of these tokens the engine will keep (for policies that vote)
     - ``n_incoming``: how many tokens the compression makes room for: 1 for a generation step (or text
       teacher-forced one token at a time), more for a prompt chunk
+    - ``window_generated``: the share of the observation window's queries (the last tokens decoded) that
+      were decoded one at a time: 0 when one token's compression reads the end of a prompt (a prompt read
+      whole and compressed once, or the first tokens of an answer), 1 while generating
     """
 
     positions: np.ndarray
     n_keep: int
     n_incoming: int = 1
+    window_generated: float = 1.0
     window_rows: int = 0
     attn_acc: np.ndarray | None = None
     attn_window: np.ndarray | None = None

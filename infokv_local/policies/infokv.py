@@ -35,8 +35,13 @@ attention term pooled over neighbouring tokens as SnapKV does (1 = no pooling).
 token only, interpolating linearly in between, so that llama.cpp computes logits for 1/stride of a
 prompt's rows (the LM head is InfoKV's prefill overhead); generated tokens always have their own.
 ``decode_mix`` / ``decode_alpha`` (None: ``mix`` / ``alpha``) are the mix and alpha of the compressions that
-make room for a single token, i.e. while the model generates, so that prompt compression and decode-time
-compression can mix differently.
+make room for a single token while the observation window holds mostly generated tokens, i.e. while the model
+generates, so that prompt compression and decode-time compression can mix differently. A single token's
+compression whose window is mostly the prompt's end (a prompt read whole and compressed when the answer starts,
+as SnapKV compresses, or the first tokens of an answer) evicts prompt tokens for the prompt's question, and
+uses the prompt's mix; ``decode_on="step"`` gives every one-token compression the decode mix (the rule until
+30 Nov 2026: it scored such a prompt compression with the rank mix and kept 2 of a needle's 42 digits where the
+prompt's mix keeps 19; decode-time fidelity tied, 0.99x, BENCHMARKS.md).
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
 """
@@ -91,6 +96,7 @@ class InfoKVPolicy(Policy):
     stride: int = 1
     decode_mix: str | None = "rank"
     decode_alpha: float | None = 0.5
+    decode_on: str = "window"
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
@@ -115,6 +121,8 @@ class InfoKVPolicy(Policy):
                 raise PolicyError(f"{field} must be 'paper' or 'rank' (got {mix!r})")
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
             raise PolicyError(f"stride must be a whole number >= 1 (got {self.stride!r})")
+        if self.decode_on not in ("window", "step"):
+            raise PolicyError(f"decode_on must be 'window' or 'step' (got {self.decode_on!r})")
         if self.info not in ("product", "entropy", "evolution"):
             raise PolicyError(f"info must be 'product', 'entropy' or 'evolution' (got {self.info!r})")
 
@@ -127,8 +135,10 @@ class InfoKVPolicy(Policy):
         return self.stride
 
     def mix_for(self, inp: ScoreInput) -> tuple[str, float]:
-        """The mix and alpha of this compression: the decode ones when it makes room for one token."""
-        if inp.n_incoming == 1:
+        """The mix and alpha of this compression: the decode ones when it makes room for one generated token,
+        i.e. one token while most of the observation window was generated too; a compression that reads the
+        end of a prompt (a prompt read whole, the first tokens of an answer) is a prompt compression."""
+        if inp.n_incoming == 1 and (self.decode_on == "step" or inp.window_generated > 0.5):
             return self.decode_mix or self.mix, self.alpha if self.decode_alpha is None else self.decode_alpha
         return self.mix, self.alpha
 
