@@ -314,3 +314,15 @@ def test_needle_retention_on_the_real_model(model) -> None:
     assert len(NR.kept_after_reading(model, tokens, "snapkv", b, "once", 64, 1)) == b + 1
     with pytest.raises(ValueError, match="unknown mode"):
         NR.kept_after_reading(model, tokens, "snapkv", b, "twice", 64, 1)
+
+
+def test_needle_retention_command_reads_the_seeds_from_offset(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from infokv_local.__main__ import main
+
+    out = tmp_path / "n.json"
+    assert main(["bench", "needle-retention", "--quick", "--offset", "5", "--items", "2", "--policies", "streaming",
+                 "--modes", "chunked", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["seeds"] == [5, 6] and [it["seed"] for it in res["items"]] == [5, 6]
+    assert "streaming" in capsys.readouterr().out

@@ -123,6 +123,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default 2048)")
     ap.add_argument("--ratio", type=float, default=0.25, help="budget as a fraction of the prompt (default 0.25)")
     ap.add_argument("--items", type=int, default=12, help="needles (seeds 0..N-1 of the retrieval task's)")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="first seed (default 0): other needles than a reported run's, e.g. to choose a setting")
     ap.add_argument("--modes", default="chunked,once", help="chunked, once, or both (default)")
     ap.add_argument("--buffer", type=int, default=64, help="cache growth between compressions when chunked")
     ap.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     policies = [p.strip() for p in args.policies.split(";") if p.strip()]
     with Model(resolve_model_path(args.model)) as model:
-        result = run_needle_retention(model, args.length, args.ratio, list(range(args.items)), policies, modes,
+        seeds = list(range(args.offset, args.offset + args.items))
+        result = run_needle_retention(model, args.length, args.ratio, seeds, policies, modes,
                                       buffer=args.buffer, n_threads=args.threads, progress=not args.no_progress)
     result["command"] = " ".join(sys.argv)
     print(format_table(result))
