@@ -769,5 +769,6 @@ class EngineSnapshot:
         """Bytes this snapshot holds in RAM (the sequence state and the signal arrays)."""
         arrays = (self.positions, self.cell_token, self.ent_prod, self.ent_at, self.ldist, self.attn_acc,
                   self.attn_current, self.ring)
-        extra = self.logits.nbytes if self.logits is not None else 0
+        extra = (self.logits.nbytes if self.logits is not None else 0) + \
+            (self.cell_alone.nbytes if self.cell_alone is not None else 0)
         return len(self.sequence) + sum(a.nbytes for a in arrays) + 8 * len(self.tokens) + extra
