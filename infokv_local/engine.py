@@ -567,10 +567,9 @@ class Engine:
     def _window_generated(self) -> float:
         """The share of the observation window's queries (the last tokens decoded) that were decoded one at
         a time, as generation decodes: near 0 when a compression reads a prompt's end, 1 while generating."""
-        k = max(self._ring_len, 1)
-        cells, _ = self.ctx.cell_map()
-        recent = cells[self._cell_token[cells] >= len(self.tokens) - k]
-        return float(self._cell_alone[recent].mean()) if len(recent) else 1.0
+        # free and evicted cells hold token index -1, so the mask finds the cached window tokens alone
+        recent = self._cell_token >= max(len(self.tokens) - max(self._ring_len, 1), 0)
+        return float(self._cell_alone[recent].mean()) if recent.any() else 1.0
 
     def _absorb(self, sig: Signals, n: int, first: int | None = None, alone: np.ndarray | None = None) -> None:
         """Take in the signals of ``n`` tokens just decoded, the tokens ``first..`` of :attr:`tokens`
@@ -767,8 +766,6 @@ class EngineSnapshot:
     @property
     def nbytes(self) -> int:
         """Bytes this snapshot holds in RAM (the sequence state and the signal arrays)."""
-        arrays = (self.positions, self.cell_token, self.ent_prod, self.ent_at, self.ldist, self.attn_acc,
-                  self.attn_current, self.ring)
-        extra = (self.logits.nbytes if self.logits is not None else 0) + \
-            (self.cell_alone.nbytes if self.cell_alone is not None else 0)
-        return len(self.sequence) + sum(a.nbytes for a in arrays) + 8 * len(self.tokens) + extra
+        arrays = [self.positions, self.cell_token, self.ent_prod, self.ent_at, self.ldist, self.attn_acc,
+                  self.attn_current, self.ring, self.logits, self.cell_alone]
+        return len(self.sequence) + sum(a.nbytes for a in arrays if a is not None) + 8 * len(self.tokens)
