@@ -326,3 +326,20 @@ def test_needle_retention_command_reads_the_seeds_from_offset(tmp_path: Path,
     res = json.loads(out.read_text())
     assert res["seeds"] == [5, 6] and [it["seed"] for it in res["items"]] == [5, 6]
     assert "streaming" in capsys.readouterr().out
+    # every read is logged beside the JSON; a rerun takes finished reads from the log and measures the rest
+    log = out.with_suffix(".jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["seed"], r["policy"], r["mode"]) for r in records] == [(5, "streaming", "chunked"),
+                                                                        (6, "streaming", "chunked")]
+    records[0]["sentence_kept"] = 0  # a marker: only a read taken from the log can have it
+    log.write_text(json.dumps(records[0]) + "\n")
+    assert main(["bench", "needle-retention", "--quick", "--offset", "5", "--items", "2", "--policies", "streaming",
+                 "--modes", "chunked", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    again = json.loads(out.read_text())["items"]
+    assert again[0]["sentence_kept"] == 0 and again[1] == res["items"][1]
+    assert len(log.read_text().splitlines()) == 2
+    # the log is refused with other settings rather than mixed
+    assert main(["bench", "needle-retention", "--quick", "--ratio", "0.5", "--offset", "5", "--items", "2",
+                 "--policies", "streaming", "--modes", "chunked", "--threads", "1", "--no-progress",
+                 "--json", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err

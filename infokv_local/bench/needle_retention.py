@@ -14,7 +14,11 @@ Two ways of reading the prompt (``modes``):
 - ``once``: the whole prompt is read first (the buffer is the prompt minus the budget), and compressed once
   when the next token comes, with the question in the observation window, as SnapKV's paper compresses
   (Li et al., 2024, arXiv 2404.14469). Peak memory is then the whole prompt's; that compression makes room
-  for one token, so InfoKV scores it with its generation-step mix (``decode_mix``).
+  for one token, but its observation window is the prompt's end, so InfoKV scores it with the prompt's mix
+  (``decode_on="window"``; ``decode_on="step"`` gives it the generation-step mix, ``decode_mix``).
+
+With a log (the CLI's ``--json`` name with ``.jsonl``) every finished read is appended to it, and a rerun with
+the same settings measures only what is missing, so a killed run resumes.
 
 No generation here: the task benchmark (``bench tasks --task retrieval``) measures the answers.
 """
@@ -34,6 +38,7 @@ from ..engine import Engine
 from ..model import Model
 from ..policies import make_policy
 from . import task_data
+from .jsonl import read_log
 
 MODES = ("chunked", "once")
 
@@ -62,11 +67,26 @@ def kept_after_reading(model: Model, tokens: list[int], policy: str, budget: int
         return set(eng.cached_token_indices().tolist())
 
 
+def _logged_reads(log: Path | None, config: dict) -> dict[tuple[int, str, str], dict]:
+    """Finished reads in ``log`` by (seed, policy, mode); ``ValueError`` when the log was made with other
+    settings (a rerun would mix them)."""
+    done = {}
+    for r in read_log(log) if log is not None else []:
+        diff = {k: (r.get(k), v) for k, v in config.items() if r.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{log}: measured with other settings ({said}); give another output path or the "
+                             "same settings")
+        done[(r["seed"], r["policy"], r["mode"])] = r
+    return done
+
+
 def run_needle_retention(model: Model, length: int, ratio: float, seeds: list[int], policies: list[str],
                          modes: tuple[str, ...] = MODES, buffer: int = 64, n_threads: int | None = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, log: str | Path | None = None) -> dict:
     """Per (policy, mode): items, items whose value is kept whole, mean share of the needle sentence kept;
-    per item: seed, depth, prompt tokens and what was kept."""
+    per item: seed, depth, prompt tokens and what was kept. Reads already in ``log`` are taken from it, new
+    ones appended."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1) (got {ratio})")
     unknown = [m for m in modes if m not in MODES]
@@ -77,21 +97,34 @@ def run_needle_retention(model: Model, length: int, ratio: float, seeds: list[in
     def count(text: str) -> int:
         return len(model.tokenize(text, add_special=False, parse_special=False))
 
+    log_path = Path(log) if log is not None else None
+    config = {"model": Path(str(model.path)).name, "length": length, "ratio": ratio, "buffer": buffer}
+    done = _logged_reads(log_path, config)
     items: list[dict[str, Any]] = []
-    todo = [(s, p, m) for s in seeds for p in policies for m in modes]
+    todo = [(s, p, m) for s in seeds for p in policies for m in modes if (s, p, m) not in done]
     bar = tqdm(total=len(todo), desc="needles", unit="read", disable=not progress)
     for seed in seeds:
+        if not any(t[0] == seed for t in todo):
+            items.extend(done[(seed, p, m)] for p in policies for m in modes)
+            continue
         item = task_data.niah_item(length, count, seed)
         tokens = model.tokenize(item["prompt"])
         sentence, value = needle_span(model, item["prompt"], item["answers"][0])
         budget = int(ratio * len(tokens))
         for pol in policies:
             for mode in modes:
+                if (seed, pol, mode) in done:
+                    items.append(done[(seed, pol, mode)])
+                    continue
                 kept = kept_after_reading(model, tokens, pol, budget, mode, buffer, n_threads)
-                items.append({"seed": seed, "depth": item["depth"], "n_tokens": len(tokens), "budget": budget,
-                              "policy": pol, "mode": mode, "value_tokens": len(value),
-                              "value_kept": sum(i in kept for i in value),
-                              "sentence_tokens": len(sentence), "sentence_kept": sum(i in kept for i in sentence)})
+                rec = {**config, "seed": seed, "depth": item["depth"], "n_tokens": len(tokens), "budget": budget,
+                       "policy": pol, "mode": mode, "value_tokens": len(value),
+                       "value_kept": sum(i in kept for i in value),
+                       "sentence_tokens": len(sentence), "sentence_kept": sum(i in kept for i in sentence)}
+                items.append(rec)
+                if log_path is not None:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
                 bar.update()
     bar.close()
     rows = []
@@ -102,8 +135,7 @@ def run_needle_retention(model: Model, length: int, ratio: float, seeds: list[in
                          "value_kept": sum(it["value_kept"] == it["value_tokens"] for it in its),
                          "sentence_share": float(np.mean([it["sentence_kept"] / it["sentence_tokens"]
                                                           for it in its]))})
-    return {"model": Path(str(model.path)).name, "length": length, "ratio": ratio, "buffer": buffer,
-            "seeds": list(seeds), "results": rows, "items": items}
+    return {**config, "seeds": list(seeds), "results": rows, "items": items}
 
 
 def format_table(result: dict) -> str:
@@ -128,7 +160,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--modes", default="chunked,once", help="chunked, once, or both (default)")
     ap.add_argument("--buffer", type=int, default=64, help="cache growth between compressions when chunked")
     ap.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
-    ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--json", help="write the result here; the per-read log that resumes a run goes beside it, "
+                    "with .jsonl")
     ap.add_argument("--quick", action="store_true", help="2 needles at 1,024 tokens (a minute or two)")
     ap.add_argument("--no-progress", action="store_true")
 
@@ -143,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     with Model(resolve_model_path(args.model)) as model:
         seeds = list(range(args.offset, args.offset + args.items))
         result = run_needle_retention(model, args.length, args.ratio, seeds, policies, modes,
-                                      buffer=args.buffer, n_threads=args.threads, progress=not args.no_progress)
+                                      buffer=args.buffer, n_threads=args.threads, progress=not args.no_progress,
+                                      log=Path(args.json).with_suffix(".jsonl") if args.json else None)
     result["command"] = " ".join(sys.argv)
     print(format_table(result))
     if args.json:
