@@ -81,6 +81,30 @@ def test_long_prefill_construction(model: Model, target: int) -> None:
     assert TD.long_prefill_context(q, target, _count(model), seed=6).context != lp.context
 
 
+def test_long_prefill_block_layout(model: Model) -> None:
+    q = TD.load_questions(limit=3)[2]["question"]
+    sents = TD.split_sentences(q)
+    lp = TD.long_prefill_context(q, 1024, _count(model), seed=5, layout="block")
+    # the background is one run of the question's own sentences, in order, somewhere in the filler
+    block = " ".join(sents[:-1])
+    assert block in lp.context and lp.inquiry == sents[-1]
+    assert 1024 * 0.97 <= _count(model)(lp.context + "\n\n" + lp.inquiry) == lp.n_tokens <= 1024
+    assert len(lp.context) > 4 * len(block)
+    # the same filler as the spread layout of that seed, only the facts placed differently
+    spread = TD.long_prefill_context(q, 1024, _count(model), seed=5)
+    assert spread.context != lp.context and block not in spread.context
+
+    def filler_only(text: str) -> str:
+        for sentence in sents[:-1]:
+            gap = sentence + " " if sentence + " " in text else " " + sentence
+            text = text.replace(gap, "", 1)
+        return text
+
+    assert filler_only(spread.context) == filler_only(lp.context)
+    with pytest.raises(ValueError, match="unknown layout"):
+        TD.long_prefill_context(q, 1024, _count(model), seed=5, layout="scattered")
+
+
 def test_retrieval_constructions(model: Model) -> None:
     count = _count(model)
     niah = TD.niah_item(1024, count, seed=3)
@@ -185,13 +209,16 @@ def test_tasks_command_tiny_real_run(tmp_path: Path, model_path: Path) -> None:
 
 
 def test_tasks_long_prefill_and_retrieval_tiny(tmp_path: Path, model_path: Path) -> None:
-    for task in ("long-prefill", "retrieval"):
+    assert evidence_cli.TASK_NAMES == T.TASKS
+    for task in ("long-prefill", "long-prefill-block", "retrieval"):
         out = tmp_path / f"{task}.json"
         assert evidence_cli.main(["tasks", "--task", task, "--model", str(model_path), "--limit", "1", "--lengths",
                                   "384", "--max-tokens", "8", "--ratio", "0.25", "--buffer", "32", "--policies",
                                   "full,snapkv", "--out", str(out), "--no-progress"]) == 0
         recs = _lines(out.with_suffix(".jsonl"))
-        assert len(recs) == (2 if task == "long-prefill" else 4)
+        assert len(recs) == (4 if task == "retrieval" else 2)
+        if task == "long-prefill-block":
+            assert {r["item_id"] for r in recs} == {"gsm8k-0@384-block"}
         for r in recs:
             assert r["length"] == 384 and r["prompt_tokens"] >= 0.95 * 384
             if r["policy"] == "snapkv":

@@ -15,6 +15,7 @@ from typing import Any
 TASK_EXAMPLES = """examples:
   python -m infokv_local bench tasks --task decode-pressure --model qwen2.5-coder-1.5b --budget 128,256 --limit 20
   python -m infokv_local bench tasks --task long-prefill --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.4,0.2
+  python -m infokv_local bench tasks --task long-prefill-block --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.25
   python -m infokv_local bench tasks --task retrieval --lengths 4096,8192 --ratio 0.25 --limit 10
   python -m infokv_local bench tasks --task decode-pressure --quick
 """
@@ -24,6 +25,9 @@ FID_EXAMPLES = """examples:
   python -m infokv_local bench fidelity-decode --model qwen2.5-coder-1.5b --budget 128,256,512
   python -m infokv_local bench fidelity-decode --quick
 """
+
+
+TASK_NAMES = ("long-prefill", "long-prefill-block", "decode-pressure", "retrieval")  # tasks.TASKS, without its imports
 
 
 def float_list(text: str) -> list[float]:
@@ -77,7 +81,9 @@ def register(bench_subparsers: Any) -> None:
                     "paired difference against each baseline (bootstrap interval, exact McNemar p). Resumable: "
                     "finished generations are appended to OUT.jsonl and skipped on a rerun.",
         epilog=TASK_EXAMPLES)
-    t.add_argument("--task", required=True, choices=["long-prefill", "decode-pressure", "retrieval"])
+    t.add_argument("--task", required=True, choices=list(TASK_NAMES),
+                   help="long-prefill (the question's facts spread through essay filler), long-prefill-block "
+                        "(kept together at one point of it), decode-pressure, retrieval")
     t.add_argument("--lengths", type=int_list, help="context lengths in tokens (long-prefill default 2048; "
                                                   "retrieval 4096,8192)")
     _common(t)
@@ -124,7 +130,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
             specs = ["128"] if args.task == "decode-pressure" else ["r0.25"]
     if not specs:
         specs = ["128", "256"] if args.task == "decode-pressure" else ["r0.4", "r0.2"]
-    if args.task == "long-prefill":
+    if args.task.startswith("long-prefill"):
         lengths = args.lengths or ([1024] if args.quick else [2048])
     elif args.task == "retrieval":
         lengths = args.lengths or ([2048] if args.quick else [4096, 8192])

