@@ -5,8 +5,9 @@ Tasks (see :mod:`.task_data` for the constructions):
 - ``long-prefill``: GSM8K questions spread through essay filler to 2K/4K/8K tokens (LongReason),
   budgets as fractions of the prompt (``--ratio 0.4,0.2``): prefill compression does the work.
 - ``long-prefill-block``: the same, with the question's background kept together at one random point of the
-  filler: a problem stated in one place of a long document, for models that cannot collect spread facts
-  (Qwen2.5-Coder-1.5B answers 1 of 9 spread questions with the full cache, at 1K and at 2K tokens).
+  filler: a problem stated in one place of a long document (for a model that cannot collect spread facts;
+  Qwen2.5-Coder-1.5B cannot use either: with the full cache it answers 1 of 9 spread questions at 1K and 2K
+  tokens, 2 of 9 in a block at 2K, 4 of the 9 without filler; BENCHMARKS.md).
 - ``decode-pressure``: plain GSM8K chain-of-thought with a budget (``--budget 128,256``) smaller
   than prompt + reasoning: eviction happens while the model reasons.
 - ``retrieval``: needle-in-a-haystack and variable tracking (RULER-style) at 4K/8K.
@@ -259,10 +260,10 @@ def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 1000
 
 def format_table(results: list[dict], reference: str = "infokv") -> str:
     """A plain-text table: accuracy [Wilson 95%] per policy and budget; paired differences below."""
-    lines = [f"{'task':16s}{'len':>6s} {'budget':>7s} {'policy':14s}{'n':>4s}{'acc':>7s}  {'95% CI':15s}"]
+    lines = [f"{'task':19s}{'len':>6s} {'budget':>7s} {'policy':14s}{'n':>4s}{'acc':>7s}  {'95% CI':15s}"]
     for r in results:
         lo, hi = r["ci95"]
-        lines.append(f"{r['task']:16s}{r['length'] or '':>6} {r['budget']:>7s} {r['policy']:14s}{r['n']:>4d}"
+        lines.append(f"{r['task']:19s}{r['length'] or '':>6} {r['budget']:>7s} {r['policy']:14s}{r['n']:>4d}"
                      f"{r['accuracy']:>7.1%}  [{lo:.2f}, {hi:.2f}]")
     paired = [r for r in results if r["policy"] == reference and r.get("paired")]
     if paired:
@@ -270,7 +271,7 @@ def format_table(results: list[dict], reference: str = "infokv") -> str:
         lines.append(f"{reference} minus baseline on the same items (bootstrap 95% CI; wins/losses; McNemar p)")
         for r in paired:
             for p2, d in sorted(r["paired"].items()):
-                lines.append(f"{r['task']:16s}{r['length'] or '':>6} {r['budget']:>7s} vs {p2:14s}{d['n']:>4d} "
+                lines.append(f"{r['task']:19s}{r['length'] or '':>6} {r['budget']:>7s} vs {p2:14s}{d['n']:>4d} "
                              f"{d['diff']:+7.1%} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] "
                              f"{d['wins']}/{d['losses']}  p={d['mcnemar_p']:.3f}")
     return "\n".join(lines)
