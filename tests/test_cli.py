@@ -166,8 +166,7 @@ def test_batch_resumes_after_being_killed(tmp_path):
 
 def test_batch_ctrl_c_keeps_finished_items(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    # 40 items, so that a poller starved of CPU (a busy machine) still signals long before the batch ends
-    write_jsonl(inp, [{"id": i, "prompt": "Once upon a time", "max_tokens": 60} for i in range(40)])
+    write_jsonl(inp, [{"id": i, "prompt": "Once upon a time", "max_tokens": 60} for i in range(10)])
     proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -177,4 +176,4 @@ def test_batch_ctrl_c_keeps_finished_items(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "run the same command again to resume" in err
     done = read_jsonl(out)
-    assert 2 <= len(done) < 40
+    assert 2 <= len(done) < 10
