@@ -27,9 +27,6 @@ FID_EXAMPLES = """examples:
 """
 
 
-TASK_NAMES = ("long-prefill", "long-prefill-block", "decode-pressure", "retrieval")  # tasks.TASKS, without its imports
-
-
 def float_list(text: str) -> list[float]:
     """``"0.25,0.125"`` -> [0.25, 0.125] (an argparse type)."""
     return [float(x) for x in text.split(",") if x.strip()]
@@ -74,6 +71,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(bench_subparsers: Any) -> None:
     """Add ``tasks`` and ``fidelity-decode`` to the ``bench`` sub-commands."""
+    from .task_data import TASKS
+
     fmt = argparse.RawDescriptionHelpFormatter
     t = bench_subparsers.add_parser(
         "tasks", help="task accuracy under a budget (long-prefill, decode-pressure, retrieval)", formatter_class=fmt,
@@ -81,7 +80,7 @@ def register(bench_subparsers: Any) -> None:
                     "paired difference against each baseline (bootstrap interval, exact McNemar p). Resumable: "
                     "finished generations are appended to OUT.jsonl and skipped on a rerun.",
         epilog=TASK_EXAMPLES)
-    t.add_argument("--task", required=True, choices=list(TASK_NAMES),
+    t.add_argument("--task", required=True, choices=list(TASKS),
                    help="long-prefill (the question's facts spread through essay filler), long-prefill-block "
                         "(kept together at one point of it), decode-pressure, retrieval")
     t.add_argument("--lengths", type=int_list, help="context lengths in tokens (long-prefill default 2048; "

@@ -33,7 +33,7 @@ from ..cache_types import check_cache_type
 from ..engine import Engine
 from ..model import Model
 from ..policies import make_policy
-from .jsonl import read_inputs, read_log
+from .jsonl import read_inputs, read_log, require_same_settings
 from .kl_ratios import all_kl_ratios
 
 
@@ -125,11 +125,7 @@ def _doc_records(log: Path | None, config: dict, spec: str) -> dict[tuple[str, s
     for r in read_log(log):
         if r.get("budget_spec") != spec:
             continue
-        diff = {k: (r.get(k), v) for k, v in config.items() if r.get(k) != v}
-        if diff:
-            said = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{log}: budget {spec} was measured with other settings ({said}); "
-                             "give another output path or the same settings")
+        require_same_settings(log, r, config, f"budget {spec} was ")
         done[(r["item_id"], r["policy"])] = r
     return done
 

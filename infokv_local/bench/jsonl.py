@@ -46,3 +46,13 @@ def read_log(path: str | Path) -> list[dict]:
     if clean != text:
         p.write_text(clean)
     return records
+
+
+def require_same_settings(log: str | Path, record: dict, config: dict, what: str = "") -> None:
+    """``ValueError`` naming every setting of ``config`` that ``record``, read from ``log``, has otherwise: a rerun
+    must not mix measurements made with other settings. ``what`` says what was measured ("budget r0.25 was ")."""
+    diff = {k: (record.get(k), v) for k, v in config.items() if record.get(k) != v}
+    if diff:
+        said = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"{log}: {what}measured with other settings ({said}); give another output path or the "
+                         "same settings")

@@ -38,7 +38,7 @@ from ..engine import Engine
 from ..model import Model
 from ..policies import make_policy
 from . import task_data
-from .jsonl import read_log
+from .jsonl import read_log, require_same_settings
 
 MODES = ("chunked", "once")
 
@@ -70,13 +70,11 @@ def kept_after_reading(model: Model, tokens: list[int], policy: str, budget: int
 def _logged_reads(log: Path | None, config: dict) -> dict[tuple[int, str, str], dict]:
     """Finished reads in ``log`` by (seed, policy, mode); ``ValueError`` when the log was made with other
     settings (a rerun would mix them)."""
+    if log is None:
+        return {}
     done = {}
-    for r in read_log(log) if log is not None else []:
-        diff = {k: (r.get(k), v) for k, v in config.items() if r.get(k) != v}
-        if diff:
-            said = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{log}: measured with other settings ({said}); give another output path or the "
-                             "same settings")
+    for r in read_log(log):
+        require_same_settings(log, r, config)
         done[(r["seed"], r["policy"], r["mode"])] = r
     return done
 

@@ -31,6 +31,8 @@ from .jsonl import read_inputs
 
 TokenCount = Callable[[str], int]
 
+TASKS = ("long-prefill", "long-prefill-block", "decode-pressure", "retrieval")  # the task benchmark's tasks
+
 _SENTENCE_END = re.compile(r"(?<=[.?!])[\"”’')\]]?\s+(?=[\"“‘(\[A-Z0-9$])")
 
 

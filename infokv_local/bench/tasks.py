@@ -38,7 +38,7 @@ from . import task_data
 from .jsonl import read_log
 from .stats import mcnemar_exact, paired_bootstrap, wilson
 
-TASKS = ("long-prefill", "long-prefill-block", "decode-pressure", "retrieval")
+TASKS = task_data.TASKS
 ALL_POLICIES = ("full", "infokv", "snapkv", "h2o", "tova", "streaming", "context-shift", "random")
 
 # ---- answer extraction ---------------------------------------------------------------------------
