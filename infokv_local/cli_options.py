@@ -33,6 +33,13 @@ def add_backend_options(g: Any) -> None:
                         "take the model's layers; all of them unless --n-gpu-layers says how many")
 
 
+def add_probe_option(g: Any) -> None:
+    g.add_argument("--prompt-probe", action=argparse.BooleanOptionalAction, default=DEFAULTS.prompt_probe,
+                   help="before each compression while a long prompt is read, read the prompt's end (the question) "
+                        "ahead, so the compression keeps what it attends to (infokv, snapkv, tova; costs prompt "
+                        f"compute; default: {'on' if DEFAULTS.prompt_probe else 'off'})")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and KV cache")
     g.add_argument("--model", help=MODEL_HELP)
@@ -48,6 +55,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-sink", type=int, default=d.n_sink, help=f"first tokens never evicted (default: {d.n_sink})")
     g.add_argument("--n-recent", type=int, default=d.n_recent,
                    help=f"last tokens never evicted (default: {d.n_recent})")
+    add_probe_option(g)
     add_backend_options(g)
     # also accepted before the command (python -m infokv_local --verbose ...); SUPPRESS keeps that value here
     g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -118,7 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                           n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
                           n_gpu_layers=args.n_gpu_layers, seed=args.seed, cache_type_k=args.cache_type_k,
                           cache_type_v=args.cache_type_v, rpc=parse_endpoints(args.rpc) or None,
-                          flash_attn=flash_attn_of(args))
+                          flash_attn=flash_attn_of(args), prompt_probe=args.prompt_probe)
 
 
 def kv_summary(kv: dict[str, Any]) -> str:

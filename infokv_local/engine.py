@@ -39,7 +39,9 @@ HISTORY_STEPS = 4096  # engine steps kept in EngineTotals.history (the most rece
 class StepStats:
     """What one engine call did (one prompt chunk or one decoded token).
 
-    ``first_token`` is how many tokens the engine had read before this step (since the last reset).
+    ``first_token`` is how many tokens the engine had read before this step (since the last reset);
+    ``peak_cells`` the most cells in use during the step (above ``used_cells`` when a prompt probe's
+    tokens were cached for a moment before the compression; see :class:`Engine`).
     """
 
     step: int
@@ -54,6 +56,7 @@ class StepStats:
     evict_s: float
     decode_s: float
     first_token: int = 0
+    peak_cells: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,15 +90,16 @@ class EngineTotals:
         self.tokens += st.n_tokens
         self.evictions += bool(st.evicted)
         self.evicted_tokens += st.evicted
-        self.max_used_cells = max(self.max_used_cells, st.used_cells)
+        peak = max(st.used_cells, st.peak_cells)
+        self.max_used_cells = max(self.max_used_cells, peak)
         self.score_s += st.score_s
         self.evict_s += st.evict_s
         self.decode_s += st.decode_s
         self.history.append(st)
         peaks = self._peaks
-        while peaks and peaks[-1][1] <= st.used_cells:
+        while peaks and peaks[-1][1] <= peak:
             peaks.pop()
-        peaks.append((st.step, st.used_cells))
+        peaks.append((st.step, peak))
 
     def max_used_since(self, step: int) -> int:
         """The most cells in use after any step numbered ``step`` or later (0 if there is none)."""
@@ -148,6 +152,20 @@ class Engine:
     early), those tokens are decoded again with the statistics on first (they get the same K/V
     and signals), so the compression reads the window it would have read with statistics at
     every step.
+    ``prompt_probe`` makes compressions while a prompt is read query-aware: a prompt read in chunks is
+    compressed before its end (usually the question) has been read, so the observation window is the
+    text just read and the compression keeps what that text attends to. With the probe, before each such
+    compression the prompt's last ``probe_len = min(window, buffer // 2)`` tokens are decoded ahead, right
+    after the cached tokens (llama.cpp accepts no gap in a sequence's positions), and removed again; their
+    attention is the compression's observation window
+    (and TOVA's last query), as when SnapKV compresses a prompt read whole (Li et al., 2024, arXiv
+    2404.14469, Sec. 4: the window at the prompt's end predicts what generation attends to). The budget
+    invariant holds: a probed prompt is read in chunks of ``buffer - probe_len`` tokens and compressed when
+    the next chunk would pass ``budget + buffer - probe_len`` cells, so the probe finds its cells free.
+    It costs prompt compute (the probe tokens, once per compression) and applies to the policies that read
+    the observation window (InfoKV, SnapKV, TOVA), to prompts (:meth:`prefill`, :meth:`generate`, and
+    :meth:`feed` without ``all_logits``; teacher forcing with logits measures predictions as the text is
+    read and is never probed).
     """
 
     def __init__(
@@ -169,6 +187,7 @@ class Engine:
         budget_mib: float | None = None,
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
+        prompt_probe: bool = False,
     ) -> None:
         self.model = model
         self.policy = make_policy(policy)
@@ -248,6 +267,13 @@ class Engine:
         self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
         # attention statistics only in the steps a compression reads (see the class docstring); H2O sums all
         self._window_on_demand = ATTENTION in needs and not all_rows and self.policy.evicts
+        self.prompt_probe = bool(prompt_probe)
+        # the tokens of a probed prompt's end; None outside a probed feed (see the class docstring)
+        self.probe_len = min(window, buffer // 2) if self.prompt_probe and self._window_on_demand else 0
+        self._probe_tail: list[int] | None = None
+        self._probe_left = 0  # tokens of the probed feed not decoded yet
+        self._probe_peak = 0  # cells in use with the probe's tokens cached, in the current step
+        self.probes = 0
         self._unrecorded = 0  # tokens decoded last whose attention rows are not in the ring
         self.window_refreshes = 0
         self.n_threads = self.ctx.n_threads
@@ -302,6 +328,8 @@ class Engine:
         self.n_past = 0
         self.tokens = []
         self._pending = None
+        self._probe_tail = None
+        self.probes = 0
         self.totals = EngineTotals()
 
     # ---- state -----------------------------------------------------------------------------
@@ -388,10 +416,19 @@ class Engine:
         logits stay in the context for sampling.
         """
         tokens = list(tokens)
-        for s in range(0, len(tokens), self.chunk):
-            part = tokens[s : s + self.chunk]
-            self._decode(part, all_outputs=all_logits or self.needs_outputs, logits_all=all_logits)
-            yield s, (self.ctx.logits_rows(len(part)).copy() if all_logits else None)
+        probed = self.probe_len > 0 and not all_logits and bool(tokens)
+        if probed:
+            self._flush_pending()  # before the probe places the prompt's end after what is cached
+        chunk = min(self.chunk, self.buffer - self.probe_len) if probed else self.chunk
+        try:
+            for s in range(0, len(tokens), chunk):
+                part = tokens[s : s + chunk]
+                if probed:
+                    self._probe_tail, self._probe_left = tokens[-self.probe_len:], len(tokens) - s
+                self._decode(part, all_outputs=all_logits or self.needs_outputs, logits_all=all_logits)
+                yield s, (self.ctx.logits_rows(len(part)).copy() if all_logits else None)
+        finally:
+            self._probe_tail = None
 
     def prefill(self, tokens: Sequence[int]) -> None:
         for _ in self.feed(tokens):
@@ -462,6 +499,7 @@ class Engine:
                 f"the context of {self.capacity} tokens is full ({self.ctx.n_used} used, {len(part)} more needed) "
                 f"and policy {self.policy.name!r} does not evict: use an evicting policy, or a larger context"
             )
+        self._probe_peak = 0
         evicted, score_s, evict_s = self._make_room(len(part))
         if self.policy.evicts and self.n_past + len(part) > self.compact_at:
             self._compact_positions()
@@ -480,7 +518,7 @@ class Engine:
             step=self.totals.steps, n_tokens=len(part), used_cells=used, budget=self.budget,
             capacity=self.capacity, kv_bytes=used * self.kv_bytes_per_cell, evicted=len(evicted),
             evicted_positions=evicted, score_s=score_s, evict_s=evict_s, decode_s=decode_s,
-            first_token=self.totals.tokens,
+            first_token=self.totals.tokens, peak_cells=max(used, self._probe_peak),
         )
         self.totals.record(st)
         if self.check_invariants:
@@ -490,15 +528,58 @@ class Engine:
         if not self.policy.evicts:
             return [], 0.0, 0.0
         used = self.ctx.n_used
-        if used + n_new <= self.capacity:
+        probing = self._probe_tail is not None
+        room = self.capacity - (self.probe_len if probing else 0)
+        if used + n_new <= room:
             return [], 0.0, 0.0
         record_s = 0.0
         if self._window_on_demand and self._unrecorded:
             t0 = time.perf_counter()
             self._record_window()
             record_s = time.perf_counter() - t0
-        evicted, score_s, evict_s = self._compress(min(self.budget, self.capacity - n_new), n_new)
-        return evicted, score_s + record_s, evict_s
+        if self._probe_tail is None:
+            evicted, score_s, evict_s = self._compress(min(self.budget, self.capacity - n_new), n_new)
+            return evicted, score_s + record_s, evict_s
+        evicted, score_s, evict_s = [], 0.0, 0.0
+        k = min(len(self._probe_tail), self._probe_left)
+        if self.ctx.n_used + k > self.capacity:
+            # a prompt after a generation that filled the cache: make the probe's room with the usual window
+            evicted, score_s, evict_s = self._compress(self.capacity - k, n_new)
+        t0 = time.perf_counter()
+        window = self._probe_window()
+        probe_s = time.perf_counter() - t0
+        ev2, s2, e2 = self._compress(min(self.budget, room - n_new), n_new, window)
+        return evicted + ev2, score_s + s2 + record_s + probe_s, evict_s + e2
+
+    def _probe_window(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Decode the part of the prompt's end not read yet, right after the cached tokens, and remove it again;
+        returns the observation window it gives over the cells (summed rows [n_layer, n_cells], the last
+        row, the number of rows): its own attention rows, after the rows of the end's tokens already read
+        (in the ring) when the end has begun."""
+        tail, left = self._probe_tail, self._probe_left
+        assert tail is not None
+        k = min(len(tail), left)
+        ahead = tail[len(tail) - k:]
+        # right after the cached tokens (llama.cpp takes a sequence's positions only consecutively)
+        if self.n_past + k > self.compact_at:
+            self._compact_positions()
+        pos0 = self.n_past
+        saved_entropy = self.ctx.last_entropy
+        self.ctx.set_attention_active(True)
+        sig = self.ctx.decode(ahead, pos0, all_outputs=False)
+        self.ctx.last_entropy = saved_entropy
+        self._probe_peak = max(self._probe_peak, len(sig.cells))
+        self.ctx.remove_cells(sig.cells[sig.cell_pos >= pos0])
+        self.probes += 1
+        if sig.attn_last is None:
+            raise DecodeError("the probe's decode returned no attention rows")
+        rows = sig.attn_last  # [n_layer, rows, n_cells]: the last min(k, window) of the probe's rows
+        n_rows = rows.shape[1]
+        window = rows.sum(axis=1)
+        read = min(len(tail) - k, self._ring_len, self.window - n_rows)
+        for j in range(read):  # the end's tokens already read, newest first in the ring
+            window += self._ring[(self._ring_next - 1 - j) % self.window]
+        return window, rows[:, -1], n_rows + read
 
     def _record_window(self) -> None:
         """Decode the last tokens whose attention rows were skipped again, with the statistics on, so the
@@ -520,7 +601,10 @@ class Engine:
         self._absorb(sig, k, first=len(self.tokens) - k, alone=saved_alone)
         self.window_refreshes += 1
 
-    def _compress(self, target: int, n_incoming: int = 1) -> tuple[list[int], float, float]:
+    def _compress(self, target: int, n_incoming: int = 1,
+                  window: tuple[np.ndarray, np.ndarray, int] | None = None) -> tuple[list[int], float, float]:
+        """Evict down to ``target`` cells; ``window``: the observation window to score with instead of the
+        ring's (summed rows, last row, number of rows, over all cells), from :meth:`_probe_window`."""
         t0 = time.perf_counter()
         cells, pos = self.ctx.cell_map()
         lo, hi, n_keep = keep_count(len(cells), target, self.n_sink, self.n_recent, self.policy.n_keep)
@@ -528,6 +612,9 @@ class Engine:
         if n_keep >= len(ev_cells):
             return [], 0.0, 0.0
         inp = self._score_input(ev_cells, pos[lo:hi], n_keep, n_incoming)
+        if window is not None and inp.attn_window is not None:
+            summed, last, rows = window
+            inp.attn_window, inp.attn_current, inp.window_rows = summed[:, ev_cells], last[:, ev_cells], rows
         scores = np.asarray(self.policy.score(inp), dtype=np.float64)
         if scores.shape != (len(ev_cells),):
             raise ValueError(f"policy {self.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
@@ -606,8 +693,9 @@ class Engine:
 
     def _check(self, sig: Signals) -> None:
         used = self.ctx.n_used
-        if self.policy.evicts and used > self.capacity:
-            raise AssertionError(f"budget invariant broken: {used} cells used > budget {self.budget} + buffer "
+        peak = max(used, self._probe_peak)  # the probe's tokens were cached for a moment during the step
+        if self.policy.evicts and peak > self.capacity:
+            raise AssertionError(f"budget invariant broken: {peak} cells used > budget {self.budget} + buffer "
                                  f"{self.buffer}")
         cached = set(sig.cell_pos.tolist())
         protected = set(range(min(self.n_sink, self.n_past))) | set(range(max(self.n_past - self.n_recent, 0),

@@ -67,6 +67,8 @@ class KVStatsMixin(LlamaBase):
             "evictions": t.evictions,
             "evicted_tokens": t.evicted_tokens,
             "compactions": e.compactions,
+            "prompt_probe": e.probe_len,
+            "probes": e.probes,
             "sequence_tokens": len(e.tokens),
             "n_threads": e.n_threads,
             "flash_attn": e.flash_attn,

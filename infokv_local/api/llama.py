@@ -48,7 +48,8 @@ class InfoKVLlama(ChatMixin):
     a name (``infokv``, ``h2o``, ``snapkv``, ``tova``, ``streaming``, ``full``...; parameters as
     ``"infokv:alpha=0.9"``) or a :class:`~infokv_local.policies.Policy`. ``flash_attn`` (None: chosen
     per backend), ``cache_type_k`` / ``cache_type_v`` (``f16``, ``q8_0``, ``q4_0``...) are the
-    engine's (:class:`~infokv_local.engine.Engine`). The defaults are
+    engine's (:class:`~infokv_local.engine.Engine`), as is ``prompt_probe`` (compressions while a long prompt is
+    read keep what the prompt's end, usually the question, attends to). The defaults are
     :data:`infokv_local.settings.DEFAULTS`, shared with the command line and the chat UI.
     """
 
@@ -71,6 +72,7 @@ class InfoKVLlama(ChatMixin):
         flash_attn: bool | None = DEFAULTS.flash_attn,
         cache_type_k: str = DEFAULTS.cache_type_k,
         cache_type_v: str = DEFAULTS.cache_type_v,
+        prompt_probe: bool = DEFAULTS.prompt_probe,
         rpc: tuple[str, ...] | list[str] | str = DEFAULTS.rpc,
         check_invariants: bool = False,
     ) -> None:
@@ -89,7 +91,7 @@ class InfoKVLlama(ChatMixin):
             policy=policy, budget=None if budget_mib is not None else budget, budget_mib=budget_mib, buffer=buffer,
             n_sink=n_sink, n_recent=n_recent, window=window, n_batch=n_batch, n_threads=n_threads, seed=seed,
             max_context=n_ctx, flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-            check_invariants=check_invariants,
+            prompt_probe=prompt_probe, check_invariants=check_invariants,
         )
         try:
             self._engine = Engine(self.model, **self._engine_args)
@@ -151,7 +153,7 @@ class InfoKVLlama(ChatMixin):
     def configure(self, *, policy: str | Policy | None = None, budget: int | None = None,
                   budget_mib: float | None = None, buffer: int | None = None, n_sink: int | None = None,
                   n_recent: int | None = None, cache_type_k: str | None = None,
-                  cache_type_v: str | None = None) -> None:
+                  cache_type_v: str | None = None, prompt_probe: bool | None = None) -> None:
         """Change the policy, the budget or the cache's data types. The cache is rebuilt: the next call
         prefills its prompt again.
 
@@ -161,7 +163,8 @@ class InfoKVLlama(ChatMixin):
         self._refuse_while_streaming("configure()")
         args = dict(self._engine_args)
         for key, value in dict(policy=policy, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
-                               cache_type_k=cache_type_k, cache_type_v=cache_type_v).items():
+                               cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                               prompt_probe=prompt_probe).items():
             if value is not None:
                 args[key] = value
         if budget is not None or budget_mib is not None:
@@ -196,7 +199,8 @@ class InfoKVLlama(ChatMixin):
         if state.engine_args != self._engine_args:
             a = state.engine_args
             self.configure(policy=a["policy"], budget=a["budget"], budget_mib=a["budget_mib"], buffer=a["buffer"],
-                           n_sink=a["n_sink"], n_recent=a["n_recent"])
+                           n_sink=a["n_sink"], n_recent=a["n_recent"], cache_type_k=a["cache_type_k"],
+                           cache_type_v=a["cache_type_v"], prompt_probe=a.get("prompt_probe", False))
         with self._lock:
             try:
                 self.engine.restore(state.engine)

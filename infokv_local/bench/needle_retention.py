@@ -7,10 +7,12 @@ more token, where generation would start. What is left of the needle then bounds
 ``value_kept`` counts the items where every token of the value is still cached, ``sentence_share`` is the
 mean share of the needle sentence's tokens kept.
 
-Two ways of reading the prompt (``modes``):
+Three ways of reading the prompt (``modes``):
 
 - ``chunked``: the engine's way: it compresses whenever budget + buffer cells are full, so the early
   haystack is evicted before the question, at the end, has been read: the choice is query-agnostic;
+- ``probe``: chunked, with the engine's ``prompt_probe``: before each compression the prompt's end (the
+  question) is read ahead and its attention is the observation window, inside the same budget + buffer;
 - ``once``: the whole prompt is read first (the buffer is the prompt minus the budget), and compressed once
   when the next token comes, with the question in the observation window, as SnapKV's paper compresses
   (Li et al., 2024, arXiv 2404.14469). Peak memory is then the whole prompt's; that compression makes room
@@ -40,7 +42,7 @@ from ..policies import make_policy
 from . import task_data
 from .jsonl import read_log, require_same_settings
 
-MODES = ("chunked", "once")
+MODES = ("chunked", "probe", "once")
 
 
 def needle_span(model: Model, prompt: str, value: str) -> tuple[range, range]:
@@ -61,7 +63,7 @@ def kept_after_reading(model: Model, tokens: list[int], policy: str, budget: int
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     buf = max(len(tokens) - budget, 1) if mode == "once" else buffer
-    with Engine(model, policy, budget=budget, buffer=buf, n_threads=n_threads) as eng:
+    with Engine(model, policy, budget=budget, buffer=buf, n_threads=n_threads, prompt_probe=mode == "probe") as eng:
         eng.prefill(tokens)
         eng.prefill([tokens[-1]])  # where the first generated token would go
         return set(eng.cached_token_indices().tolist())
@@ -155,7 +157,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--items", type=int, default=12, help="needles (seeds 0..N-1 of the retrieval task's)")
     ap.add_argument("--offset", type=int, default=0,
                     help="first seed (default 0): other needles than a reported run's, e.g. to choose a setting")
-    ap.add_argument("--modes", default="chunked,once", help="chunked, once, or both (default)")
+    ap.add_argument("--modes", default="chunked,probe,once", help="chunked, probe, once (default: all three)")
     ap.add_argument("--buffer", type=int, default=64, help="cache growth between compressions when chunked")
     ap.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
     ap.add_argument("--json", help="write the result here; the per-read log that resumes a run goes beside it, "

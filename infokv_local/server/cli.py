@@ -18,7 +18,7 @@ EXAMPLES = """examples:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand (its options, help and examples) to ``subparsers``."""
-    from ..cli_options import MODEL_HELP, add_backend_options
+    from ..cli_options import MODEL_HELP, add_backend_options, add_probe_option
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server, every conversation in a fixed KV budget",
@@ -38,6 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--buffer", type=int, default=128, help="growth before each compression (default: 128)")
     g.add_argument("--n-sink", type=int, default=4)
     g.add_argument("--n-recent", type=int, default=32)
+    add_probe_option(g)
     add_backend_options(g)
     s = p.add_argument_group("server")
     s.add_argument("--slots", type=int, default=1, help="conversations generating at once (default: 1)")
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         budget = args.budget if args.budget_mib is None else int(args.budget_mib * 2**20 // per_cell)
         llms = [InfoKVLlama(model, policy=args.policy, budget=budget, buffer=args.buffer, n_sink=args.n_sink,
                             n_recent=args.n_recent, n_threads=args.threads, flash_attn=flash_attn_of(args),
-                            cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+                            cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+                            prompt_probe=args.prompt_probe)
                 for _ in range(args.slots)]
     except (InfoKVError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
