@@ -224,6 +224,21 @@ def test_tasks_long_prefill_and_retrieval_tiny(tmp_path: Path, model_path: Path)
                 assert r["budget"] == int(0.25 * r["prompt_tokens"]) and r["evicted_tokens"] > 0
 
 
+def test_tasks_with_the_prompt_probe(tmp_path: Path, model_path: Path, capsys) -> None:
+    out = tmp_path / "probe.json"
+    argv = ["tasks", "--task", "retrieval", "--model", str(model_path), "--limit", "1", "--lengths", "512",
+            "--max-tokens", "4", "--ratio", "0.25", "--buffer", "32", "--policies", "full,snapkv", "--out", str(out),
+            "--no-progress"]
+    assert evidence_cli.main([*argv, "--prompt-probe"]) == 0
+    recs = _lines(out.with_suffix(".jsonl"))
+    assert len(recs) == 4 and all(r["prompt_probe"] is True for r in recs)
+    assert json.loads(out.read_text())["prompt_probe"] is True
+    # a rerun without the probe is refused rather than mixed into the same log
+    assert evidence_cli.main(argv) == 2
+    assert "prompt probe on" in capsys.readouterr().err
+    assert len(_lines(out.with_suffix(".jsonl"))) == 4
+
+
 def test_fidelity_decode_tiny_real_run(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "fd.json"
     argv = ["fidelity-decode", "--model", str(model_path), "--limit", "1", "--max-tokens", "48", "--budget", "60,4000",

@@ -85,6 +85,9 @@ def register(bench_subparsers: Any) -> None:
                         "(kept together at one point of it), decode-pressure, retrieval")
     t.add_argument("--lengths", type=int_list, help="context lengths in tokens (long-prefill default 2048; "
                                                   "retrieval 4096,8192)")
+    t.add_argument("--prompt-probe", action="store_true",
+                   help="the engine's prompt probe: compressions while the prompt is read see its end (the "
+                        "question) first; write to another --out than a run without it")
     _common(t)
     t.set_defaults(func=run_tasks_cmd)
     f = bench_subparsers.add_parser(
@@ -147,12 +150,13 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
         items = T.build_items(args.task, model, questions, lengths, args.seed, args.max_tokens)
         records = T.run_tasks(model, args.task, items, policies, specs, out.with_suffix(".jsonl"),
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
-                              n_threads=args.threads, progress=not args.no_progress)
+                              n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe)
     finally:
         model.close()
     results = T.summarize(records)
     summary = {"task": args.task, "model": tag, "command": " ".join(sys.argv), "policies": policies,
                "budgets": specs, "lengths": lengths, "buffer": args.buffer, "seed": args.seed,
+               "prompt_probe": args.prompt_probe,
                "results": results, "items": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

@@ -154,23 +154,32 @@ def budget_tokens(spec: str, prompt_tokens: int) -> int:
     return max(int(float(spec[1:]) * prompt_tokens), 1) if spec.startswith("r") else int(spec)
 
 
-def read_done(path: Path) -> dict[tuple[str, str, str], dict]:
-    """Finished records of a JSONL, keyed by (item, policy, budget spec); a torn last line is dropped."""
-    return {(r["item_id"], r["policy"], r["budget_spec"]): r for r in read_log(path)}
+def read_done(path: Path, prompt_probe: bool = False) -> dict[tuple[str, str, str], dict]:
+    """Finished records of a JSONL, keyed by (item, policy, budget spec); a torn last line is dropped.
+    ``ValueError`` when a record was generated with the prompt probe set otherwise (records from before the
+    setting existed were made without it)."""
+    done = {}
+    for r in read_log(path):
+        if r["policy"] != "full" and r.get("prompt_probe", False) != prompt_probe:
+            raise ValueError(f"{path}: generated with the prompt probe {'on' if not prompt_probe else 'off'}, "
+                             f"now {'on' if prompt_probe else 'off'}; give another output path or the same setting")
+        done[(r["item_id"], r["policy"], r["budget_spec"])] = r
+    return done
 
 
 def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str], budget_specs: list[str],
               out_jsonl: str | Path, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
-              n_threads: int | None = None, progress: bool = True) -> list[dict]:
+              n_threads: int | None = None, progress: bool = True, prompt_probe: bool = False) -> list[dict]:
     """Generate greedily for every (item, policy, budget) not yet in ``out_jsonl``; returns all records.
 
     ``full`` runs once per item (budget spec ``"full"``). A budget that cannot hold the protected
     tokens, or is at least the whole prompt + max_tokens (nothing would be evicted), is recorded
-    as skipped and not counted.
+    as skipped and not counted. ``prompt_probe``: the engine's (compressions of the prompt read its end
+    ahead); a log made with the other setting is refused.
     """
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out)
+    done = read_done(out, prompt_probe)
     jobs = []
     for it in items:
         for p in policies:
@@ -182,7 +191,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
     n_ctx = max((len(model.tokenize(it.prompt)) + it.max_tokens + 64 for it in items), default=512)
     try:
         llm = InfoKVLlama(model, policy="full", n_ctx=n_ctx, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
-                          n_threads=n_threads)
+                          n_threads=n_threads, prompt_probe=prompt_probe)
         fmt = llm._chat_formatter()  # the GGUF's chat template, to count prompt tokens for ratio budgets
         with out.open("a") as fh:
             bar = tqdm(jobs, desc=f"{task}", unit="gen", disable=not progress)
@@ -193,7 +202,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                 n_prompt = len(model.tokenize(formatted.prompt, add_special=not formatted.added_special))
                 rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
                                        "length": it.length, "policy": p, "budget_spec": spec,
-                                       "prompt_tokens": n_prompt, "gold": it.gold}
+                                       "prompt_tokens": n_prompt, "gold": it.gold, "prompt_probe": prompt_probe}
                 budget = None if spec == "full" else budget_tokens(spec, n_prompt)
                 rec["budget"] = budget
                 if budget is not None and (budget < n_sink + n_recent + 1 or budget >= n_prompt + it.max_tokens):
