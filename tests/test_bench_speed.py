@@ -90,3 +90,18 @@ def test_speed_plan_runs_stock_only_at_the_asked_flash_attention_setting():
 
     runs = plan([(64, 32)], ["infokv"], 1, {"threads": 1}, (False,), stock_flash=(False,))
     assert [(r["engine"], r["flash_attn"]) for r in runs] == [("stock", False), ("infokv-local", False)]
+
+
+def test_speed_plan_and_summary_with_the_prompt_probe_both_ways():
+    from infokv_local.bench.speed import _run_key, plan, summarize
+
+    runs = plan([(64, 32)], ["full", "infokv"], 1, {"threads": 1}, (False,), stock_flash=(False,),
+                ours_probe=(False, True))
+    assert [(r["engine"], r["policy"], r.get("prompt_probe", False)) for r in runs] == [
+        ("stock", "full", False), ("infokv-local", "full", False), ("infokv-local", "infokv", False),
+        ("infokv-local", "infokv", True)]  # the full cache compresses nothing: no probed run of it
+    assert len({_run_key({**r, "budget": 48, "buffer": 16}) for r in runs}) == 4
+    measured = [{**r, "budget": 48, "buffer": 16, "prefill_s": 1.0, "decode_s": 1.0, "decode_steps": 31,
+                 "used_cells": 64, "allocated_cells": 128, "peak_rss_bytes": 1, "timeline": []} for r in runs]
+    rows = summarize(measured, kv_bytes_per_cell=10)
+    assert sorted(r["policy"] for r in rows if r["engine"] == "infokv-local") == ["full", "infokv", "infokv+probe"]

@@ -145,7 +145,7 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         cache_type = cfg.get("cache_type", "f16")
         engine = Engine(model, cfg["policy"], budget=cfg["budget"], buffer=cfg["buffer"], n_threads=cfg["threads"],
                         max_context=n_prompt + n_gen + 8, flash_attn=cfg["flash_attn"], cache_type_k=cache_type,
-                        cache_type_v=cache_type)
+                        cache_type_v=cache_type, prompt_probe=cfg.get("prompt_probe", False))
         with engine:
             t0 = time.perf_counter()
             gen = engine.generate(prompt, n_gen, SamplingParams(temperature=0.0), ignore_eos=True)
@@ -165,7 +165,7 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
                 "allocated_cells": engine.ctx.n_cells, "peak_rss_bytes": _peak_rss(),
                 "compressions": t.evictions, "evicted_tokens": t.evicted_tokens,
                 "compress_ms_mean": 1e3 * (t.score_s + t.evict_s) / t.evictions if t.evictions else None,
-                "n_threads": engine.n_threads, "flash_attn_used": engine.flash_attn == "on",
+                "n_threads": engine.n_threads, "flash_attn_used": engine.flash_attn == "on", "probes": engine.probes,
             }
 
 
@@ -180,7 +180,8 @@ def _kv_bytes_per_cell(model_path: str, cache_type: str = "f16") -> int:
 def _run_key(cfg: dict[str, Any]) -> str:
     return "|".join([*(str(cfg[k]) for k in ("round", "engine", "policy", "flash_attn", "prompt_tokens",
                                               "generated_tokens", "budget", "buffer", "threads")),
-                     *([cfg["cache_type"]] if cfg.get("cache_type", "f16") != "f16" else [])])
+                     *([cfg["cache_type"]] if cfg.get("cache_type", "f16") != "f16" else []),
+                     *(["probe"] if cfg.get("prompt_probe") else [])])
 
 
 def _spawn(cfg: dict[str, Any], stock_lib: str) -> dict[str, Any]:
@@ -196,11 +197,13 @@ def _spawn(cfg: dict[str, Any], stock_lib: str) -> dict[str, Any]:
 
 
 def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base: dict[str, Any],
-         ours_flash: tuple[bool | None, ...] = (None,), stock_flash: tuple[bool, ...] = (True, False)) -> list[dict]:
+         ours_flash: tuple[bool | None, ...] = (None,), stock_flash: tuple[bool, ...] = (True, False),
+         ours_probe: tuple[bool, ...] = (False,)) -> list[dict]:
     """The runs in the order they are made: for each round and length, stock at each of ``stock_flash`` (on
     only with a quantized cache, which needs it), then each policy at each flash-attention setting of ours
-    (None: the engine's choice for the backend). A policy that needs the attention of every query row (H2O)
-    runs only with flash attention off: its flash-on runs are left out."""
+    (None: the engine's choice for the backend) and each prompt-probe setting (``ours_probe``; the evicting
+    policies only). A policy that needs the attention of every query row (H2O) runs only with flash attention
+    off: its flash-on runs are left out."""
     from ..policies import make_policy
     from ..policies.base import ATTENTION_ALL_ROWS
 
@@ -210,11 +213,12 @@ def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base:
     runs = []
     for r in range(rounds):
         for p, g in lengths:
-            for engine, policy, fa in [*(("stock", "full", f) for f in stock_flash),
-                                       *(("infokv-local", pol, f) for f in ours_flash for pol in policies
-                                         if not (f and pol in all_rows))]:
+            for engine, policy, fa, pb in [*(("stock", "full", f, False) for f in stock_flash),
+                                           *(("infokv-local", pol, f, pb) for f in ours_flash for pol in policies
+                                             for pb in (ours_probe if make_policy(pol).evicts else (False,))
+                                             if not (f and pol in all_rows))]:
                 runs.append({**base, "round": r, "engine": engine, "policy": policy, "flash_attn": fa,
-                             "prompt_tokens": p, "generated_tokens": g})
+                             "prompt_tokens": p, "generated_tokens": g, **({"prompt_probe": True} if pb else {})})
     return runs
 
 
@@ -222,7 +226,8 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
     """One row per (engine, policy, flash_attn, length): medians over rounds, KV bytes, ratios to stock."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        key = (r["engine"], r["policy"], bool(r.get("flash_attn_used", r["flash_attn"])), r["prompt_tokens"],
+        policy = r["policy"] + ("+probe" if r.get("prompt_probe") else "")
+        key = (r["engine"], policy, bool(r.get("flash_attn_used", r["flash_attn"])), r["prompt_tokens"],
                r["generated_tokens"])
         groups.setdefault(key, []).append(r)
     rows = []
@@ -239,6 +244,7 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
             "compressions": rs[0].get("compressions"),
             "compress_ms_mean": rs[0].get("compress_ms_mean"),
+            "probes": rs[0].get("probes"),
             "timeline": rs[0]["timeline"],
         })
     for row in rows:
@@ -256,12 +262,12 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{Path(result['model']).name}, {result['threads']} threads, budget {result['budget']} + buffer "
              f"{result['buffer']}; ratios against stock llama.cpp at its faster flash-attention setting",
-             f"{'engine':13s}{'policy':11s}{'FA':>4s}{'prompt':>8s}{'gen':>7s}{'prefill/s':>11s}{'decode/s':>10s}"
+             f"{'engine':13s}{'policy':14s}{'FA':>4s}{'prompt':>8s}{'gen':>7s}{'prefill/s':>11s}{'decode/s':>10s}"
              f"{'dec.ratio':>10s}{'pre.ratio':>10s}{'KV MiB':>9s}{'KV x less':>10s}{'RSS MiB':>9s}{'compr.ms':>9s}"]
     for r in result["rows"]:
         cm = r["compress_ms_mean"]
         lines.append(
-            f"{r['engine']:13s}{r['policy']:11s}{'on' if r['flash_attn'] else 'off':>4s}{r['prompt_tokens']:>8d}"
+            f"{r['engine']:13s}{r['policy']:14s}{'on' if r['flash_attn'] else 'off':>4s}{r['prompt_tokens']:>8d}"
             f"{r['generated_tokens']:>7d}{r['prefill_tok_s']:>11.0f}{r['decode_tok_s']:>10.1f}"
             f"{r.get('decode_ratio_vs_stock_best', float('nan')):>10.3f}"
             f"{r.get('prefill_ratio_vs_stock_best', float('nan')):>10.3f}{r['kv_bytes'] / 2**20:>9.1f}"
@@ -341,6 +347,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache-type", default="f16",
                     help="K and V cache data type of every engine, e.g. q8_0 (a quantized one needs flash attention; "
                          "default: f16)")
+    ap.add_argument("--prompt-probe", choices=["off", "on", "both"], default="off",
+                    help="the engine's prompt probe for the evicting policies (both: each policy without and with "
+                         "it, shown as POLICY+probe)")
     ap.add_argument("--quick", action="store_true", help=f"short lengths ({QUICK_LENGTHS}), policies full,infokv")
     ap.add_argument("--stock-lib", help="folder of the unpatched libllama (default: build or reuse it)")
     ap.add_argument("--out", default="bench-speed.json", help="JSON result; runs are kept in <out>.runs.jsonl")
@@ -366,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
     stock_flash = {"on": (True,), "off": (False,), "both": (True, False)}[args.stock_flash_attn]
     if is_quantized(cache_type) and stock_flash == (False,):
         raise ValueError(f"--cache-type {cache_type} needs flash attention: --stock-flash-attn off cannot run it")
-    todo = plan(lengths, policies, args.rounds, base, ours_flash, stock_flash)
+    ours_probe = {"off": (False,), "on": (True,), "both": (False, True)}[args.prompt_probe]
+    todo = plan(lengths, policies, args.rounds, base, ours_flash, stock_flash, ours_probe)
     runs_path = Path(str(args.out) + ".runs.jsonl")
     done = {_run_key(rec): rec for rec in read_log(runs_path)}  # a line cut by a kill is dropped
     stock_lib = args.stock_lib or stock_lib_dir()
