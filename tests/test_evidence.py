@@ -119,6 +119,17 @@ def test_retrieval_constructions(model: Model) -> None:
 # ---- intervals and bucketing ---------------------------------------------------------------------
 
 
+def test_retrieval_items_follow_the_ids_and_kinds(model: Model) -> None:
+    """--offset chooses other needles (the question id is the construction's seed), --kinds which items."""
+    items = T.build_items("retrieval", model, [{"id": "3"}, {"id": "4"}], [512], 0, kinds=["niah"])
+    assert [it.item_id for it in items] == ["niah-3@512", "niah-4@512"]
+    assert items[0].prompt == TD.niah_item(512, _count(model), 3)["prompt"] != items[1].prompt
+    both = T.build_items("retrieval", model, [{"id": "0"}], [512], 0)
+    assert [it.kind for it in both] == ["niah", "variable_tracking"]
+    with pytest.raises(ValueError, match="unknown retrieval kind"):
+        T.build_items("retrieval", model, [{"id": "0"}], [512], 0, kinds=["needles"])
+
+
 def test_wilson_known_values() -> None:
     lo, hi = wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)

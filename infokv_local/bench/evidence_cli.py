@@ -85,6 +85,8 @@ def register(bench_subparsers: Any) -> None:
                         "(kept together at one point of it), decode-pressure, retrieval")
     t.add_argument("--lengths", type=int_list, help="context lengths in tokens (long-prefill default 2048; "
                                                   "retrieval 4096,8192)")
+    t.add_argument("--kinds", default="niah,variable_tracking",
+                   help="retrieval items per question id: niah, variable_tracking or both (default)")
     t.add_argument("--prompt-probe", action="store_true",
                    help="the engine's prompt probe: compressions while the prompt is read see its end (the "
                         "question) first; write to another --out than a run without it")
@@ -147,7 +149,8 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
     try:
         tag = _model_tag(model)
         out = Path(args.out) if args.out else Path("results") / f"tasks-{args.task}-{tag}.json"
-        items = T.build_items(args.task, model, questions, lengths, args.seed, args.max_tokens)
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        items = T.build_items(args.task, model, questions, lengths, args.seed, args.max_tokens, kinds)
         records = T.run_tasks(model, args.task, items, policies, specs, out.with_suffix(".jsonl"),
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                               n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe)

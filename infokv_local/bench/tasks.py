@@ -100,9 +100,13 @@ class TaskItem:
     kind: str           # "gsm8k", "niah", "variable_tracking"
 
 
+RETRIEVAL_KINDS = ("niah", "variable_tracking")
+
+
 def build_items(task: str, model: Model, questions: list[dict], lengths: Iterable[int], seed: int,
-                max_tokens: int | None = None) -> list[TaskItem]:
-    """The items of ``task`` (GSM8K questions, or ``len(questions)`` retrieval items per length)."""
+                max_tokens: int | None = None, kinds: Iterable[str] = RETRIEVAL_KINDS) -> list[TaskItem]:
+    """The items of ``task`` (GSM8K questions; for retrieval, one item of each of ``kinds`` per question id and
+    length, the id choosing the construction's seed)."""
     def count(text: str) -> int:
         return len(model.tokenize(text, add_special=False, parse_special=False))
 
@@ -121,12 +125,18 @@ def build_items(task: str, model: Model, questions: list[dict], lengths: Iterabl
                 items.append(TaskItem(f"gsm8k-{q['id']}@{n}{suffix}", task, n, task_data.long_prefill_prompt(lp),
                                       [q["answer"]], max_tokens or 400, "gsm8k"))
     elif task == "retrieval":
+        kinds = list(kinds)
+        unknown = [k for k in kinds if k not in RETRIEVAL_KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"unknown retrieval kind {unknown[0] if unknown else ''!r}; choose from "
+                             f"{', '.join(RETRIEVAL_KINDS)}")
+        makers = {"niah": task_data.niah_item, "variable_tracking": task_data.variable_tracking_item}
         for n in lengths:
-            for i in range(len(questions)):
+            for q in questions:
+                i = int(q["id"])
                 s = seed * 1000 + i
-                makers = (("niah", task_data.niah_item), ("variable_tracking", task_data.variable_tracking_item))
-                for kind, make in makers:
-                    d = make(n, count, s)
+                for kind in kinds:
+                    d = makers[kind](n, count, s)
                     items.append(TaskItem(f"{kind}-{i}@{n}", task, n, d["prompt"], d["answers"],
                                           max_tokens or 48, kind))
     else:
