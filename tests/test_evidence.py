@@ -349,7 +349,9 @@ def test_needle_retention_on_the_real_model(model) -> None:
 
     res = NR.run_needle_retention(model, 512, 0.25, [0, 1], ["streaming", "snapkv"], progress=False)
     assert [(r["policy"], r["mode"], r["n"]) for r in res["results"]] == [
-        ("streaming", "chunked", 2), ("streaming", "once", 2), ("snapkv", "chunked", 2), ("snapkv", "once", 2)]
+        (p, m, 2) for p in ("streaming", "snapkv") for m in ("chunked", "probe", "once")]
+    by = {(it["seed"], it["policy"], it["mode"]): it["sentence_kept"] for it in res["items"]}
+    assert all(by[(s, "streaming", "probe")] == by[(s, "streaming", "chunked")] for s in (0, 1))  # nothing to probe
     for it in res["items"]:
         assert 0 <= it["value_kept"] <= it["value_tokens"] == 7  # SmolLM2 writes digits one token each
         assert it["value_tokens"] <= it["sentence_tokens"] and 0 <= it["sentence_kept"] <= it["sentence_tokens"]
@@ -364,6 +366,7 @@ def test_needle_retention_on_the_real_model(model) -> None:
     kept = sorted(NR.kept_after_reading(model, tokens, "streaming", b, "chunked", 64, 1))
     assert kept[:4] == [0, 1, 2, 3] and kept[4:] == list(range(kept[4], len(tokens) + 1))
     assert len(NR.kept_after_reading(model, tokens, "snapkv", b, "once", 64, 1)) == b + 1
+    assert len(NR.kept_after_reading(model, tokens, "snapkv", b, "probe", 64, 1)) <= b + 64
     with pytest.raises(ValueError, match="unknown mode"):
         NR.kept_after_reading(model, tokens, "snapkv", b, "twice", 64, 1)
 
