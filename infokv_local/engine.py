@@ -159,7 +159,7 @@ class Engine:
     after the cached tokens (llama.cpp accepts no gap in a sequence's positions), and removed again; their
     attention is the compression's observation window
     (and TOVA's last query), as when SnapKV compresses a prompt read whole (Li et al., 2024, arXiv
-    2404.14469, Sec. 4: the window at the prompt's end predicts what generation attends to). The budget
+    2404.14469: the window at the prompt's end predicts what generation attends to). The budget
     invariant holds: a probed prompt is read in chunks of ``buffer - probe_len`` tokens and compressed when
     the next chunk would pass ``budget + buffer - probe_len`` cells, so the probe finds its cells free.
     It costs prompt compute (the probe tokens, once per compression) and applies to the policies that read
