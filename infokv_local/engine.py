@@ -267,9 +267,9 @@ class Engine:
         self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
         # attention statistics only in the steps a compression reads (see the class docstring); H2O sums all
         self._window_on_demand = ATTENTION in needs and not all_rows and self.policy.evicts
-        self.prompt_probe = bool(prompt_probe)
-        # the tokens of a probed prompt's end; None outside a probed feed (see the class docstring)
-        self.probe_len = min(window, buffer // 2) if self.prompt_probe and self._window_on_demand else 0
+        # 0: no probe (off, or a policy that reads no observation window); see the class docstring
+        self.probe_len = min(window, buffer // 2) if prompt_probe and self._window_on_demand else 0
+        # the tokens of a probed prompt's end; None outside a probed feed
         self._probe_tail: list[int] | None = None
         self._probe_left = 0  # tokens of the probed feed not decoded yet
         self._probe_peak = 0  # cells in use with the probe's tokens cached, in the current step
@@ -528,8 +528,8 @@ class Engine:
         if not self.policy.evicts:
             return [], 0.0, 0.0
         used = self.ctx.n_used
-        probing = self._probe_tail is not None
-        room = self.capacity - (self.probe_len if probing else 0)
+        tail = self._probe_tail
+        room = self.capacity - (self.probe_len if tail is not None else 0)
         if used + n_new <= room:
             return [], 0.0, 0.0
         record_s = 0.0
@@ -537,11 +537,11 @@ class Engine:
             t0 = time.perf_counter()
             self._record_window()
             record_s = time.perf_counter() - t0
-        if self._probe_tail is None:
+        if tail is None:
             evicted, score_s, evict_s = self._compress(min(self.budget, self.capacity - n_new), n_new)
             return evicted, score_s + record_s, evict_s
         evicted, score_s, evict_s = [], 0.0, 0.0
-        k = min(len(self._probe_tail), self._probe_left)
+        k = min(len(tail), self._probe_left)
         if self.ctx.n_used + k > self.capacity:
             # a prompt after a generation that filled the cache: make the probe's room with the usual window
             evicted, score_s, evict_s = self._compress(self.capacity - k, n_new)
