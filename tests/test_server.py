@@ -179,6 +179,48 @@ def test_multi_turn_reuses_the_slot_cache_and_parking_restores_it_exactly(one_sl
     assert kv3["conversation"] == conv and kv3["restored"] is False and kv3["reused_tokens"] > kv2["reused_tokens"]
 
 
+def test_each_request_goes_where_most_of_its_prompt_is_cached():
+    """Two users open with the same message: the second starts in the other slot, and each next turn
+    finds its own conversation (told apart by the answers, not the shared first prompt) with its whole
+    history reused. A regenerated answer reuses the history before it and parks the conversation it
+    leaves; continuing that one restores it with nothing prefilled."""
+    with serve("--budget", "200", "--buffer", "16", "--threads", "1", "--slots", "2", "--queue", "4") as base:
+        c = client(base, key="unused")
+
+        def turn(messages: list, seed: int) -> tuple[str, dict]:
+            r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0.9, seed=seed)
+            return r.choices[0].message.content or "", kv_of(r.usage)
+
+        def then(history: list, answer: str, user: str) -> list:
+            return history + [{"role": "assistant", "content": answer}, {"role": "user", "content": user}]
+
+        def parked() -> list[str]:
+            return [p["conversation"] for p in kv_view(base)["parked"]["conversations"]]
+
+        a1, kv_a1 = turn(X1, 1)
+        b1, kv_b1 = turn(X1, 2)
+        assert a1 != b1 and kv_b1["slot"] != kv_a1["slot"] and kv_b1["reused_tokens"] == 0 and not parked()
+        a2, kv_a2 = turn(then(X1, a1, X2), 3)
+        b2, kv_b2 = turn(then(X1, b1, X2), 4)
+        for kv, first in ((kv_a2, kv_a1), (kv_b2, kv_b1)):
+            assert (kv["slot"], kv["conversation"], kv["restored"]) == (first["slot"], first["conversation"], False)
+            assert kv["reused_tokens"] == first["sequence_tokens"]
+
+        # the answer to A's second turn regenerated: the history before it is reused, A's conversation parked
+        a2_again, kv_fork = turn(then(X1, a1, X2), 9)
+        assert a2_again != a2 and kv_fork["slot"] == kv_a1["slot"]
+        assert kv_fork["conversation"] not in (kv_a1["conversation"], kv_b1["conversation"])
+        assert kv_fork["reused_tokens"] == kv_a1["sequence_tokens"] and parked() == [kv_a1["conversation"]]
+
+        # A goes on from its first answer after all: restored (into the least recently used slot, B's)
+        _, kv_a3 = turn(then(then(X1, a1, X2), a2, "More."), 5)
+        assert kv_a3["conversation"] == kv_a1["conversation"] and kv_a3["restored"] is True
+        assert kv_a3["slot"] == kv_b1["slot"] and kv_a3["reused_tokens"] == kv_a2["sequence_tokens"]
+        _, kv_b3 = turn(then(then(X1, b1, X2), b2, "More."), 6)
+        assert kv_b3["conversation"] == kv_b1["conversation"] and kv_b3["restored"] is True
+        assert kv_b3["reused_tokens"] == kv_b2["sequence_tokens"]
+
+
 def test_a_client_disconnect_cancels_the_generation_and_frees_the_slot(one_slot):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 3000, "temperature": 0, "stream": True}
@@ -379,7 +421,7 @@ def test_parking_store_is_bounded_least_recently_parked_first(model):
         states = []
         for word in ("sea", "fox", "moon"):
             llm.create_completion(f"A poem about the {word}:", max_tokens=4, temperature=0)
-            states.append(Parked(f"conv-{word}", f"A poem about the {word}:", llm.export_state()))
+            states.append(Parked(f"conv-{word}", llm.export_state()))
     size = max(p.nbytes for p in states)
     store = ParkingStore(max_bytes=int(2.5 * size))
     for p in states:

@@ -184,6 +184,17 @@ class InfoKVLlama(ChatMixin):
         return b"".join(token_bytes(self.model, t, special) for t in tokens)
 
     # ---- parking a conversation -------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the conversation held now (cached or evicted), as ``Llama.n_tokens``."""
+        return len(self.engine.tokens)
+
+    def reusable_tokens(self, prompt: str) -> int:
+        """How many tokens of the conversation held now a completion of ``prompt`` would keep instead of
+        prefilling them (at most; 0: it starts over). Reads no llama.cpp state: a server asks every idle
+        instance which one should take a request."""
+        return self._prompt.reusable(prompt, len(self.engine.tokens))
+
     def export_state(self) -> SavedConversation:
         """The conversation as it stands (the compressed cache, the signals, the text it holds), to be
         continued later with :meth:`import_state` on this or another instance, without prefill."""
@@ -223,3 +234,9 @@ class SavedConversation:
     @property
     def nbytes(self) -> int:
         return self.engine.nbytes + sum(len(b) for b, _ in self.segments)
+
+    def reusable_tokens(self, prompt: str) -> int:
+        """As :meth:`InfoKVLlama.reusable_tokens`, for this conversation once imported."""
+        cache = PromptCache()
+        cache.restore(self.segments)
+        return cache.reusable(prompt, len(self.engine.tokens))

@@ -71,6 +71,35 @@ class PromptCache:
     def add_generated(self, model: Model, tokens: Sequence[int]) -> None:
         self._segments.extend((token_bytes(model, t), 1) for t in tokens)
 
+    def _kept(self, data: bytes, n_cached: int) -> tuple[int, int, int]:
+        """Bytes, tokens and pieces of the cached sequence that a prompt of ``data`` keeps."""
+        kept_bytes = kept_tokens = n_segments = 0
+        if sum(n for _, n in self._segments) == n_cached:
+            for seg, n in self._segments:
+                if not data.startswith(seg, kept_bytes):
+                    break
+                kept_bytes += len(seg)
+                kept_tokens += n
+                n_segments += 1
+        # something must be fed after a truncation (its logits are gone), and the rest must start a character
+        while n_segments and ((kept_tokens < n_cached and kept_bytes == len(data))
+                              or (kept_bytes < len(data) and data[kept_bytes] & 0xC0 == 0x80)):
+            n_segments -= 1
+            seg, n = self._segments[n_segments]
+            kept_bytes -= len(seg)
+            kept_tokens -= n
+        return kept_bytes, kept_tokens, n_segments
+
+    def reusable(self, prompt: str, n_cached: int) -> int:
+        """How many of the ``n_cached`` tokens of the sequence a request with ``prompt`` would keep (at
+        most: tokens after them that were evicted make :meth:`tokens_for` start over); 0 for a prompt
+        that is not valid text (its request will say why)."""
+        try:
+            data = text_bytes(prompt)
+        except ValueError:
+            return 0
+        return self._kept(data, n_cached)[1]
+
     def tokens_for(self, e: Engine, model: Model, prompt: str, add_bos: bool) -> tuple[list[int], int]:
         """The tokens to feed for ``prompt`` and how many cached tokens are kept as its beginning.
 
@@ -79,21 +108,7 @@ class PromptCache:
         the cache is cleared and the whole prompt is fed.
         """
         data = text_bytes(prompt)  # undecodable input (surrogate-escaped) comes back as its bytes
-        kept_bytes = kept_tokens = n_segments = 0
-        if sum(n for _, n in self._segments) == len(e.tokens):
-            for seg, n in self._segments:
-                if not data.startswith(seg, kept_bytes):
-                    break
-                kept_bytes += len(seg)
-                kept_tokens += n
-                n_segments += 1
-        # something must be fed after a truncation (its logits are gone), and the rest must start a character
-        while n_segments and ((kept_tokens < len(e.tokens) and kept_bytes == len(data))
-                              or (kept_bytes < len(data) and data[kept_bytes] & 0xC0 == 0x80)):
-            n_segments -= 1
-            seg, n = self._segments[n_segments]
-            kept_bytes -= len(seg)
-            kept_tokens -= n
+        kept_bytes, kept_tokens, n_segments = self._kept(data, len(e.tokens))
         if n_segments and e.truncate(kept_tokens):
             del self._segments[n_segments:]
             rest = data[kept_bytes:]

@@ -191,11 +191,11 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 budget = req.infokv.budget
         return policy, budget
 
-    async def generate(request: Request, endpoint: str, req: _Sampling, prompt_key: str,
+    async def generate(request: Request, endpoint: str, req: _Sampling, prompt: str,
                        call: Callable[[Lease], Iterator[dict[str, Any]]], kind: str) -> Response:
         policy, budget = cache_settings(req)
         try:
-            lease = await pool.acquire(prompt_key)
+            lease = await pool.acquire(prompt)
         except QueueFull as e:
             metrics.rejected_queue_full += 1
             raise APIError(503, "all slots are busy and the queue is full; retry later", type_="server_error",
@@ -210,7 +210,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                     raise APIError(400, str(e), param="infokv", code="invalid_value") from e
             kv_before = await anyio.to_thread.run_sync(slot.llm.kv_stats)
         except BaseException:
-            await pool.release(slot, None)
+            await pool.release(slot, keep=False)
             raise
         worker = _Worker(lambda: call(lease), executor)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -224,12 +224,12 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 slot.kv = chunk["kv"]
             return chunk
 
-        async def finish(key: str | None, usage: dict[str, Any] | None) -> None:
+        async def finish(keep: bool, usage: dict[str, Any] | None) -> None:
             with anyio.CancelScope(shield=True):  # also when the client went away (a cancelled task)
                 await worker.stop()
                 if usage is not None:
                     metrics.finished(usage, kv_before)
-                await pool.release(slot, key)
+                await pool.release(slot, keep)
 
         if req.stream:
             stream = worker.chunks()
@@ -238,10 +238,10 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             except StopAsyncIteration:
                 first = None
             except (InfoKVError, ValueError) as e:
-                await finish(None, None)
+                await finish(False, None)
                 raise APIError(400, str(e), code="invalid_value") from e
             except BaseException:
-                await finish(None, None)
+                await finish(False, None)
                 raise
 
             async def rest() -> AsyncIterator[dict[str, Any]]:
@@ -252,7 +252,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
 
             async def events() -> AsyncIterator[str]:
                 usage = None
-                key: str | None = prompt_key  # also after a disconnect: the cache is left consistent
+                keep = True  # also after a disconnect: the cache is left consistent
                 done = False
                 ready: list[str] = []  # events not sent yet: sent together when the loop lags behind
                 try:
@@ -275,20 +275,20 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                     yield "data: [DONE]\n\n"
                     done = True
                 except Exception as e:  # noqa: BLE001 (reported in the stream: the headers are gone)
-                    key, done = None, True
+                    keep, done = False, True
                     err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                 finally:
                     if not done:  # the client went away (seen here, or the response task was cancelled)
                         metrics.cancelled += 1
-                    await finish(key, usage)
+                    await finish(keep, usage)
 
             metrics.request(endpoint, 200)
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         chunks: list[dict[str, Any]] = []
-        key: str | None = None
+        keep = False
         usage = None
         try:
             n = 0
@@ -299,11 +299,11 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 if n % 8 == 0 and await request.is_disconnected():
                     metrics.cancelled += 1
                     break
-            key = prompt_key  # after a disconnect too: the cache is left consistent
+            keep = True  # after a disconnect too: the cache is left consistent
         except (InfoKVError, ValueError) as e:
             raise APIError(400, str(e), code="invalid_value") from e
         finally:
-            await finish(key, usage)
+            await finish(keep, usage)
         if usage is None:  # cancelled
             return Response(status_code=499)
         metrics.request(endpoint, 200)

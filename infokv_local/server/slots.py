@@ -1,11 +1,16 @@
 """Slots and parking: which conversation runs in which cache, and where idle ones wait.
 
 A slot is one :class:`~infokv_local.InfoKVLlama` (its own context of at most budget + buffer
-cells) on the shared model. A conversation is known by the prompt of its last request: a request
-whose prompt starts with it continues that conversation. Such a request goes to the slot holding
-it; otherwise a conversation parked in the :class:`ParkingStore` is restored into a free slot (no
-prefill); otherwise it starts fresh in the least recently used free slot. Whatever that slot held
-is parked first (exported to RAM, least recently used dropped beyond the size limit).
+cells) on the shared model. A request goes where most of its prompt is cached already: to the idle
+slot or the parked conversation (in the :class:`ParkingStore`) that would keep the most tokens of it
+(:meth:`~infokv_local.InfoKVLlama.reusable_tokens`: the text of the prompts and answers it holds,
+compared piece by piece, so two conversations that opened with the same message are told apart by
+their answers). A slot whose whole conversation the prompt goes on with continues it; a prompt that
+leaves it part way (a regenerated answer, another conversation with the same beginning) reuses the
+common part, and the conversation the slot held is parked first so that it is not lost. A parked
+conversation is restored into a free slot (no prefill). Otherwise the request starts fresh in the
+least recently used free slot. Whatever a slot held before another conversation takes it is parked
+(exported to RAM, least recently parked dropped beyond the size limit).
 
 The pool's book-keeping runs on the event loop only; llama.cpp work (export, import, reset) runs
 in worker threads while the slot is marked busy.
@@ -32,13 +37,12 @@ class QueueFull(Exception):
 @dataclass
 class Parked:
     conversation: str
-    key: str
     state: SavedConversation
     parked_at: float = field(default_factory=time.time)
 
     @property
     def nbytes(self) -> int:
-        return self.state.nbytes + len(self.key)
+        return self.state.nbytes
 
 
 class ParkingStore:
@@ -66,16 +70,26 @@ class ParkingStore:
             self.dropped += 1
         return True
 
-    def take(self, prompt: str) -> Parked | None:
-        """Remove and return the parked conversation that ``prompt`` continues (the longest match)."""
-        best = None
+    def find(self, prompt: str) -> tuple[Parked | None, int]:
+        """The parked conversation that would keep the most tokens of ``prompt``, and how many (``(None,
+        0)`` when none keeps any)."""
+        best, best_n = None, 0
         for item in self._items.values():
-            if prompt.startswith(item.key) and (best is None or len(item.key) > len(best.key)):
-                best = item
+            n = item.state.reusable_tokens(prompt)
+            if n > best_n:
+                best, best_n = item, n
+        return best, best_n
+
+    def take(self, prompt: str) -> Parked | None:
+        """Remove and return the parked conversation that would keep the most tokens of ``prompt``."""
+        best, _ = self.find(prompt)
         if best is not None:
-            del self._items[best.conversation]
-            self.nbytes -= best.nbytes
+            self.remove(best)
         return best
+
+    def remove(self, item: Parked) -> None:
+        del self._items[item.conversation]
+        self.nbytes -= item.nbytes
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"conversation": p.conversation, "bytes": p.nbytes, "tokens": len(p.state.engine.tokens),
@@ -89,7 +103,6 @@ class Slot:
     llm: InfoKVLlama
     busy: bool = False
     conversation: str | None = None
-    key: str | None = None  # the prompt of the conversation's last request
     last_used: float = 0.0
     kv: dict[str, Any] = field(default_factory=dict)  # the last kv block seen (updated as chunks arrive)
     requests: int = 0
@@ -100,7 +113,7 @@ class Lease:
     """A slot given to one request, and how it got its conversation."""
 
     slot: Slot
-    action: str  # "continue" (same slot), "restore" (from parking), "new"
+    action: str  # "continue" (same slot), "fork" (same slot, its conversation parked first), "restore", "new"
     conversation: str
 
 
@@ -138,21 +151,26 @@ class SlotPool:
                 finally:
                     self.waiting -= 1
             free = self.free_slots()
-            same = [s for s in free if s.key is not None and prompt.startswith(s.key)]
-            parked = None
-            if same:
-                slot = max(same, key=lambda s: len(s.key or ""))
-                action = "continue"
+            kept = {s.id: s.llm.reusable_tokens(prompt) if s.conversation is not None else 0 for s in free}
+            best = max(free, key=lambda s: (kept[s.id], s.last_used))
+            parked, parked_kept = self.store.find(prompt)
+            if kept[best.id] > 0 and kept[best.id] >= parked_kept:
+                slot, parked = best, None
+                whole = kept[slot.id] == slot.llm.n_tokens
+                action = "continue" if whole else "fork"
             else:
-                parked = self.store.take(prompt)
+                if parked is not None:
+                    self.store.remove(parked)
                 slot = min(free, key=lambda s: (s.conversation is not None, s.last_used))
                 action = "restore" if parked is not None else "new"
             slot.busy = True
-            old_conv, old_key = slot.conversation, slot.key
+            old_conv = slot.conversation
         try:
-            if action != "continue":
-                if old_conv is not None and old_key is not None:
-                    await self._park(slot, old_conv, old_key)
+            if action != "continue" and old_conv is not None:
+                await self._park(slot, old_conv)
+            if action == "fork":
+                slot.conversation = f"conv-{next(self._ids)}"
+            elif action != "continue":
                 if parked is not None:
                     try:
                         await anyio.to_thread.run_sync(slot.llm.import_state, parked.state)
@@ -163,28 +181,26 @@ class SlotPool:
                 else:
                     await anyio.to_thread.run_sync(slot.llm.reset)
                 slot.conversation = parked.conversation if parked is not None else f"conv-{next(self._ids)}"
-                slot.key = None
                 slot.kv = await anyio.to_thread.run_sync(slot.llm.kv_stats)
         except BaseException:
-            await self.release(slot, None)
+            await self.release(slot, keep=False)
             raise
         assert slot.conversation is not None
         return Lease(slot, action, slot.conversation)
 
-    async def _park(self, slot: Slot, conversation: str, key: str) -> None:
+    async def _park(self, slot: Slot, conversation: str) -> None:
         try:
             state = await anyio.to_thread.run_sync(slot.llm.export_state)
         except Exception:
             return
-        if self.store.put(Parked(conversation, key, state)):
+        if self.store.put(Parked(conversation, state)):
             self.parked_total += 1
 
-    async def release(self, slot: Slot, key: str | None) -> None:
-        """Give the slot back; ``key`` is the prompt the conversation continues from (None: forget it)."""
+    async def release(self, slot: Slot, keep: bool) -> None:
+        """Give the slot back; ``keep``: the conversation it holds can be continued (False: forget it)."""
         async with self.cond:
             slot.busy = False
-            slot.key = key
-            if key is None:
+            if not keep:
                 slot.conversation = None
             slot.last_used = time.monotonic()
             slot.requests += 1
