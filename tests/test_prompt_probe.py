@@ -144,3 +144,6 @@ def test_the_probe_through_the_api_and_the_command_line(model):
     add_sampling_options(ap)
     assert settings_from_args(ap.parse_args(["--prompt-probe"])).prompt_probe is True
     assert settings_from_args(ap.parse_args(["--no-prompt-probe"])).prompt_probe is False
+    from infokv_local.ui.__main__ import parse_args as ui_args
+
+    assert ui_args(["--prompt-probe"]).settings.prompt_probe is True and not ui_args([]).settings.prompt_probe

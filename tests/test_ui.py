@@ -215,6 +215,32 @@ def test_a_quantized_cache_from_the_dropdown(server: UIServer, browser) -> None:
     page.close()
 
 
+def test_the_prompt_probe_from_its_checkbox(server: UIServer, browser) -> None:
+    """Checked, a message longer than the cache is read with its end first before each compression (the
+    panel says how often); unchecked, in plain chunks."""
+    page = _open(browser, server)
+    long_message = " ".join(["The harbour town kept its boats in rows along the old stone quay."] * 12) + \
+        " What is kept along the quay?"
+    panel = page.locator("#kv-panel .kv-panel")
+    page.locator("#max-tokens input").fill("6")
+    page.locator("#prompt-probe input").check()
+    _send(page, long_message)
+    expect(panel).to_have_attribute("data-state", re.compile(r"^done"), timeout=120_000)
+    probes = page.locator("#kv-panel .kv-probes")
+    expect(probes).to_contain_text("prompt probe of 8 tokens")  # min(window 32, buffer 16 // 2)
+    assert int(probes.get_attribute("data-value") or 0) > 0
+    assert 0 < _stat(page, "peak") <= 48 + 16
+
+    page.locator("#prompt-probe input").uncheck()
+    page.locator("#new-chat").click()
+    expect(panel).to_have_attribute("data-state", "new chat", timeout=30_000)
+    _send(page, long_message)
+    expect(panel).to_have_attribute("data-state", re.compile(r"^done"), timeout=120_000)
+    expect(page.locator("#kv-panel .kv-probes")).to_have_count(0)
+    assert _stat(page, "evictions") > 0
+    page.close()
+
+
 # ---- the pieces the page is made of (no browser) ------------------------------------------------------------------
 def test_cache_map_escapes_tokens_and_marks_what_the_cache_keeps() -> None:
     pieces = ["<|im_start|>", "<script>alert(1)</script>", " & ", "\n", "kept", "low", "recent", "next"]
@@ -256,6 +282,10 @@ def test_panel_and_budget_note_show_the_numbers() -> None:
     assert 'class="kv-stat kv-used" data-value="60"' in html and "60 / 48 (+16)" in html
     assert 'kv-evicted" data-value="48"' in html and 'data-state="generating"' in html
     assert "(no budget)" in render_panel({**kv, "policy": "full", "budget": None, "buffer": None})
+    assert "kv-probes" not in html
+    assert 'kv-probes" data-value="3"> · prompt probe of 8 tokens, read 3x' in render_panel(
+        {**kv, "prompt_probe": 8, "probes": 3})
+    assert Settings(prompt_probe=True).engine_kwargs()["prompt_probe"] is True
     assert "too small" in budget_note(10, 16, 23040, 37)
     assert "MiB" in budget_note(48, 16, 23040, 37)
     with pytest.raises(ValueError, match="at least 37"):

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..cli_options import add_probe_option
 from .session import Settings
 
 CACHE_TYPES_OFFERED = ("f16", "q8_0", "q4_0")  # what Ollama and LM Studio offer; the API takes every type
@@ -39,12 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="max new tokens per answer (default %(default)s)")
     p.add_argument("--cache-type", default=d.cache_type, choices=CACHE_TYPES_OFFERED,
                    help="KV cache data type, K and V (default %(default)s; q8_0/q4_0 turn flash attention on)")
+    add_probe_option(p)
     p.add_argument("--system", default=None, help="initial system prompt")
     p.add_argument("--open", action="store_true", help="open the chat in the default browser")
     args = p.parse_args(argv)
     args.settings = Settings(policy=args.policy, budget=args.budget, buffer=args.buffer, temperature=args.temperature,
                              max_tokens=args.max_tokens, n_sink=args.n_sink, n_recent=args.n_recent,
-                             cache_type=args.cache_type)
+                             cache_type=args.cache_type, prompt_probe=args.prompt_probe)
     try:
         args.settings.check()
     except ValueError as e:

@@ -135,6 +135,11 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                     cache_type = gr.Dropdown(
                         config.cache_types, value=d.cache_type, label="KV cache type", elem_id="cache-type",
                         info="q8_0 / q4_0 quantize K and V (flash attention on; not with h2o)")
+                    probe = gr.Checkbox(
+                        d.prompt_probe, label="Read a long message's end first (prompt probe)", elem_id="prompt-probe",
+                        info="a message longer than the cache is compressed in chunks; this reads its last tokens "
+                             "(the question) before each compression so that what they ask for is kept "
+                             "(infokv, snapkv, tova; prefill is slower)")
                     note = gr.Markdown(
                         budget_note(d.budget, d.buffer, config.bytes_per_token(d.cache_type), d.min_budget,
                                     d.policy), elem_id="budget-note")
@@ -148,7 +153,8 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             return new_session(request)
 
         def prepare(message: str, system_prompt: str, pol: str, bud: float | None, buf: float | None, ctype: str,
-                    temp: float, max_new: float | None, session: ChatSession | None, request: gr.Request) -> Any:
+                    probe_on: bool, temp: float, max_new: float | None, session: ChatSession | None,
+                    request: gr.Request) -> Any:
             session = session or new_session(request)
             if not (message or "").strip():
                 raise gr.Error("Type a message first.", duration=4)
@@ -157,7 +163,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             try:
                 settings = replace(d, policy=pol, budget=int(bud if bud is not None else -1),
                                    buffer=int(buf if buf is not None else -1), cache_type=ctype or "f16",
-                                   temperature=float(temp),
+                                   prompt_probe=bool(probe_on), temperature=float(temp),
                                    max_tokens=int(max_new if max_new is not None else -1))
                 session.submit(message, settings, system_prompt or "")
             except ValueError as e:
@@ -203,7 +209,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                 log.info("session %s closed (%d open)", request.session_hash[:8], len(registry))
 
         demo.load(on_load, outputs=session_state, api_visibility="private", concurrency_limit=None)
-        inputs = [msg, system, policy, budget, buffer, cache_type, temperature, max_tokens, session_state]
+        inputs = [msg, system, policy, budget, buffer, cache_type, probe, temperature, max_tokens, session_state]
         views = [chatbot, panel, plot, cmap]
         for trigger in (msg.submit, send.click):
             trigger(prepare, inputs, [msg, chatbot, session_state], api_visibility="private",

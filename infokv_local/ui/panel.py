@@ -54,10 +54,14 @@ def render_panel(kv: dict[str, Any] | None, state: str = "idle") -> str:
     ctype = ctype if ctype == kv.get("cache_type_v", ctype) else f"{ctype}/{kv.get('cache_type_v')}"
     per = f"{per_token / 1024:.1f} KiB per token" + (f" ({html.escape(ctype)})" if ctype != "f16" else "") \
         if per_token else ""
+    probe_len = int(kv.get("prompt_probe", 0) or 0)
+    probes = int(kv.get("probes", 0) or 0)
+    probe = (f'<span class="kv-probes" data-value="{probes}"> · prompt probe of {probe_len} tokens, read {probes}x'
+             '</span>') if probe_len else ""
     return (
         f'<div class="kv-panel" data-state="{html.escape(state)}">'
         f'<div class="kv-head"><span class="kv-policy">{policy or "no cache yet"}</span>'
         f'<span class="kv-state">{html.escape(state)}</span></div>'
         f'{meter}<div class="kv-grid">{stats}</div><div class="kv-foot" data-cache-type="{html.escape(ctype)}">{per}'
-        '</div></div>'
+        f'{probe}</div></div>'
     )

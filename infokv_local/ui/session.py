@@ -22,7 +22,7 @@ class ChatLLM(Protocol):
 
     def configure(self, *, policy: str | None = ..., budget: int | None = ..., buffer: int | None = ...,
                   n_sink: int | None = ..., n_recent: int | None = ..., cache_type_k: str | None = ...,
-                  cache_type_v: str | None = ...) -> None: ...
+                  cache_type_v: str | None = ..., prompt_probe: bool | None = ...) -> None: ...
     def create_chat_completion(self, messages: list[dict[str, Any]], *, stream: Literal[True],
                                **kwargs: Any) -> Iterator[dict[str, Any]]: ...
     def kv_stats(self) -> dict[str, Any]: ...
@@ -45,6 +45,7 @@ class Settings:
     n_sink: int = DEFAULTS.n_sink
     n_recent: int = DEFAULTS.n_recent
     cache_type: str = DEFAULTS.cache_type_k  # K and V alike: f16, q8_0, q4_0
+    prompt_probe: bool = DEFAULTS.prompt_probe  # a message longer than the cache: its end read first
 
     @property
     def min_budget(self) -> int:
@@ -76,7 +77,7 @@ class Settings:
     def engine_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``InfoKVLlama(...)`` and ``.configure(...)``."""
         d = asdict(self)
-        return {**{k: d[k] for k in ("policy", "budget", "buffer", "n_sink", "n_recent")},
+        return {**{k: d[k] for k in ("policy", "budget", "buffer", "n_sink", "n_recent", "prompt_probe")},
                 "cache_type_k": self.cache_type, "cache_type_v": self.cache_type}
 
 
