@@ -184,8 +184,10 @@ def test_each_request_goes_where_most_of_its_prompt_is_cached():
     finds its own conversation (told apart by the answers, not the shared first prompt) with its whole
     history reused. A regenerated answer reuses the history before it and parks the conversation it
     leaves; continuing that one restores it with nothing prefilled."""
-    with serve("--budget", "200", "--buffer", "16", "--threads", "1", "--slots", "2", "--queue", "4") as base:
+    with serve("--budget", "200", "--buffer", "16", "--threads", "1", "--slots", "2", "--queue", "4",
+               "--prompt-probe") as base:
         c = client(base, key="unused")
+        assert c.models.list().data[0].model_dump()["prompt_probe"] is True and kv_view(base)["prompt_probe"] is True
 
         def turn(messages: list, seed: int) -> tuple[str, dict]:
             r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0.9, seed=seed)

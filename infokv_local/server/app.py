@@ -41,6 +41,7 @@ class ServerSettings:
     budget: int
     buffer: int
     kv_bytes_per_cell: int
+    prompt_probe: bool = False
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
     retry_after_s: int = 2
@@ -349,7 +350,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
         return JSONResponse({"object": "list", "data": [{
             "id": settings.model_id, "object": "model", "created": started, "owned_by": "infokv-local",
             "path": settings.model_path, "policy": settings.policy, "budget": settings.budget,
-            "buffer": settings.buffer, "slots": len(pool.slots)}]})
+            "buffer": settings.buffer, "prompt_probe": settings.prompt_probe, "slots": len(pool.slots)}]})
 
     @app.get("/health")
     async def health() -> Response:
@@ -364,7 +365,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                   "requests": s.requests, "kv": s.kv} for s in pool.slots]
         return JSONResponse({
             "model": settings.model_id, "policy": settings.policy, "budget": settings.budget,
-            "buffer": settings.buffer, "capacity_per_slot": settings.capacity,
+            "buffer": settings.buffer, "prompt_probe": settings.prompt_probe, "capacity_per_slot": settings.capacity,
             "cells_limit": settings.capacity * len(pool.slots), "cells_used": pool.used_cells(),
             "kv_bytes_per_token": settings.kv_bytes_per_cell, "queue": pool.waiting, "slots": slots,
             "parked": {"conversations": pool.store.describe(), "bytes": pool.store.nbytes,

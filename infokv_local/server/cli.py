@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     path = Path(model.path)
     settings = ServerSettings(
         model_id=path.name, model_path=str(path), policy=args.policy, budget=budget, buffer=args.buffer,
-        kv_bytes_per_cell=per_cell, api_key=args.api_key, max_body_bytes=args.max_body_kib * 1024,
+        kv_bytes_per_cell=per_cell, prompt_probe=args.prompt_probe, api_key=args.api_key,
+        max_body_bytes=args.max_body_kib * 1024,
         model_aliases=(path.stem, *args.model_alias),
     )
     pool = SlotPool(llms, max_queue=args.queue, store=ParkingStore(int(args.park_mib * 2**20)))
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"infokv-local serve: {path.name}, policy {args.policy}, {args.slots} slot(s) x (budget {budget} + buffer "
           f"{args.buffer}) = {args.slots * cap} KV cells = {args.slots * cap * per_cell / mib:.1f} MiB of KV memory at "
           f"most ({per_cell} bytes per cell; llama.cpp allocates {alloc} cells per slot = "
-          f"{args.slots * alloc * per_cell / mib:.1f} MiB); parking up to {args.park_mib:g} MiB", flush=True)
+          f"{args.slots * alloc * per_cell / mib:.1f} MiB); parking up to {args.park_mib:g} MiB"
+          + ("; prompt probe on" if args.prompt_probe else ""), flush=True)
     print(f"listening on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
