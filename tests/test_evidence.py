@@ -246,7 +246,7 @@ def test_tasks_with_the_prompt_probe(tmp_path: Path, model_path: Path, capsys) -
     assert json.loads(out.read_text())["prompt_probe"] is True
     # a rerun without the probe is refused rather than mixed into the same log
     assert evidence_cli.main(argv) == 2
-    assert "prompt probe on" in capsys.readouterr().err
+    assert "snapkv was measured with other settings (prompt_probe True there, False now)" in capsys.readouterr().err
     assert len(_lines(out.with_suffix(".jsonl"))) == 4
 
 

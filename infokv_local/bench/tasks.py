@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..api import InfoKVLlama
 from ..model import Model
 from . import task_data
-from .jsonl import read_log
+from .jsonl import read_log, require_same_settings
 from .stats import mcnemar_exact, paired_bootstrap, wilson
 
 TASKS = task_data.TASKS
@@ -170,9 +170,9 @@ def read_done(path: Path, prompt_probe: bool = False) -> dict[tuple[str, str, st
     setting existed were made without it)."""
     done = {}
     for r in read_log(path):
-        if r["policy"] != "full" and r.get("prompt_probe", False) != prompt_probe:
-            raise ValueError(f"{path}: generated with the prompt probe {'on' if not prompt_probe else 'off'}, "
-                             f"now {'on' if prompt_probe else 'off'}; give another output path or the same setting")
+        if r["policy"] != "full":  # the full cache is the same either way
+            require_same_settings(path, {"prompt_probe": False, **r}, {"prompt_probe": prompt_probe},
+                                  f"{r['policy']} was ")
         done[(r["item_id"], r["policy"], r["budget_spec"])] = r
     return done
 
