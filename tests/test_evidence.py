@@ -184,6 +184,32 @@ def test_summarize_pairs_the_same_items() -> None:
     assert rows[("h2o", "128")]["n"] == 5
 
 
+def test_compare_pairs_two_logs_of_the_same_items(tmp_path: Path, capsys) -> None:
+    def rec(i: int, policy: str, spec: str, ok: bool | None, **kw) -> dict:
+        return {"task": "retrieval", "model": "m", "length": 4096, "item_id": f"niah-{i}", "policy": policy,
+                "budget_spec": spec, "correct": ok, **kw}
+
+    on = [rec(i, "infokv", "r0.25", True) for i in range(8)] + [rec(8, "infokv", "r0.25", True)]  # 8: not in b
+    on += [rec(0, "snapkv", "r0.25", True)]  # snapkv: only in a, not compared
+    off = [rec(i, "infokv", "r0.25", i == 3) for i in range(8)] + [rec(9, "infokv", "r0.25", None, skipped=True)]
+    rows = T.compare_logs(on, off)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["policy"], r["n"], r["correct_a"], r["correct_b"], r["wins"], r["losses"]) == ("infokv", 8, 8, 1, 7, 0)
+    assert r["mcnemar_p"] == pytest.approx(2 / 2**7) and r["diff"] == pytest.approx(7 / 8)
+    assert r["ci95_b"] == pytest.approx(list(wilson(1, 8))) and r["ci95"][0] > 0
+
+    a, b = tmp_path / "on.jsonl", tmp_path / "off.jsonl"
+    a.write_text("".join(json.dumps(x) + "\n" for x in on))
+    b.write_text("".join(json.dumps(x) + "\n" for x in off))
+    assert evidence_cli.main(["compare", str(a), str(b), "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| retrieval | 4096 | r0.25 | infokv | 8 | 8 [0.68, 1.00] | 1 [0.02, 0.47] | +0.88" in out
+    assert json.loads((tmp_path / "c.json").read_text())["results"][0]["wins"] == 7
+    assert evidence_cli.main(["compare", str(a), str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 # ---- tiny real runs on SmolLM2 -------------------------------------------------------------------
 
 

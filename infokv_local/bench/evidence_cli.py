@@ -249,6 +249,38 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare_cmd(args: argparse.Namespace) -> int:
+    """Pair two ``tasks`` logs of the same items (one setting each): per policy and budget, both accuracies
+    and a minus b with its intervals. Prints a markdown table; ``--json`` writes the rows."""
+    from . import tasks as T
+    from .jsonl import read_log
+
+    a, b = Path(args.a), Path(args.b)
+    for f in (a, b):
+        if not f.exists():
+            print(f"error: {f} does not exist", file=sys.stderr)
+            return 2
+    rows = T.compare_logs(list(read_log(a)), list(read_log(b)))
+    if not rows:
+        print(f"error: {a} and {b} have no (policy, budget, item) in common", file=sys.stderr)
+        return 2
+    print(f"a = {a}\nb = {b}\n")
+    print("| task | length | budget | policy | n | a correct [Wilson 95%] | b correct [Wilson 95%] "
+          "| a − b (bootstrap 95%) | a wins / b wins | McNemar p |")
+    print("|---|---:|---:|---|---:|---|---|---|---|---:|")
+    for r in rows:
+        print(f"| {r['task']} | {r['length'] or '—'} | {r['budget']} | {r['policy']} | {r['n']} | "
+              f"{r['correct_a']} [{r['ci95_a'][0]:.2f}, {r['ci95_a'][1]:.2f}] | "
+              f"{r['correct_b']} [{r['ci95_b'][0]:.2f}, {r['ci95_b'][1]:.2f}] | "
+              f"{r['diff']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['wins']} / {r['losses']} | "
+              f"{r['mcnemar_p']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"a": str(a), "b": str(b), "command": " ".join(sys.argv),
+                                               "results": rows}, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def markdown_tasks(results: list[dict]) -> str:
     """Markdown: accuracy [Wilson 95%] per policy; InfoKV's paired difference against each baseline."""
     lines = ["| task | length | budget | policy | n | correct | accuracy | Wilson 95% "
@@ -297,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", help="summary JSON (default: the JSONL's name with .json)")
     sm.add_argument("--partial", action="store_true", help="mark the summary as a partial run")
     sm.set_defaults(func=run_summary_cmd)
+    cp = sub.add_parser("compare", help="pair two tasks logs of the same items run under two settings "
+                                        "(e.g. --prompt-probe and not): accuracies, a − b, McNemar")
+    cp.add_argument("a", help="per-item JSONL of the first setting")
+    cp.add_argument("b", help="per-item JSONL of the second")
+    cp.add_argument("--json", help="write the paired rows here")
+    cp.set_defaults(func=run_compare_cmd)
     return ap
 
 

@@ -277,6 +277,35 @@ def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 1000
     return results
 
 
+def compare_logs(a: list[dict], b: list[dict], n_boot: int = 10000, seed: int = 0) -> list[dict]:
+    """Two runs of the same items under two settings (e.g. the prompt probe on and off), paired per
+    (task, model, length, policy, budget spec) on the items both answered: each run's accuracy with a
+    Wilson 95% interval, a minus b with a bootstrap interval, wins / losses and the exact McNemar p."""
+    def outcomes(records: list[dict]) -> dict[tuple, dict[str, bool]]:
+        groups: dict[tuple, dict[str, bool]] = defaultdict(dict)
+        for r in records:
+            if not r.get("skipped") and r.get("correct") is not None:
+                key = (r["task"], r["model"], r["length"], r["policy"], r["budget_spec"])
+                groups[key][r["item_id"]] = bool(r["correct"])
+        return groups
+
+    ga, gb = outcomes(a), outcomes(b)
+    rows = []
+    for key in sorted(set(ga) & set(gb), key=lambda k: (k[0], k[1], k[2] or 0, k[3] != "full", k[4], k[3])):
+        common = sorted(set(ga[key]) & set(gb[key]))
+        if not common:
+            continue
+        xa, xb = [ga[key][i] for i in common], [gb[key][i] for i in common]
+        diff, lo, hi = paired_bootstrap(xa, xb, n_boot=n_boot, seed=seed)
+        n10, n01, p = mcnemar_exact(xa, xb)
+        task, model, length, policy, spec = key
+        rows.append({"task": task, "model": model, "length": length, "policy": policy, "budget": spec,
+                     "n": len(common), "correct_a": sum(xa), "correct_b": sum(xb),
+                     "ci95_a": list(wilson(sum(xa), len(common))), "ci95_b": list(wilson(sum(xb), len(common))),
+                     "diff": diff, "ci95": [lo, hi], "wins": n10, "losses": n01, "mcnemar_p": p})
+    return rows
+
+
 def format_table(results: list[dict], reference: str = "infokv") -> str:
     """A plain-text table: accuracy [Wilson 95%] per policy and budget; paired differences below."""
     lines = [f"{'task':19s}{'len':>6s} {'budget':>7s} {'policy':14s}{'n':>4s}{'acc':>7s}  {'95% CI':15s}"]
