@@ -41,7 +41,7 @@ class Settings:
     flash_attn: bool | None = None  # None: chosen per backend (off on the CPU, llama.cpp's auto on a GPU)
     cache_type_k: str = "f16"  # KV cache data types (q8_0, q4_0...: a quantized V cache needs flash attention)
     cache_type_v: str = "f16"
-    prompt_probe: bool = False  # read the prompt's end ahead before each compression of a prompt (Engine)
+    prompt_probe: bool = True  # read the prompt's end ahead before each compression of a prompt (Engine)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers ("host:port") whose devices take the offloaded layers
 
     @property

@@ -12,6 +12,7 @@ from infokv_local.bench.needle_retention import kept_after_reading, needle_span
 from infokv_local.engine import Engine
 from infokv_local.policies import ATTENTION, ATTENTION_ALL_ROWS, POLICIES, make_policy
 from infokv_local.sampling import SamplingParams
+from infokv_local.settings import DEFAULTS
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
 # the policies that score with the observation window (InfoKV, the paper's InfoKV, SnapKV, TOVA)
@@ -124,7 +125,9 @@ def test_the_probe_keeps_more_of_a_needle(model):
 
 def test_the_probe_through_the_api_and_the_command_line(model):
     with InfoKVLlama(model, budget=64, buffer=32, n_recent=16) as llm:
-        assert llm.kv_stats()["prompt_probe"] == 0  # off by default
+        assert llm.kv_stats()["prompt_probe"] == 16  # on by default: min(window 32, buffer 32 // 2)
+        llm.configure(prompt_probe=False)
+        assert llm.kv_stats()["prompt_probe"] == 0
         llm.configure(prompt_probe=True)
         text = " ".join(f"Item {i} is stored in box {i * 7 % 13}." for i in range(60))
         res = llm.create_completion(text + " Which box holds item 5? Box", max_tokens=4, temperature=0.0)
@@ -146,4 +149,5 @@ def test_the_probe_through_the_api_and_the_command_line(model):
     assert settings_from_args(ap.parse_args(["--no-prompt-probe"])).prompt_probe is False
     from infokv_local.ui.__main__ import parse_args as ui_args
 
-    assert ui_args(["--prompt-probe"]).settings.prompt_probe is True and not ui_args([]).settings.prompt_probe
+    assert ui_args(["--no-prompt-probe"]).settings.prompt_probe is False
+    assert ui_args([]).settings.prompt_probe is DEFAULTS.prompt_probe is True

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cache_types import check_cache_type, is_quantized
+from ..settings import DEFAULTS
 from ..threads import default_threads
 from .jsonl import read_log
 from .overhead import stock_lib_dir
@@ -347,9 +348,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache-type", default="f16",
                     help="K and V cache data type of every engine, e.g. q8_0 (a quantized one needs flash attention; "
                          "default: f16)")
-    ap.add_argument("--prompt-probe", choices=["off", "on", "both"], default="off",
+    ap.add_argument("--prompt-probe", choices=["off", "on", "both"], default="on" if DEFAULTS.prompt_probe else "off",
                     help="the engine's prompt probe for the evicting policies (both: each policy without and with "
-                         "it, shown as POLICY+probe)")
+                         "it, shown as POLICY+probe; default: %(default)s, as every surface)")
     ap.add_argument("--quick", action="store_true", help=f"short lengths ({QUICK_LENGTHS}), policies full,infokv")
     ap.add_argument("--stock-lib", help="folder of the unpatched libllama (default: build or reuse it)")
     ap.add_argument("--out", default="bench-speed.json", help="JSON result; runs are kept in <out>.runs.jsonl")
