@@ -273,7 +273,16 @@ def test_tasks_with_the_prompt_probe(tmp_path: Path, model_path: Path, capsys) -
     # a rerun without the probe is refused rather than mixed into the same log
     assert evidence_cli.main(argv) == 2
     assert "snapkv was measured with other settings (prompt_probe True there, False now)" in capsys.readouterr().err
+    # so is another buffer (records say it; records made before they did were made with the defaults)
+    assert all(r["buffer"] == 32 and r["n_recent"] == 32 for r in recs)
+    assert evidence_cli.main([*[x if x != "32" else "48" for x in argv], "--prompt-probe"]) == 2
+    assert "(buffer 32 there, 48 now)" in capsys.readouterr().err
     assert len(_lines(out.with_suffix(".jsonl"))) == 4
+    old = tmp_path / "old.jsonl"  # a record without the settings: the defaults of the time
+    old.write_text(json.dumps({k: v for k, v in recs[-1].items() if k not in ("buffer", "n_sink", "n_recent")}) + "\n")
+    assert T.read_done(old, {"prompt_probe": True, "buffer": 64, "n_sink": 4, "n_recent": 32})
+    with pytest.raises(ValueError, match="buffer 64 there, 32 now"):
+        T.read_done(old, {"prompt_probe": True, "buffer": 32, "n_sink": 4, "n_recent": 32})
 
 
 def test_fidelity_decode_tiny_real_run(tmp_path: Path, model_path: Path) -> None:

@@ -164,15 +164,20 @@ def budget_tokens(spec: str, prompt_tokens: int) -> int:
     return max(int(float(spec[1:]) * prompt_tokens), 1) if spec.startswith("r") else int(spec)
 
 
-def read_done(path: Path, prompt_probe: bool = False) -> dict[tuple[str, str, str], dict]:
+# the cache settings a record of an evicting policy was made with, where it does not say (made before it did)
+RECORD_DEFAULTS: dict[str, Any] = {"prompt_probe": False, "buffer": 64, "n_sink": 4, "n_recent": 32}
+
+
+def read_done(path: Path, settings: dict[str, Any] | None = None) -> dict[tuple[str, str, str], dict]:
     """Finished records of a JSONL, keyed by (item, policy, budget spec); a torn last line is dropped.
-    ``ValueError`` when a record was generated with the prompt probe set otherwise (records from before the
-    setting existed were made without it)."""
+    ``settings``: this run's cache settings (keys of :data:`RECORD_DEFAULTS`; None: only the prompt probe,
+    off); ``ValueError`` when a record of an evicting policy was made with others, so a rerun never mixes
+    them into one log (the full cache is the same under every one)."""
+    want = {"prompt_probe": False} if settings is None else settings
     done = {}
     for r in read_log(path):
-        if r["policy"] != "full":  # the full cache is the same either way
-            require_same_settings(path, {"prompt_probe": False, **r}, {"prompt_probe": prompt_probe},
-                                  f"{r['policy']} was ")
+        if r["policy"] != "full":
+            require_same_settings(path, {**RECORD_DEFAULTS, **r}, want, f"{r['policy']} was ")
         done[(r["item_id"], r["policy"], r["budget_spec"])] = r
     return done
 
@@ -185,11 +190,12 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
     ``full`` runs once per item (budget spec ``"full"``). A budget that cannot hold the protected
     tokens, or is at least the whole prompt + max_tokens (nothing would be evicted), is recorded
     as skipped and not counted. ``prompt_probe``: the engine's (compressions of the prompt read its end
-    ahead); a log made with the other setting is refused.
+    ahead). Records say the cache settings; a log made with other ones (probe, buffer, sinks, recent) is refused.
     """
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out, prompt_probe)
+    cache = {"prompt_probe": prompt_probe, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent}
+    done = read_done(out, cache)
     jobs = []
     for it in items:
         for p in policies:
@@ -212,7 +218,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                 n_prompt = len(model.tokenize(formatted.prompt, add_special=not formatted.added_special))
                 rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
                                        "length": it.length, "policy": p, "budget_spec": spec,
-                                       "prompt_tokens": n_prompt, "gold": it.gold, "prompt_probe": prompt_probe}
+                                       "prompt_tokens": n_prompt, "gold": it.gold, **cache}
                 budget = None if spec == "full" else budget_tokens(spec, n_prompt)
                 rec["budget"] = budget
                 if budget is not None and (budget < n_sink + n_recent + 1 or budget >= n_prompt + it.max_tokens):
