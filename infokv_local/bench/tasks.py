@@ -248,15 +248,31 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
 
 # ---- summaries ---------------------------------------------------------------------------------
 
-def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 10000, seed: int = 0) -> list[dict]:
-    """Accuracy per (task, model, length, policy, budget spec) with a Wilson 95% interval, and the
-    paired difference of ``reference`` against each other policy on the same items (bootstrap
-    interval, exact McNemar p-value). The full cache is compared at every budget."""
+def _outcomes(records: list[dict]) -> dict[tuple, dict[str, bool]]:
+    """Answered items per (task, model, length, policy, budget spec): item id -> correct."""
     groups: dict[tuple, dict[str, bool]] = defaultdict(dict)
     for r in records:
         if r.get("skipped") or r.get("correct") is None:
             continue
         groups[(r["task"], r["model"], r["length"], r["policy"], r["budget_spec"])][r["item_id"]] = bool(r["correct"])
+    return groups
+
+
+def _paired(a: dict[str, bool], b: dict[str, bool], n_boot: int, seed: int) -> dict[str, Any]:
+    """a against b on the items both answered: their number, the mean difference with its bootstrap
+    interval, wins / losses and the exact McNemar p."""
+    common = sorted(set(a) & set(b))
+    xa, xb = [a[i] for i in common], [b[i] for i in common]
+    diff, lo, hi = paired_bootstrap(xa, xb, n_boot=n_boot, seed=seed)
+    n10, n01, p = mcnemar_exact(xa, xb)
+    return {"n": len(common), "diff": diff, "ci95": [lo, hi], "wins": n10, "losses": n01, "mcnemar_p": p}
+
+
+def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 10000, seed: int = 0) -> list[dict]:
+    """Accuracy per (task, model, length, policy, budget spec) with a Wilson 95% interval, and the
+    paired difference of ``reference`` against each other policy on the same items (bootstrap
+    interval, exact McNemar p-value). The full cache is compared at every budget."""
+    groups = _outcomes(records)
     results = []
     def order(key: tuple) -> tuple:
         task, model, length, policy, spec = key
@@ -272,13 +288,7 @@ def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 1000
             for (t2, m2, l2, p2, s2), other in groups.items():
                 if (t2, m2, l2) != (task, model, length) or p2 == reference or (s2 != spec and p2 != "full"):
                     continue
-                common = sorted(set(outcomes) & set(other))
-                a = [outcomes[i] for i in common]
-                b = [other[i] for i in common]
-                diff, dlo, dhi = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
-                n10, n01, p = mcnemar_exact(a, b)
-                row["paired"][p2] = {"n": len(common), "diff": diff, "ci95": [dlo, dhi],
-                                     "wins": n10, "losses": n01, "mcnemar_p": p}
+                row["paired"][p2] = _paired(outcomes, other, n_boot, seed)
         results.append(row)
     return results
 
@@ -287,28 +297,20 @@ def compare_logs(a: list[dict], b: list[dict], n_boot: int = 10000, seed: int = 
     """Two runs of the same items under two settings (e.g. the prompt probe on and off), paired per
     (task, model, length, policy, budget spec) on the items both answered: each run's accuracy with a
     Wilson 95% interval, a minus b with a bootstrap interval, wins / losses and the exact McNemar p."""
-    def outcomes(records: list[dict]) -> dict[tuple, dict[str, bool]]:
-        groups: dict[tuple, dict[str, bool]] = defaultdict(dict)
-        for r in records:
-            if not r.get("skipped") and r.get("correct") is not None:
-                key = (r["task"], r["model"], r["length"], r["policy"], r["budget_spec"])
-                groups[key][r["item_id"]] = bool(r["correct"])
-        return groups
-
-    ga, gb = outcomes(a), outcomes(b)
+    ga, gb = _outcomes(a), _outcomes(b)
     rows = []
     for key in sorted(set(ga) & set(gb), key=lambda k: (k[0], k[1], k[2] or 0, k[3] != "full", k[4], k[3])):
-        common = sorted(set(ga[key]) & set(gb[key]))
+        common = set(ga[key]) & set(gb[key])
         if not common:
             continue
-        xa, xb = [ga[key][i] for i in common], [gb[key][i] for i in common]
-        diff, lo, hi = paired_bootstrap(xa, xb, n_boot=n_boot, seed=seed)
-        n10, n01, p = mcnemar_exact(xa, xb)
+        correct_a = sum(ga[key][i] for i in common)
+        correct_b = sum(gb[key][i] for i in common)
+        paired = _paired(ga[key], gb[key], n_boot, seed)
         task, model, length, policy, spec = key
         rows.append({"task": task, "model": model, "length": length, "policy": policy, "budget": spec,
-                     "n": len(common), "correct_a": sum(xa), "correct_b": sum(xb),
-                     "ci95_a": list(wilson(sum(xa), len(common))), "ci95_b": list(wilson(sum(xb), len(common))),
-                     "diff": diff, "ci95": [lo, hi], "wins": n10, "losses": n01, "mcnemar_p": p})
+                     "n": len(common), "correct_a": correct_a, "correct_b": correct_b,
+                     "ci95_a": list(wilson(correct_a, len(common))), "ci95_b": list(wilson(correct_b, len(common))),
+                     **{k: v for k, v in paired.items() if k != "n"}})
     return rows
 
 

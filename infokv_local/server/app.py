@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InfoKVError
 from ..policies import make_policy
+from ..settings import DEFAULTS
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, _Sampling, validation_param
 from .slots import Lease, QueueFull, SlotPool
@@ -41,7 +42,7 @@ class ServerSettings:
     budget: int
     buffer: int
     kv_bytes_per_cell: int
-    prompt_probe: bool = False
+    prompt_probe: bool = DEFAULTS.prompt_probe
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
     retry_after_s: int = 2
