@@ -202,10 +202,13 @@ def test_compare_pairs_two_logs_of_the_same_items(tmp_path: Path, capsys) -> Non
     a, b = tmp_path / "on.jsonl", tmp_path / "off.jsonl"
     a.write_text("".join(json.dumps(x) + "\n" for x in on))
     b.write_text("".join(json.dumps(x) + "\n" for x in off))
-    assert evidence_cli.main(["compare", str(a), str(b), "--json", str(tmp_path / "c.json")]) == 0
+    png = tmp_path / "c.png"
+    assert evidence_cli.main(["compare", str(a), str(b), "--json", str(tmp_path / "c.json"), "--plot", str(png),
+                              "--label-a", "probed", "--label-b", "chunked"]) == 0
     out = capsys.readouterr().out
     assert "| retrieval | 4096 | r0.25 | infokv | 8 | 8 [0.68, 1.00] | 1 [0.02, 0.47] | +0.88" in out
     assert json.loads((tmp_path / "c.json").read_text())["results"][0]["wins"] == 7
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert evidence_cli.main(["compare", str(a), str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

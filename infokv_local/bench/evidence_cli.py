@@ -278,6 +278,14 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"a": str(a), "b": str(b), "command": " ".join(sys.argv),
                                                "results": rows}, indent=1))
         print(f"\nwrote {args.json}")
+    if args.plot:
+        from .plots import plot_paired_accuracy
+
+        first = rows[0]
+        plot_paired_accuracy(rows, args.plot, labels=(args.label_a, args.label_b),
+                             title=f"{first['task']}, {Path(str(first['model'])).stem}: {args.label_a} vs "
+                                   f"{args.label_b}, the same items")
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -334,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("a", help="per-item JSONL of the first setting")
     cp.add_argument("b", help="per-item JSONL of the second")
     cp.add_argument("--json", help="write the paired rows here")
+    cp.add_argument("--plot", help="write a PNG here: both accuracies per policy with their intervals")
+    cp.add_argument("--label-a", default="a", help="the first setting's name in the plot (e.g. probed)")
+    cp.add_argument("--label-b", default="b", help="the second setting's name in the plot (e.g. chunked)")
     cp.set_defaults(func=run_compare_cmd)
     return ap
 

@@ -96,3 +96,51 @@ def plot_task_accuracy(results: list[dict], path: str | Path, title: str = "") -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_paired_accuracy(rows: list[dict], path: str | Path, labels: tuple[str, str] = ("a", "b"),
+                         title: str = "") -> Path:
+    """Two settings of the same items (rows of ``tasks.compare_logs``): per policy, setting a's (filled) and
+    setting b's (open) accuracy side by side with Wilson 95% intervals, one panel per (length, budget), the
+    McNemar p above each pair; the full cache's accuracy in setting a as a band."""
+    full = {r["length"]: r for r in rows if r["policy"] == "full"}
+    rest = [r for r in rows if r["policy"] != "full"] or rows
+    groups = list(dict.fromkeys((r["length"], r["budget"]) for r in rest))
+    per_panel = max(len(rest) / len(groups), 1)
+    fig, axes = plt.subplots(1, len(groups), figsize=((1.3 * per_panel + 2) * len(groups), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, (length, budget) in zip(axes[0], groups, strict=True):
+        sub = [r for r in rest if (r["length"], r["budget"]) == (length, budget)]
+        f = full.get(length)
+        if f is not None and f is not sub[0]:
+            acc = f["correct_a"] / f["n"]
+            ax.axhspan(f["ci95_a"][0], f["ci95_a"][1], color="black", alpha=0.08)
+            ax.axhline(acc, color="black", lw=1, label=f"full cache ({f['correct_a']}/{f['n']})")
+        for i, r in enumerate(sub):
+            c, m = _style(r["policy"])
+            for k, (side, face) in enumerate((("a", c), ("b", "white"))):
+                acc = r[f"correct_{side}"] / r["n"]
+                lo, hi = r[f"ci95_{side}"]
+                ax.errorbar([i + (k - 0.5) * 0.3], [acc], yerr=[[acc - lo], [hi - acc]], fmt=m, color=c,
+                            markerfacecolor=face, capsize=3, markersize=8)
+            if r["policy"] != "full":
+                ax.text(i, 1.06, f"McNemar p={r['mcnemar_p']:.3f}", ha="center", fontsize=7)
+        ax.set_xticks(range(len(sub)), [f"{r['policy']}\n(n={r['n']})" for r in sub], fontsize=8)
+        ax.set_xlim(-0.6, len(sub) - 0.4)
+        budget_text = f"{float(budget[1:]):.1%} of prompt" if str(budget).startswith("r") else f"{budget}"
+        ax.set_title((f"{length}-token prompts, " if length else "") + f"budget {budget_text}", fontsize=9)
+    axes[0][0].set_ylabel("accuracy (Wilson 95% CI)")
+    axes[0][0].set_ylim(-0.02, 1.12)
+    for ax in axes[0]:
+        handles = [plt.Line2D([], [], marker="o", color="black", linestyle="", label=labels[0]),
+                   plt.Line2D([], [], marker="o", color="black", markerfacecolor="white", linestyle="",
+                              label=labels[1])]
+        ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=7, loc="center left",
+                  bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
