@@ -91,6 +91,24 @@ def test_multi_turn_chat_keeps_the_compressed_cache(llm):
         first, kv1 = nxt, kv
 
 
+def test_regenerated_first_answer_reads_only_the_prompts_last_token_again(llm, model):
+    """The same first prompt again (a regenerated answer) keeps the cache of all of it but its last token, which
+    is fed again for its logits, also when the prompt was compressed while it was read."""
+    document = " ".join(["The keeper lit the lamp at dusk and watched the grey sea for ships."] * 12)
+    messages = [{"role": "user", "content": "Summarise this in one line: " + document}]
+    first = llm.create_chat_completion(messages, max_tokens=6, temperature=0)
+    n = first["usage"]["prompt_tokens"]
+    assert n > 64 and first["usage"]["kv"]["evicted_tokens"] > 0  # read in compressed chunks
+    again = llm.create_chat_completion(messages, max_tokens=6, temperature=0)
+    assert again["usage"]["kv"]["reused_tokens"] == n - 1 and again["timings"]["prompt_n"] == 1
+    assert again["usage"]["prompt_tokens"] == n and llm.kv_stats()["max_used_cells"] <= 64
+    with InfoKVLlama(model, policy="full") as full:
+        a = full.create_chat_completion(messages, max_tokens=12, temperature=0)
+        b = full.create_chat_completion(messages, max_tokens=12, temperature=0)
+        assert b["usage"]["kv"]["reused_tokens"] == a["usage"]["prompt_tokens"] - 1
+        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+
+
 def test_reuse_gives_what_a_fresh_prefill_gives(model):
     """With the full cache, continuing a chat from the cache reads the same tokens as a fresh run on the whole
     history and predicts the same next-token distribution (up to the float differences of batch shapes)."""

@@ -113,10 +113,21 @@ class PromptCache:
             del self._segments[n_segments:]
             rest = data[kept_bytes:]
             tokens = model.tokenize(rest, add_special=False, parse_special=True) if rest else []
-            if rest:
-                self._segments.append((rest, len(tokens)))
+            self._add_fed(model, rest, tokens)
             return tokens, kept_tokens
         e.reset()
         tokens = model.tokenize(prompt, add_special=add_bos, parse_special=True)
-        self._segments = [(data, len(tokens))]
+        self._segments = []
+        self._add_fed(model, data, tokens)
         return tokens, 0
+
+    def _add_fed(self, model: Model, data: bytes, tokens: list[int]) -> None:
+        """Record a fed prompt chunk as two pieces, its last token apart, so that the same prompt again
+        (a regenerated answer) keeps all of it but that token, which is fed again for its logits."""
+        if not data:
+            return
+        last = token_bytes(model, tokens[-1], special=True) if len(tokens) > 1 else b""
+        if last and len(last) < len(data) and data.endswith(last):
+            self._segments += [(data[: -len(last)], len(tokens) - 1), (last, 1)]
+        else:
+            self._segments.append((data, len(tokens)))
