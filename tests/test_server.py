@@ -180,10 +180,11 @@ def test_multi_turn_reuses_the_slot_cache_and_parking_restores_it_exactly(one_sl
 
 
 def test_each_request_goes_where_most_of_its_prompt_is_cached():
-    """Two users open with the same message: the second starts in the other slot, and each next turn
-    finds its own conversation (told apart by the answers, not the shared first prompt) with its whole
-    history reused. A regenerated answer reuses the history before it and parks the conversation it
-    leaves; continuing that one restores it with nothing prefilled."""
+    """Two users open with the same message: the second is a regenerated first answer as far as the cache can
+    tell, so it keeps all of that prompt but its last token in the first user's slot and parks the first
+    conversation; each next turn finds its own conversation (told apart by the answers, not the shared first
+    prompt) with its whole history reused, the first user's restored. A regenerated answer reuses the history
+    before it and parks the conversation it leaves; continuing that one restores it with nothing prefilled."""
     with serve("--budget", "200", "--buffer", "16", "--threads", "1", "--slots", "2", "--queue", "4",
                "--prompt-probe") as base:
         c = client(base, key="unused")
@@ -191,7 +192,7 @@ def test_each_request_goes_where_most_of_its_prompt_is_cached():
 
         def turn(messages: list, seed: int) -> tuple[str, dict]:
             r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0.9, seed=seed)
-            return r.choices[0].message.content or "", kv_of(r.usage)
+            return r.choices[0].message.content or "", {**kv_of(r.usage), "prompt_tokens": r.usage.prompt_tokens}
 
         def then(history: list, answer: str, user: str) -> list:
             return history + [{"role": "assistant", "content": answer}, {"role": "user", "content": user}]
@@ -201,18 +202,21 @@ def test_each_request_goes_where_most_of_its_prompt_is_cached():
 
         a1, kv_a1 = turn(X1, 1)
         b1, kv_b1 = turn(X1, 2)
-        assert a1 != b1 and kv_b1["slot"] != kv_a1["slot"] and kv_b1["reused_tokens"] == 0 and not parked()
+        assert a1 != b1 and kv_b1["slot"] == kv_a1["slot"] and kv_b1["conversation"] != kv_a1["conversation"]
+        assert kv_b1["reused_tokens"] == kv_a1["prompt_tokens"] - 1 and parked() == [kv_a1["conversation"]]
         a2, kv_a2 = turn(then(X1, a1, X2), 3)
+        assert (kv_a2["conversation"], kv_a2["restored"]) == (kv_a1["conversation"], True)
+        assert kv_a2["slot"] != kv_a1["slot"] and kv_a2["reused_tokens"] == kv_a1["sequence_tokens"]
         b2, kv_b2 = turn(then(X1, b1, X2), 4)
-        for kv, first in ((kv_a2, kv_a1), (kv_b2, kv_b1)):
-            assert (kv["slot"], kv["conversation"], kv["restored"]) == (first["slot"], first["conversation"], False)
-            assert kv["reused_tokens"] == first["sequence_tokens"]
+        assert (kv_b2["slot"], kv_b2["conversation"]) == (kv_b1["slot"], kv_b1["conversation"])
+        assert kv_b2["restored"] is False
+        assert kv_b2["reused_tokens"] == kv_b1["sequence_tokens"] and not parked()
 
-        # the answer to A's second turn regenerated: the history before it is reused, A's conversation parked
+        # the answer to A's second turn regenerated: its prompt but the last token is reused, A's conversation parked
         a2_again, kv_fork = turn(then(X1, a1, X2), 9)
-        assert a2_again != a2 and kv_fork["slot"] == kv_a1["slot"]
+        assert a2_again != a2 and kv_fork["slot"] == kv_a2["slot"]
         assert kv_fork["conversation"] not in (kv_a1["conversation"], kv_b1["conversation"])
-        assert kv_fork["reused_tokens"] == kv_a1["sequence_tokens"] and parked() == [kv_a1["conversation"]]
+        assert kv_fork["reused_tokens"] == kv_a2["prompt_tokens"] - 1 and parked() == [kv_a1["conversation"]]
 
         # A goes on from its first answer after all: restored (into the least recently used slot, B's)
         _, kv_a3 = turn(then(then(X1, a1, X2), a2, "More."), 5)
