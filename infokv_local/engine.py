@@ -271,6 +271,7 @@ class Engine:
         self.probe_len = min(window, buffer // 2) if prompt_probe and self._window_on_demand else 0
         # the tokens of a probed prompt's end; None outside a probed feed
         self._probe_tail: list[int] | None = None
+        self._recent_holes: set[int] = set()  # recent positions evicted before a truncation made them recent
         self._probe_left = 0  # tokens of the probed feed not decoded yet
         self._probe_peak = 0  # cells in use with the probe's tokens cached, in the current step
         self.probes = 0
@@ -329,6 +330,7 @@ class Engine:
         self.tokens = []
         self._pending = None
         self._probe_tail = None
+        self._recent_holes = set()
         self.probes = 0
         self.totals = EngineTotals()
 
@@ -405,7 +407,16 @@ class Engine:
                 del self.tokens[n_tokens:]
                 self.n_past -= k
                 self._unrecorded = max(self._unrecorded - k, 0)
+                self._note_recent_holes()
         return True
+
+    def _note_recent_holes(self) -> None:
+        """After a truncation or a restore: the positions now among the most recent ``n_recent`` that were
+        evicted earlier, when they were not recent (the invariant check must not count them as evicted
+        while protected)."""
+        _, pos = self.ctx.cell_map()
+        recent = np.arange(max(self.n_past - self.n_recent, 0), self.n_past)
+        self._recent_holes = set(recent[~np.isin(recent, pos)].tolist())
 
     # ---- feeding tokens --------------------------------------------------------------------
     def feed(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
@@ -633,6 +644,7 @@ class Engine:
     def _compact_positions(self) -> None:
         """Renumber the cached tokens 0..n-1 (llama.cpp's K-shift, in :meth:`StatsContext.compact_positions`)."""
         self.n_past = self.ctx.compact_positions()
+        self._recent_holes = set()
         self.compactions += 1
 
     def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int, n_incoming: int = 1) -> ScoreInput:
@@ -700,7 +712,7 @@ class Engine:
         cached = set(sig.cell_pos.tolist())
         protected = set(range(min(self.n_sink, self.n_past))) | set(range(max(self.n_past - self.n_recent, 0),
                                                                            self.n_past))
-        missing = protected - cached
+        missing = protected - cached - self._recent_holes
         if missing:
             raise AssertionError(f"protected positions evicted: {sorted(missing)[:10]}")
         if len(sig.cells) != used:
@@ -779,6 +791,7 @@ class Engine:
         self.ctx.last_entropy = snap.last_entropy
         self._restored_at_step = self.totals.steps  # logits are stale until the next decode
         self._restored_logits = snap.logits
+        self._note_recent_holes()
 
     def _refresh_logits(self) -> None:
         """After :meth:`restore`, before sampling with no new token: the context's logits are another

@@ -146,6 +146,25 @@ def test_truncate_that_cannot_happen_changes_nothing(model, tokens):
         assert eng.ctx.cell_map()[1].max() == eng.n_past - 1
 
 
+def test_truncate_into_evicted_history_keeps_the_invariant_check_exact(model, tokens):
+    """After a truncation, positions evicted while they were old can be among the most recent ``n_recent``
+    ones: the check accepts those holes (a regenerated answer of a compressed prompt goes on), and still
+    fails when a recent token goes missing afterwards."""
+    with Engine(model, "infokv", budget=48, buffer=16, n_recent=16, check_invariants=True) as eng:
+        list(eng.generate(tokens[:40], 30, ignore_eos=True))  # the prompt is compressed while generating
+        n = len(eng.tokens)
+        assert eng.truncate(n - 16) is True  # the generated tail goes; earlier prompt holes become recent
+        _, pos = eng.ctx.cell_map()
+        recent = set(range(eng.n_past - 16, eng.n_past))
+        assert recent - set(pos.tolist()), "the truncation should bring evicted positions into the recent window"
+        assert len(list(eng.generate(tokens[40:42], 20, ignore_eos=True))) == 20  # checked at every step
+        cells, pos = eng.ctx.cell_map()
+        eng.ctx.remove_cells(cells[pos == pos.max() - 1])  # a recent token lost behind the engine's back
+        eng._forget(cells[pos == pos.max() - 1])
+        with pytest.raises(AssertionError, match="protected positions evicted"):
+            list(eng.generate([], 2, ignore_eos=True))
+
+
 def test_truncate_then_new_tokens_get_the_entropy_that_produced_them(model, tokens):
     with Engine(model, "infokv", budget=512, buffer=64) as ref, Engine(model, "infokv", budget=512, buffer=64) as eng:
         ref.prefill(tokens[:60])
