@@ -184,6 +184,20 @@ def test_summarize_pairs_the_same_items() -> None:
     assert rows[("h2o", "128")]["n"] == 5
 
 
+def test_accuracy_plots_take_all_correct_whose_interval_rounds_below_one(tmp_path: Path) -> None:
+    from infokv_local.bench import plots
+    from infokv_local.bench.stats import wilson
+
+    lo, hi = wilson(10, 10)
+    assert hi < 1.0  # 0.9999999...: an error bar from 1.0 to it is negative
+    results = [{"task": "retrieval", "model": "m", "length": 4096, "policy": p, "budget": b, "n": 10, "correct": 10,
+                "accuracy": 1.0, "ci95": [lo, hi]} for p, b in (("full", "full"), ("infokv", "r0.25"))]
+    assert plots.plot_task_accuracy(results, tmp_path / "t.png").stat().st_size > 1000
+    rows = [{"task": "retrieval", "model": "m", "length": 4096, "policy": "infokv", "budget": "r0.25", "n": 10,
+             "correct_a": 10, "correct_b": 0, "ci95_a": [lo, hi], "ci95_b": list(wilson(0, 10)), "mcnemar_p": 0.002}]
+    assert plots.plot_paired_accuracy(rows, tmp_path / "p.png").stat().st_size > 1000
+
+
 def test_compare_pairs_two_logs_of_the_same_items(tmp_path: Path, capsys) -> None:
     def rec(i: int, policy: str, spec: str, ok: bool | None, **kw) -> dict:
         return {"task": "retrieval", "model": "m", "length": 4096, "item_id": f"niah-{i}", "policy": policy,

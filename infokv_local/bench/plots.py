@@ -20,6 +20,11 @@ def _style(policy: str) -> tuple[str, str]:
     return STYLE.get(policy.split(":")[0], ("tab:cyan", "."))
 
 
+def _error_bar(value: float, interval: tuple[float, float] | list[float]) -> list[list[float]]:
+    """Matplotlib's yerr for an interval around a value (rounding can put 10/10's Wilson bound a hair below 1)."""
+    return [[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]]
+
+
 def plot_kl_by_distance(rows: list[dict], path: str | Path) -> Path:
     """Mean KL per distance bucket after the first compression, one line per policy, one panel per budget."""
     budgets = sorted({r["budget"] for r in rows})
@@ -83,7 +88,7 @@ def plot_task_accuracy(results: list[dict], path: str | Path, title: str = "") -
                 continue
             x = i + j * w
             c, m = _style(p)
-            ax.errorbar([x], [r["accuracy"]], yerr=[[r["accuracy"] - r["ci95"][0]], [r["ci95"][1] - r["accuracy"]]],
+            ax.errorbar([x], [r["accuracy"]], yerr=_error_bar(r["accuracy"], r["ci95"]),
                         fmt=m, color=c, capsize=2, label=p if i == 0 else None)
     ax.set_xticks([i + 0.4 - w / 2 for i in range(len(budgets))],
                   [f"{float(b[1:]):.1%} of prompt" if b.startswith("r") else f"{b} tokens" for b in budgets])
@@ -121,7 +126,7 @@ def plot_paired_accuracy(rows: list[dict], path: str | Path, labels: tuple[str, 
             for k, (side, face) in enumerate((("a", c), ("b", "white"))):
                 acc = r[f"correct_{side}"] / r["n"]
                 lo, hi = r[f"ci95_{side}"]
-                ax.errorbar([i + (k - 0.5) * 0.3], [acc], yerr=[[acc - lo], [hi - acc]], fmt=m, color=c,
+                ax.errorbar([i + (k - 0.5) * 0.3], [acc], yerr=_error_bar(acc, (lo, hi)), fmt=m, color=c,
                             markerfacecolor=face, capsize=3, markersize=8)
             if r["policy"] != "full":
                 ax.text(i, 1.06, f"McNemar p={r['mcnemar_p']:.3f}", ha="center", fontsize=7)
