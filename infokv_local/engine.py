@@ -29,7 +29,7 @@ from .interrupts import sigint_deferred
 from .model import Model
 from .policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
 from .sampling import Sampler, SamplingParams
-from .selection import drop_order, evictable_span, keep_count
+from .selection import drop_order, evictable_span, keep_count, whole_number_drops
 from .signals import Signals
 
 HISTORY_STEPS = 4096  # engine steps kept in EngineTotals.history (the most recent ones)
@@ -629,7 +629,11 @@ class Engine:
         scores = np.asarray(self.policy.score(inp), dtype=np.float64)
         if scores.shape != (len(ev_cells),):
             raise ValueError(f"policy {self.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
-        drop = drop_order(scores, n_keep)
+        if self.policy.whole_numbers:
+            token_ids = np.asarray(self.tokens, dtype=np.int64)[self._cell_token[cells]]
+            drop = whole_number_drops(scores, n_keep, self.model.number_kinds()[token_ids], pos, lo, hi)
+        else:
+            drop = drop_order(scores, n_keep)
         t1 = time.perf_counter()
         drop_cells = ev_cells[drop]
         self.ctx.remove_cells(drop_cells)

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from . import native, rpc_backend
@@ -111,6 +112,7 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         self.n_gpu_layers = n_gpu_layers
         self._eog: list[int] | None = None
+        self._number_kinds: np.ndarray | None = None
         self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise ModelFileError(
@@ -182,6 +184,22 @@ class Model:
         if self._eog is None:
             self._eog = [t for t in range(self.info.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
         return list(self._eog)
+
+    def number_kinds(self) -> np.ndarray:
+        """Per vocabulary token, what it is in a written number: 1 digits only (a leading space allowed),
+        2 a decimal point or thousands separator ("." or ","), 0 anything else. Computed once (one
+        ``llama_token_to_piece`` per token)."""
+        if self._number_kinds is None:
+            kinds = np.zeros(self.info.n_vocab, dtype=np.int8)
+            for t in range(self.info.n_vocab):
+                piece = self.token_bytes(t)
+                digits = piece[1:] if piece[:1] == b" " else piece
+                if digits and digits.isdigit():
+                    kinds[t] = 1
+                elif piece in (b".", b","):
+                    kinds[t] = 2
+            self._number_kinds = kinds
+        return self._number_kinds
 
     @property
     def bos_token_id(self) -> int:

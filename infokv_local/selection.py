@@ -60,3 +60,65 @@ def drop_order(scores: np.ndarray, n_keep: int) -> np.ndarray:
     # best first: scored before NaN, then higher score, then older (smaller index); lexsort's last key is primary
     order = np.lexsort((np.arange(len(s)), -np.where(nan, 0.0, s), nan))
     return np.sort(order[n_keep:])
+
+
+def number_runs(kinds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Which written number each token belongs to: a run id per token (``-1`` for a token of no number).
+
+    ``kinds`` per token (in position order): 1 digits, 2 a "." or "," (part of a number only between
+    digits), 0 anything else (:meth:`Model.number_kinds <infokv_local.model.Model.number_kinds>`). A run is
+    digits at consecutive positions, joined across one separator; a gap in positions (an evicted token)
+    ends it.
+    """
+    k = np.asarray(kinds)
+    pos = np.asarray(positions)
+    n = len(k)
+    digit = k == 1
+    joins = np.zeros(n, dtype=bool)  # token i continues the run of token i - 1
+    if n > 1:
+        adjacent = np.diff(pos) == 1
+        joins[1:] = adjacent & digit[1:] & digit[:-1]
+        if n > 2:
+            # d . d: the separator and the digit after it continue the run
+            sep = (k[1:-1] == 2) & digit[:-2] & digit[2:] & adjacent[:-1] & adjacent[1:]
+            joins[1:-1] |= sep
+            joins[2:] |= sep
+    member = digit | ((k == 2) & joins)
+    starts = member & ~joins
+    ids = np.cumsum(starts) - 1
+    return np.where(member, ids, -1)
+
+
+def pool_runs(scores: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """Every token of a run scored as the run's best token, so a number is kept or evicted as a whole
+    (tokens outside runs, ``-1``, keep their own score; NaN scores stay NaN only in runs of NaN)."""
+    s = np.asarray(scores, dtype=np.float64).copy()
+    r = np.asarray(runs)
+    inside = r >= 0
+    if not inside.any():
+        return s
+    best = np.full(int(r.max()) + 1, -np.inf)
+    vals = np.where(np.isnan(s[inside]), -np.inf, s[inside])
+    np.maximum.at(best, r[inside], vals)
+    pooled = best[r[inside]]
+    s[inside] = np.where(np.isneginf(pooled) & np.isnan(s[inside]), np.nan, pooled)
+    return s
+
+
+def whole_number_drops(scores: np.ndarray, n_keep: int, kinds: np.ndarray, positions: np.ndarray,
+                       lo: int, hi: int) -> np.ndarray:
+    """:func:`drop_order` for the evictable span ``[lo, hi)`` of a cache whose written numbers are kept or
+    evicted whole: ``kinds`` and ``positions`` cover every cached token (in position order), ``scores`` the
+    span. A number's tokens share its best score (:func:`pool_runs`); a number reaching into the protected
+    sink or recent tokens is kept; a number cut by the keep boundary (equal scores) is dropped whole, so the
+    cache may end a few tokens below its target."""
+    runs = number_runs(kinds, positions)
+    r = runs[lo:hi]
+    s = pool_runs(scores, r)
+    protected_runs = np.concatenate([runs[:lo], runs[hi:]])
+    pinned = (r >= 0) & np.isin(r, protected_runs[protected_runs >= 0])
+    s[pinned] = np.inf
+    drop = drop_order(s, n_keep)
+    cut = r[drop]
+    cut = np.unique(cut[cut >= 0])
+    return np.union1d(drop, np.flatnonzero(np.isin(r, cut) & ~pinned)).astype(np.int64)

@@ -9,6 +9,7 @@ import pytest
 from infokv_local.engine import BudgetError, Engine
 from infokv_local.policies import POLICIES
 from infokv_local.sampling import SamplingParams
+from infokv_local.selection import number_runs
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
 BUDGET, BUFFER = 256, 64
@@ -156,3 +157,26 @@ def test_sampling_parameters_reach_llama_cpp_sampler_chain(model):
     assert run(temperature=1.0, seed=1) != run(temperature=1.0, seed=2)
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
+
+
+@pytest.mark.parametrize("policy", ["infokv", "tova"])
+def test_whole_numbers_are_kept_or_evicted_whole(model, policy):
+    """With ``whole_numbers=1`` no written number loses only some of its digits (plain eviction does cut
+    numbers on the same text), and the cache stays inside budget + buffer at every step."""
+    text = " ".join(f"Item {i}: {i * 7919 % 100000} units at {i * 37 % 1000}.{i % 100:02d} dollars, "
+                    f"{i * 1231 % 10000:,} in stock." for i in range(1, 40))
+    tokens = model.tokenize(text)
+    kinds = model.number_kinds()[np.asarray(tokens)]
+
+    def split_numbers(spec: str) -> int:
+        with Engine(model, spec, budget=128, buffer=32, n_recent=16, check_invariants=True) as eng:
+            eng.prefill(tokens)
+            list(eng.generate([], 40, ignore_eos=True))
+            assert max(s.used_cells for s in eng.totals.history) <= 128 + 32
+            _, pos = eng.ctx.cell_map()
+            cached = np.isin(np.arange(len(tokens)), pos)
+        runs = number_runs(kinds, np.arange(len(tokens)))
+        return sum(0 < cached[runs == r].sum() < (runs == r).sum() for r in range(runs.max() + 1))
+
+    assert split_numbers(policy) > 0  # the text is one that plain eviction cuts numbers of
+    assert split_numbers(f"{policy}:whole_numbers=1") == 0

@@ -263,3 +263,34 @@ def test_decode_mix_parses_from_a_spec():
     pol = make_policy("infokv:decode_mix=paper+decode_alpha=0.9")
     assert (pol.mix, pol.alpha, pol.decode_mix, pol.decode_alpha) == ("paper", 0.95, "paper", 0.9)
     assert (InfoKVPolicy().decode_mix, InfoKVPolicy().decode_alpha) == ("rank", 0.5)
+
+
+# ---- written numbers kept or evicted whole (every policy's whole_numbers option) ------------------
+def test_number_runs_join_digits_and_separators_between_digits_only():
+    from infokv_local.selection import number_runs
+
+    #            x  4  9  .  5  0  x  ,  1  ,  2  x  .  7  7(gap)
+    kinds = np.array([0, 1, 1, 2, 1, 1, 0, 2, 1, 2, 1, 0, 2, 1, 1])
+    pos = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 20])
+    assert number_runs(kinds, pos).tolist() == [-1, 0, 0, 0, 0, 0, -1, -1, 1, 1, 1, -1, -1, 2, 3]
+    assert number_runs(np.array([], dtype=np.int8), np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_whole_number_drops_keep_or_drop_a_number_whole():
+    from infokv_local.selection import drop_order, pool_runs, whole_number_drops
+
+    runs = np.array([-1, 0, 0, 0, -1, 1, 1])
+    pooled = pool_runs(np.array([5.0, 0.1, 9.0, 0.2, 1.0, np.nan, np.nan]), runs)
+    assert pooled[1:4].tolist() == [9.0, 9.0, 9.0] and np.isnan(pooled[5:]).all()
+    # cached: sink s, then the span [1, 9), then a recent token r; a number "7 7" reaches into the recent token
+    kinds = np.array([0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1])
+    pos = np.arange(11)
+    scores = np.array([3.0, 0.5, 0.1, 0.2, 4.0, 0.9, 0.05, 0.0, 0.3])  # the span: positions 1..9
+    plain = drop_order(scores, 5)
+    assert set(plain.tolist()) & {1, 2, 3} and not {1, 2, 3} <= set(plain.tolist())  # plain eviction splits 1 2 3
+    drop = whole_number_drops(scores, 5, kinds, pos, 1, 10)
+    runs_in_span = [[1, 2, 3], [5, 6], [8]]  # span indices of "1 2 3", "6 7" and the "9" of "9 10"
+    for run in runs_in_span:
+        assert set(run) <= set(drop.tolist()) or not set(run) & set(drop.tolist())
+    assert 8 not in drop  # its number reaches into the protected recent token: kept
+    assert len(drop) >= 4  # at least what plain eviction drops (more when a tie cuts a number)

@@ -27,7 +27,7 @@ def make_policy(spec: str | Policy, **params: Any) -> Policy:
 
     ``spec`` is a name (``"infokv"``, ``"snapkv"``, ...), optionally with parameters:
     ``"infokv:alpha=0.95,entropy=at"`` (``+`` also separates them; values are read as int, float
-    or kept as strings).
+    or kept as strings). ``whole_numbers=1`` is every policy's (:attr:`Policy.whole_numbers`).
     """
     if isinstance(spec, Policy):
         if params:
@@ -39,14 +39,20 @@ def make_policy(spec: str | Policy, **params: Any) -> Policy:
         if not eq:
             raise PolicyError(f"bad policy parameter {item!r} in {spec!r}: expected key=value")
         params[key.strip()] = _parse_value(value.strip())
+    whole = params.pop("whole_numbers", None)
+    if whole is not None and (isinstance(whole, float) or whole not in (0, 1)):
+        raise PolicyError(f"whole_numbers must be 0 or 1 (got {whole!r})")
     try:
         cls = POLICIES[name.strip()]
     except KeyError:
         raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
     try:
-        return cls(**params)
+        policy = cls(**params)
     except TypeError as e:
         raise PolicyError(f"bad parameters for policy {name!r}: {e}") from None
+    if whole is not None:
+        policy.whole_numbers = bool(whole)
+    return policy
 
 
 def _parse_value(v: str) -> Any:

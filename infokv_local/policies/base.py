@@ -65,6 +65,9 @@ class Policy:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     evicts: ClassVar[bool] = True
+    # every policy's option (``"tova:whole_numbers=1"``): the engine gives all tokens of a written number the
+    # score of its best token, so a number is kept or evicted whole rather than losing some of its digits
+    whole_numbers: bool = False
 
     def score(self, inp: ScoreInput) -> np.ndarray:
         raise NotImplementedError
