@@ -158,7 +158,8 @@ def test_multi_turn_reuses_the_slot_cache_and_parking_restores_it_exactly(one_sl
 
     y = c.chat.completions.create(model=MODEL, messages=Y1, max_tokens=12, temperature=0)
     assert y.choices[0].message.content == reference["y1"]
-    assert kv_of(y.usage)["conversation"] != conv and kv_of(y.usage)["reused_tokens"] == 0
+    # the same first message was answered (and parked) by earlier tests: all of it but its last token is reused
+    assert kv_of(y.usage)["conversation"] != conv and kv_of(y.usage)["reused_tokens"] in (0, y.usage.prompt_tokens - 1)
     view = kv_view(one_slot)
     assert conv in [p["conversation"] for p in view["parked"]["conversations"]]
 
