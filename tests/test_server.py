@@ -434,9 +434,11 @@ def test_parking_store_is_bounded_least_recently_parked_first(model):
     for p in states:
         assert store.put(p)
     assert len(store) == 2 and store.dropped == 1 and store.nbytes <= store.max_bytes
-    assert store.take("A poem about the sea: and more") is None  # dropped first
-    got = store.take("A poem about the moon: the moon is")
-    assert got is not None and got.conversation == "conv-moon" and len(store) == 1
+    assert store.find("A poem about the sea: and more") == (None, 0)  # dropped first
+    got, kept = store.find("A poem about the moon: the moon is")
+    assert got is not None and got.conversation == "conv-moon" and kept > 0
+    store.remove(got)
+    assert len(store) == 1 and store.find("A poem about the moon: the moon is") == (None, 0)
     assert not ParkingStore(max_bytes=size // 2).put(states[0])  # larger than the whole store
 
 

@@ -80,13 +80,6 @@ class ParkingStore:
                 best, best_n = item, n
         return best, best_n
 
-    def take(self, prompt: str) -> Parked | None:
-        """Remove and return the parked conversation that would keep the most tokens of ``prompt``."""
-        best, _ = self.find(prompt)
-        if best is not None:
-            self.remove(best)
-        return best
-
     def remove(self, item: Parked) -> None:
         del self._items[item.conversation]
         self.nbytes -= item.nbytes
