@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from infokv_local.bench import decode_fidelity as D
+from infokv_local.bench import divergence as DV
 from infokv_local.bench import evidence_cli
 from infokv_local.bench import task_data as TD
 from infokv_local.bench import tasks as T
@@ -225,6 +226,51 @@ def test_compare_pairs_two_logs_of_the_same_items(tmp_path: Path, capsys) -> Non
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert evidence_cli.main(["compare", str(a), str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reference, other, kind, numbers", [
+    ("So 80 + 150 = 230.", "So 8 + 15 = 23.", DV.NUMBER_COPIED, ("80", "8")),  # 80 is in the question
+    ("So 80 + 150 = 230.", "So 80 + 15 = 23.", DV.NUMBER_NEW, ("150", "15")),
+    ("Total: 49.50 + 67", "Total: 49 + 67", DV.NUMBER_COPIED, ("49.50", "49")),
+    ("Earns 700 + 450", "Earns 750 + 450", DV.NUMBER_COPIED, ("700", "750")),
+    ("We know 80. Then", "We know 80, then", DV.OTHER, None),  # the same number, then other text
+    ("Step 3: add", "Step three: add", DV.NUMBER_NEW, ("3", None)),
+    ("a b c", "a b d", DV.OTHER, None),
+    ("same", "same", DV.SAME, None),
+])
+def test_divergence_classifies_where_two_replies_part(reference: str, other: str, kind: str, numbers) -> None:
+    got = DV.classify(reference, other, context="He pays 80 dollars, then 49.50 and 700 more.")
+    assert got["kind"] == kind
+    if numbers is not None:
+        assert (got["reference_number"], got["other_number"]) == numbers
+    if kind != DV.SAME:  # the snippets mark where the texts part
+        before, after = got["reference"].split("⟨")
+        assert reference[:got["at"]].endswith(before) and after.startswith(reference[got["at"]:][:5])
+        assert got["other"].split("⟨")[1].startswith(other[got["at"]:][:5])
+
+
+def test_diverge_command_reads_lost_and_won_answers(tmp_path: Path, capsys) -> None:
+    def rec(i: int, policy: str, ok: bool, text: str, spec: str = "256") -> dict:
+        return {"task": "decode-pressure", "model": "m", "length": None, "item_id": f"q-{i}", "policy": policy,
+                "budget_spec": "full" if policy == "full" else spec, "correct": ok, "text": text}
+
+    log = [rec(0, "full", True, "a is 80 so 80 + 1 = 81"), rec(0, "infokv", False, "a is 80 so 8 + 1 = 9"),
+           rec(1, "full", False, "b is 7 then x"), rec(1, "infokv", True, "b is 7 then y"),
+           rec(2, "full", True, "same"), rec(2, "infokv", True, "same"),
+           rec(3, "full", True, "c"), rec(3, "infokv", False, "d", spec="128")]
+    rows = DV.divergences(log, "infokv", budget="256")
+    assert [(r["item_id"], r["outcome"], r["kind"]) for r in rows] == [("q-0", "lost", DV.NUMBER_COPIED),
+                                                                       ("q-1", "won", DV.OTHER)]
+    assert DV.counts(rows) == {"lost": {DV.NUMBER_COPIED: 1}, "won": {DV.OTHER: 1}}
+    assert len(DV.divergences(log, "infokv")) == 3  # every budget
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in log))
+    assert evidence_cli.main(["diverge", str(path), "--policy", "infokv", "--budget", "256",
+                              "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "lost against full: 1 (1 number copied, written differently)" in out and "| q-1 | 256 | won |" in out
+    assert json.loads((tmp_path / "d.json").read_text())["counts"]["won"] == {DV.OTHER: 1}
+    assert evidence_cli.main(["diverge", str(tmp_path / "none.jsonl"), "--policy", "infokv"]) == 2
 
 
 # ---- tiny real runs on SmolLM2 -------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,41 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_diverge_cmd(args: argparse.Namespace) -> int:
+    """Where a policy's replies leave the reference's on the answers it loses or wins against it, and whether a
+    number changed there (:mod:`.divergence`)."""
+    from . import divergence as D
+    from .jsonl import read_log
+    from .task_data import load_questions
+
+    src = Path(args.jsonl)
+    if not src.exists():
+        print(f"error: {src} does not exist", file=sys.stderr)
+        return 2
+    records = list(read_log(src))
+    questions: dict[str, str] = {}
+    if any(str(r.get("item_id", "")).startswith("gsm8k-") for r in records):
+        by_id = {q["id"]: q["question"] for q in load_questions(args.questions)}
+        for r in records:
+            m = re.match(r"gsm8k-([^@]+)", str(r.get("item_id", "")))
+            if m and m.group(1) in by_id:
+                questions[r["item_id"]] = by_id[m.group(1)]
+    rows = D.divergences(records, args.policy, against=args.against, budget=args.budget, questions=questions)
+    if not rows:
+        print(f"{args.policy} and {args.against} agree on every item both answered in {src}")
+        return 0
+    print(D.markdown(rows))
+    tally = D.counts(rows)
+    for outcome in ("lost", "won"):
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(tally[outcome].items(), key=lambda kv: -kv[1]))
+        print(f"\n{outcome} against {args.against}: {sum(tally[outcome].values())}" + (f" ({kinds})" if kinds else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"source": str(src), "policy": args.policy, "against": args.against,
+                                               "budget": args.budget, "counts": tally, "items": rows}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def markdown_tasks(results: list[dict]) -> str:
     """Markdown: accuracy [Wilson 95%] per policy; InfoKV's paired difference against each baseline."""
     lines = ["| task | length | budget | policy | n | correct | accuracy | Wilson 95% "
@@ -346,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--label-a", default="a", help="the first setting's name in the plot (e.g. probed)")
     cp.add_argument("--label-b", default="b", help="the second setting's name in the plot (e.g. chunked)")
     cp.set_defaults(func=run_compare_cmd)
+    dv = sub.add_parser("diverge", help="where a policy's replies leave the full cache's on the answers it loses or "
+                                        "wins, and whether a number changed there")
+    dv.add_argument("jsonl", help="per-item JSONL of bench tasks")
+    dv.add_argument("--policy", required=True, help="the policy spec as written in the log (e.g. infokv)")
+    dv.add_argument("--against", default="full", help="the reference policy (default: full)")
+    dv.add_argument("--budget", help="only this budget spec (e.g. 256); default: every budget")
+    dv.add_argument("--questions", help="the GSM8K-format JSONL the log's questions came from (default: GSM8K test)")
+    dv.add_argument("--json", help="write the rows and counts here")
+    dv.set_defaults(func=run_diverge_cmd)
     return ap
 
 
