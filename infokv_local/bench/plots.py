@@ -25,6 +25,12 @@ def _error_bar(value: float, interval: tuple[float, float] | list[float]) -> lis
     return [[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]]
 
 
+def _budget_text(spec: str) -> str:
+    """A tasks budget spec for a reader: "r0.25" -> "25.0% of prompt", "256" -> "256 tokens"."""
+    spec = str(spec)
+    return f"{float(spec[1:]):.1%} of prompt" if spec.startswith("r") else f"{spec} tokens"
+
+
 def plot_kl_by_distance(rows: list[dict], path: str | Path) -> Path:
     """Mean KL per distance bucket after the first compression, one line per policy, one panel per budget."""
     budgets = sorted({r["budget"] for r in rows})
@@ -90,8 +96,7 @@ def plot_task_accuracy(results: list[dict], path: str | Path, title: str = "") -
             c, m = _style(p)
             ax.errorbar([x], [r["accuracy"]], yerr=_error_bar(r["accuracy"], r["ci95"]),
                         fmt=m, color=c, capsize=2, label=p if i == 0 else None)
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(budgets))],
-                  [f"{float(b[1:]):.1%} of prompt" if b.startswith("r") else f"{b} tokens" for b in budgets])
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(budgets))], [_budget_text(b) for b in budgets])
     ax.set_ylabel("accuracy (Wilson 95% CI)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
@@ -132,8 +137,7 @@ def plot_paired_accuracy(rows: list[dict], path: str | Path, labels: tuple[str, 
                 ax.text(i, 1.06, f"McNemar p={r['mcnemar_p']:.3f}", ha="center", fontsize=7)
         ax.set_xticks(range(len(sub)), [f"{r['policy']}\n(n={r['n']})" for r in sub], fontsize=8)
         ax.set_xlim(-0.6, len(sub) - 0.4)
-        budget_text = f"{float(budget[1:]):.1%} of prompt" if str(budget).startswith("r") else f"{budget}"
-        ax.set_title((f"{length}-token prompts, " if length else "") + f"budget {budget_text}", fontsize=9)
+        ax.set_title((f"{length}-token prompts, " if length else "") + f"budget {_budget_text(budget)}", fontsize=9)
     axes[0][0].set_ylabel("accuracy (Wilson 95% CI)")
     axes[0][0].set_ylim(-0.02, 1.12)
     for ax in axes[0]:
