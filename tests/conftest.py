@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,13 @@ def long_tokens(model: Model) -> list[int]:
     toks = model.tokenize(haystack_essay("siliconvalley.txt"))
     assert len(toks) >= 3000
     return toks[:3000]
+
+
+@pytest.fixture
+def sigint_delivered():
+    """Ctrl-C raises KeyboardInterrupt here and in the processes this test starts, as in a terminal, even when the
+    suite itself was started with SIGINT ignored (a background job of a non-interactive shell: ``make test &``).
+    A caught signal is reset to its default in a child at exec, an ignored one stays ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

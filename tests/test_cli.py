@@ -164,7 +164,7 @@ def test_batch_resumes_after_being_killed(tmp_path):
     assert {r["id"]: r["text"] for r in read_jsonl(fresh)} == {r["id"]: r["text"] for r in rows}
 
 
-def test_batch_ctrl_c_keeps_finished_items(tmp_path):
+def test_batch_ctrl_c_keeps_finished_items(tmp_path, sigint_delivered):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, [{"id": i, "prompt": "Once upon a time", "max_tokens": 60} for i in range(10)])
     proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL],

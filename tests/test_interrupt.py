@@ -33,7 +33,7 @@ def assert_consistent(eng: Engine) -> None:
     assert idx.max() == n_decoded - 1 and pos.max() == eng.n_past - 1  # the newest token is cached, at n_past - 1
 
 
-def test_sigint_is_held_back_inside_a_block_and_delivered_after():
+def test_sigint_is_held_back_inside_a_block_and_delivered_after(sigint_delivered):
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with sigint_deferred():
@@ -43,7 +43,7 @@ def test_sigint_is_held_back_inside_a_block_and_delivered_after():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_sigint_at_random_moments_never_desynchronises_the_engine(model):
+def test_sigint_at_random_moments_never_desynchronises_the_engine(model, sigint_delivered):
     """Interrupt generation 25 times at random moments (inside llama_decode most of the time): each
     time the engine's records match llama.cpp's cells and the conversation goes on."""
     rng = np.random.default_rng(7)
@@ -107,7 +107,7 @@ class _Reader(threading.Thread):
             time.sleep(0.01)
 
 
-def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation():
+def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation(sigint_delivered):
     """`chat --budget 128 --buffer 32 --ignore-eos`: Ctrl-C (SIGINT) while each of two long answers streams,
     one at the input prompt, then ask something else: it answers, and the chat exits 0 at the end of its input.
     (--ignore-eos: an answer ends only at --max-tokens, so the signal never races the end of an answer; greedy
