@@ -10,6 +10,7 @@ a ``bench tasks`` log after the run; nothing is re-generated.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -26,13 +27,7 @@ SAME = "same text"
 def first_difference(a: str, b: str) -> int | None:
     """Index of the first character where ``a`` and ``b`` differ (the shorter one's length if one is a prefix of
     the other); None when they are equal."""
-    if a == b:
-        return None
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    return None if a == b else len(os.path.commonprefix([a, b]))
 
 
 def number_at(text: str, i: int) -> tuple[int, str] | None:
