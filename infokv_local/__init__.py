@@ -16,6 +16,8 @@ from .errors import (
     InvalidTextError,
     ModelFileError,
     PolicyError,
+    PromptTooLongError,
+    RequestCancelled,
     UnpatchedLibraryError,
     UnsupportedArchitectureError,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "InvalidTextError",
     "PolicyError",
     "ModelFileError",
+    "PromptTooLongError",
+    "RequestCancelled",
     "UnpatchedLibraryError",
     "UnsupportedArchitectureError",
     "default_model_path",

@@ -17,7 +17,7 @@ import bisect
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -382,18 +382,11 @@ class Engine:
         Possible only while all those tokens are still cached (the most recent ones always are, up
         to ``n_recent``); returns False, changing nothing, otherwise.
         """
-        if not 0 <= n_tokens <= len(self.tokens):
-            raise ValueError(f"cannot truncate {len(self.tokens)} tokens to {n_tokens}")
-        # decide first (nothing changes on False), then change
+        tail = self._truncated_cells(n_tokens)
+        if tail is None:
+            return False
         drop_pending = self._pending is not None and n_tokens < len(self.tokens)
-        n_decoded = len(self.tokens) - (self._pending is not None)
-        k = max(n_decoded - n_tokens, 0)
-        tail = np.empty(0, dtype=np.int32)
-        if k:
-            cells, _ = self.ctx.cell_map()
-            tail = cells[self._cell_token[cells] >= n_tokens]
-            if len(tail) != k:
-                return False
+        k = len(tail)
         with sigint_deferred():
             if drop_pending:
                 self.tokens.pop()
@@ -410,6 +403,22 @@ class Engine:
                 self._note_recent_holes()
         return True
 
+    def can_truncate(self, n_tokens: int) -> bool:
+        """Whether :meth:`truncate` to ``n_tokens`` would succeed (nothing changes)."""
+        return self._truncated_cells(n_tokens) is not None
+
+    def _truncated_cells(self, n_tokens: int) -> np.ndarray | None:
+        """The cells a truncation to ``n_tokens`` removes, or None when some of those tokens are evicted."""
+        if not 0 <= n_tokens <= len(self.tokens):
+            raise ValueError(f"cannot truncate {len(self.tokens)} tokens to {n_tokens}")
+        n_decoded = len(self.tokens) - (self._pending is not None)
+        k = max(n_decoded - n_tokens, 0)
+        if not k:
+            return np.empty(0, dtype=np.int32)
+        cells, _ = self.ctx.cell_map()
+        tail = cells[self._cell_token[cells] >= n_tokens]
+        return tail if len(tail) == k else None
+
     def _note_recent_holes(self) -> None:
         """After a truncation or a restore: the positions now among the most recent ``n_recent`` that were
         evicted earlier, when they were not recent (the invariant check must not count them as evicted
@@ -419,7 +428,8 @@ class Engine:
         self._recent_holes = set(recent[~np.isin(recent, pos)].tolist())
 
     # ---- feeding tokens --------------------------------------------------------------------
-    def feed(self, tokens: Sequence[int], all_logits: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
+    def feed(self, tokens: Sequence[int],
+             all_logits: bool = False) -> Generator[tuple[int, np.ndarray | None], None, None]:
         """Feed tokens (a prompt, or teacher forcing) chunk by chunk, evicting as the budget requires.
 
         Yields ``(start, logits)`` per chunk: the chunk's first index within ``tokens`` and, with

@@ -62,6 +62,16 @@ class InvalidTextError(InfoKVError, ValueError):
     """Text that cannot be turned into tokens (e.g. lone surrogates that stand for no bytes)."""
 
 
+class PromptTooLongError(InfoKVError, ValueError):
+    """A prompt that would need more tokens read than the request allows (``max_prompt_tokens``); nothing was
+    read or changed."""
+
+
+class RequestCancelled(InfoKVError):
+    """A request stopped before it finished because its ``cancel`` event was set (its client went away, or
+    the server is stopping); the cache keeps what was read and generated until then."""
+
+
 class RpcError(InfoKVError):
     """An RPC server (``--rpc``) that is malformed, unreachable or does not answer as llama.cpp's does, or an
     RPC server that cannot start."""
@@ -69,6 +79,7 @@ class RpcError(InfoKVError):
 
 __all__ = [
     "BatchInputError", "BudgetError", "CacheFull", "CacheSettingsError", "ContextFullError", "DecodeError",
-    "EmptyPromptError", "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "RpcError",
+    "EmptyPromptError", "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "PromptTooLongError",
+    "RequestCancelled", "RpcError",
     "UnpatchedLibraryError", "UnsupportedArchitectureError",
 ]

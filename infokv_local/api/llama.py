@@ -189,10 +189,10 @@ class InfoKVLlama(ChatMixin):
         """Tokens of the conversation held now (cached or evicted), as ``Llama.n_tokens``."""
         return len(self.engine.tokens)
 
-    def reusable_tokens(self, prompt: str) -> int:
-        """How many tokens of the conversation held now a completion of ``prompt`` would keep instead of
-        prefilling them (at most; 0: it starts over). Reads no llama.cpp state: a server asks every idle
-        instance which one should take a request."""
+    def reusable_tokens(self, prompt: str | bytes) -> int:
+        """How many tokens of the conversation held now a completion of ``prompt`` (text, or its UTF-8 bytes)
+        would keep instead of prefilling them (at most; 0: it starts over). Reads no llama.cpp state: a
+        server asks every idle instance which one should take a request."""
         return self._prompt.reusable(prompt, len(self.engine.tokens))
 
     def export_state(self) -> SavedConversation:
@@ -235,7 +235,7 @@ class SavedConversation:
     def nbytes(self) -> int:
         return self.engine.nbytes + sum(len(b) for b, _ in self.segments)
 
-    def reusable_tokens(self, prompt: str) -> int:
+    def reusable_tokens(self, prompt: str | bytes) -> int:
         """As :meth:`InfoKVLlama.reusable_tokens`, for this conversation once imported."""
         cache = PromptCache()
         cache.restore(self.segments)

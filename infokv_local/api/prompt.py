@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ..engine import Engine
 from ..model import Model, text_bytes
@@ -49,6 +52,18 @@ def prompt_of(value: str | bytes) -> str:
     return value
 
 
+@dataclass
+class PromptPlan:
+    """What a request does with the cache before it generates (:meth:`PromptCache.plan`): keep the first
+    ``kept_tokens`` cached tokens (the first ``kept_segments`` pieces; 0: start over), then feed ``tokens``,
+    the tokens of ``data``."""
+
+    kept_tokens: int
+    kept_segments: int
+    data: bytes
+    tokens: list[int]
+
+
 class PromptCache:
     """The sequence's text as (bytes, n_tokens) pieces: prompt chunks fed and generated tokens.
 
@@ -90,36 +105,76 @@ class PromptCache:
             kept_tokens -= n
         return kept_bytes, kept_tokens, n_segments
 
-    def reusable(self, prompt: str, n_cached: int) -> int:
-        """How many of the ``n_cached`` tokens of the sequence a request with ``prompt`` would keep (at
-        most: tokens after them that were evicted make :meth:`tokens_for` start over); 0 for a prompt
-        that is not valid text (its request will say why)."""
-        try:
-            data = text_bytes(prompt)
-        except ValueError:
-            return 0
-        return self._kept(data, n_cached)[1]
+    def reusable(self, prompt: str | bytes, n_cached: int) -> int:
+        """How many of the ``n_cached`` tokens of the sequence a request with ``prompt`` (text, or its UTF-8
+        bytes from :func:`~infokv_local.model.text_bytes`) would keep (at most: tokens after them that were
+        evicted make :meth:`plan` start over); 0 for a prompt that is not valid text (its request will say why)."""
+        if isinstance(prompt, str):
+            try:
+                prompt = text_bytes(prompt)
+            except ValueError:
+                return 0
+        return self._kept(prompt, n_cached)[1]
 
-    def tokens_for(self, e: Engine, model: Model, prompt: str, add_bos: bool) -> tuple[list[int], int]:
-        """The tokens to feed for ``prompt`` and how many cached tokens are kept as its beginning.
+    def plan(self, e: Engine, model: Model, prompt: str, add_bos: bool, limit: int | None = None,
+             cancel: threading.Event | None = None, lock: threading.Lock | None = None) -> PromptPlan:
+        """What a request with ``prompt`` keeps of the cache and what it feeds; changes nothing.
 
         The cache is kept for the longest run of whole pieces (prompt chunks fed earlier, generated
-        tokens) that begins ``prompt``; tokens after that are dropped if still cached, otherwise
-        the cache is cleared and the whole prompt is fed.
+        tokens) that begins ``prompt``, when every cached token after them can be dropped; otherwise
+        the whole prompt is fed after a reset. ``limit``: the most tokens the request may feed
+        (:class:`~infokv_local.errors.PromptTooLongError` beyond, found without tokenizing all of a huge
+        prompt); ``cancel`` stops the tokenizing (:class:`~infokv_local.errors.RequestCancelled`).
+        ``lock`` is taken to read the engine's cells (not while tokenizing).
         """
         data = text_bytes(prompt)  # undecodable input (surrogate-escaped) comes back as its bytes
         kept_bytes, kept_tokens, n_segments = self._kept(data, len(e.tokens))
-        if n_segments and e.truncate(kept_tokens):
-            del self._segments[n_segments:]
-            rest = data[kept_bytes:]
-            tokens = model.tokenize(rest, add_special=False, parse_special=True) if rest else []
-            self._add_fed(model, rest, tokens)
-            return tokens, kept_tokens
-        e.reset()
-        tokens = model.tokenize(prompt, add_special=add_bos, parse_special=True)
-        self._segments = []
-        self._add_fed(model, data, tokens)
-        return tokens, 0
+        if n_segments:
+            with lock or contextlib.nullcontext():
+                if not e.can_truncate(kept_tokens):
+                    n_segments = 0
+        if n_segments:
+            data, add_special, kept = data[kept_bytes:], False, (kept_tokens, n_segments)
+        else:
+            add_special, kept = add_bos, (0, 0)
+        if not data and not add_special:
+            tokens: list[int] = []
+        elif limit is None:
+            tokens = model.tokenize(data, add_special=add_special, parse_special=True)
+        else:
+            what = "the part of the prompt not cached" if n_segments else "the prompt"
+            tokens = model.tokenize_bounded(data, limit, add_special=add_special, parse_special=True, cancel=cancel,
+                                            what=what)
+        return PromptPlan(kept_tokens=kept[0], kept_segments=kept[1], data=data, tokens=tokens)
+
+    def apply(self, e: Engine, plan: PromptPlan) -> None:
+        """Drop what ``plan`` does not keep: the engine is truncated to the kept tokens (or reset)."""
+        if plan.kept_segments:
+            if not e.truncate(plan.kept_tokens):
+                raise RuntimeError("the cache changed between planning and applying a prompt")
+            del self._segments[plan.kept_segments:]
+        else:
+            e.reset()
+            self._segments = []
+
+    def add_fed(self, model: Model, plan: PromptPlan, n_fed: int) -> None:
+        """Record the first ``n_fed`` of ``plan``'s tokens as read (all of them, or fewer when the reading
+        stopped part way: then as one piece of the bytes they print, when ``plan.data`` begins with those;
+        otherwise the pieces no longer add up to the sequence and the next prompt starts over)."""
+        tokens = plan.tokens
+        if n_fed == len(tokens):
+            self._add_fed(model, plan.data, tokens)
+            return
+        if n_fed == 0:
+            return
+        start = 1 if tokens[0] == model.bos_token_id and not plan.kept_segments else 0
+        fed = b"".join(token_bytes(model, t, special=True) for t in tokens[start:n_fed])
+        if not plan.data.startswith(fed) and fed[:1] == b" " and plan.data.startswith(fed[1:]):
+            fed = fed[1:]  # SentencePiece's space before the first word, which the text does not have
+        if plan.data.startswith(fed):
+            self._segments.append((fed, n_fed))
+        else:
+            self._segments = []
 
     def _add_fed(self, model: Model, data: bytes, tokens: list[int]) -> None:
         """Record a fed prompt chunk as two pieces, its last token apart, so that the same prompt again

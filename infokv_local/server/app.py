@@ -1,13 +1,19 @@
 """The FastAPI application: OpenAI's endpoints, ``/v1/kv``, ``/metrics``, ``/health``.
 
 Generation runs in a worker thread per request that pushes chunks to the event loop; the loop
-only routes, formats and sends, so it never blocks. A client that goes away mid-stream sets a
-flag the worker checks between tokens: the generation stops and the slot is freed.
+only routes and sends: parsing a body, templating and encoding a prompt run in threads too, so
+that a huge request never holds up the others. A client that goes away, wherever its request
+is (waiting for a slot, its prompt being tokenized or read, its reply being generated), cancels
+it: a queued request leaves the queue at once, a running one stops at its next prompt chunk or
+token and frees its slot, whose conversation stays as far as it got (parked as usual). When the
+server stops (SIGTERM, Ctrl-C), every request in flight is cancelled the same way and answered
+with a 503, or an error event in a stream that had begun.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -24,12 +30,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InfoKVError
+from ..errors import InfoKVError, PromptTooLongError, RequestCancelled
+from ..model import text_bytes
 from ..policies import make_policy
 from ..settings import DEFAULTS
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, _Sampling, validation_param
-from .slots import Lease, QueueFull, SlotPool
+from .slots import Abandoned, Lease, QueueFull, SlotPool
+from .worker import ClientGone, ServerStopping, Watch, Worker
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ServerSettings:
     prompt_probe: bool = DEFAULTS.prompt_probe
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
+    max_prompt_tokens: int | None = None  # prompt tokens a request may have to read (None: no limit)
     retry_after_s: int = 2
     model_aliases: tuple[str, ...] = ()
 
@@ -62,63 +71,37 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
+
     def response(self) -> JSONResponse:
-        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
-
-
-_DONE = object()
-
-
-class _Worker:
-    """Runs one request's chunk iterator in a thread and hands the chunks to the event loop."""
-
-    def __init__(self, make: Callable[[], Iterator[dict[str, Any]]], executor: ThreadPoolExecutor) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.cancel = threading.Event()
-        self.future = self.loop.run_in_executor(executor, self._run, make)
-
-    def _run(self, make: Callable[[], Iterator[dict[str, Any]]]) -> None:
-        put = self.queue.put_nowait
-        try:
-            chunks = make()
-            try:
-                for chunk in chunks:
-                    self.loop.call_soon_threadsafe(put, chunk)
-                    if self.cancel.is_set():
-                        break
-            finally:
-                chunks.close()  # type: ignore[attr-defined]  # leaves the slot's cache consistent
-        except BaseException as e:  # noqa: BLE001 (handed to the event loop)
-            self.loop.call_soon_threadsafe(put, e)
-        finally:
-            self.loop.call_soon_threadsafe(put, _DONE)
-
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            item = await self.queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def stop(self) -> None:
-        """Cancel (if still running) and wait for the thread to finish, even inside a cancelled scope."""
-        self.cancel.set()
-        with anyio.CancelScope(shield=True):
-            await self.future
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
-    """The application serving ``pool``'s slots."""
+    """The application serving ``pool``'s slots. ``app.state.request_stop()`` (safe in a signal handler)
+    cancels every request in flight and refuses new ones: the first step of a shutdown."""
+    stopping = asyncio.Event()
+    loop: list[asyncio.AbstractEventLoop] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        loop.append(asyncio.get_running_loop())
+        yield
+        stopping.set()
+
+    def request_stop() -> None:
+        if loop and not loop[0].is_closed():
+            loop[0].call_soon_threadsafe(stopping.set)
+
     app = FastAPI(title="infokv-local", description="OpenAI-compatible server with a fixed KV budget per slot",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=len(pool.slots) + 1, thread_name_prefix="infokv-gen")
     started = int(time.time())
     app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
+    app.state.request_stop, app.state.executor = request_stop, executor
     accepted = {settings.model_id, settings.model_path, *settings.model_aliases}
     formatter = pool.slots[0].llm._chat_formatter
 
@@ -146,7 +129,11 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", param=None,
                            code="invalid_api_key")
 
-    async def read_json(request: Request) -> dict[str, Any]:
+    def refuse_if_stopping() -> None:
+        if stopping.is_set():
+            raise _stopping_error()
+
+    async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             raise APIError(413, f"request body over {settings.max_body_bytes} bytes", code="request_too_large")
@@ -155,15 +142,16 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             body += part
             if len(body) > settings.max_body_bytes:
                 raise APIError(413, f"request body over {settings.max_body_bytes} bytes", code="request_too_large")
+        return bytes(body)
+
+    def parse(model: type[_Sampling], body: bytes) -> Any:
+        """The request from its body (run in a thread: a body of megabytes takes a while to parse)."""
         try:
             data = json.loads(body)
         except ValueError as e:
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from e
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
-        return data
-
-    def parse(model: type[_Sampling], data: dict[str, Any]) -> Any:
         try:
             req = model.model_validate(data)
         except ValidationError as e:
@@ -193,144 +181,201 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 budget = req.infokv.budget
         return policy, budget
 
-    async def generate(request: Request, endpoint: str, req: _Sampling, prompt: str,
-                       call: Callable[[Lease], Iterator[dict[str, Any]]], kind: str) -> Response:
-        policy, budget = cache_settings(req)
+    def request_error(e: Exception, prompt_param: str) -> APIError:
+        """The 400 of an error the request's generation raised about its input."""
+        if isinstance(e, PromptTooLongError):
+            return APIError(400, f"{e}; this server reads at most {settings.max_prompt_tokens} prompt tokens per "
+                                 f"request (--max-prompt-tokens)", param=prompt_param,
+                            code="context_length_exceeded")
+        return APIError(400, str(e), code="invalid_value")
+
+    def ended(watch: Watch) -> Response:
+        """The answer to a request cut short by its client's disconnect (nobody reads it) or the server's stop."""
         try:
-            lease = await pool.acquire(prompt)
-        except QueueFull as e:
-            metrics.rejected_queue_full += 1
-            raise APIError(503, "all slots are busy and the queue is full; retry later", type_="server_error",
-                           code="queue_full", headers={"Retry-After": str(settings.retry_after_s)}) from e
-        slot = lease.slot
-        try:
-            args = slot.llm._engine_args
-            if (args["policy"], args["budget"]) != (policy, budget):
-                try:
-                    await anyio.to_thread.run_sync(lambda: slot.llm.configure(policy=policy, budget=budget))
-                except ValueError as e:
-                    raise APIError(400, str(e), param="infokv", code="invalid_value") from e
-            kv_before = await anyio.to_thread.run_sync(slot.llm.kv_stats)
-        except BaseException:
-            await pool.release(slot, keep=False)
-            raise
-        worker = _Worker(lambda: call(lease), executor)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def decorate(chunk: dict[str, Any]) -> dict[str, Any]:
-            chunk["model"] = settings.model_id
-            if "kv" in chunk:
-                chunk["kv"]["slot"] = slot.id
-                chunk["kv"]["conversation"] = lease.conversation
-                chunk["kv"]["restored"] = lease.action == "restore"
-                slot.kv = chunk["kv"]
-            return chunk
-
-        async def finish(keep: bool, usage: dict[str, Any] | None) -> None:
-            with anyio.CancelScope(shield=True):  # also when the client went away (a cancelled task)
-                await worker.stop()
-                if usage is not None:
-                    metrics.finished(usage, kv_before)
-                await pool.release(slot, keep)
-
-        if req.stream:
-            stream = worker.chunks()
-            try:  # the prompt is read before the response starts: its errors get a status of their own
-                first: dict[str, Any] | None = await stream.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except (InfoKVError, ValueError) as e:
-                await finish(False, None)
-                raise APIError(400, str(e), code="invalid_value") from e
-            except BaseException:
-                await finish(False, None)
-                raise
-
-            async def rest() -> AsyncIterator[dict[str, Any]]:
-                if first is not None:
-                    yield first
-                    async for c in stream:
-                        yield c
-
-            async def events() -> AsyncIterator[str]:
-                usage = None
-                keep = True  # also after a disconnect: the cache is left consistent
-                done = False
-                ready: list[str] = []  # events not sent yet: sent together when the loop lags behind
-                try:
-                    async for chunk in rest():
-                        chunk = decorate(chunk)
-                        if "usage" in chunk:
-                            usage = chunk["usage"]
-                        elif include_usage:
-                            chunk["usage"] = None
-                        ready.append(f"data: {json.dumps(chunk)}\n\n")
-                        if worker.queue.empty():
-                            yield "".join(ready)
-                            ready.clear()
-                    if ready:
-                        yield "".join(ready)
-                    if include_usage and usage is not None:
-                        last = {"id": chunk["id"], "object": chunk["object"], "created": chunk["created"],
-                                "model": settings.model_id, "choices": [], "usage": usage}
-                        yield f"data: {json.dumps(last)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    done = True
-                except Exception as e:  # noqa: BLE001 (reported in the stream: the headers are gone)
-                    keep, done = False, True
-                    err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                finally:
-                    if not done:  # the client went away (seen here, or the response task was cancelled)
-                        metrics.cancelled += 1
-                    await finish(keep, usage)
-
-            metrics.request(endpoint, 200)
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-        chunks: list[dict[str, Any]] = []
-        keep = False
-        usage = None
-        try:
-            n = 0
-            async for chunk in worker.chunks():
-                chunks.append(decorate(chunk))
-                usage = chunk.get("usage", usage)
-                n += 1
-                if n % 8 == 0 and await request.is_disconnected():
-                    metrics.cancelled += 1
-                    break
-            keep = True  # after a disconnect too: the cache is left consistent
-        except (InfoKVError, ValueError) as e:
-            raise APIError(400, str(e), code="invalid_value") from e
-        finally:
-            await finish(keep, usage)
-        if usage is None:  # cancelled
+            watch.check()
+        except ClientGone:
+            metrics.cancelled += 1
             return Response(status_code=499)
-        metrics.request(endpoint, 200)
-        return JSONResponse(_join(chunks, kind))
+        except ServerStopping as e:
+            raise _stopping_error() from e
+        raise AssertionError("the request was not cut short")
+
+    async def generate(request: Request, endpoint: str, req: _Sampling, prompt: str,
+                       call: Callable[[Lease, threading.Event], Iterator[dict[str, Any]]], kind: str,
+                       prompt_param: str) -> Response:
+        policy, budget = cache_settings(req)
+        watch = Watch(request.receive, stopping)
+        streaming = False
+        try:
+            watch.on_end(lambda: asyncio.ensure_future(pool.wake()))
+            try:
+                data = await anyio.to_thread.run_sync(text_bytes, prompt)
+            except ValueError:
+                data = b""  # not text: matches no cache; the generation says why
+            try:
+                lease = await pool.acquire(data, abandoned=lambda: watch.ended)
+            except QueueFull as e:
+                metrics.rejected_queue_full += 1
+                raise APIError(503, "all slots are busy and the queue is full; retry later", type_="server_error",
+                               code="queue_full", headers={"Retry-After": str(settings.retry_after_s)}) from e
+            except Abandoned:
+                return ended(watch)
+            slot = lease.slot
+            try:
+                args = slot.llm._engine_args
+                if (args["policy"], args["budget"]) != (policy, budget):
+                    try:
+                        await anyio.to_thread.run_sync(lambda: slot.llm.configure(policy=policy, budget=budget))
+                    except ValueError as e:
+                        raise APIError(400, str(e), param="infokv", code="invalid_value") from e
+                kv_before = await anyio.to_thread.run_sync(slot.llm.kv_stats)
+            except BaseException:
+                await pool.release(slot, keep=False)
+                raise
+            worker = Worker(lambda cancel: call(lease, cancel), executor)
+            watch.on_end(worker.cancel.set)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def decorate(chunk: dict[str, Any]) -> dict[str, Any]:
+                chunk["model"] = settings.model_id
+                if "kv" in chunk:
+                    chunk["kv"]["slot"] = slot.id
+                    chunk["kv"]["conversation"] = lease.conversation
+                    chunk["kv"]["restored"] = lease.action == "restore"
+                    slot.kv = chunk["kv"]
+                return chunk
+
+            async def finish(keep: bool, usage: dict[str, Any] | None) -> None:
+                with anyio.CancelScope(shield=True):  # also when the client went away (a cancelled task)
+                    await worker.stop()
+                    if usage is not None:
+                        metrics.finished(usage, kv_before)
+                    await pool.release(slot, keep)
+
+            if req.stream:
+                stream = worker.chunks()
+                try:  # the prompt is read before the response starts: its errors get a status of their own
+                    first: dict[str, Any] | None = await stream.__anext__()
+                except StopAsyncIteration:
+                    first = None
+                except RequestCancelled:
+                    await finish(True, None)
+                    return ended(watch)
+                except (InfoKVError, ValueError) as e:
+                    await finish(isinstance(e, PromptTooLongError), None)  # a refused prompt changed nothing
+                    raise request_error(e, prompt_param) from e
+                except BaseException:
+                    await finish(False, None)
+                    raise
+                if first is None:  # cancelled right after the prompt
+                    await finish(True, None)
+                    return ended(watch)
+
+                async def events() -> AsyncIterator[str]:
+                    usage = None
+                    keep = True  # also after a disconnect: the cache is left consistent
+                    done = False  # the response is complete (its end, or an error event, was sent)
+                    ready: list[str] = []  # events not sent yet: sent together when the loop lags behind
+                    chunk = first
+                    try:
+                        try:
+                            async for chunk in _chain([first], stream):
+                                chunk = decorate(chunk)
+                                if "usage" in chunk:
+                                    usage = chunk["usage"]
+                                elif include_usage:
+                                    chunk["usage"] = None
+                                ready.append(f"data: {json.dumps(chunk)}\n\n")
+                                if worker.queue.empty():
+                                    yield "".join(ready)
+                                    ready.clear()
+                            if usage is None:  # the worker stopped: cancelled
+                                raise RequestCancelled("the request was cancelled")
+                        except RequestCancelled:
+                            if watch.gone.is_set() or not watch.stopping.is_set():
+                                return  # the client went: nothing to send
+                            ready.append(_event(_stopping_error().body()))
+                            yield "".join(ready)
+                            done = True
+                            return
+                        if ready:
+                            yield "".join(ready)
+                        if include_usage and usage is not None:
+                            last = {"id": chunk["id"], "object": chunk["object"], "created": chunk["created"],
+                                    "model": settings.model_id, "choices": [], "usage": usage}
+                            yield _event(last)
+                        yield "data: [DONE]\n\n"
+                        done = True
+                    except Exception as e:  # noqa: BLE001 (reported in the stream: the headers are gone)
+                        keep, done = False, True
+                        yield _event({"error": {"message": str(e), "type": "server_error", "param": None,
+                                                "code": None}})
+                    finally:
+                        watch.close()
+                        if not done:  # the client went away (seen here, or the response task was cancelled)
+                            metrics.cancelled += 1
+                        await finish(keep, usage)
+
+                metrics.request(endpoint, 200)
+                streaming = True
+                return StreamingResponse(events(), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+            chunks: list[dict[str, Any]] = []
+            keep = True  # after a disconnect too: the cache is left consistent
+            usage = None
+            try:
+                async for chunk in worker.chunks():
+                    chunks.append(decorate(chunk))
+                    usage = chunk.get("usage", usage)
+            except RequestCancelled:
+                pass
+            except (InfoKVError, ValueError) as e:
+                keep = isinstance(e, PromptTooLongError)
+                raise request_error(e, prompt_param) from e
+            except BaseException:
+                keep = False
+                raise
+            finally:
+                await finish(keep, usage)
+            if usage is None:  # cancelled
+                return ended(watch)
+            metrics.request(endpoint, 200)
+            return JSONResponse(_join(chunks, kind))
+        finally:
+            if not streaming:
+                watch.close()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_key(request)
-        req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
-        try:
-            messages = req.plain_messages()
-            prompt = formatter()(messages=cast(Any, messages)).prompt
-        except Exception as e:  # noqa: BLE001 (a template that refuses these messages)
-            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from e
+        refuse_if_stopping()
+        body = await read_body(request)
+
+        def prepare() -> tuple[ChatCompletionRequest, list[dict[str, str]], str]:
+            req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
+            try:
+                messages = req.plain_messages()
+                prompt = formatter()(messages=cast(Any, messages)).prompt
+            except Exception as e:  # noqa: BLE001 (a template that refuses these messages)
+                raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from e
+            return req, messages, prompt
+
+        req, messages, prompt = await anyio.to_thread.run_sync(prepare)
         kw = req.sampling_kwargs(default_temperature=1.0)
 
-        def call(lease: Lease) -> Iterator[dict[str, Any]]:
-            return lease.slot.llm.create_chat_completion(messages, max_tokens=req.limit(), stream=True, **kw)
+        def call(lease: Lease, cancel: threading.Event) -> Iterator[dict[str, Any]]:
+            return lease.slot.llm.create_chat_completion(messages, max_tokens=req.limit(), stream=True, cancel=cancel,
+                                                         max_prompt_tokens=settings.max_prompt_tokens, **kw)
 
-        return await generate(request, "/v1/chat/completions", req, prompt, call, "chat")
+        return await generate(request, "/v1/chat/completions", req, prompt, call, "chat", "messages")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check_key(request)
-        req: CompletionRequest = parse(CompletionRequest, await read_json(request))
+        refuse_if_stopping()
+        body = await read_body(request)
+        req: CompletionRequest = await anyio.to_thread.run_sync(parse, CompletionRequest, body)
         try:
             prompt = req.text()
         except ValueError as e:
@@ -339,10 +384,11 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         kw = req.sampling_kwargs(default_temperature=1.0)
 
-        def call(lease: Lease) -> Iterator[dict[str, Any]]:
-            return lease.slot.llm.create_completion(prompt, max_tokens=req.max_tokens, stream=True, **kw)
+        def call(lease: Lease, cancel: threading.Event) -> Iterator[dict[str, Any]]:
+            return lease.slot.llm.create_completion(prompt, max_tokens=req.max_tokens, stream=True, cancel=cancel,
+                                                    max_prompt_tokens=settings.max_prompt_tokens, **kw)
 
-        return await generate(request, "/v1/completions", req, prompt, call, "text")
+        return await generate(request, "/v1/completions", req, prompt, call, "text", "prompt")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -355,8 +401,9 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return JSONResponse({"status": "ok", "slots": len(pool.slots), "slots_idle": len(pool.free_slots()),
-                             "queue": pool.waiting})
+        return JSONResponse({"status": "stopping" if stopping.is_set() else "ok", "slots": len(pool.slots),
+                             "slots_idle": len(pool.free_slots()), "queue": pool.waiting},
+                            status_code=503 if stopping.is_set() else 200)
 
     @app.get("/v1/kv")
     async def kv(request: Request) -> Response:
@@ -382,6 +429,21 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                                  media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _stopping_error() -> APIError:
+    return APIError(503, "the server is shutting down", type_="server_error", code="server_shutdown")
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _chain(first: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 def _join(chunks: list[dict[str, Any]], kind: str) -> dict[str, Any]:

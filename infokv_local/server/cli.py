@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
 
 EXAMPLES = """examples:
   python -m infokv_local serve                                   # SmolLM2-135M on http://127.0.0.1:8000/v1
@@ -49,6 +55,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     s.add_argument("--max-body-kib", type=int, default=4096, help="largest request body (default: 4096 KiB)")
+    s.add_argument("--max-prompt-tokens", type=int,
+                   help="most prompt tokens a request may have to read (those its slot does not hold already); a "
+                        "longer prompt gets a 400 at once (default: what this machine reads in about a minute, "
+                        "measured at start; 0: no limit)")
     s.add_argument("--verbose", action="store_true", help="llama.cpp's log and uvicorn's access log")
     p.set_defaults(func=run)
     return p
@@ -71,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
     from .slots import ParkingStore, SlotPool
 
     try:
-        if args.slots < 1 or args.queue < 0 or args.park_mib < 0 or args.max_body_kib < 1:
-            raise ValueError("--slots and --max-body-kib must be positive, --queue and --park-mib >= 0")
+        if args.slots < 1 or args.queue < 0 or args.park_mib < 0 or args.max_body_kib < 1 or \
+                (args.max_prompt_tokens is not None and args.max_prompt_tokens < 0):
+            raise ValueError("--slots and --max-body-kib must be positive, --queue, --park-mib and "
+                             "--max-prompt-tokens >= 0")
         if not make_policy(args.policy).evicts:
             raise ValueError(f"policy {args.policy!r} does not evict: the server needs a fixed budget per slot")
         if args.verbose:
@@ -91,10 +103,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = Path(model.path)
+    if args.max_prompt_tokens is None:
+        speed = prompt_read_speed(llms[0])
+        max_prompt: int | None = prompt_limit_of(speed)
+        limit_note = (f"prompts of at most {max_prompt} tokens to read per request (about a minute here: "
+                      f"{speed:.0f} tokens/s measured; --max-prompt-tokens)")
+    else:
+        max_prompt = args.max_prompt_tokens or None
+        limit_note = (f"prompts of at most {max_prompt} tokens to read per request" if max_prompt
+                      else "no limit on prompt tokens")
     settings = ServerSettings(
         model_id=path.name, model_path=str(path), policy=args.policy, budget=budget, buffer=args.buffer,
         kv_bytes_per_cell=per_cell, prompt_probe=args.prompt_probe, api_key=args.api_key,
-        max_body_bytes=args.max_body_kib * 1024,
+        max_body_bytes=args.max_body_kib * 1024, max_prompt_tokens=max_prompt,
         model_aliases=(path.stem, *args.model_alias),
     )
     pool = SlotPool(llms, max_queue=args.queue, store=ParkingStore(int(args.park_mib * 2**20)))
@@ -106,16 +127,57 @@ def run(args: argparse.Namespace) -> int:
           f"{args.buffer}) = {args.slots * cap} KV cells = {args.slots * cap * per_cell / mib:.1f} MiB of KV memory at "
           f"most ({per_cell} bytes per cell; llama.cpp allocates {alloc} cells per slot = "
           f"{args.slots * alloc * per_cell / mib:.1f} MiB); parking up to {args.park_mib:g} MiB"
-          + ("; prompt probe on" if args.prompt_probe else ""), flush=True)
+          + ("; prompt probe on" if args.prompt_probe else "") + f"; {limit_note}", flush=True)
     print(f"listening on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                            access_log=args.verbose, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                    access_log=args.verbose)
+        _stopping_server(config, app.state.request_stop).run()
     finally:
+        app.state.request_stop()
+        app.state.executor.shutdown(wait=True, cancel_futures=True)  # cancelled: each ends within a chunk
         for llm in llms:
             llm.close()
         model.close()
     return 0
+
+
+GRACEFUL_SHUTDOWN_S = 3  # after SIGTERM or Ctrl-C, how long the cancelled requests get to send their answers
+
+
+def _stopping_server(config: uvicorn.Config, on_exit: Callable[[], None]) -> uvicorn.Server:
+    """uvicorn's server, which on SIGTERM or Ctrl-C first cancels every request in flight (``on_exit``), so
+    that its graceful shutdown has nothing long to wait for."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def prompt_read_speed(llm: Any) -> float:
+    """Prompt tokens per second ``llm`` reads with its policy: the faster of two reads of a filler prompt of
+    two prompt chunks (the first also warms up). The slot is left empty."""
+    text = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills. " * 64
+    tokens = llm.tokenize(text)[: 2 * llm.engine.chunk]
+    prompt = llm.detokenize(tokens[1:] if tokens[:1] == [llm.model.bos_token_id] else tokens).decode(errors="ignore")
+    best = 0.0
+    for _ in range(2):
+        llm.reset()
+        t0 = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=1, temperature=0)
+        best = max(best, out["usage"]["prompt_tokens"] / max(time.perf_counter() - t0, 1e-6))
+    llm.reset()
+    return best
+
+
+def prompt_limit_of(tokens_per_s: float, seconds: float = 60.0) -> int:
+    """The default ``--max-prompt-tokens``: what ``seconds`` of reading at that speed covers, in whole
+    thousands of tokens (at least 2048)."""
+    return max(2048, int(tokens_per_s * seconds) // 1024 * 1024)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,10 @@ from ..api import InfoKVLlama, SavedConversation
 
 class QueueFull(Exception):
     """Every slot is busy and the queue is full."""
+
+
+class Abandoned(Exception):
+    """The request stopped waiting for a slot: its client went away, or the server is stopping."""
 
 
 @dataclass
@@ -70,7 +75,7 @@ class ParkingStore:
             self.dropped += 1
         return True
 
-    def find(self, prompt: str) -> tuple[Parked | None, int]:
+    def find(self, prompt: bytes) -> tuple[Parked | None, int]:
         """The parked conversation that would keep the most tokens of ``prompt``, and how many (``(None,
         0)`` when none keeps any)."""
         best, best_n = None, 0
@@ -132,17 +137,23 @@ class SlotPool:
     def free_slots(self) -> list[Slot]:
         return [s for s in self.slots if not s.busy]
 
-    async def acquire(self, prompt: str) -> Lease:
-        """A slot for a request with this (formatted) prompt; waits in the queue, or raises QueueFull."""
+    async def acquire(self, prompt: bytes, abandoned: Callable[[], bool] = lambda: False) -> Lease:
+        """A slot for a request with this (formatted) prompt, as UTF-8 bytes; waits in the queue, or raises
+        QueueFull. While it waits, ``abandoned`` is asked again at every :meth:`wake` and at every slot freed:
+        once it is true the request leaves the queue (:class:`Abandoned`)."""
         async with self.cond:
+            if abandoned():
+                raise Abandoned()
             if not self.free_slots():
                 if self.waiting >= self.max_queue:
                     raise QueueFull()
                 self.waiting += 1
                 try:
-                    await self.cond.wait_for(lambda: bool(self.free_slots()))
+                    await self.cond.wait_for(lambda: bool(self.free_slots()) or abandoned())
                 finally:
                     self.waiting -= 1
+                if abandoned():
+                    raise Abandoned()
             free = self.free_slots()
             kept = {s.id: s.llm.reusable_tokens(prompt) if s.conversation is not None else 0 for s in free}
             best = max(free, key=lambda s: (kept[s.id], s.last_used))
@@ -180,6 +191,11 @@ class SlotPool:
             raise
         assert slot.conversation is not None
         return Lease(slot, action, slot.conversation)
+
+    async def wake(self) -> None:
+        """Have the waiting requests ask again whether they were abandoned."""
+        async with self.cond:
+            self.cond.notify_all()
 
     async def _park(self, slot: Slot, conversation: str) -> None:
         try:
