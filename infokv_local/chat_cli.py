@@ -45,22 +45,21 @@ def run_chat(args: argparse.Namespace) -> None:
                 continue
             messages.append({"role": "user", "content": line})
             reply: list[str] = []
-            usage: dict[str, Any] | None = None
+            kv: dict[str, Any] | None = None  # the turn's, from its last chunk (interrupted or not)
             try:
                 for chunk in llm.create_chat_completion(messages, stream=True, **sampling):
+                    kv = chunk["kv"]
                     piece = chunk["choices"][0]["delta"].get("content", "")
                     reply.append(piece)
                     sys.stdout.write(piece)
                     sys.stdout.flush()
-                    usage = chunk.get("usage", usage)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr)
             try:  # the turn is recorded whatever happens; a Ctrl-C now only cuts the summary short
                 with sigint_deferred():
                     messages.append({"role": "assistant", "content": "".join(reply)})
                 print()
-                kv = usage["kv"] if usage else llm.kv_stats()
-                print(f"[{kv_summary(kv)}; {kv['reused_tokens'] if usage else 0} tokens of history reused]",
-                      file=sys.stderr)
+                reused = f"{kv['reused_tokens']} tokens of history reused" if kv else "stopped in the prompt"
+                print(f"[{kv_summary(kv or llm.kv_stats())}; {reused}]", file=sys.stderr)
             except KeyboardInterrupt:
                 print(file=sys.stderr)

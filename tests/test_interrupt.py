@@ -108,8 +108,10 @@ class _Reader(threading.Thread):
 
 
 def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation(sigint_delivered):
-    """`chat --budget 128 --buffer 32 --ignore-eos`: Ctrl-C (SIGINT) while each of two long answers streams,
+    """`chat --budget 128 --buffer 32 --ignore-eos`: Ctrl-C (SIGINT) while each of three long answers streams,
     one at the input prompt, then ask something else: it answers, and the chat exits 0 at the end of its input.
+    Every turn after the first reuses the whole history before it, interrupted answers included: the cache of
+    an interrupted answer is kept.
     (--ignore-eos: an answer ends only at --max-tokens, so the signal never races the end of an answer; greedy
     output differs between CPUs, and on one CI machine the answer was "A long story", 13 bytes.)"""
     proc = subprocess.Popen([*CLI, "chat", "--budget", "128", "--buffer", "32", "--max-tokens", "400",
@@ -121,7 +123,7 @@ def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation(sigint_d
     done = b"tokens of history reused]"
     try:
         err.wait_for(lambda: b"Ctrl-C stops an answer" in err.data, 180, "the chat to start", proc)
-        for i in range(2):
+        for i in range(3):
             n0, n_done = len(out.data), err.data.count(done)
             proc.stdin.write(f"Tell me a very long story about a dragon number {i + 1}.\n".encode())
             proc.stdin.flush()
@@ -129,7 +131,7 @@ def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation(sigint_d
             assert err.data.count(done) == n_done, "an answer of 400 tokens ended early"
             proc.send_signal(signal.SIGINT)
             err.wait_for(lambda n_done=n_done: err.data.count(done) == n_done + 1, 60, "the summary", proc)
-        assert err.data.count(b"[stopped]") == 2, err.data.decode(errors="replace")
+        assert err.data.count(b"[stopped]") == 3, err.data.decode(errors="replace")
         n_hint = err.data.count(AT_PROMPT.encode())
         time.sleep(0.5)  # waiting at the prompt now
         proc.send_signal(signal.SIGINT)
@@ -147,8 +149,9 @@ def test_ctrl_c_in_the_chat_stops_the_answer_and_keeps_the_conversation(sigint_d
     text = err.data.decode(errors="replace")
     assert rc == 0, text
     assert "error" not in text.lower() and "Traceback" not in text, text
-    assert text.count("tokens of history reused]") == 3, text
+    assert text.count("tokens of history reused]") == 4, text
     answer = out.data[n0:].decode(errors="replace")
     assert len(answer.split()) > 100, "the last answer was not generated to --max-tokens"
     reused = [int(ln.split("; ")[-1].split()[0]) for ln in text.splitlines() if "tokens of history reused]" in ln]
-    assert reused[-1] > 0, text  # the last answer continued the conversation's cache
+    # each turn continued the conversation's cache, the interrupted answer before it included
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] > reused[1] and reused[3] > reused[2], text
