@@ -18,7 +18,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,6 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from ..errors import InfoKVError, PromptTooLongError, RequestCancelled
 from ..model import text_bytes
@@ -60,6 +62,10 @@ class ServerSettings:
     @property
     def capacity(self) -> int:
         return self.budget + self.buffer
+
+
+class _Gone(Exception):
+    """The client disconnected before its request's body was read."""
 
 
 class APIError(Exception):
@@ -138,10 +144,14 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             raise APIError(413, f"request body over {settings.max_body_bytes} bytes", code="request_too_large")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > settings.max_body_bytes:
-                raise APIError(413, f"request body over {settings.max_body_bytes} bytes", code="request_too_large")
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > settings.max_body_bytes:
+                    raise APIError(413, f"request body over {settings.max_body_bytes} bytes",
+                                   code="request_too_large")
+        except ClientDisconnect as e:  # gone before its body was read
+            raise _Gone() from e
         return bytes(body)
 
     def parse(model: type[_Sampling], body: bytes) -> Any:
@@ -189,13 +199,22 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                             code="context_length_exceeded")
         return APIError(400, str(e), code="invalid_value")
 
-    def ended(watch: Watch) -> Response:
+    @app.exception_handler(_Gone)
+    async def _gone(request: Request, exc: _Gone) -> Response:
+        return gone(request.url.path)
+
+    def gone(endpoint: str) -> Response:
+        """The answer nobody reads, to a request whose client went away before it was complete (nginx's 499)."""
+        metrics.cancelled += 1
+        metrics.request(endpoint, 499)
+        return Response(status_code=499)
+
+    def ended(watch: Watch, endpoint: str) -> Response:
         """The answer to a request cut short by its client's disconnect (nobody reads it) or the server's stop."""
         try:
             watch.check()
         except ClientGone:
-            metrics.cancelled += 1
-            return Response(status_code=499)
+            return gone(endpoint)
         except ServerStopping as e:
             raise _stopping_error() from e
         raise AssertionError("the request was not cut short")
@@ -219,7 +238,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 raise APIError(503, "all slots are busy and the queue is full; retry later", type_="server_error",
                                code="queue_full", headers={"Retry-After": str(settings.retry_after_s)}) from e
             except Abandoned:
-                return ended(watch)
+                return ended(watch, endpoint)
             slot = lease.slot
             try:
                 args = slot.llm._engine_args
@@ -260,7 +279,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                     first = None
                 except RequestCancelled:
                     await finish(True, None)
-                    return ended(watch)
+                    return ended(watch, endpoint)
                 except (InfoKVError, ValueError) as e:
                     await finish(isinstance(e, PromptTooLongError), None)  # a refused prompt changed nothing
                     raise request_error(e, prompt_param) from e
@@ -269,9 +288,22 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                     raise
                 if first is None:  # cancelled right after the prompt
                     await finish(True, None)
-                    return ended(watch)
+                    return ended(watch, endpoint)
 
-                async def events() -> AsyncIterator[str]:
+                closed = False
+
+                async def close_stream(done: bool, keep: bool, usage: dict[str, Any] | None) -> None:
+                    nonlocal closed
+                    if closed:
+                        return
+                    closed = True
+                    watch.close()
+                    metrics.request(endpoint, 200 if done else 499)
+                    if not done:  # the client went away (seen here, or the response task was cancelled)
+                        metrics.cancelled += 1
+                    await finish(keep, usage)
+
+                async def events() -> AsyncGenerator[str, None]:
                     usage = None
                     keep = True  # also after a disconnect: the cache is left consistent
                     done = False  # the response is complete (its end, or an error event, was sent)
@@ -311,15 +343,11 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                         yield _event({"error": {"message": str(e), "type": "server_error", "param": None,
                                                 "code": None}})
                     finally:
-                        watch.close()
-                        if not done:  # the client went away (seen here, or the response task was cancelled)
-                            metrics.cancelled += 1
-                        await finish(keep, usage)
+                        await close_stream(done, keep, usage)
 
-                metrics.request(endpoint, 200)
                 streaming = True
-                return StreamingResponse(events(), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                # closed however the response ends (events() never starts when the client went before it)
+                return _ClosingStream(events(), lambda: close_stream(False, True, None))
 
             chunks: list[dict[str, Any]] = []
             keep = True  # after a disconnect too: the cache is left consistent
@@ -339,7 +367,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             finally:
                 await finish(keep, usage)
             if usage is None:  # cancelled
-                return ended(watch)
+                return ended(watch, endpoint)
             metrics.request(endpoint, 200)
             return JSONResponse(_join(chunks, kind))
         finally:
@@ -429,6 +457,25 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                                  media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class _ClosingStream(StreamingResponse):
+    """A server-sent event stream cleaned up however its response ends: the body's generator is closed
+    (its ``finally`` runs now, not whenever it is collected), then ``on_end`` runs, which also covers a
+    client that went away before the first byte, when the generator never started."""
+
+    def __init__(self, body: AsyncGenerator[str, None], on_end: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._body, self._on_end = body, on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._body.aclose()
+                await self._on_end()
 
 
 def _stopping_error() -> APIError:

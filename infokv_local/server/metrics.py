@@ -45,7 +45,8 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
             lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
 
-        metric("infokv_requests_total", "counter", "HTTP requests by endpoint and status",
+        metric("infokv_requests_total", "counter",
+               "HTTP requests by endpoint and status (499: the client went away first; a stream counts at its end)",
                [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())] or
                [('{endpoint="",status=""}', 0)])
         metric("infokv_prompt_tokens_total", "counter", "prompt tokens of finished requests",
