@@ -22,7 +22,8 @@ def add_backend_options(g: Any) -> None:
     g.add_argument("--n-gpu-layers", type=int, default=d.n_gpu_layers,
                    help="layers offloaded to the GPU in a GPU build (or to the --rpc servers)")
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
-                   help="flash attention (default auto: off on the CPU, where it measured slower; llama.cpp's "
+                   help="flash attention (default auto: on a CPU the faster of on and off, timed once per model and "
+                        "machine and cached; llama.cpp's "
                         "choice on a GPU; h2o always runs with it off)")
     g.add_argument("--cache-type-k", default=d.cache_type_k, help=f"K cache data type: f16, q8_0, q4_0, ... "
                    f"(default: {d.cache_type_k})")
@@ -97,7 +98,8 @@ def open_llm(args: argparse.Namespace) -> InfoKVLlama:
     if getattr(args, "verbose", False):
         kv = llm.kv_stats()
         how = "from --threads" if args.threads else "the physical cores, the default"
-        print(f"[{llm.model.path.name}] {kv_summary(kv)} ({how})", file=sys.stderr)
+        print(f"[{llm.model.path.name}] {kv_summary(kv)} ({how}); flash attention {kv['flash_attn_reason']}",
+              file=sys.stderr)
     return llm
 
 

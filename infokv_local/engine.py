@@ -25,12 +25,15 @@ import numpy as np
 from .cache_types import check_cache_type, is_quantized, row_bytes
 from .context import StatsContext
 from .errors import BudgetError, CacheFull, CacheSettingsError, ContextFullError, DecodeError, EmptyPromptError
+from .flash_attn import choose as choose_flash_attn
+from .flash_attn import reference_workload
 from .interrupts import sigint_deferred
 from .model import Model
 from .policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
 from .sampling import Sampler, SamplingParams
 from .selection import drop_order, evictable_span, keep_count, whole_number_drops
 from .signals import Signals
+from .threads import resolve_threads
 
 HISTORY_STEPS = 4096  # engine steps kept in EngineTotals.history (the most recent ones)
 
@@ -136,10 +139,11 @@ class Engine:
     ``cache_type_k`` / ``cache_type_v`` quantize the cache (``q8_0``, ``q4_0``, ...; see
     :mod:`~infokv_local.cache_types`): ``budget_mib`` and ``kv_bytes`` count the quantized bytes, and a
     quantized V cache turns flash attention on (llama.cpp needs it), which H2O cannot use.
-    ``flash_attn`` None chooses per backend, by measurement: off on the CPU (this engine, SmolLM2-135M,
-    2 threads, budget 1024 + 128: infokv decodes 110-115 tok/s off vs 94 on, snapkv 120 vs 96-98: on a
-    CPU the window's separate softmax costs more than the fused kernel saves), llama.cpp's ``auto`` when
-    layers run on a GPU (there the fused kernel is the fast path). Policies that read only the
+    ``flash_attn`` None chooses: on a CPU by timing decode steps with it on and off, once per model,
+    machine, threads and cache types, at a reference size (:mod:`~infokv_local.flash_attn`, cached in the
+    user cache directory: which is faster depends on the CPU; one verdict for every engine on the model, so
+    that they compute the same numbers), llama.cpp's ``auto`` when layers run on a GPU (there the fused
+    kernel is the fast path); :attr:`flash_attn_reason` says which and why. Policies that read only the
     observation window (SnapKV, InfoKV, TOVA) get their statistics with flash attention on or off
     (with it on, from a small softmax of the window rows next to the fused kernel); H2O needs the
     attention of every query row, which only the explicit softmax has, so it always runs with flash
@@ -248,15 +252,27 @@ class Engine:
         if all_rows and flash_attn:
             raise CacheSettingsError(f"policy {self.policy.name!r} needs the attention of every query row, which "
                                      f"exists only with flash attention off: leave flash_attn unset or False")
+        # attention statistics only in the steps a compression reads (see the class docstring); H2O sums all
+        self._window_on_demand = ATTENTION in needs and not all_rows and self.policy.evicts
         if is_quantized(self.cache_type_v):
             if all_rows or flash_attn is False:
                 raise CacheSettingsError(
                     f"a quantized V cache ({self.cache_type_v}) needs flash attention, and "
                     + (f"policy {self.policy.name!r} needs it off (the attention of every query row)" if all_rows
                        else "flash_attn is False") + ": use cache_type_v='f16' or another policy")
-            flash_attn = True
-        if flash_attn is None and (all_rows or not model.on_gpu):
-            flash_attn = False  # measured faster on the CPU; None below is llama.cpp's auto (GPU)
+            flash_attn, self.flash_attn_reason = True, f"on: the quantized V cache ({self.cache_type_v}) needs it"
+        elif flash_attn is not None:
+            self.flash_attn_reason = f"{'on' if flash_attn else 'off'}: as asked (flash_attn={flash_attn})"
+        elif all_rows:
+            flash_attn = False
+            self.flash_attn_reason = (f"off: policy {self.policy.name!r} needs the attention of every query row, "
+                                      f"which only the explicit softmax has")
+        elif model.on_gpu:
+            self.flash_attn_reason = "auto: llama.cpp's choice, layers run on a GPU (where the fused kernel is fast)"
+        else:
+            choice = choose_flash_attn(model, reference_workload(resolve_threads(n_threads), self.cache_type_k,
+                                                                 self.cache_type_v))
+            flash_attn, self.flash_attn_reason = choice.setting == "on", f"{choice.setting}: {choice.reason}"
         self.ctx = StatsContext(
             model, n_ctx=n_ctx, n_batch=self.chunk, attn=ATTENTION in needs, n_last_rows=window,
             layer_dist=LAYER_DIST in needs,
@@ -265,8 +281,6 @@ class Engine:
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
         )
         self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
-        # attention statistics only in the steps a compression reads (see the class docstring); H2O sums all
-        self._window_on_demand = ATTENTION in needs and not all_rows and self.policy.evicts
         # 0: no probe (off, or a policy that reads no observation window); see the class docstring
         self.probe_len = min(window, buffer // 2) if prompt_probe and self._window_on_demand else 0
         # the tokens of a probed prompt's end; None outside a probed feed

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +16,7 @@ from llama_cpp import llama_cpp as llama
 
 from . import native, rpc_backend
 from .errors import InvalidTextError, ModelFileError, PromptTooLongError, RequestCancelled, UnsupportedArchitectureError
+from .user_cache import read_json, update_json
 
 if TYPE_CHECKING:
     import threading
@@ -81,6 +84,45 @@ def check_gguf_file(path: str | Path) -> Path:
     return p
 
 
+_LOAD_PROBE = """
+import sys
+from llama_cpp import llama_cpp as llama
+quiet = llama.llama_log_callback(lambda *_: None)
+llama.llama_log_set(quiet, None)
+llama.llama_backend_init()
+params = llama.llama_model_default_params()
+params.n_gpu_layers = 0
+model = llama.llama_model_load_from_file(sys.argv[1].encode(), params)
+sys.exit(0 if model else 4)
+"""
+LOAD_CHECKS = "model-load-checks.json"
+
+
+def check_loads_safely(path: Path, timeout: float = 600.0) -> None:
+    """Refuse, with :class:`ModelFileError`, a file on which llama.cpp's loader dies (a failed ``GGML_ASSERT``
+    aborts the process: a corrupt vocabulary, say) instead of returning an error.
+
+    The file is loaded once in a short-lived child process; a file that loaded (its path, size and time) is
+    remembered in the user cache directory, so this costs one load in a child per file, once."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if read_json(LOAD_CHECKS).get(key):
+        return
+    try:
+        res = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(path)], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ModelFileError(f"llama.cpp did not finish loading {path} in {timeout:.0f} s (tried in a child "
+                             f"process): the file is corrupt or far too big for this machine") from None
+    if res.returncode < 0 or res.returncode not in (0, 4):
+        lines = [ln for ln in res.stderr.splitlines() if "GGML_ASSERT" in ln or "error" in ln.lower()]
+        why = lines[0].strip() if lines else f"exit status {res.returncode}"
+        raise ModelFileError(f"llama.cpp's loader crashes on {path} (tried in a child process: {why}): the file is "
+                             f"corrupt, or of a format this llama.cpp mishandles")
+    if res.returncode == 0:
+        update_json(LOAD_CHECKS, key, True)
+
+
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
@@ -110,6 +152,7 @@ class Model:
         servers and ``n_gpu_layers`` 0, every layer is offloaded (split over the servers by their memory)."""
         _init_backend()
         self.path = check_gguf_file(path)
+        check_loads_safely(self.path)
         self.rpc = rpc_backend.parse_endpoints(rpc)
         if self.rpc:
             rpc_backend.connect(self.rpc)

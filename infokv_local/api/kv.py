@@ -72,6 +72,7 @@ class KVStatsMixin(LlamaBase):
             "sequence_tokens": len(e.tokens),
             "n_threads": e.n_threads,
             "flash_attn": e.flash_attn,
+            "flash_attn_reason": e.flash_attn_reason,
             "cache_type_k": e.cache_type_k,
             "cache_type_v": e.cache_type_v,
         }

@@ -167,6 +167,7 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
                 "compressions": t.evictions, "evicted_tokens": t.evicted_tokens,
                 "compress_ms_mean": 1e3 * (t.score_s + t.evict_s) / t.evictions if t.evictions else None,
                 "n_threads": engine.n_threads, "flash_attn_used": engine.flash_attn == "on", "probes": engine.probes,
+                "flash_attn_reason": engine.flash_attn_reason,
             }
 
 
@@ -246,6 +247,8 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
             "compressions": rs[0].get("compressions"),
             "compress_ms_mean": rs[0].get("compress_ms_mean"),
             "probes": rs[0].get("probes"),
+            "flash_attn_reason": rs[0].get("flash_attn_reason") if engine != "stock" else
+            f"{'on' if fa else 'off'}: stock llama.cpp is run with each setting, the ratios are against its faster",
             "timeline": rs[0]["timeline"],
         })
     for row in rows:
@@ -274,6 +277,13 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r.get('prefill_ratio_vs_stock_best', float('nan')):>10.3f}{r['kv_bytes'] / 2**20:>9.1f}"
             f"{r.get('kv_bytes_ratio_vs_stock', float('nan')):>10.2f}{r['peak_rss_bytes'] / 2**20:>9.0f}"
             f"{'' if cm is None else f'{cm:.2f}':>9s}")
+    lines.append("flash attention (FA) of each engine and why:")
+    seen = set()
+    for r in result["rows"]:
+        label = f"  {r['engine']} {r['policy']}"
+        if (label, r["flash_attn_reason"]) not in seen:
+            seen.add((label, r["flash_attn_reason"]))
+            lines.append(f"{label}: {r['flash_attn_reason']}")
     return "\n".join(lines)
 
 
@@ -339,8 +349,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported (default: 1)")
     ap.add_argument("--threads", type=int, default=default_threads(), help="threads of every engine")
     ap.add_argument("--flash-attn", choices=["auto", "on", "off", "both"], default="auto",
-                    help="flash attention of our engine (default auto: the engine's choice, off on the CPU; both: "
-                         "every policy with it on and off)")
+                    help="flash attention of our engine (default auto: the engine's choice, on a CPU the faster "
+                         "setting timed once per model and machine; both: every policy with it on and off)")
     ap.add_argument("--stock-flash-attn", choices=["on", "off", "both"], default="both",
                     help="flash attention of stock llama.cpp (default both; ratios are against its faster one, so "
                          "leave one out only where it is known to be the slower, e.g. on at 16K generated tokens "

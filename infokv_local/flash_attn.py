@@ -1,0 +1,175 @@
+"""Flash attention on or off, chosen by measuring both on this model and machine, once.
+
+Which is faster depends on the CPU and the model: stock llama.cpp on SmolLM2-135M decodes 14% faster with
+flash attention on on a 2-core AMD EPYC, and 2.3x slower on an Intel Xeon with AVX-512. So where there is
+a choice (a CPU, and a policy that does not need the attention of every query row), :func:`choose` times
+decode steps with each setting and keeps the faster: a context filled to :data:`REFERENCE` (1,024 + 128
+cells, the long-reasoning budget of the server and the speed benchmark) with the default policy's
+statistics, the observation window in its share of the steps. One verdict per model file, CPU, library
+build, threads and cache types, used by every engine on them whatever its size and policy, so that they
+compute the same numbers (an evicting engine gives the full cache's predictions until its first
+eviction). It is cached in the user cache directory (``$INFOKV_CACHE``, default
+``~/.cache/infokv-local/flash-attn.json``): a few seconds once per model and machine, two prefills of
+1,152 tokens for a large model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import native
+from .context import StatsContext
+from .model import Model
+from .user_cache import cache_dir, read_json, update_json
+
+MAX_FILL = 2048  # cells filled to time the decode steps (bigger caches are timed at this size)
+STEPS = 12  # timed decode steps per kind (without and with the window's statistics), after 2 untimed
+CACHE_FILE = "flash-attn.json"
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The setting (``"on"``, ``"off"``, or ``"auto"``: llama.cpp's) and why."""
+
+    setting: str
+    reason: str
+    ms_per_token: dict[str, float] | None = None  # measured, when it was measured
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one decode step of the engine computes, for timing it."""
+
+    capacity: int  # cells of the context (budget + buffer, or the full context)
+    n_batch: int
+    threads: int
+    cache_type_k: str
+    cache_type_v: str
+    attn: bool  # attention statistics (the observation window)
+    window: int
+    window_share: float  # share of the decode steps that compute the window (1 without window on demand)
+    layer_dist: bool
+    entropy_top_k: int | None
+
+
+REFERENCE = (1024, 128, 32)  # budget, buffer and window of the timed workload
+
+
+def reference_workload(threads: int, cache_type_k: str = "f16", cache_type_v: str = "f16") -> Workload:
+    """The workload every engine's verdict is timed on (:data:`REFERENCE`, InfoKV's statistics)."""
+    budget, buffer, window = REFERENCE
+    return Workload(capacity=budget + buffer, n_batch=buffer, threads=threads, cache_type_k=cache_type_k,
+                    cache_type_v=cache_type_v, attn=True, window=window, window_share=window / buffer,
+                    layer_dist=True, entropy_top_k=256)
+
+
+def cache_path() -> Path:
+    return cache_dir() / CACHE_FILE
+
+
+def choose(model: Model, work: Workload, verbose: bool = False) -> Choice:
+    """The faster flash-attention setting for ``work`` (the engine's: :func:`reference_workload`) on ``model``
+    on this machine, measured once and cached."""
+    key = _key(model, work)
+    with _lock:
+        cached = read_json(CACHE_FILE).get(key)
+        if cached is None:
+            if verbose or sys.stderr.isatty():
+                print(f"infokv-local: timing flash attention on and off for {model.path.name} on this machine "
+                      f"(once; cached in {cache_path()})", file=sys.stderr, flush=True)
+            times = {setting: _time_steps(model, work, setting == "on") for setting in ("on", "off")}
+            cached = {"ms_per_token": times, "fill": min(work.capacity, MAX_FILL),
+                      "measured": time.strftime("%Y-%m-%d %H:%M")}
+            update_json(CACHE_FILE, key, cached)
+    times = cached["ms_per_token"]
+    setting = "on" if times["on"] < times["off"] else "off"
+    other = "off" if setting == "on" else "on"
+    reason = (f"measured on this machine: {times[setting]:.2f} ms per decode step with flash attention {setting}, "
+              f"{times[other]:.2f} {other} ({work.threads} threads, {cached['fill']} cells; "
+              f"{cached['measured']}, cached in {cache_path()})")
+    return Choice(setting, reason, dict(times))
+
+
+def _time_steps(model: Model, work: Workload, flash_attn: bool) -> float:
+    """Milliseconds per decode step at ``work``'s size with flash attention on or off (the median step of each
+    kind, weighted by the share of steps of that kind)."""
+    fill = min(work.capacity, MAX_FILL) - 2 * (STEPS + 2)
+    with StatsContext(model, n_ctx=min(work.capacity, MAX_FILL), n_batch=work.n_batch, attn=work.attn,
+                      n_last_rows=work.window, layer_dist=work.layer_dist, entropy_top_k=work.entropy_top_k,
+                      n_threads=work.threads, flash_attn=flash_attn, attn_all_rows=False,
+                      cache_type_k=work.cache_type_k, cache_type_v=work.cache_type_v) as ctx:
+        tokens = _filler(model, fill)
+        if work.attn:
+            ctx.set_attention_active(False)
+        for s in range(0, fill, work.n_batch):
+            ctx.decode(tokens[s : s + work.n_batch], s, all_outputs=False)
+        pos, tok = fill, tokens[-1]
+        per_kind = []
+        for with_window in (False, True):
+            if work.attn:
+                ctx.set_attention_active(with_window)
+            times = []
+            for i in range(STEPS + 2):
+                t0 = time.perf_counter()
+                ctx.decode([tok], pos)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+                pos += 1
+            per_kind.append(statistics.median(times) * 1e3)
+    share = work.window_share if work.attn else 0.0
+    return (1 - share) * per_kind[0] + share * per_kind[1]
+
+
+def _filler(model: Model, n: int) -> list[int]:
+    text = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
+    tokens = model.tokenize(text, add_special=False)
+    return (tokens * (n // len(tokens) + 1))[:n]
+
+
+def _key(model: Model, work: Workload) -> str:
+    st = model.path.stat()
+    parts: dict[str, Any] = {
+        "model": [model.path.name, st.st_size], "cpu": _cpu_id(), "build": _build_id(),
+        "n_gpu_layers": model.n_gpu_layers, "threads": work.threads, "cells": min(work.capacity, MAX_FILL),
+        "batch": work.n_batch, "cache": [work.cache_type_k, work.cache_type_v],
+        "stats": [work.attn, work.window if work.attn else 0, round(work.window_share, 3) if work.attn else 0,
+                  work.layer_dist, work.entropy_top_k],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def _cpu_id() -> str:
+    """The CPU's model and instruction-set flags (what the kernels' speed depends on)."""
+    model_name, flags = platform.processor(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model_name:
+                model_name = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {model_name} {flags}".encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _build_id() -> str:
+    """The loaded llama.cpp library's identity (its file's size and time: a rebuild changes it)."""
+    path = Path(native.library_path())
+    try:
+        st = path.stat()
+        return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return path.name

@@ -1,0 +1,79 @@
+"""Flash attention chosen by timing both settings once per model and machine (real model, real llama.cpp)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infokv_local import InfoKVLlama
+from infokv_local import flash_attn as fa
+from infokv_local.engine import Engine
+
+# a small workload (the engines' is fa.reference_workload(threads), 1,152 cells)
+WORK = fa.Workload(capacity=192, n_batch=32, threads=1, cache_type_k="f16", cache_type_v="f16", attn=True, window=16,
+                   window_share=0.5, layer_dist=True, entropy_top_k=256)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFOKV_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_both_settings_are_timed_once_then_the_verdict_is_cached(model, cache_dir, monkeypatch):
+    choice = fa.choose(model, WORK)
+    times = choice.ms_per_token
+    assert set(times) == {"on", "off"} and all(t > 0 for t in times.values())
+    assert choice.setting == min(times, key=times.get)
+    assert f"{times[choice.setting]:.2f} ms per decode step with flash attention {choice.setting}" in choice.reason
+    saved = json.loads((cache_dir / "flash-attn.json").read_text())
+    assert len(saved) == 1 and next(iter(saved.values()))["ms_per_token"] == times
+
+    def no_timing(*_a, **_k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(fa, "_time_steps", no_timing)
+    assert fa.choose(model, WORK) == choice  # from the cache
+
+
+def test_every_engine_on_the_model_uses_the_one_verdict(model, cache_dir, monkeypatch):
+    """Timed once at the reference size; engines of other sizes and policies take that verdict (so that they
+    compute the same numbers), none is timed again."""
+    verdict = fa.choose(model, fa.reference_workload(1))
+    assert "1152 cells" in verdict.reason
+
+    def no_timing(*_a, **_k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(fa, "_time_steps", no_timing)
+    for policy, kw in (("infokv", dict(budget=64, buffer=16)), ("snapkv", dict(budget=300, buffer=100)),
+                       ("full", dict(max_context=512)), ("streaming", dict(budget=48, buffer=16))):
+        with Engine(model, policy, n_threads=1, **kw) as e:
+            assert (e.flash_attn, e.flash_attn_reason) == (verdict.setting, f"{verdict.setting}: {verdict.reason}")
+
+
+def test_a_new_size_or_other_statistics_is_timed_on_its_own(model, cache_dir):
+    fa.choose(model, WORK)
+    fa.choose(model, fa.Workload(**{**WORK.__dict__, "attn": False, "layer_dist": False, "entropy_top_k": None}))
+    fa.choose(model, fa.Workload(**{**WORK.__dict__, "capacity": 320}))
+    assert len(json.loads((cache_dir / "flash-attn.json").read_text())) == 3
+
+
+def test_the_engine_and_the_kv_block_say_which_and_why(model, cache_dir):
+    with InfoKVLlama(model, budget=96, buffer=32, n_threads=1) as llm:
+        kv = llm.kv_stats()
+        assert kv["flash_attn"] in ("on", "off") and kv["flash_attn_reason"].startswith(f"{kv['flash_attn']}: measured")
+        r = llm.create_completion("Once upon a time", max_tokens=8, temperature=0)
+        assert r["usage"]["kv"]["flash_attn"] == kv["flash_attn"]
+    with InfoKVLlama(model, budget=96, buffer=32, n_threads=1, flash_attn=False) as llm:
+        assert llm.kv_stats()["flash_attn_reason"] == "off: as asked (flash_attn=False)"
+    with InfoKVLlama(model, budget=96, buffer=32, n_threads=1, cache_type_v="q8_0") as llm:
+        assert llm.kv_stats()["flash_attn_reason"] == "on: the quantized V cache (q8_0) needs it"
+
+
+def test_an_unwritable_cache_only_costs_a_new_timing(model, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("INFOKV_CACHE", str(blocker / "sub"))
+    assert fa.choose(model, WORK).setting in ("on", "off")
