@@ -241,11 +241,13 @@ class Engine:
         if self.policy.evicts:
             self.capacity = budget + buffer
             self.chunk = min(n_batch, buffer)
+            # prompt chunks that all fit without a compression are read together, up to n_batch tokens
             n_ctx = self.capacity
+            self.max_batch = min(n_batch, n_ctx)
         else:
             n_ctx = max_context or model.info.n_ctx_train
             self.capacity = n_ctx
-            self.chunk = n_batch
+            self.chunk = self.max_batch = n_batch
         needs = self.policy.needs
         self.needs_outputs = bool(needs & {ENTROPY, LAYER_DIST})
         all_rows = ATTENTION_ALL_ROWS in needs
@@ -274,7 +276,7 @@ class Engine:
                                                                  self.cache_type_v))
             flash_attn, self.flash_attn_reason = choice.setting == "on", f"{choice.setting}: {choice.reason}"
         self.ctx = StatsContext(
-            model, n_ctx=n_ctx, n_batch=self.chunk, attn=ATTENTION in needs, n_last_rows=window,
+            model, n_ctx=n_ctx, n_batch=self.max_batch, attn=ATTENTION in needs, n_last_rows=window,
             layer_dist=LAYER_DIST in needs,
             entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
             n_threads=n_threads, flash_attn=flash_attn, attn_all_rows=all_rows,
@@ -446,9 +448,10 @@ class Engine:
              all_logits: bool = False) -> Generator[tuple[int, np.ndarray | None], None, None]:
         """Feed tokens (a prompt, or teacher forcing) chunk by chunk, evicting as the budget requires.
 
-        Yields ``(start, logits)`` per chunk: the chunk's first index within ``tokens`` and, with
-        ``all_logits``, a copy of its logits [chunk, n_vocab] (else None). The last chunk's final
-        logits stay in the context for sampling.
+        Yields ``(start, logits)`` per batch: the batch's first index within ``tokens`` and, with
+        ``all_logits``, a copy of its logits [batch, n_vocab] (else None). A batch is one chunk of at most
+        ``buffer`` tokens, or, without ``all_logits``, several that all fit without a compression (up to
+        ``n_batch`` tokens, :meth:`_batch_end`). The last batch's final logits stay in the context for sampling.
         """
         tokens = list(tokens)
         probed = self.probe_len > 0 and not all_logits and bool(tokens)
@@ -456,14 +459,35 @@ class Engine:
             self._flush_pending()  # before the probe places the prompt's end after what is cached
         chunk = min(self.chunk, self.buffer - self.probe_len) if probed else self.chunk
         try:
-            for s in range(0, len(tokens), chunk):
-                part = tokens[s : s + chunk]
+            s = 0
+            while s < len(tokens):
+                # teacher forcing reads chunk by chunk: its logits are compared with another engine's, batch by batch
+                end = min(s + chunk, len(tokens)) if all_logits else self._batch_end(len(tokens), s, chunk, probed)
+                part = tokens[s:end]
                 if probed:
                     self._probe_tail, self._probe_left = tokens[-self.probe_len:], len(tokens) - s
                 self._decode(part, all_outputs=all_logits or self.needs_outputs, logits_all=all_logits)
                 yield s, (self.ctx.logits_rows(len(part)).copy() if all_logits else None)
+                s += len(part)
         finally:
             self._probe_tail = None
+
+    def _batch_end(self, n: int, start: int, chunk: int, probed: bool) -> int:
+        """Where the batch of a prompt read from ``start`` ends: one chunk, or as many consecutive chunks as
+        fit in :attr:`max_batch` tokens when none of them needs a compression (nor a renumbering of the
+        positions) first. Reading them at once changes no compression point: only llama.cpp's speed (bigger
+        matrix products) and the last bits of the results (llama.cpp is not batch-invariant)."""
+        end = min(start + chunk, n)
+        used = self.ctx.n_used + (self._pending is not None)  # a pending token is decoded first
+        room = self.capacity - (self.probe_len if probed else 0)
+        while end < n:
+            nxt = min(end + chunk, n)
+            size = nxt - start
+            if size > self.max_batch or used + size > room or \
+                    (self.policy.evicts and self.n_past + (self._pending is not None) + size > self.compact_at):
+                break
+            end = nxt
+        return end
 
     def prefill(self, tokens: Sequence[int]) -> None:
         for _ in self.feed(tokens):

@@ -3,9 +3,10 @@
 Which is faster depends on the CPU and the model: stock llama.cpp on SmolLM2-135M decodes 14% faster with
 flash attention on on a 2-core AMD EPYC, and 2.3x slower on an Intel Xeon with AVX-512. So where there is
 a choice (a CPU, and a policy that does not need the attention of every query row), :func:`choose` times
-decode steps with each setting and keeps the faster: a context filled to :data:`REFERENCE` (1,024 + 128
-cells, the long-reasoning budget of the server and the speed benchmark) with the default policy's
-statistics, the observation window in its share of the steps. One verdict per model file, CPU, library
+each setting on a request of a 1,024-token prompt and a 512-token reply and keeps the faster: the prompt
+read as the engine reads prompts (the statistics on, batches of 512), then decode steps in a context
+filled to 1,024 + 128 cells (the long-reasoning budget of the server and the speed benchmark) with the
+default policy's statistics, the observation window in its share of the steps. One verdict per model file, CPU, library
 build, threads and cache types, used by every engine on them whatever its size and policy, so that they
 compute the same numbers (an evicting engine gives the full cache's predictions until its first
 eviction). It is cached in the user cache directory (``$INFOKV_CACHE``, default
@@ -44,7 +45,8 @@ class Choice:
 
     setting: str
     reason: str
-    ms_per_token: dict[str, float] | None = None  # measured, when it was measured
+    ms_per_token: dict[str, float] | None = None  # per decode step, when it was measured
+    prompt_s: dict[str, float] | None = None  # to read the compared prompt, when it was measured
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,14 @@ class Workload:
     entropy_top_k: int | None
 
 
-REFERENCE = (1024, 128, 32)  # budget, buffer and window of the timed workload
+REFERENCE = (1024, 128, 32, 512)  # budget, buffer, window and prompt batch of the timed workload
+PROMPT_TOKENS, REPLY_TOKENS = 1024, 512  # the request the two settings are compared on
 
 
 def reference_workload(threads: int, cache_type_k: str = "f16", cache_type_v: str = "f16") -> Workload:
     """The workload every engine's verdict is timed on (:data:`REFERENCE`, InfoKV's statistics)."""
-    budget, buffer, window = REFERENCE
-    return Workload(capacity=budget + buffer, n_batch=buffer, threads=threads, cache_type_k=cache_type_k,
+    budget, buffer, window, batch = REFERENCE
+    return Workload(capacity=budget + buffer, n_batch=batch, threads=threads, cache_type_k=cache_type_k,
                     cache_type_v=cache_type_v, attn=True, window=window, window_share=window / buffer,
                     layer_dist=True, entropy_top_k=256)
 
@@ -80,7 +83,9 @@ def cache_path() -> Path:
 
 def choose(model: Model, work: Workload, verbose: bool = False) -> Choice:
     """The faster flash-attention setting for ``work`` (the engine's: :func:`reference_workload`) on ``model``
-    on this machine, measured once and cached."""
+    on this machine, measured once and cached: the one with which a request of :data:`PROMPT_TOKENS`
+    prompt tokens (read with the statistics, as the engine reads prompts) and a reply of
+    :data:`REPLY_TOKENS` tokens (decode steps at the cache's size) takes less time."""
     key = _key(model, work)
     with _lock:
         cached = read_json(CACHE_FILE).get(key)
@@ -88,32 +93,49 @@ def choose(model: Model, work: Workload, verbose: bool = False) -> Choice:
             if verbose or sys.stderr.isatty():
                 print(f"infokv-local: timing flash attention on and off for {model.path.name} on this machine "
                       f"(once; cached in {cache_path()})", file=sys.stderr, flush=True)
-            times = {setting: _time_steps(model, work, setting == "on") for setting in ("on", "off")}
-            cached = {"ms_per_token": times, "fill": min(work.capacity, MAX_FILL),
-                      "measured": time.strftime("%Y-%m-%d %H:%M")}
+            timed = {setting: _time(model, work, setting == "on") for setting in ("on", "off")}
+            cached = {"prompt_s": {k: v[0] for k, v in timed.items()},
+                      "ms_per_token": {k: v[1] for k, v in timed.items()}, "fill": min(work.capacity, MAX_FILL),
+                      "prompt_tokens": _prompt_len(work), "measured": time.strftime("%Y-%m-%d %H:%M")}
             update_json(CACHE_FILE, key, cached)
-    times = cached["ms_per_token"]
-    setting = "on" if times["on"] < times["off"] else "off"
+    prompt_s, step_ms = cached["prompt_s"], cached["ms_per_token"]
+    scale = PROMPT_TOKENS / cached["prompt_tokens"]
+    total = {k: prompt_s[k] * scale + REPLY_TOKENS * step_ms[k] / 1e3 for k in ("on", "off")}
+    setting = "on" if total["on"] < total["off"] else "off"
     other = "off" if setting == "on" else "on"
-    reason = (f"measured on this machine: {times[setting]:.2f} ms per decode step with flash attention {setting}, "
-              f"{times[other]:.2f} {other} ({work.threads} threads, {cached['fill']} cells; "
+
+    def said(k: str) -> str:
+        return f"{total[k]:.1f} s {k} (prompt {prompt_s[k] * scale:.1f} s, {step_ms[k]:.2f} ms per decode step)"
+
+    reason = (f"measured on this machine: a {PROMPT_TOKENS}-token prompt and a {REPLY_TOKENS}-token reply take "
+              f"{said(setting)}, {said(other)} ({work.threads} threads, {cached['fill']} cells; "
               f"{cached['measured']}, cached in {cache_path()})")
-    return Choice(setting, reason, dict(times))
+    return Choice(setting, reason, dict(step_ms), {k: prompt_s[k] * scale for k in prompt_s})
 
 
-def _time_steps(model: Model, work: Workload, flash_attn: bool) -> float:
-    """Milliseconds per decode step at ``work``'s size with flash attention on or off (the median step of each
-    kind, weighted by the share of steps of that kind)."""
+def _prompt_len(work: Workload) -> int:
+    return min(PROMPT_TOKENS, min(work.capacity, MAX_FILL) - 2 * (STEPS + 2))
+
+
+def _time(model: Model, work: Workload, flash_attn: bool) -> tuple[float, float]:
+    """Seconds to read the prompt (:func:`_prompt_len` tokens, with the statistics on and every row an output,
+    in batches of ``work.n_batch``) and milliseconds per decode step at the cache's size, with flash attention
+    on or off (the median step of each kind, weighted by the share of steps of that kind)."""
     fill = min(work.capacity, MAX_FILL) - 2 * (STEPS + 2)
+    n_prompt = _prompt_len(work)
     with StatsContext(model, n_ctx=min(work.capacity, MAX_FILL), n_batch=work.n_batch, attn=work.attn,
                       n_last_rows=work.window, layer_dist=work.layer_dist, entropy_top_k=work.entropy_top_k,
                       n_threads=work.threads, flash_attn=flash_attn, attn_all_rows=False,
                       cache_type_k=work.cache_type_k, cache_type_v=work.cache_type_v) as ctx:
         tokens = _filler(model, fill)
+        t0 = time.perf_counter()
+        for s in range(0, n_prompt, work.n_batch):
+            ctx.decode(tokens[s : min(s + work.n_batch, n_prompt)], s)
+        prompt_s = time.perf_counter() - t0
         if work.attn:
             ctx.set_attention_active(False)
-        for s in range(0, fill, work.n_batch):
-            ctx.decode(tokens[s : s + work.n_batch], s, all_outputs=False)
+        for s in range(n_prompt, fill, work.n_batch):
+            ctx.decode(tokens[s : min(s + work.n_batch, fill)], s, all_outputs=False)
         pos, tok = fill, tokens[-1]
         per_kind = []
         for with_window in (False, True):
@@ -128,7 +150,7 @@ def _time_steps(model: Model, work: Workload, flash_attn: bool) -> float:
                 pos += 1
             per_kind.append(statistics.median(times) * 1e3)
     share = work.window_share if work.attn else 0.0
-    return (1 - share) * per_kind[0] + share * per_kind[1]
+    return prompt_s, (1 - share) * per_kind[0] + share * per_kind[1]
 
 
 def _filler(model: Model, n: int) -> list[int]:
@@ -140,6 +162,7 @@ def _filler(model: Model, n: int) -> list[int]:
 def _key(model: Model, work: Workload) -> str:
     st = model.path.stat()
     parts: dict[str, Any] = {
+        "version": 2,
         "model": [model.path.name, st.st_size], "cpu": _cpu_id(), "build": _build_id(),
         "n_gpu_layers": model.n_gpu_layers, "threads": work.threads, "cells": min(work.capacity, MAX_FILL),
         "batch": work.n_batch, "cache": [work.cache_type_k, work.cache_type_v],

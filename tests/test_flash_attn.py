@@ -11,7 +11,7 @@ from infokv_local import flash_attn as fa
 from infokv_local.engine import Engine
 
 # a small workload (the engines' is fa.reference_workload(threads), 1,152 cells)
-WORK = fa.Workload(capacity=192, n_batch=32, threads=1, cache_type_k="f16", cache_type_v="f16", attn=True, window=16,
+WORK = fa.Workload(capacity=192, n_batch=64, threads=1, cache_type_k="f16", cache_type_v="f16", attn=True, window=16,
                    window_share=0.5, layer_dist=True, entropy_top_k=256)
 
 
@@ -23,17 +23,19 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_both_settings_are_timed_once_then_the_verdict_is_cached(model, cache_dir, monkeypatch):
     choice = fa.choose(model, WORK)
-    times = choice.ms_per_token
-    assert set(times) == {"on", "off"} and all(t > 0 for t in times.values())
-    assert choice.setting == min(times, key=times.get)
-    assert f"{times[choice.setting]:.2f} ms per decode step with flash attention {choice.setting}" in choice.reason
+    steps, prompt = choice.ms_per_token, choice.prompt_s
+    assert set(steps) == set(prompt) == {"on", "off"} and all(t > 0 for t in [*steps.values(), *prompt.values()])
+    total = {k: prompt[k] + fa.REPLY_TOKENS * steps[k] / 1e3 for k in steps}
+    assert choice.setting == min(total, key=total.get)  # the whole request: its prompt and its reply
+    assert (f"a 1024-token prompt and a 512-token reply take {total[choice.setting]:.1f} s {choice.setting} "
+            f"(prompt {prompt[choice.setting]:.1f} s, {steps[choice.setting]:.2f} ms per decode step)") in choice.reason
     saved = json.loads((cache_dir / "flash-attn.json").read_text())
-    assert len(saved) == 1 and next(iter(saved.values()))["ms_per_token"] == times
+    assert len(saved) == 1 and next(iter(saved.values()))["ms_per_token"] == steps
 
     def no_timing(*_a, **_k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(fa, "_time_steps", no_timing)
+    monkeypatch.setattr(fa, "_time", no_timing)
     assert fa.choose(model, WORK) == choice  # from the cache
 
 
@@ -46,7 +48,7 @@ def test_every_engine_on_the_model_uses_the_one_verdict(model, cache_dir, monkey
     def no_timing(*_a, **_k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(fa, "_time_steps", no_timing)
+    monkeypatch.setattr(fa, "_time", no_timing)
     for policy, kw in (("infokv", dict(budget=64, buffer=16)), ("snapkv", dict(budget=300, buffer=100)),
                        ("full", dict(max_context=512)), ("streaming", dict(budget=48, buffer=16))):
         with Engine(model, policy, n_threads=1, **kw) as e:

@@ -70,7 +70,9 @@ def test_the_probe_window_is_the_prompts_end_read_after_the_cache(model, long_to
     pos, probed, rows = seen[0]
     n_read = len(pos)
     assert pos.tolist() == list(range(n_read)) and n_read == BUDGET + BUFFER - 32 and rows == 32
-    with Engine(model, "snapkv", budget=2048, buffer=BUFFER, n_batch=32) as ref:
+    # read in the same batches as the probed engine (one of n_read tokens): with flash attention on, llama.cpp's
+    # CPU kernel gives other low bits for batches of other sizes (logits ~0.4 apart on SmolLM2, as on vs off)
+    with Engine(model, "snapkv", budget=2048, buffer=BUFFER) as ref:
         ref.prefill(tokens[:n_read])
         sig = ref.ctx.decode(tokens[-32:], n_read, all_outputs=False)
         cells = sig.cells[sig.cell_pos < n_read]
