@@ -106,7 +106,12 @@ def register(bsub: Any) -> None:
     throughput.add_arguments(tp)
     tp.set_defaults(func=throughput.run)
 
-    from . import speed
+    from . import prefill, speed
+
+    pf = bsub.add_parser("prefill", help="where a prompt's reading time goes (LM head rows, entropy, layer "
+                         "distances, attention window, strides)", formatter_class=FMT, description=prefill.__doc__)
+    prefill.add_arguments(pf)
+    pf.set_defaults(func=prefill.run)
 
     sp = bsub.add_parser("speed", help="speed and memory vs length against stock llama.cpp (flash attention "
                          "on and off)", formatter_class=FMT, description=speed.__doc__,
