@@ -1,5 +1,5 @@
-"""The README's examples run as written, and print or do what the README says: every code block after a
-``<!-- tested -->`` line has a check in :data:`CHECKS`."""
+"""The examples of the README and of docs/ run as written, and print or do what they say: every code block
+after a ``<!-- tested -->`` line has a check in :data:`CHECKS`."""
 
 from __future__ import annotations
 
@@ -13,17 +13,33 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"<!-- tested -->\n```(\w+)\n(.*?)\n```", re.S)
 
 
 def readme_blocks() -> list[tuple[str, str]]:
-    return BLOCK.findall(README.read_text())
+    return [block for page in PAGES for block in BLOCK.findall(page.read_text())]
 
 
-def test_the_readme_has_readme_blocks():
+def test_the_readme_and_the_docs_have_tested_blocks():
+    assert BLOCK.findall(README.read_text())
     kinds = [k for k, _ in readme_blocks()]
-    assert kinds.count("python") >= 2 and kinds.count("sh") >= 2
+    assert kinds.count("python") >= 3 and kinds.count("sh") >= 2
+
+
+def test_the_user_docs_name_no_issue_and_link_what_exists():
+    for page in PAGES:
+        text = page.read_text()
+        assert not re.search(r"\bissues? #?\d+", text, re.I), page
+        for target in re.findall(r"\]\(([^)#]+)\)", text):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
+
+
+def test_the_readme_is_short():
+    assert len(README.read_text().encode()) <= 12_500
 
 
 def _api(out: str, err: str, cwd: Path) -> None:
@@ -57,6 +73,14 @@ def _batch(out: str, err: str, cwd: Path) -> None:
     assert out.splitlines()[0].startswith('{"id": ')
 
 
+def _readme_api(out: str, err: str, cwd: Path) -> None:
+    found = re.search(r"^cells (\d+) of (\d+) evicted (\d+)$", out, re.M)
+    assert found, out
+    peak, capacity, evicted = map(int, found.groups())
+    assert capacity == 128 + 32 and 0 < peak <= capacity and evicted > 0, out  # 300 tokens under 128 + 32
+    assert len(out) > 300  # the story
+
+
 def _engine(out: str, err: str, cwd: Path) -> None:
     assert out.strip() == "160 160"  # as the block's comment says: peak = budget + buffer
 
@@ -68,6 +92,7 @@ def _signals(out: str, err: str, cwd: Path) -> None:
 # what each tested block must print or leave behind, found by a line of its code
 CHECKS: dict[str, Callable[[str, str, Path], None]] = {
     'out = llm.create_chat_completion(messages, max_tokens=200': _api,
+    "Tell me a long story about a fox.": _readme_api,
     "python -m infokv_local models": _commands,
     "python -m infokv_local batch --input prompts.jsonl": _batch,
     'with Engine(model, "infokv", budget=128': _engine,
@@ -77,7 +102,7 @@ CHECKS: dict[str, Callable[[str, str, Path], None]] = {
 
 def _check_of(code: str) -> Callable[[str, str, Path], None]:
     found = [f for key, f in CHECKS.items() if key in code]
-    assert len(found) == 1, f"every tested README block needs exactly one check in CHECKS:\n{code}"
+    assert len(found) == 1, f"every tested block needs exactly one check in CHECKS:\n{code}"
     return found[0]
 
 
