@@ -125,6 +125,11 @@ def test_reuse_gives_what_a_fresh_prefill_gives(model):
         assert pa.argmax() == pb.argmax() and float(np.sum(pa * np.log(pa / pb))) < 0.02
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -137,18 +142,29 @@ def test_stop_string_then_next_turn_reuses_the_cache(llm):
     cut = llm.create_chat_completion(STORY, max_tokens=40, temperature=0, stop=word)
     assert cut["choices"][0]["finish_reason"] == "stop"
     seq = llm.kv_stats()["sequence_tokens"]
+    before = list(llm.engine.tokens)
     messages = STORY + [cut["choices"][0]["message"], {"role": "user", "content": "Go on."}]
     nxt = llm.create_chat_completion(messages, max_tokens=10, temperature=0)
-    assert nxt["usage"]["kv"]["reused_tokens"] == seq  # the stop string's tokens never entered the sequence
+    new_prompt = llm.engine.tokens[: nxt["usage"]["prompt_tokens"]]
+    common = common_prefix(before, new_prompt)
+    # the token that completed the stop string was never decoded; the stop word's earlier tokens (" Monica" of
+    # "Monica,") were, and are all the next turn reads again: everything before the stop word is reused
+    n_word = len(llm.tokenize(" " + word, add_bos=False))
+    assert nxt["usage"]["kv"]["reused_tokens"] == common and seq - n_word < common <= seq
 
 
 def test_edited_reply_drops_only_the_changed_tail(llm):
     first = llm.create_chat_completion(STORY, max_tokens=30, temperature=0)
     prompt_tokens, seq = first["usage"]["prompt_tokens"], llm.kv_stats()["sequence_tokens"]
+    before = list(llm.engine.tokens)
     edited = first["choices"][0]["message"]["content"].rsplit(" ", 3)[0] + " and then"
     messages = STORY + [{"role": "assistant", "content": edited}, {"role": "user", "content": "Go on."}]
     nxt = llm.create_chat_completion(messages, max_tokens=10, temperature=0)
-    assert prompt_tokens < nxt["usage"]["kv"]["reused_tokens"] < seq - 2
+    new_prompt = llm.engine.tokens[: nxt["usage"]["prompt_tokens"]]
+    common = common_prefix(before, new_prompt)
+    # the reply's last words were cut (the sequence holds all but the reply's last sampled token): exactly the
+    # tokens before the first changed one are reused, the prompt and the unchanged start of the reply
+    assert nxt["usage"]["kv"]["reused_tokens"] == common and prompt_tokens < common < seq
     assert llm.kv_stats()["max_used_cells"] <= 64
 
 
