@@ -133,6 +133,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def kv_summary(kv: dict[str, Any]) -> str:
     budget = "no budget" if kv["budget"] is None else f"budget {kv['budget']} + buffer {kv['buffer']}"
+    bounded = ""
+    if kv.get("bounded_bytes"):
+        bounded = (f", beside a {kv['memory']} cache of {int(kv['bounded_bytes']) / 2**20:.1f} MiB"
+                   + (f" ({kv['bounded_cells']} cells used)" if kv.get("bounded_cells") is not None else ""))
     return (f"{kv['policy']}, {budget}: KV cells used {kv['used_cells']} (max {kv['max_used_cells']}, "
-            f"{int(kv['kv_bytes']) / 2**20:.1f} MiB), {kv['evicted_tokens']} tokens evicted in "
+            f"{int(kv['kv_bytes']) / 2**20:.1f} MiB{bounded}), {kv['evicted_tokens']} tokens evicted in "
             f"{kv['evictions']} compressions; {kv['n_threads']} threads")

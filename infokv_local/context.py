@@ -22,6 +22,9 @@ from .threads import resolve_threads
 
 SEQ = 0  # one sequence per context
 
+# the patch's LLAMA_INFOKV_MEMORY_* (docs/memory.md): what the memory's growing and bounded parts are
+MEMORY_KINDS = {0: "dense", 1: "sliding-window", 2: "hybrid", 3: "hybrid", 4: "recurrent"}
+
 __all__ = ["SEQ", "CacheFull", "StatsContext"]  # CacheFull: declared in errors, re-exported
 
 
@@ -68,12 +71,17 @@ class StatsContext:
         self.layer_dist = layer_dist
         self.entropy_top_k = entropy_top_k
         self.n_last_rows = n_last_rows
+        if model.info.n_swa > 0:
+            # the sliding-window cache is sized from n_ctx too and must hold the window and a batch
+            n_ctx = max(n_ctx, model.info.n_swa + n_batch)
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = 1
         params.no_perf = True
+        # llama.cpp's default sizes a sliding-window cache like the full one: keep it to the window
+        params.swa_full = False
         attn_all_rows = attn_all_rows or n_last_rows <= 0  # a window of no rows: only the full softmax
         if attn and attn_all_rows and flash_attn:
             raise ValueError("attention statistics over every query row need flash attention off")
@@ -93,12 +101,22 @@ class StatsContext:
         self._ptr = llama.llama_init_from_model(model.ptr, params)
         if not self._ptr:
             raise DecodeError(f"llama.cpp could not create a context of {n_ctx} cells (out of memory?)")
+        kind = native.lib.llama_infokv_memory_kind(self._ptr)
         self.n_cells = native.lib.llama_infokv_n_cells(self._ptr)
-        if self.n_cells < 0:
+        if kind not in (0, 1, 2) or self.n_cells < 0:
             self.close()
             raise UnsupportedArchitectureError(
-                f"{model.path.name}: its memory is not a single plain KV cache; token eviction is not supported"
+                f"{model.path.name}: its memory ({MEMORY_KINDS.get(kind, 'indexed or sparse attention')}) has no "
+                f"KV cache this engine can evict single tokens from (see docs/memory.md)"
             )
+        self.memory = MEMORY_KINDS[kind]
+        growing, bounded = ctypes.c_uint64(), ctypes.c_uint64()
+        native.lib.llama_infokv_memory_bytes(self._ptr, ctypes.byref(growing), ctypes.byref(bounded))
+        self.growing_bytes, self.bounded_bytes = int(growing.value), int(bounded.value)
+        # the layers whose attention is over the growing part's cells (the others' statistics rows are 0)
+        attends = [native.lib.llama_infokv_layer_attends_growing(self._ptr, il) for il in range(model.info.n_layer)]
+        self.attn_layers = np.flatnonzero(np.asarray(attends) == 1)
+        self._all_attn_layers = len(self.attn_layers) == model.info.n_layer
         self.attn_all_rows = attn_all_rows
         if native.lib.llama_infokv_set_stats_ext(self._ptr, attn, n_last_rows, layer_dist, attn_all_rows) != 0:
             self.close()
@@ -106,6 +124,8 @@ class StatsContext:
         self.n_batch = n_batch
         self.n_vocab = model.info.n_vocab
         self.n_layer = model.info.n_layer
+        self.n_attn_layers = len(self.attn_layers)
+        self.n_ctx = n_ctx
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._last_entropy = float("nan")
         self._attn_active = attn
@@ -150,6 +170,45 @@ class StatsContext:
                 pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n,
             )
         return cells, pos
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the memory has a bounded part beside the growing one (a sliding-window cache, a
+        recurrent state)."""
+        return self.memory != "dense"
+
+    @property
+    def rolls_back(self) -> bool:
+        """Whether the newest positions can be dropped and read again (not through a recurrent state, which
+        holds every token read in one summary)."""
+        return self.memory != "hybrid"
+
+    def bounded_cells(self) -> tuple[int, int] | None:
+        """(cells in use, cells) of the sliding-window cache, or None when the memory has none."""
+        used, size = ctypes.c_int32(), ctypes.c_int32()
+        if native.lib.llama_infokv_bounded_cells(self.ptr, ctypes.byref(used), ctypes.byref(size)) != 0:
+            return None
+        return int(used.value), int(size.value)
+
+    def drop_bounded_from(self, pos: int) -> None:
+        """Remove positions ``pos..`` from the bounded part too (after their cells in the growing part were
+        removed): ``llama_memory_seq_rm``, which on a sliding-window memory clears both caches."""
+        if self.bounded and not llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), SEQ, int(pos), -1):
+            raise DecodeError(f"llama.cpp could not drop positions {pos}.. from the {self.memory} memory")
+
+    def can_roll_back_to(self, pos: int) -> bool:
+        """Whether the sequence can continue at ``pos`` after the positions from ``pos`` on are dropped: always
+        for a dense cache; for a sliding-window one while its cache still holds the window before ``pos``
+        (it reuses the cells of positions that left the window of the newest token; it holds one
+        contiguous run of positions, so its lowest position decides); for a hybrid only when nothing is
+        dropped (a recurrent state cannot forget its last tokens)."""
+        if not self.bounded:
+            return True
+        mem = llama.llama_get_memory(self.ptr)
+        if not self.rolls_back:
+            return pos > llama.llama_memory_seq_pos_max(mem, SEQ)  # nothing to drop
+        lowest = llama.llama_memory_seq_pos_min(mem, SEQ)
+        return lowest <= max(0, pos - self.model.info.n_swa + 1)
 
     def remove_cells(self, cells: Sequence[int] | np.ndarray) -> int:
         """Remove the sequence from these cells (O(k)); returns how many cells were freed."""
@@ -287,14 +346,16 @@ class StatsContext:
         ptr = native.lib.llama_infokv_get_attn_sum(self.ptr, ctypes.byref(nl), ctypes.byref(nc))
         if not ptr:
             return None
-        return np.ctypeslib.as_array(ptr, shape=(nl.value, nc.value)).copy()
+        arr = np.ctypeslib.as_array(ptr, shape=(nl.value, nc.value))
+        return arr.copy() if self._all_attn_layers else arr[self.attn_layers]
 
     def _attn_last(self) -> np.ndarray | None:
         nl, nr, nc = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
         ptr = native.lib.llama_infokv_get_attn_last(self.ptr, ctypes.byref(nl), ctypes.byref(nr), ctypes.byref(nc))
         if not ptr:
             return None
-        return np.ctypeslib.as_array(ptr, shape=(nl.value, nr.value, nc.value)).copy()
+        arr = np.ctypeslib.as_array(ptr, shape=(nl.value, nr.value, nc.value))
+        return arr.copy() if self._all_attn_layers else arr[self.attn_layers]
 
     def _layer_dist(self) -> np.ndarray | None:
         nl, nt = ctypes.c_int32(), ctypes.c_int32()
@@ -327,7 +388,8 @@ class StatsContext:
         self.clear()
         placeholders: np.ndarray | None = None
         if cells is not None and len(cells):
-            data, placeholders = _with_placeholders(data, np.sort(np.asarray(cells, dtype=np.int64)), self.n_cells)
+            data, placeholders = _with_placeholders(data, np.sort(np.asarray(cells, dtype=np.int64)), self.n_cells,
+                                                    trailing=self.bounded)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if llama.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
             self.clear()
@@ -387,12 +449,14 @@ def interpolate_rows(values: np.ndarray, rows: np.ndarray, n: int, before: float
     return out
 
 
-def _with_placeholders(data: bytes, cells: np.ndarray, n_cells: int) -> tuple[bytes, np.ndarray | None]:
+def _with_placeholders(data: bytes, cells: np.ndarray, n_cells: int,
+                       trailing: bool = False) -> tuple[bytes, np.ndarray | None]:
     """The saved sequence ``data`` (llama.cpp's layout: a magic and the sequence id, the stream count, the
     cells in index order (position, 1, sequence id), then per layer their K
     rows and V rows or transposed V columns) rewritten to hold cells 0..max(cells), the missing
     ones as placeholders (zero K/V, positions past the sequence's), and the placeholders' indices.
-    Returns ``data`` unchanged and None when the layout is not the plain one this expects."""
+    ``trailing``: the growing part's cells are followed by the bounded part's (a sliding-window cache),
+    kept as they are. Returns ``data`` unchanged and None when the layout is not the one this expects."""
     n = len(cells)
     m = int(cells[-1]) + 1
     if m > n_cells or m == n:
@@ -446,7 +510,9 @@ def _with_placeholders(data: bytes, cells: np.ndarray, n_cells: int) -> tuple[by
             dst[:, cells] = src
             out.extend([head, dst.tobytes()])
         if off != len(data):
-            return data, None
+            if not trailing:
+                return data, None
+            out.append(data[off:])
     except ValueError:
         return data, None
     return b"".join(out), holes.astype(np.int32)

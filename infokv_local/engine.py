@@ -201,6 +201,9 @@ class Engine:
         if budget_mib is not None:
             if isinstance(budget_mib, bool) or not isinstance(budget_mib, (int, float)) or not budget_mib > 0:
                 raise BudgetError(f"budget_mib must be a positive number of MiB (got {budget_mib!r})")
+            if model.info.memory != "dense":
+                raise BudgetError(f"{model.path.name} has a {model.info.memory} memory: budget_mib cannot be given "
+                                  f"for it yet; give the budget in tokens of its full-attention cache (budget)")
             budget = int(budget_mib * 2**20 // self.kv_bytes_per_cell)
             if budget < 1:
                 raise BudgetError(f"budget_mib={budget_mib} holds no token ({self.kv_bytes_per_cell} bytes each)")
@@ -255,7 +258,8 @@ class Engine:
             raise CacheSettingsError(f"policy {self.policy.name!r} needs the attention of every query row, which "
                                      f"exists only with flash attention off: leave flash_attn unset or False")
         # attention statistics only in the steps a compression reads (see the class docstring); H2O sums all
-        self._window_on_demand = ATTENTION in needs and not all_rows and self.policy.evicts
+        window_policy = ATTENTION in needs and not all_rows and self.policy.evicts
+        self._window_on_demand = window_policy
         if is_quantized(self.cache_type_v):
             if all_rows or flash_attn is False:
                 raise CacheSettingsError(
@@ -283,8 +287,14 @@ class Engine:
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
         )
         self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
+        if self.ctx.bounded:
+            # recording the window on demand reads the last tokens again, which a sliding-window cache may
+            # not allow (docs/memory.md): record it as the tokens are read
+            self._window_on_demand = False
+            self.kv_bytes_per_cell = self.ctx.growing_bytes // self.ctx.n_cells
         # 0: no probe (off, or a policy that reads no observation window); see the class docstring
-        self.probe_len = min(window, buffer // 2) if prompt_probe and self._window_on_demand else 0
+        # (a recurrent state cannot drop the probe's tokens again)
+        self.probe_len = min(window, buffer // 2) if prompt_probe and window_policy and self.ctx.rolls_back else 0
         # the tokens of a probed prompt's end; None outside a probed feed
         self._probe_tail: list[int] | None = None
         self._recent_holes: set[int] = set()  # recent positions evicted before a truncation made them recent
@@ -299,13 +309,15 @@ class Engine:
         self._restored_at_step: int | None = None  # the step at which restore() left stale logits
         self.rng = np.random.default_rng(seed)
 
-        n_cells, n_layer = self.ctx.n_cells, model.info.n_layer
+        n_cells, n_attn = self.ctx.n_cells, self.ctx.n_attn_layers
         self._ent_prod = np.full(n_cells, np.nan, dtype=np.float32)
         self._ent_at = np.full(n_cells, np.nan, dtype=np.float32)
-        self._ldist = np.zeros((n_layer, n_cells), dtype=np.float32)
-        self._attn_acc = np.zeros((n_layer, n_cells), dtype=np.float32)
-        self._attn_current = np.zeros((n_layer, n_cells), dtype=np.float32)
-        self._ring = np.zeros((window, n_layer, n_cells), dtype=np.float32)
+        # per-layer statistics: one row per layer attending over the growing part's cells (all but the
+        # sliding-window layers), so that a score pairs a layer's attention with that layer's evolution
+        self._ldist = np.zeros((n_attn, n_cells), dtype=np.float32)
+        self._attn_acc = np.zeros((n_attn, n_cells), dtype=np.float32)
+        self._attn_current = np.zeros((n_attn, n_cells), dtype=np.float32)
+        self._ring = np.zeros((window, n_attn, n_cells), dtype=np.float32)
         self._ring_next = 0
         self._ring_len = 0
         self._cell_token = np.full(n_cells, -1, dtype=np.int64)  # index in self.tokens of each cell's token
@@ -396,7 +408,8 @@ class Engine:
         """Drop the sequence's tokens from index ``n_tokens`` on (to continue differently from there).
 
         Possible only while all those tokens are still cached (the most recent ones always are, up
-        to ``n_recent``); returns False, changing nothing, otherwise.
+        to ``n_recent``) and, with a sliding-window cache, while that cache still holds the window
+        before them; returns False, changing nothing, otherwise.
         """
         tail = self._truncated_cells(n_tokens)
         if tail is None:
@@ -412,6 +425,7 @@ class Engine:
                 first = tail[self._cell_token[tail] == n_tokens]
                 self.ctx.last_entropy = float(self._ent_prod[first[0]]) if len(first) else float("nan")
                 self.ctx.remove_cells(tail)
+                self.ctx.drop_bounded_from(self.n_past - k)
                 self._forget(tail)
                 del self.tokens[n_tokens:]
                 self.n_past -= k
@@ -433,7 +447,9 @@ class Engine:
             return np.empty(0, dtype=np.int32)
         cells, _ = self.ctx.cell_map()
         tail = cells[self._cell_token[cells] >= n_tokens]
-        return tail if len(tail) == k else None
+        if len(tail) != k or not self.ctx.can_roll_back_to(self.n_past - k):
+            return None
+        return tail
 
     def _note_recent_holes(self) -> None:
         """After a truncation or a restore: the positions now among the most recent ``n_recent`` that were
@@ -629,6 +645,8 @@ class Engine:
         self.ctx.last_entropy = saved_entropy
         self._probe_peak = max(self._probe_peak, len(sig.cells))
         self.ctx.remove_cells(sig.cells[sig.cell_pos >= pos0])
+        # a sliding-window cache took them too; the cells they reused had left the window of pos0 already
+        self.ctx.drop_bounded_from(pos0)
         self.probes += 1
         if sig.attn_last is None:
             raise DecodeError("the probe's decode returned no attention rows")
@@ -734,7 +752,7 @@ class Engine:
             self._ent_prod[new_cells] = sig.entropy_produced
             self._ent_at[new_cells] = sig.entropy_at
         if sig.layer_dist is not None:
-            self._ldist[:, new_cells] = sig.layer_dist
+            self._ldist[:, new_cells] = sig.layer_dist[self.ctx.attn_layers]
         if self._window_on_demand:
             self._unrecorded = 0 if sig.attn_last is not None else self._unrecorded + n
         if sig.attn_sum is not None and sig.attn_last is not None:

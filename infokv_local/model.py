@@ -142,6 +142,9 @@ class ModelInfo:
     n_embd: int
     n_vocab: int
     n_ctx_train: int
+    n_swa: int = 0  # the sliding window of the model's sliding-window layers (0: none)
+    # "dense", "sliding-window", "hybrid" (attention and recurrent layers) or "recurrent" (docs/memory.md)
+    memory: str = "dense"
 
 
 class Model:
@@ -179,6 +182,10 @@ class Model:
             n_embd=llama.llama_model_n_embd(self._ptr),
             n_vocab=llama.llama_vocab_n_tokens(self.vocab),
             n_ctx_train=llama.llama_model_n_ctx_train(self._ptr),
+            n_swa=llama.llama_model_n_swa(self._ptr),
+            memory=("recurrent" if llama.llama_model_is_recurrent(self._ptr) else
+                    "hybrid" if llama.llama_model_is_hybrid(self._ptr) else
+                    "sliding-window" if llama.llama_model_n_swa(self._ptr) > 0 else "dense"),
         )
         try:
             self._check_evictable()
@@ -187,17 +194,13 @@ class Model:
             raise
 
     def _check_evictable(self) -> None:
-        why = None
-        if llama.llama_model_is_recurrent(self._ptr):
-            why = "it is recurrent (its state is not a list of tokens)"
-        elif llama.llama_model_is_hybrid(self._ptr):
-            why = "it is hybrid (part of its memory is recurrent)"
-        elif llama.llama_model_n_swa(self._ptr) > 0:
-            why = "it uses sliding-window attention (two caches with different cell numbering)"
-        if why:
+        # sliding-window memories are evicted in their full-attention cache, hybrid ones in their attention
+        # cache (docs/memory.md); a recurrent-only memory has no cache of tokens to bound
+        if self.info.memory == "recurrent":
             raise UnsupportedArchitectureError(
-                f"{self.path.name} (architecture '{self.info.arch}') cannot be run with token eviction: {why}. "
-                f"Use a model with a plain KV cache (e.g. Llama, Qwen2, Mistral, Phi-3)."
+                f"{self.path.name} (architecture '{self.info.arch}') cannot be run with token eviction: it is "
+                f"recurrent (its state is not a list of tokens). "
+                f"Use a model with a plain, sliding-window or hybrid memory (e.g. Llama, Qwen2/3, Gemma 3, Qwen3.5)."
             )
 
     @property

