@@ -4,6 +4,7 @@ llama.cpp and reported beside it (docs/memory.md). The real model through the re
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from infokv_local.engine import Engine
 from infokv_local.errors import BudgetError
 
 from .conftest import ESSAY
+from .test_server import KEY, client, kv_of, serve
 
 CLI = [sys.executable, "-m", "infokv_local"]
 
@@ -132,3 +134,42 @@ def test_the_command_line_runs_a_sliding_window_model(gemma_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() and "Traceback" not in res.stderr
+
+
+def test_chat_and_batch_run_a_sliding_window_model(gemma_path, tmp_path):
+    small = ["--model", str(gemma_path), "--budget", "64", "--buffer", "32", "--threads", "2"]
+    res = subprocess.run([*CLI, "chat", *small, "--max-tokens", "48"], capture_output=True, text=True, timeout=600,
+                         input="Tell me a story about a cat.\nWhat was the cat's name?\n/exit\n")
+    assert res.returncode == 0, res.stderr
+    reused = [int(ln.split("; ")[-1].split()[0]) for ln in res.stderr.splitlines() if "tokens of history reused" in ln]
+    assert len(reused) == 2 and reused[0] == 0 and reused[1] > 48  # the second turn reuses the first
+    assert "evicted" in res.stderr
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "The capital of France is", "max_tokens": 6}\n'
+                   '{"id": "b", "messages": [{"role": "user", "content": "Write a poem about the sea."}], '
+                   '"max_tokens": 120}\n')
+    res = subprocess.run([*CLI, "batch", "--input", str(inp), "--output", str(out), *small], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"a", "b"} and rows["b"]["kv"]["evictions"] >= 1
+    assert rows["b"]["kv"]["max_used_cells"] <= 96 and rows["b"]["kv"]["memory"] == "sliding-window"
+
+
+def test_the_server_runs_a_sliding_window_model(gemma_path):
+    args = ["--model", str(gemma_path), "--budget", "64", "--buffer", "32", "--threads", "2", "--slots", "2",
+            "--api-key", KEY]
+    with serve(*args) as base:
+        c = client(base)
+        story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+        first = c.chat.completions.create(model=gemma_path.name, messages=story, max_tokens=120, temperature=0)
+        kv = kv_of(first.usage)
+        assert kv["memory"] == "sliding-window" and kv["evictions"] >= 1 and kv["max_used_cells"] <= 96
+        assert kv["bounded_bytes"] > 0 and kv["total_bytes"] == kv["kv_bytes"] + kv["bounded_bytes"]
+        turn2 = story + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "Give it a title."}]
+        second = c.chat.completions.create(model=gemma_path.name, messages=turn2, max_tokens=16, temperature=0)
+        assert kv_of(second.usage)["reused_tokens"] > first.usage.prompt_tokens
+        chunks = list(c.chat.completions.create(model=gemma_path.name, messages=story, max_tokens=8, temperature=0,
+                                                stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
