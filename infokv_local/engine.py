@@ -254,6 +254,9 @@ class Engine:
         needs = self.policy.needs
         self.needs_outputs = bool(needs & {ENTROPY, LAYER_DIST})
         all_rows = ATTENTION_ALL_ROWS in needs
+        if flash_attn is not None and not isinstance(flash_attn, bool):
+            raise CacheSettingsError(f"flash_attn must be True, False or None (chosen by measurement), got "
+                                     f"{flash_attn!r}")
         if all_rows and flash_attn:
             raise CacheSettingsError(f"policy {self.policy.name!r} needs the attention of every query row, which "
                                      f"exists only with flash attention off: leave flash_attn unset or False")

@@ -25,10 +25,14 @@ def llm(model):
 
 
 @pytest.fixture(scope="module")
-def stock(model_path):
+def stock(model, model_path):
+    """llama-cpp-python's ``Llama`` with the flash-attention setting our engine chose for this machine (the two
+    settings' logits differ by more than the tolerances below)."""
     from llama_cpp import Llama
 
-    x = Llama(str(model_path), n_ctx=512, logits_all=True, verbose=False)
+    with InfoKVLlama(model, budget=48, buffer=16) as ours:
+        flash_attn = ours.kv_stats()["flash_attn"] == "on"
+    x = Llama(str(model_path), n_ctx=512, logits_all=True, verbose=False, flash_attn=flash_attn)
     yield x
     x.close()
 

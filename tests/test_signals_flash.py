@@ -63,6 +63,9 @@ def test_policies_choose_flash_attention(model):
         assert e.flash_attn == "off" and "every query row" in e.flash_attn_reason
     with pytest.raises(CacheSettingsError, match="every query row"):
         Engine(model, "h2o", budget=64, buffer=16, flash_attn=True)
+    for bad in ("off", 1):  # a string is not silently taken as True
+        with pytest.raises(CacheSettingsError, match="flash_attn must be True, False or None"):
+            Engine(model, "infokv", budget=64, buffer=16, flash_attn=bad)
 
 
 @pytest.mark.parametrize("policy", ["infokv", "snapkv", "tova"])
