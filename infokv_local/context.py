@@ -210,6 +210,11 @@ class StatsContext:
         lowest = llama.llama_memory_seq_pos_min(mem, SEQ)
         return lowest <= max(0, pos - self.model.info.n_swa + 1)
 
+    def growing_rows(self, per_layer: np.ndarray) -> np.ndarray:
+        """The rows of the layers attending over the growing part's cells (:attr:`attn_layers`) of a per-layer
+        array: the array itself when that is every layer (a view, no copy)."""
+        return per_layer if self._all_attn_layers else per_layer[self.attn_layers]
+
     def remove_cells(self, cells: Sequence[int] | np.ndarray) -> int:
         """Remove the sequence from these cells (O(k)); returns how many cells were freed."""
         arr = np.ascontiguousarray(cells, dtype=np.int32)
@@ -346,16 +351,14 @@ class StatsContext:
         ptr = native.lib.llama_infokv_get_attn_sum(self.ptr, ctypes.byref(nl), ctypes.byref(nc))
         if not ptr:
             return None
-        arr = np.ctypeslib.as_array(ptr, shape=(nl.value, nc.value))
-        return arr.copy() if self._all_attn_layers else arr[self.attn_layers]
+        return self.growing_rows(np.ctypeslib.as_array(ptr, shape=(nl.value, nc.value))).copy()
 
     def _attn_last(self) -> np.ndarray | None:
         nl, nr, nc = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
         ptr = native.lib.llama_infokv_get_attn_last(self.ptr, ctypes.byref(nl), ctypes.byref(nr), ctypes.byref(nc))
         if not ptr:
             return None
-        arr = np.ctypeslib.as_array(ptr, shape=(nl.value, nr.value, nc.value))
-        return arr.copy() if self._all_attn_layers else arr[self.attn_layers]
+        return self.growing_rows(np.ctypeslib.as_array(ptr, shape=(nl.value, nr.value, nc.value))).copy()
 
     def _layer_dist(self) -> np.ndarray | None:
         nl, nt = ctypes.c_int32(), ctypes.c_int32()

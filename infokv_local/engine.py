@@ -755,7 +755,7 @@ class Engine:
             self._ent_prod[new_cells] = sig.entropy_produced
             self._ent_at[new_cells] = sig.entropy_at
         if sig.layer_dist is not None:
-            self._ldist[:, new_cells] = sig.layer_dist[self.ctx.attn_layers]
+            self._ldist[:, new_cells] = self.ctx.growing_rows(sig.layer_dist)
         if self._window_on_demand:
             self._unrecorded = 0 if sig.attn_last is not None else self._unrecorded + n
         if sig.attn_sum is not None and sig.attn_last is not None:

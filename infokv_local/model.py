@@ -173,6 +173,7 @@ class Model:
                 f"architecture this llama.cpp does not know (see the log above)"
             )
         self.vocab = llama.llama_model_get_vocab(self._ptr)
+        n_swa = llama.llama_model_n_swa(self._ptr)
         self.info = ModelInfo(
             path=self.path,
             arch=self.meta("general.architecture") or "unknown",
@@ -182,10 +183,10 @@ class Model:
             n_embd=llama.llama_model_n_embd(self._ptr),
             n_vocab=llama.llama_vocab_n_tokens(self.vocab),
             n_ctx_train=llama.llama_model_n_ctx_train(self._ptr),
-            n_swa=llama.llama_model_n_swa(self._ptr),
+            n_swa=n_swa,
             memory=("recurrent" if llama.llama_model_is_recurrent(self._ptr) else
                     "hybrid" if llama.llama_model_is_hybrid(self._ptr) else
-                    "sliding-window" if llama.llama_model_n_swa(self._ptr) > 0 else "dense"),
+                    "sliding-window" if n_swa > 0 else "dense"),
         )
         try:
             self._check_evictable()

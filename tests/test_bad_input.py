@@ -1,5 +1,5 @@
 """Bad input gets a clear error, never a crash: fuzzed model files, undecodable prompt bytes on the
-command line, an architecture that cannot be evicted (Gemma 3, sliding-window attention)."""
+command line, model files llama.cpp's loader cannot take."""
 
 from __future__ import annotations
 
