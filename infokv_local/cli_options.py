@@ -95,6 +95,8 @@ def eos_bias(args: argparse.Namespace, llm: InfoKVLlama) -> dict[str, Any]:
 def open_llm(args: argparse.Namespace) -> InfoKVLlama:
     """The model the options name, with the cache they describe (announced on stderr with ``--verbose``)."""
     llm = _load_llm(args)
+    if llm.engine.eviction_note:
+        print(f"[{llm.model.path.name}] {llm.engine.eviction_note}", file=sys.stderr)
     if getattr(args, "verbose", False):
         kv = llm.kv_stats()
         how = "from --threads" if args.threads else "the physical cores, the default"
@@ -135,8 +137,9 @@ def kv_summary(kv: dict[str, Any]) -> str:
     budget = "no budget" if kv["budget"] is None else f"budget {kv['budget']} + buffer {kv['buffer']}"
     bounded = ""
     if kv.get("bounded_bytes"):
-        bounded = (f", beside a {kv['memory']} cache of {int(kv['bounded_bytes']) / 2**20:.1f} MiB"
-                   + (f" ({kv['bounded_cells']} cells used)" if kv.get("bounded_cells") is not None else ""))
+        bounded = (f", beside {int(kv['bounded_bytes']) / 2**20:.1f} MiB of {kv['memory']} memory that does not grow"
+                   + (f" ({kv['bounded_cells']} sliding-window cells used)" if kv.get("bounded_cells") is not None
+                      else ""))
     return (f"{kv['policy']}, {budget}: KV cells used {kv['used_cells']} (max {kv['max_used_cells']}, "
             f"{int(kv['kv_bytes']) / 2**20:.1f} MiB{bounded}), {kv['evicted_tokens']} tokens evicted in "
             f"{kv['evictions']} compressions; {kv['n_threads']} threads")

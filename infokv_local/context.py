@@ -8,13 +8,15 @@ removes cells by index. It knows nothing of budgets or policies (that is the eng
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from . import kernels, native
-from .cache_types import check_cache_type
+from .cache_types import check_cache_type, is_quantized
 from .errors import CacheFull, DecodeError, UnsupportedArchitectureError
 from .model import Model
 from .signals import Signals
@@ -24,8 +26,41 @@ SEQ = 0  # one sequence per context
 
 # the patch's LLAMA_INFOKV_MEMORY_* (docs/memory.md): what the memory's growing and bounded parts are
 MEMORY_KINDS = {0: "dense", 1: "sliding-window", 2: "hybrid", 3: "hybrid", 4: "recurrent"}
+RECURRENT = 4
 
-__all__ = ["SEQ", "CacheFull", "StatsContext"]  # CacheFull: declared in errors, re-exported
+# CacheFull: declared in errors, re-exported
+__all__ = ["SEQ", "CacheFull", "MemoryLayout", "StatsContext", "memory_layout"]
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """What a model's memory takes in a context of this engine, read from llama.cpp before the real context
+    exists: bytes per cell of the growing part (the cache a budget counts), bytes of the bounded part (a
+    sliding-window cache, a recurrent state: fixed at load), and whether anything grows at all."""
+
+    memory: str
+    growing_bytes_per_cell: int
+    bounded_bytes: int
+    grows: bool
+
+
+_layouts: weakref.WeakKeyDictionary[Model, dict[tuple[int, str, str], MemoryLayout]] = weakref.WeakKeyDictionary()
+
+
+def memory_layout(model: Model, n_batch: int = 512, cache_type_k: str = "f16",
+                  cache_type_v: str = "f16") -> MemoryLayout:
+    """The :class:`MemoryLayout` of ``model`` with these batch size and cache types (``n_batch`` sizes the
+    sliding-window cache). Measured once per model and setting on a small context without statistics (the
+    bounded part does not depend on the context's size)."""
+    key = (n_batch, cache_type_k, cache_type_v)
+    known = _layouts.setdefault(model, {})
+    if key not in known:
+        with StatsContext(model, n_ctx=min(256, n_batch), n_batch=n_batch, attn=False, layer_dist=False,
+                          entropy_top_k=None, n_threads=1, flash_attn=is_quantized(cache_type_v),
+                          cache_type_k=cache_type_k, cache_type_v=cache_type_v) as ctx:
+            per_cell = ctx.growing_bytes // ctx.n_cells if ctx.n_cells else 0
+            known[key] = MemoryLayout(ctx.memory, per_cell if ctx.grows else 0, ctx.bounded_bytes, ctx.grows)
+    return known[key]
 
 
 class StatsContext:
@@ -103,13 +138,15 @@ class StatsContext:
             raise DecodeError(f"llama.cpp could not create a context of {n_ctx} cells (out of memory?)")
         kind = native.lib.llama_infokv_memory_kind(self._ptr)
         self.n_cells = native.lib.llama_infokv_n_cells(self._ptr)
-        if kind not in (0, 1, 2) or self.n_cells < 0:
+        if kind not in MEMORY_KINDS or (self.n_cells < 0 and kind != RECURRENT):
             self.close()
             raise UnsupportedArchitectureError(
                 f"{model.path.name}: its memory ({MEMORY_KINDS.get(kind, 'indexed or sparse attention')}) has no "
                 f"KV cache this engine can evict single tokens from (see docs/memory.md)"
             )
         self.memory = MEMORY_KINDS[kind]
+        self.has_cells = kind != RECURRENT  # a recurrent state alone has no cells at all
+        self.n_cells = max(self.n_cells, 0)
         growing, bounded = ctypes.c_uint64(), ctypes.c_uint64()
         native.lib.llama_infokv_memory_bytes(self._ptr, ctypes.byref(growing), ctypes.byref(bounded))
         self.growing_bytes, self.bounded_bytes = int(growing.value), int(bounded.value)
@@ -117,18 +154,26 @@ class StatsContext:
         attends = [native.lib.llama_infokv_layer_attends_growing(self._ptr, il) for il in range(model.info.n_layer)]
         self.attn_layers = np.flatnonzero(np.asarray(attends) == 1)
         self._all_attn_layers = len(self.attn_layers) == model.info.n_layer
+        self.n_attn_layers = len(self.attn_layers)
         self.attn_all_rows = attn_all_rows
-        if native.lib.llama_infokv_set_stats_ext(self._ptr, attn, n_last_rows, layer_dist, attn_all_rows) != 0:
+        wants_stats = attn or layer_dist
+        if wants_stats and not self.grows:
+            self.close()
+            raise UnsupportedArchitectureError(
+                f"{model.path.name}: its {self.memory} memory has no growing KV cache, so there are no cells to "
+                f"collect statistics over (run it without eviction: policy 'full')")
+        if self.has_cells and native.lib.llama_infokv_set_stats_ext(self._ptr, attn, n_last_rows, layer_dist,
+                                                                    attn_all_rows) != 0:
             self.close()
             raise UnsupportedArchitectureError(f"{model.path.name}: statistics are not supported for this memory")
         self.n_batch = n_batch
         self.n_vocab = model.info.n_vocab
         self.n_layer = model.info.n_layer
-        self.n_attn_layers = len(self.attn_layers)
         self.n_ctx = n_ctx
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._last_entropy = float("nan")
         self._attn_active = attn
+        self._has_output_row = False  # llama.cpp allocates the logits' rows at the first decode
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -156,11 +201,19 @@ class StatsContext:
 
     # ---- cells -----------------------------------------------------------------------------
     @property
+    def grows(self) -> bool:
+        """Whether part of the memory grows with the sequence (KV cells of layers attending over all of it):
+        False for a recurrent state alone, or a hybrid whose attention layers all use a sliding window."""
+        return self.has_cells and self.n_attn_layers > 0
+
+    @property
     def n_used(self) -> int:
-        return int(native.lib.llama_infokv_n_used(self.ptr))
+        return int(native.lib.llama_infokv_n_used(self.ptr)) if self.has_cells else 0
 
     def cell_map(self) -> tuple[np.ndarray, np.ndarray]:
         """The sequence's (cells, positions), ordered by position."""
+        if not self.has_cells:
+            return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int32)
         n = native.lib.llama_infokv_seq_cells(self.ptr, SEQ, None, None, 0)
         cells = np.empty(n, dtype=np.int32)
         pos = np.empty(n, dtype=np.int32)
@@ -181,7 +234,7 @@ class StatsContext:
     def rolls_back(self) -> bool:
         """Whether the newest positions can be dropped and read again (not through a recurrent state, which
         holds every token read in one summary)."""
-        return self.memory != "hybrid"
+        return self.memory not in ("hybrid", "recurrent")
 
     def bounded_cells(self) -> tuple[int, int] | None:
         """(cells in use, cells) of the sliding-window cache, or None when the memory has none."""
@@ -226,26 +279,61 @@ class StatsContext:
         return int(n)
 
     def compact_positions(self) -> int:
-        """Renumber the sequence's cells to positions 0..n-1, keeping their order; returns n.
+        """Renumber the sequence's cells so the holes eviction left are closed, keeping their order; returns
+        the next free position.
 
-        One ``llama_memory_seq_add`` (llama.cpp's batched K-shift, which re-rotates the keys) per run
-        of positions with no hole between them. Raises :class:`UnsupportedArchitectureError` when
-        this model's cache cannot shift positions.
+        A dense or hybrid memory's cells become positions 0..n-1. Beside a sliding-window cache, the holes
+        below that cache's lowest position are closed and the window's positions are shifted as one
+        block, so the sliding-window cache (which holds every position of its window, evicted ones in the
+        growing part included) keeps its spacing and every one of its tokens sees the same window.
+        One ``llama_memory_seq_add`` (llama.cpp's batched K-shift, which re-rotates the keys; on a
+        sliding-window or hybrid memory it shifts both parts) per run of positions with no hole between
+        them. Raises :class:`UnsupportedArchitectureError` when this model's cache cannot shift positions.
         """
         mem = llama.llama_get_memory(self.ptr)
-        if not llama.llama_memory_can_shift(mem):
-            raise UnsupportedArchitectureError(
-                f"{self.model.path.name}: positions must be renumbered (they reached the model's trained context) "
-                f"but this model's cache cannot shift positions"
-            )
+        swa = self.bounded_cells() is not None
+        must = f"{self.model.path.name}: positions must be renumbered (they reached the model's trained context) but"
+        refusal = self.renumbering_refusal()
+        if refusal:
+            raise UnsupportedArchitectureError(f"{must} {refusal}")
         _, pos = self.cell_map()
-        delta = np.arange(len(pos)) - pos
-        starts = np.r_[0, np.flatnonzero(np.diff(delta)) + 1] if len(pos) else np.empty(0, dtype=np.int64)
-        ends = np.r_[starts[1:], len(pos)]
+        target = np.arange(len(pos))
+        lowest = int(llama.llama_memory_seq_pos_min(mem, SEQ)) if swa else -1  # the sliding-window cache's
+        below = int(np.searchsorted(pos, lowest)) if lowest >= 0 else len(pos)
+        target[below:] = pos[below:] - (lowest - below)
+        delta = target - pos
+        starts = np.r_[0, np.flatnonzero(np.diff(delta)) + 1] if below else np.empty(0, dtype=np.int64)
+        starts = starts[starts < below]
+        ends = np.r_[starts[1:], below] if len(starts) else starts
         for s, e in zip(starts, ends, strict=True):
             if delta[s]:
                 llama.llama_memory_seq_add(mem, SEQ, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
-        return len(pos)
+        if lowest >= 0 and lowest != below:
+            # the window as one block, from the sliding-window cache's lowest position to the newest
+            llama.llama_memory_seq_add(mem, SEQ, lowest, -1, below - lowest)
+        elif swa and not delta.any():
+            raise UnsupportedArchitectureError(
+                f"{must} its sliding-window cache holds every position from {lowest} on, so renumbering frees none")
+        return int(llama.llama_memory_seq_pos_max(mem, SEQ)) + 1 if len(pos) or lowest >= 0 else 0
+
+    def renumbering_refusal(self) -> str | None:
+        """Why :meth:`compact_positions` cannot renumber this memory's positions, or None when it can."""
+        swa = self.bounded_cells() is not None
+        if not (llama.llama_memory_can_shift(llama.llama_get_memory(self.ptr)) or (swa and self._window_shiftable())):
+            return "this model's cache cannot shift positions"
+        if swa and self.model.info.arch == "llama4":
+            # chunked attention: a token attends within its chunk of positions, so a shift moves the boundaries
+            return "its chunked attention ties tokens to fixed chunks of positions"
+        return None
+
+    def _window_shiftable(self) -> bool:
+        """Whether a sliding-window memory's caches can shift positions one by one: llama.cpp's iSWA says no
+        whenever its two caches differ in size (a rule for llama-server's context shift, which would move
+        tokens out of the smaller cache's window), so the rule of each cache is asked of the model here, as
+        ``llama_kv_cache::get_can_shift`` has it: not for several positions per embedding (M-RoPE) nor
+        Step-3.5's per-layer RoPE dimensions."""
+        multi = {llama.LLAMA_ROPE_TYPE_MROPE, llama.LLAMA_ROPE_TYPE_IMROPE, llama.LLAMA_ROPE_TYPE_VISION}
+        return llama.llama_model_rope_type(self.model.ptr) not in multi and self.model.info.arch != "step35"
 
     def clear(self) -> None:
         llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
@@ -303,6 +391,7 @@ class StatsContext:
             b.logits[i] = bool(outputs[i])
         b.n_tokens = n
         rc = llama.llama_decode(self.ptr, b)
+        self._has_output_row = self._has_output_row or rc == 0
         if rc == 1:
             raise CacheFull(f"no free cells for {n} tokens ({self.n_used}/{self.n_cells} used)")
         if rc != 0:
@@ -388,6 +477,7 @@ class StatsContext:
         as :meth:`cell_map` gave them before saving) puts every cell back at its old index: the
         holes are filled with placeholder cells in the data given to llama.cpp, then freed.
         """
+        self._ensure_output_row()
         self.clear()
         placeholders: np.ndarray | None = None
         if cells is not None and len(cells):
@@ -400,6 +490,21 @@ class StatsContext:
                               f"{self.n_cells} cells (saved from a different model or a larger context?)")
         if placeholders is not None and len(placeholders):
             self.remove_cells(placeholders)
+
+    def _ensure_output_row(self) -> None:
+        """Give a context that never decoded an output row (llama.cpp allocates it at the first decode), so a
+        restored sequence's logits can be put back with :meth:`set_last_logits` instead of decoding its last
+        token again, which a sliding-window or recurrent memory would take as a new token. One token is
+        decoded alone and the memory cleared; the caller clears it anyway."""
+        if self._has_output_row:
+            return
+        b = self._batch
+        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = 0, 0, 1, SEQ, True
+        b.n_tokens = 1
+        if llama.llama_decode(self.ptr, b) != 0:
+            raise DecodeError("llama.cpp could not decode a token to make the context's output row")
+        self._has_output_row = True
+        self.clear()
 
     def set_last_logits(self, logits: np.ndarray) -> bool:
         """Overwrite the last output row's logits (what sampling reads next) with ``logits``, e.g. a

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .cache_types import check_cache_type, is_quantized, row_bytes
-from .context import StatsContext
+from .context import StatsContext, memory_layout
 from .errors import BudgetError, CacheFull, CacheSettingsError, ContextFullError, DecodeError, EmptyPromptError
 from .flash_attn import choose as choose_flash_attn
 from .flash_attn import reference_workload
@@ -197,16 +197,37 @@ class Engine:
         self.policy = make_policy(policy)
         self.cache_type_k = check_cache_type(cache_type_k, "cache_type_k")
         self.cache_type_v = check_cache_type(cache_type_v, "cache_type_v")
-        self.kv_bytes_per_cell = kv_bytes_per_token(model, self.cache_type_k, self.cache_type_v)
+        # a memory with a bounded part (docs/memory.md): the bytes of both parts, measured before the context
+        layout = (None if model.info.memory == "dense" else
+                  memory_layout(model, n_batch if isinstance(n_batch, int) and n_batch > 0 else 512,
+                                self.cache_type_k, self.cache_type_v))
+        self.kv_bytes_per_cell = (layout.growing_bytes_per_cell if layout is not None else
+                                  kv_bytes_per_token(model, self.cache_type_k, self.cache_type_v))
+        # why eviction is off whatever the policy asked (None: it is not)
+        self.eviction_note: str | None = None
+        if layout is not None and not layout.grows:
+            if self.policy.evicts:
+                self.eviction_note = (
+                    f"nothing to evict: {model.path.name} keeps no KV cache that grows with the sequence (its "
+                    f"{layout.memory} memory takes {layout.bounded_bytes / 2**20:.2f} MiB however long it runs); "
+                    f"the {self.policy.name} policy and its budget have nothing to do")
+            self.policy = make_policy("full")
         if budget_mib is not None:
             if isinstance(budget_mib, bool) or not isinstance(budget_mib, (int, float)) or not budget_mib > 0:
                 raise BudgetError(f"budget_mib must be a positive number of MiB (got {budget_mib!r})")
-            if model.info.memory != "dense":
-                raise BudgetError(f"{model.path.name} has a {model.info.memory} memory: budget_mib cannot be given "
-                                  f"for it yet; give the budget in tokens of its full-attention cache (budget)")
-            budget = int(budget_mib * 2**20 // self.kv_bytes_per_cell)
-            if budget < 1:
-                raise BudgetError(f"budget_mib={budget_mib} holds no token ({self.kv_bytes_per_cell} bytes each)")
+            bounded = layout.bounded_bytes if layout is not None else 0
+            if budget_mib * 2**20 <= bounded:
+                raise BudgetError(
+                    f"budget_mib={budget_mib} is not above the part of {model.path.name}'s {model.info.memory} memory "
+                    f"that does not grow ({bounded / 2**20:.2f} MiB): give more MiB, or a budget in tokens")
+            if self.kv_bytes_per_cell:
+                budget = int((budget_mib * 2**20 - bounded) // self.kv_bytes_per_cell)
+                if budget < 1:
+                    raise BudgetError(f"budget_mib={budget_mib} holds no token ({self.kv_bytes_per_cell} bytes "
+                                      f"each" + (f", beside {bounded / 2**20:.2f} MiB that do not grow)" if bounded
+                                                 else ")"))
+            else:
+                budget = budget if budget is not None else 1  # nothing grows: any budget holds
         if budget is None:
             raise BudgetError("give a budget in tokens (budget) or in MiB of KV memory (budget_mib)")
         sizes = {"budget": budget, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window,
@@ -278,9 +299,12 @@ class Engine:
                                       f"which only the explicit softmax has")
         elif model.on_gpu:
             self.flash_attn_reason = "auto: llama.cpp's choice, layers run on a GPU (where the fused kernel is fast)"
+        elif layout is not None and layout.memory == "recurrent":
+            self.flash_attn_reason = "auto: llama.cpp's choice, the model has no attention layers"
         else:
             choice = choose_flash_attn(model, reference_workload(resolve_threads(n_threads), self.cache_type_k,
-                                                                 self.cache_type_v))
+                                                                 self.cache_type_v,
+                                                                 statistics=layout is None or layout.grows))
             flash_attn, self.flash_attn_reason = choice.setting == "on", f"{choice.setting}: {choice.reason}"
         self.ctx = StatsContext(
             model, n_ctx=n_ctx, n_batch=self.max_batch, attn=ATTENTION in needs, n_last_rows=window,
@@ -290,11 +314,19 @@ class Engine:
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
         )
         self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
+        swa = self.ctx.bounded_cells()
+        if swa is not None and self.policy.evicts and self.compact_at <= self.capacity + swa[1] and \
+                self.ctx.renumbering_refusal() is None:
+            self.ctx.close()
+            raise BudgetError(
+                f"budget + buffer ({self.capacity} tokens) and the sliding-window cache ({swa[1]} cells), which keeps "
+                f"its positions when they are renumbered, must be below compact_at ({self.compact_at}): use a smaller "
+                f"budget")
         if self.ctx.bounded:
             # recording the window on demand reads the last tokens again, which a sliding-window cache may
             # not allow (docs/memory.md): record it as the tokens are read
             self._window_on_demand = False
-            self.kv_bytes_per_cell = self.ctx.growing_bytes // self.ctx.n_cells
+            self.kv_bytes_per_cell = self.ctx.growing_bytes // self.ctx.n_cells if self.ctx.grows else 0
         # 0: no probe (off, or a policy that reads no observation window); see the class docstring
         # (a recurrent state cannot drop the probe's tokens again)
         self.probe_len = min(window, buffer // 2) if prompt_probe and window_policy and self.ctx.rolls_back else 0
@@ -715,9 +747,14 @@ class Engine:
         return evictable_span(n, self.n_sink, self.n_recent)
 
     def _compact_positions(self) -> None:
-        """Renumber the cached tokens 0..n-1 (llama.cpp's K-shift, in :meth:`StatsContext.compact_positions`)."""
+        """Close the holes in the cached tokens' positions (llama.cpp's K-shift, in
+        :meth:`StatsContext.compact_positions`): 0..n-1, or beside a sliding-window cache the holes below its
+        window, the window shifted as one block (its holes, the recent ones among them, move with it)."""
+        before = self.n_past
         self.n_past = self.ctx.compact_positions()
-        self._recent_holes = set()
+        shift = self.n_past - before
+        self._recent_holes = {p + shift for p in self._recent_holes if p + shift >= 0} if self.ctx.bounded_cells() \
+            else set()
         self.compactions += 1
 
     def _score_input(self, cells: np.ndarray, positions: np.ndarray, n_keep: int, n_incoming: int = 1) -> ScoreInput:
@@ -747,6 +784,8 @@ class Engine:
         """Take in the signals of ``n`` tokens just decoded, the tokens ``first..`` of :attr:`tokens`
         (default: the ones about to be appended); ``alone``: whether each was decoded in a batch of one
         (default: whether ``n`` is 1)."""
+        if not self.ctx.has_cells:  # a recurrent state alone: nothing per token to keep
+            return
         new_cells = sig.cells[-n:]
         first = len(self.tokens) if first is None else first
         self._cell_token[new_cells] = np.arange(first, first + n)
@@ -782,6 +821,8 @@ class Engine:
         if self.policy.evicts and peak > self.capacity:
             raise AssertionError(f"budget invariant broken: {peak} cells used > budget {self.budget} + buffer "
                                  f"{self.buffer}")
+        if not self.ctx.has_cells:
+            return
         cached = set(sig.cell_pos.tolist())
         protected = set(range(min(self.n_sink, self.n_past))) | set(range(max(self.n_past - self.n_recent, 0),
                                                                            self.n_past))
@@ -878,13 +919,15 @@ class Engine:
         saved, self._restored_logits = getattr(self, "_restored_logits", None), None
         if saved is not None and self.ctx.set_last_logits(saved):
             return  # exact: sampling reads the saved logits
-        # a context that never decoded has no output row: decode the last token again (its signals
-        # are counted twice, so later evictions may differ slightly from an unparked run)
+        # no saved logits to put back: decode the last token again (its signals are counted twice, so later
+        # evictions may differ slightly from an unparked run); a recurrent state cannot forget it first
         cells, _ = self.ctx.cell_map()
         last = cells[-1:]
-        if self._cell_token[last[0]] != len(self.tokens) - 1:
-            raise DecodeError("the last token of a restored sequence is not cached")
+        if not self.ctx.rolls_back or not len(last) or self._cell_token[last[0]] != len(self.tokens) - 1:
+            raise DecodeError("the restored sequence has no logits to go on from and its last token cannot be "
+                              "read again")
         self.ctx.remove_cells(last)
+        self.ctx.drop_bounded_from(self.n_past - 1)
         self._forget(last)
         tok = self.tokens.pop()
         self.n_past -= 1
@@ -901,12 +944,24 @@ def _copy_totals(t: EngineTotals) -> EngineTotals:
 
 
 def kv_bytes_per_token(model: Model, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
-    """Bytes one cached token takes across all layers (K and V rows in the cache's data types)."""
+    """Bytes one cached token takes in the cache a budget counts (K and V rows in the cache's data types):
+    across all layers of a dense model; across the layers of the growing part of any other memory, as
+    llama.cpp allocates it (0 when nothing grows)."""
     info = model.info
+    if info.memory != "dense":
+        return memory_layout(model, 512, cache_type_k, cache_type_v).growing_bytes_per_cell
     head_k = model.meta_int(f"{info.arch}.attention.key_length") or info.n_embd // info.n_head
     head_v = model.meta_int(f"{info.arch}.attention.value_length") or info.n_embd // info.n_head
     return info.n_layer * (row_bytes(cache_type_k, info.n_head_kv * head_k)
                            + row_bytes(cache_type_v, info.n_head_kv * head_v))
+
+
+def bounded_kv_bytes(model: Model, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
+    """Bytes of the part of the model's memory that does not grow with the sequence (a sliding-window cache,
+    a recurrent state), as llama.cpp allocates it for one sequence: 0 for a dense model."""
+    if model.info.memory == "dense":
+        return 0
+    return memory_layout(model, 512, cache_type_k, cache_type_v).bounded_bytes
 
 
 @dataclass

@@ -62,6 +62,10 @@ class InvalidTextError(InfoKVError, ValueError):
     """Text that cannot be turned into tokens (e.g. lone surrogates that stand for no bytes)."""
 
 
+class InvalidTokenError(InfoKVError, ValueError):
+    """A token id that is not in the model's vocabulary."""
+
+
 class PromptTooLongError(InfoKVError, ValueError):
     """A prompt that would need more tokens read than the request allows (``max_prompt_tokens``); nothing was
     read or changed."""
@@ -79,7 +83,8 @@ class RpcError(InfoKVError):
 
 __all__ = [
     "BatchInputError", "BudgetError", "CacheFull", "CacheSettingsError", "ContextFullError", "DecodeError",
-    "EmptyPromptError", "InfoKVError", "InvalidTextError", "ModelFileError", "PolicyError", "PromptTooLongError",
+    "EmptyPromptError", "InfoKVError", "InvalidTextError", "InvalidTokenError",
+    "ModelFileError", "PolicyError", "PromptTooLongError",
     "RequestCancelled", "RpcError",
     "UnpatchedLibraryError", "UnsupportedArchitectureError",
 ]

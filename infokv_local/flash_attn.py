@@ -71,12 +71,15 @@ REFERENCE = (1024, 128, 32, 512)  # budget, buffer, window and prompt batch of t
 PROMPT_TOKENS, REPLY_TOKENS = 1024, 512  # the request the two settings are compared on
 
 
-def reference_workload(threads: int, cache_type_k: str = "f16", cache_type_v: str = "f16") -> Workload:
-    """The workload every engine's verdict is timed on (:data:`REFERENCE`, InfoKV's statistics)."""
+def reference_workload(threads: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                       statistics: bool = True) -> Workload:
+    """The workload every engine's verdict is timed on (:data:`REFERENCE`, InfoKV's statistics; without them
+    for a model whose memory has nothing to evict)."""
     budget, buffer, window, batch = REFERENCE
     return Workload(capacity=budget + buffer, n_batch=batch, threads=threads, cache_type_k=cache_type_k,
-                    cache_type_v=cache_type_v, attn=True, window=window, window_share=window / buffer,
-                    layer_dist=True, entropy_top_k=256)
+                    cache_type_v=cache_type_v, attn=statistics, window=window,
+                    window_share=window / buffer if statistics else 0.0, layer_dist=statistics,
+                    entropy_top_k=256 if statistics else None)
 
 
 def cache_path() -> Path:

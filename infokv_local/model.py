@@ -15,7 +15,7 @@ import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from . import native, rpc_backend
-from .errors import InvalidTextError, ModelFileError, PromptTooLongError, RequestCancelled, UnsupportedArchitectureError
+from .errors import InvalidTextError, InvalidTokenError, ModelFileError, PromptTooLongError, RequestCancelled
 from .user_cache import read_json, update_json
 
 if TYPE_CHECKING:
@@ -188,21 +188,6 @@ class Model:
                     "hybrid" if llama.llama_model_is_hybrid(self._ptr) else
                     "sliding-window" if n_swa > 0 else "dense"),
         )
-        try:
-            self._check_evictable()
-        except UnsupportedArchitectureError:
-            self.close()
-            raise
-
-    def _check_evictable(self) -> None:
-        # sliding-window memories are evicted in their full-attention cache, hybrid ones in their attention
-        # cache (docs/memory.md); a recurrent-only memory has no cache of tokens to bound
-        if self.info.memory == "recurrent":
-            raise UnsupportedArchitectureError(
-                f"{self.path.name} (architecture '{self.info.arch}') cannot be run with token eviction: it is "
-                f"recurrent (its state is not a list of tokens). "
-                f"Use a model with a plain, sliding-window or hybrid memory (e.g. Llama, Qwen2/3, Gemma 3, Qwen3.5)."
-            )
 
     @property
     def on_gpu(self) -> bool:
@@ -270,6 +255,8 @@ class Model:
 
         A piece may be part of a UTF-8 character (byte-level tokens): join the bytes before decoding.
         """
+        if not 0 <= token < self.info.n_vocab:  # llama.cpp would abort the process
+            raise InvalidTokenError(f"token {token} is not in the vocabulary (0..{self.info.n_vocab - 1})")
         buf = ctypes.create_string_buffer(64)
         n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:

@@ -1,8 +1,8 @@
 """The architecture matrix (docs/architectures.md): a small random-weight model of each architecture, written by
 llama.cpp's own test-llama-archs (native/arch_models.py), runs under a budget of 64 cells on the real patched
 build: the budget invariant holds on the growing cache at every step, greedy text equals the full cache's
-until the first eviction, and a restored snapshot continues exactly. Architectures without a cache of tokens
-to bound are refused with the documented reason."""
+until the first eviction, and a restored snapshot continues exactly. Architectures whose memory does not grow
+with the sequence (recurrent) run without eviction and say so."""
 
 from __future__ import annotations
 
@@ -31,12 +31,14 @@ MATRIX = {
     "granitehybrid-dense": "hybrid", "jamba-dense": "hybrid", "falcon-h1-dense": "hybrid",
     "nemotron_h-dense": "hybrid", "qwen35-dense": "hybrid", "qwen3next-moe": "hybrid",
 }
-# no cache of tokens to bound: refused, with this reason
-REFUSED = {
-    "mamba2-dense": "it is recurrent",
-    "lfm2-dense": "no KV cache this engine can evict",  # with a window, every LFM2 attention layer is sliding
+# nothing grows with the sequence: they run without eviction, and say so
+NOTHING_GROWS = {
+    "mamba2-dense": "recurrent",
+    "lfm2-dense": "hybrid",  # with a window, every LFM2 attention layer is sliding
 }
 BUDGET, BUFFER, N_PROMPT, N_NEW = 64, 16, 40, 300
+# past the budget + buffer and the sliding-window cache (256 cells here), which renumbering keeps whole
+N_LONG, COMPACT_AT = 600, 450
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def arch_dir(tmp_path_factory) -> Path:
 
 
 def test_the_matrix_is_complete(arch_dir):
-    assert {p.stem for p in arch_dir.glob("*.gguf")} == set(MATRIX) | set(REFUSED)
+    assert {p.stem for p in arch_dir.glob("*.gguf")} == set(MATRIX) | set(NOTHING_GROWS)
 
 
 @pytest.mark.parametrize("name", sorted(MATRIX))
@@ -77,8 +79,52 @@ def test_runs_under_a_budget(arch_dir, name):
             assert list(other.generate([], max_tokens=20, ignore_eos=True)) == more
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused_with_the_reason(arch_dir, name):
-    with pytest.raises(UnsupportedArchitectureError, match=REFUSED[name]):
-        with Model(arch_dir / f"{name}.gguf") as model, Engine(model, "infokv", budget=BUDGET, n_threads=2):
-            pass
+@pytest.mark.parametrize("name", sorted(NOTHING_GROWS))
+def test_runs_without_eviction_when_nothing_grows(arch_dir, name):
+    with Model(arch_dir / f"{name}.gguf") as model:
+        prompt = np.random.default_rng(0).integers(3, model.info.n_vocab, N_PROMPT).tolist()
+        with Engine(model, "full", n_threads=2, max_context=512) as full:
+            want = list(full.generate(prompt, max_tokens=N_NEW, ignore_eos=True))
+        with Engine(model, "infokv", budget=BUDGET, buffer=BUFFER, n_threads=2, max_context=512,
+                    check_invariants=True) as eng:
+            assert eng.ctx.memory == NOTHING_GROWS[name] and not eng.ctx.grows
+            assert eng.policy.name == "full" and "nothing to evict" in (eng.eviction_note or "")
+            assert eng.kv_bytes_per_cell == 0 and eng.ctx.bounded_bytes > 0
+            got = list(eng.generate(prompt, max_tokens=N_NEW, ignore_eos=True))
+            assert got == want and eng.totals.evictions == 0
+            parked = eng.snapshot()
+            more = list(eng.generate([], max_tokens=20, ignore_eos=True))
+        with Engine(model, "infokv", budget=BUDGET, buffer=BUFFER, n_threads=2, max_context=512) as other:
+            other.restore(parked)
+            assert list(other.generate([], max_tokens=20, ignore_eos=True)) == more
+
+
+def test_the_command_line_says_once_that_eviction_has_nothing_to_do(arch_dir):
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "generate", "Hello", "--model",
+                          str(arch_dir / "mamba2-dense.gguf"), "--max-tokens", "8", "--budget", "64", "--buffer", "16",
+                          "--threads", "2"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("nothing to evict") == 1 and "recurrent memory" in res.stderr
+
+
+# positions renumbered before they pass compact_at: every memory with a growing part shifts both of its parts,
+# except where llama.cpp cannot shift positions at all (several positions per embedding: M-RoPE) and chunked
+# attention (a shift would move tokens across its chunks)
+CANNOT_SHIFT = {"qwen35-dense": "cannot shift positions", "llama4-moe": "chunked attention"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, kind in MATRIX.items() if kind != "dense") + ["llama-dense"])
+def test_positions_are_renumbered_on_every_memory(arch_dir, name):
+    with Model(arch_dir / f"{name}.gguf") as model:
+        prompt = np.random.default_rng(1).integers(3, model.info.n_vocab, N_PROMPT).tolist()
+        if name in CANNOT_SHIFT:
+            with Engine(model, "infokv", budget=BUDGET, buffer=BUFFER, n_threads=2, compact_at=4096) as eng:
+                list(eng.generate(prompt, max_tokens=8, ignore_eos=True))
+                with pytest.raises(UnsupportedArchitectureError, match=CANNOT_SHIFT[name]):
+                    eng.ctx.compact_positions()
+            return
+        with Engine(model, "infokv", budget=BUDGET, buffer=BUFFER, n_threads=2, check_invariants=True,
+                    compact_at=COMPACT_AT) as eng:
+            got = list(eng.generate(prompt, max_tokens=N_LONG, ignore_eos=True))
+            assert len(got) == N_LONG and eng.compactions >= 1 and eng.n_past <= COMPACT_AT
+            assert eng.ctx.cell_map()[1][-1] == eng.n_past - 1

@@ -61,6 +61,22 @@ def test_bench_speed_quantized_cache_and_flash_options(tmp_path):
     assert res["cache_type"] == "q8_0" and res["kv_bytes_per_cell"] * 64 % 34 == 0
 
 
+def test_bench_speed_reports_both_parts_of_a_sliding_window_memory(tmp_path, gemma_path):
+    _, res = _speed(tmp_path, "--model", str(gemma_path), "--stock-flash-attn", "off", "--flash-attn", "off")
+    stock = next(x for x in res["runs"] if x["engine"] == "stock")
+    ours = next(x for x in res["runs"] if x["policy"] == "infokv")
+    # stock's sizes come from llama.cpp's own log of the caches it creates (to 0.01 MiB)
+    assert stock["bounded_bytes"] > 0
+    assert abs(stock["growing_bytes_allocated"] - stock["allocated_cells"] * res["kv_bytes_per_cell"]) <= 0.01 * 2**20
+    assert ours["growing_bytes_allocated"] == ours["allocated_cells"] * ours["growing_bytes_per_cell"]
+    # llama.cpp sizes the sliding-window cache from the context, so ours allocates at least the window and a
+    # batch (576 cells here, more than this tiny run's stock context): the budget bounds the cells in use
+    assert 0 < ours["bounded_bytes"] and ours["max_used_cells"] <= 48 + 16 < stock["used_cells"]
+    for row in res["rows"]:
+        assert row["kv_bytes"] == row["growing_bytes"] + row["bounded_bytes"] > row["bounded_bytes"] > 0
+        assert row["kv_bytes_allocated"] == row["growing_bytes_allocated"] + row["bounded_bytes"]
+
+
 def test_bench_overhead_tiny_run(tmp_path):
     """``bench overhead``: stock, patched with statistics off and on, and our context, on the plain decode loop."""
     out = tmp_path / "overhead.json"

@@ -8,11 +8,14 @@ import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
+from llama_cpp import llama_cpp as llama
 
 from infokv_local import InfoKVLlama
-from infokv_local.engine import Engine
+from infokv_local.context import StatsContext
+from infokv_local.engine import Engine, bounded_kv_bytes, kv_bytes_per_token
 from infokv_local.errors import BudgetError
 
 from .conftest import ESSAY
@@ -123,9 +126,23 @@ def test_the_api_reports_both_parts_and_reuses_the_prompt(gemma):
         assert second["usage"]["kv"]["reused_tokens"] > 0
 
 
-def test_budget_in_mib_is_refused_with_the_reason(gemma):
-    with pytest.raises(BudgetError, match="sliding-window memory: budget_mib cannot be given"):
-        Engine(gemma, "infokv", budget_mib=4)
+def test_a_budget_in_mib_counts_both_parts(gemma, text_tokens):
+    # priced with the sliding-window cache of a full prompt batch (the most a context of this batch size takes)
+    per_cell, bounded = kv_bytes_per_token(gemma), bounded_kv_bytes(gemma)
+    mib = (bounded + 200 * per_cell + per_cell // 2) / 2**20  # the part that does not grow and 200.5 cells
+    with Engine(gemma, "infokv", budget_mib=mib, buffer=32, n_threads=2, check_invariants=True) as eng:
+        assert eng.budget == 200 and eng.kv_bytes_per_cell == per_cell
+        # llama.cpp's sliding-window cache here is at most the one a budget_mib was priced with
+        assert eng.ctx.bounded_bytes <= bounded
+        eng.prefill(text_tokens[:400])
+        assert eng.budget * per_cell + eng.ctx.bounded_bytes <= mib * 2**20
+    assert InfoKVLlama.budget_mib_for(gemma, 200) == pytest.approx((bounded + 200 * per_cell) / 2**20)
+
+
+def test_a_budget_in_mib_below_the_part_that_does_not_grow_is_refused(gemma):
+    bounded_mib = InfoKVLlama.budget_mib_for(gemma, 0)
+    with pytest.raises(BudgetError, match=r"not above the part of .*sliding-window memory that does not grow"):
+        Engine(gemma, "infokv", budget_mib=bounded_mib * 0.9)
 
 
 def test_the_command_line_runs_a_sliding_window_model(gemma_path):
@@ -166,6 +183,9 @@ def test_the_server_runs_a_sliding_window_model(gemma_path):
         kv = kv_of(first.usage)
         assert kv["memory"] == "sliding-window" and kv["evictions"] >= 1 and kv["max_used_cells"] <= 96
         assert kv["bounded_bytes"] > 0 and kv["total_bytes"] == kv["kv_bytes"] + kv["bounded_bytes"]
+        whole = httpx.get(f"{base}/v1/kv", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert whole["memory"] == "sliding-window" and whole["bounded_bytes_per_slot"] > 0
+        assert whole["kv_bytes_limit"] == 2 * (96 * whole["kv_bytes_per_token"] + whole["bounded_bytes_per_slot"])
         turn2 = story + [{"role": "assistant", "content": first.choices[0].message.content},
                          {"role": "user", "content": "Give it a title."}]
         second = c.chat.completions.create(model=gemma_path.name, messages=turn2, max_tokens=16, temperature=0)
@@ -173,3 +193,65 @@ def test_the_server_runs_a_sliding_window_model(gemma_path):
         chunks = list(c.chat.completions.create(model=gemma_path.name, messages=story, max_tokens=8, temperature=0,
                                                 stream=True))
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+
+def test_renumbering_positions_shifts_both_caches_alike(gemma):
+    """The same tokens read at positions 0.. and at 3000..: renumbered, the second context predicts what the
+    first does (RoPE sees only relative positions), with the sliding-window cache past its first wrap."""
+    toks = gemma.tokenize(ESSAY * 16)[:1000]
+    kw = {"n_ctx": 1024, "n_batch": 256, "attn": False, "layer_dist": False, "entropy_top_k": None, "n_threads": 2,
+          "flash_attn": False}
+    with StatsContext(gemma, **kw) as at0, StatsContext(gemma, **kw) as moved:
+        for s in range(0, len(toks), 256):
+            at0.decode(toks[s : s + 256], s, all_outputs=False)
+            moved.decode(toks[s : s + 256], 3000 + s, all_outputs=False)
+        used, size = moved.bounded_cells()
+        assert used == size < len(toks)  # the window's cache has wrapped: its lowest position is past 3000
+        assert moved.compact_positions() == len(toks)
+        assert moved.cell_map()[1].tolist() == list(range(len(toks)))
+        nxt = gemma.tokenize(" and", add_special=False)
+        at0.decode(nxt, len(toks))
+        moved.decode(nxt, len(toks))
+        want, got = at0.logits(), moved.logits()
+        assert int(np.argmax(got)) == int(np.argmax(want))
+        # within llama.cpp's own noise: reading the same tokens in chunks of 512 instead of 256 moves KL by ~0.002
+        assert _kl(want, got) < 0.02
+
+
+def test_positions_are_renumbered_beside_a_sliding_window(gemma):
+    toks = gemma.tokenize(ESSAY * 30)[:2400]
+    with Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, compact_at=1024, check_invariants=True) as eng:
+        eng.prefill(toks)
+        assert eng.compactions >= 3 and eng.n_past <= 1024
+        mem = llama.llama_get_memory(eng.ctx.ptr)
+        lowest, (_, before) = llama.llama_memory_seq_pos_min(mem, 0), eng.ctx.cell_map()
+        assert len(np.setdiff1d(np.arange(lowest), before)) > 0  # holes below the window since the last one
+        eng._compact_positions()
+        new_lowest, (_, pos) = llama.llama_memory_seq_pos_min(mem, 0), eng.ctx.cell_map()
+        # below the window the holes are closed; the window moved as one block, its holes with it
+        below = pos[pos < new_lowest]
+        assert below.tolist() == list(range(len(below))) == list(range(int((before < lowest).sum())))
+        assert (pos[pos >= new_lowest] - new_lowest).tolist() == (before[before >= lowest] - lowest).tolist()
+        assert pos[-1] == eng.n_past - 1 == llama.llama_memory_seq_pos_max(mem, 0)
+        # llama.cpp rotates the shifted keys at the next decode (the engine always decodes right after)
+        assert len(list(eng.generate([], max_tokens=4, ignore_eos=True))) == 4
+        parked = eng.snapshot()
+        # the same text read on, teacher-forced: a restored sliding-window cache holds only the window (llama.cpp
+        # saves no cell that left it), so attention runs over fewer cells and results differ in the last bits
+        text = gemma.tokenize(ESSAY, add_special=False)[:64]
+        want = np.concatenate([lg for _, lg in eng.feed(text, all_logits=True)])
+    with Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, compact_at=1024) as other:
+        other.restore(parked)
+        assert other.n_past == parked.n_past and other.ctx.cell_map()[1].tolist() == parked.positions.tolist()
+        got = np.concatenate([lg for _, lg in other.feed(text, all_logits=True)])
+    assert max(_kl(w, g) for w, g in zip(want, got, strict=True)) < 0.05
+    assert (want.argmax(axis=1) == got.argmax(axis=1)).mean() >= 0.9
+
+
+def _kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
+    """KL(p || q) of two rows of logits, in nats."""
+    lp = logits_p - logits_p.max()
+    lq = logits_q - logits_q.max()
+    lp -= np.log(np.exp(lp).sum())
+    lq -= np.log(np.exp(lq).sum())
+    return float((np.exp(lp) * (lp - lq)).sum())

@@ -93,8 +93,9 @@ class ChatMixin(CompletionMixin):
     def _chat_formatter(self) -> Jinja2ChatFormatter:
         if self._formatter is None:
             template = self.model.meta("tokenizer.chat_template") or CHATML_CHAT_TEMPLATE
-            eos = self.model.token_bytes(self.model.eos_token_id, True).decode("utf-8", "replace")
-            bos = self.model.token_bytes(self.model.bos_token_id, True).decode("utf-8", "replace")
+            # a vocabulary without the token (id -1) gives the template an empty string
+            eos, bos = (self.model.token_bytes(t, True).decode("utf-8", "replace") if t >= 0 else ""
+                        for t in (self.model.eos_token_id, self.model.bos_token_id))
             self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
         return self._formatter
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import kv_bytes_per_token
+from ..engine import bounded_kv_bytes, kv_bytes_per_token
 from ..model import Model
 from ..text_stream import Utf8Pieces, token_bytes
 from .base import LlamaBase, _Run
@@ -41,8 +41,9 @@ class KVStatsMixin(LlamaBase):
 
     @staticmethod
     def budget_mib_for(model: Model, tokens: int) -> float:
-        """MiB of KV memory that ``tokens`` cached tokens take for this model."""
-        return tokens * kv_bytes_per_token(model) / 2**20
+        """MiB of KV memory that ``tokens`` cached tokens take for this model (with the f16 cache and the
+        part of the memory that does not grow, which a ``budget_mib`` includes)."""
+        return (tokens * kv_bytes_per_token(model) + bounded_kv_bytes(model)) / 2**20
 
     def kv_stats(self) -> dict[str, Any]:
         """The ``kv`` block: policy, budget, cells in use (now and the most at any step since the
@@ -79,6 +80,7 @@ class KVStatsMixin(LlamaBase):
             "n_threads": e.n_threads,
             "flash_attn": e.flash_attn,
             "flash_attn_reason": e.flash_attn_reason,
+            "eviction_note": e.eviction_note,
             "cache_type_k": e.cache_type_k,
             "cache_type_v": e.cache_type_v,
         }

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -81,11 +82,31 @@ def _timeline_point(n: int, t0: float, used: int) -> dict[str, float]:
     return {"generated": n, "elapsed_s": time.perf_counter() - t0, "used_cells": used}
 
 
+def kv_sizes_from_log(lines: list[str]) -> tuple[int, int]:
+    """(growing bytes, bounded bytes) of the KV caches llama.cpp reports creating: a sliding-window memory logs
+    its non-SWA (growing) and SWA (bounded) caches one after the other, a plain one a single cache."""
+    growing = bounded = 0
+    swa = False
+    for line in lines:
+        if "creating" in line and "KV cache" in line:
+            swa = "non-SWA" not in line
+        m = re.search(r"llama_kv_cache: size = +([0-9.]+) MiB", line)
+        if m:
+            n = round(float(m.group(1)) * 2**20)
+            if swa:
+                bounded += n
+            else:
+                growing += n
+    return growing, bounded
+
+
 def _worker_stock(cfg: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp import llama_cpp as llama
 
-    quiet = llama.llama_log_callback(lambda *_: None)
-    llama.llama_log_set(quiet, None)
+    log_lines: list[str] = []
+    # llama.cpp logs the KV caches it creates: kept to read their sizes, nothing is printed
+    keep = llama.llama_log_callback(lambda _level, text, _data: log_lines.append(text.decode(errors="replace")))
+    llama.llama_log_set(keep, None)
     llama.llama_backend_init()
     model = llama.llama_model_load_from_file(cfg["model"].encode(), llama.llama_model_default_params())
     if not model:
@@ -106,13 +127,18 @@ def _worker_stock(cfg: dict[str, Any]) -> dict[str, Any]:
     params.n_seq_max = 1
     params.n_threads = params.n_threads_batch = cfg["threads"]
     params.no_perf = True
+    # a sliding-window cache of the window, as llama.cpp's own tools (llama-cli, llama-server) make it: the
+    # library's default would size it like the full cache (more memory, slower at length)
+    params.swa_full = False
     params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg["flash_attn"]
                               else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     cache_type = cfg.get("cache_type", "f16")
     params.type_k = params.type_v = getattr(llama, f"GGML_TYPE_{cache_type.upper()}")
+    log_lines.clear()
     ctx = llama.llama_init_from_model(model, params)
     if not ctx:
         raise RuntimeError("could not create the context")
+    growing_bytes, bounded_bytes = kv_sizes_from_log(log_lines)
     n_ctx = llama.llama_n_ctx(ctx)
     decode = PlainDecoder(ctx, 512)
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
@@ -132,7 +158,8 @@ def _worker_stock(cfg: dict[str, Any]) -> dict[str, Any]:
             timeline.append(_timeline_point(i, t1, n_prompt + i))
     decode_s = time.perf_counter() - t1
     return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": n_gen - 1, "timeline": timeline,
-            "used_cells": n_prompt + n_gen - 1, "allocated_cells": int(n_ctx), "peak_rss_bytes": _peak_rss()}
+            "used_cells": n_prompt + n_gen - 1, "allocated_cells": int(n_ctx), "peak_rss_bytes": _peak_rss(),
+            "growing_bytes_allocated": growing_bytes, "bounded_bytes": bounded_bytes}
 
 
 def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +195,8 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
                 "compress_ms_mean": 1e3 * (t.score_s + t.evict_s) / t.evictions if t.evictions else None,
                 "n_threads": engine.n_threads, "flash_attn_used": engine.flash_attn == "on", "probes": engine.probes,
                 "flash_attn_reason": engine.flash_attn_reason,
+                "growing_bytes_allocated": engine.ctx.growing_bytes, "bounded_bytes": engine.ctx.bounded_bytes,
+                "growing_bytes_per_cell": engine.kv_bytes_per_cell,
             }
 
 
@@ -241,8 +270,16 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
             "rounds": len(rs),
             "prefill_tok_s": statistics.median(p / r["prefill_s"] for r in rs),
             "decode_tok_s": statistics.median(r["decode_steps"] / r["decode_s"] for r in rs),
-            "kv_bytes": max(r.get("max_used_cells", r["used_cells"]) for r in rs) * kv_bytes_per_cell,
-            "kv_bytes_allocated": rs[0]["allocated_cells"] * kv_bytes_per_cell,
+            # the growing part: cells in use at most (as the plot) and allocated; the bounded part is allocated
+            # once and in use after the window's first tokens, so it counts whole in both
+            "kv_bytes": max(r.get("max_used_cells", r["used_cells"]) for r in rs) * kv_bytes_per_cell
+            + rs[0].get("bounded_bytes", 0),
+            "kv_bytes_allocated": rs[0].get("growing_bytes_allocated", rs[0]["allocated_cells"] * kv_bytes_per_cell)
+            + rs[0].get("bounded_bytes", 0),
+            "growing_bytes": max(r.get("max_used_cells", r["used_cells"]) for r in rs) * kv_bytes_per_cell,
+            "growing_bytes_allocated": rs[0].get("growing_bytes_allocated",
+                                                 rs[0]["allocated_cells"] * kv_bytes_per_cell),
+            "bounded_bytes": rs[0].get("bounded_bytes", 0),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
             "compressions": rs[0].get("compressions"),
             "compress_ms_mean": rs[0].get("compress_ms_mean"),
@@ -260,6 +297,8 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
             row["decode_ratio_vs_stock_best"] = row["decode_tok_s"] / best_decode["decode_tok_s"]
             row["prefill_ratio_vs_stock_best"] = row["prefill_tok_s"] / best_prefill["prefill_tok_s"]
             row["kv_bytes_ratio_vs_stock"] = best_decode["kv_bytes"] / row["kv_bytes"]
+            row["kv_bytes_allocated_ratio_vs_stock"] = best_decode["kv_bytes_allocated"] / row["kv_bytes_allocated"]
+            row["growing_bytes_ratio_vs_stock"] = best_decode["growing_bytes"] / row["growing_bytes"]
     return rows
 
 
@@ -267,7 +306,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{Path(result['model']).name}, {result['threads']} threads, budget {result['budget']} + buffer "
              f"{result['buffer']}; ratios against stock llama.cpp at its faster flash-attention setting",
              f"{'engine':13s}{'policy':14s}{'FA':>4s}{'prompt':>8s}{'gen':>7s}{'prefill/s':>11s}{'decode/s':>10s}"
-             f"{'dec.ratio':>10s}{'pre.ratio':>10s}{'KV MiB':>9s}{'KV x less':>10s}{'RSS MiB':>9s}{'compr.ms':>9s}"]
+             f"{'dec.ratio':>10s}{'pre.ratio':>10s}{'KV MiB':>9s}{'KV x less':>10s}{'alloc MiB':>10s}{'x less':>7s}"
+             f"{'RSS MiB':>9s}{'compr.ms':>9s}"]
     for r in result["rows"]:
         cm = r["compress_ms_mean"]
         lines.append(
@@ -275,8 +315,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['generated_tokens']:>7d}{r['prefill_tok_s']:>11.0f}{r['decode_tok_s']:>10.1f}"
             f"{r.get('decode_ratio_vs_stock_best', float('nan')):>10.3f}"
             f"{r.get('prefill_ratio_vs_stock_best', float('nan')):>10.3f}{r['kv_bytes'] / 2**20:>9.1f}"
-            f"{r.get('kv_bytes_ratio_vs_stock', float('nan')):>10.2f}{r['peak_rss_bytes'] / 2**20:>9.0f}"
+            f"{r.get('kv_bytes_ratio_vs_stock', float('nan')):>10.2f}{r['kv_bytes_allocated'] / 2**20:>10.1f}"
+            f"{r.get('kv_bytes_allocated_ratio_vs_stock', float('nan')):>7.2f}{r['peak_rss_bytes'] / 2**20:>9.0f}"
             f"{'' if cm is None else f'{cm:.2f}':>9s}")
+    lines.append("KV MiB: both parts of the memory, the growing one's cells in use at most and the bounded one (a "
+                 "sliding-window cache) whole; alloc MiB: what llama.cpp allocates for both")
     lines.append("flash attention (FA) of each engine and why:")
     seen = set()
     for r in result["rows"]:
@@ -311,10 +354,16 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
                 rates.append(dn / dt)
             prev_n, prev_t = pt["generated"], pt["elapsed_s"]
         ax1.plot(xs, rates, label=label)
-        ax2.plot([pt["generated"] for pt in pts], [pt["used_cells"] * per_cell / 2**20 for pt in pts], label=label)
+        bounded = r.get("bounded_bytes", 0)
+        line = ax2.plot([pt["generated"] for pt in pts], [(pt["used_cells"] * per_cell + bounded) / 2**20
+                                                          for pt in pts], label=f"{label}, in use")[0]
+        ax2.axhline(r["kv_bytes_allocated"] / 2**20, color=line.get_color(), linestyle=":", linewidth=1,
+                    label=f"{label}, allocated")
     ax1.set(xlabel="generated tokens", ylabel=f"decode tokens/s (windows of {WINDOW})",
             title=f"decode speed, prompt {p}")
-    ax2.set(xlabel="generated tokens", ylabel="KV cache in use (MiB)", title="KV memory")
+    both = " (both parts: growing cells in use + the sliding-window cache)" if any(
+        r.get("bounded_bytes") for r in rows) else ""
+    ax2.set(xlabel="generated tokens", ylabel="KV memory (MiB)", title="KV memory" + both)
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.suptitle(f"{Path(result['model']).name}, budget {result['budget']} + {result['buffer']}, "

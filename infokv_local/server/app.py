@@ -52,6 +52,8 @@ class ServerSettings:
     budget: int
     buffer: int
     kv_bytes_per_cell: int
+    memory: str = "dense"  # docs/memory.md
+    bounded_bytes_per_slot: int = 0  # the part of a slot's memory that does not grow (sliding window, recurrent)
     prompt_probe: bool = DEFAULTS.prompt_probe
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
@@ -443,7 +445,11 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             "model": settings.model_id, "policy": settings.policy, "budget": settings.budget,
             "buffer": settings.buffer, "prompt_probe": settings.prompt_probe, "capacity_per_slot": settings.capacity,
             "cells_limit": settings.capacity * len(pool.slots), "cells_used": pool.used_cells(),
-            "kv_bytes_per_token": settings.kv_bytes_per_cell, "queue": pool.waiting, "slots": slots,
+            "kv_bytes_per_token": settings.kv_bytes_per_cell, "memory": settings.memory,
+            "bounded_bytes_per_slot": settings.bounded_bytes_per_slot,
+            "kv_bytes_limit": len(pool.slots) * (settings.capacity * settings.kv_bytes_per_cell
+                                                 + settings.bounded_bytes_per_slot),
+            "queue": pool.waiting, "slots": slots,
             "parked": {"conversations": pool.store.describe(), "bytes": pool.store.nbytes,
                        "max_bytes": pool.store.max_bytes, "parked_total": pool.parked_total,
                        "restored_total": pool.restored_total, "dropped_total": pool.store.dropped},
@@ -453,7 +459,8 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
     async def prometheus(request: Request) -> Response:
         check_key(request)
         metrics.request("/metrics", 200)
-        return PlainTextResponse(metrics.render(pool, settings.capacity, settings.kv_bytes_per_cell),
+        return PlainTextResponse(metrics.render(pool, settings.capacity, settings.kv_bytes_per_cell,
+                                                settings.bounded_bytes_per_slot),
                                  media_type="text/plain; version=0.0.4")
 
     return app

@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     from ..api import InfoKVLlama
     from ..cache_types import check_cache_type
     from ..cli_options import flash_attn_of
-    from ..engine import kv_bytes_per_token
     from ..errors import InfoKVError
     from ..model import Model, set_verbose
     from ..policies import make_policy
@@ -92,12 +91,9 @@ def run(args: argparse.Namespace) -> int:
         check_cache_type(args.cache_type_k, "--cache-type-k")
         check_cache_type(args.cache_type_v, "--cache-type-v")
         model = Model(resolve_model_path(args.model), n_gpu_layers=args.n_gpu_layers, rpc=parse_endpoints(args.rpc))
-        per_cell = kv_bytes_per_token(model, args.cache_type_k, args.cache_type_v)
-        if args.budget_mib is not None and model.info.memory != "dense":
-            raise ValueError(f"{model.path.name} has a {model.info.memory} memory: --budget-mib cannot be given for "
-                             f"it yet; give --budget in tokens of its full-attention cache")
-        budget = args.budget if args.budget_mib is None else int(args.budget_mib * 2**20 // per_cell)
-        llms = [InfoKVLlama(model, policy=args.policy, budget=budget, buffer=args.buffer, n_sink=args.n_sink,
+        budget = args.budget if args.budget_mib is None else None
+        llms = [InfoKVLlama(model, policy=args.policy, budget=budget, budget_mib=args.budget_mib,
+                            buffer=args.buffer, n_sink=args.n_sink,
                             n_recent=args.n_recent, n_threads=args.threads, flash_attn=flash_attn_of(args),
                             cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                             prompt_probe=args.prompt_probe)
@@ -106,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = Path(model.path)
+    engine = llms[0].engine
+    budget, per_cell, bounded = engine.budget, engine.kv_bytes_per_cell, engine.ctx.bounded_bytes
     if args.max_prompt_tokens is None:
         speed = prompt_read_speed(llms[0])
         max_prompt: int | None = prompt_limit_of(speed)
@@ -117,18 +115,24 @@ def run(args: argparse.Namespace) -> int:
                       else "no limit on prompt tokens")
     settings = ServerSettings(
         model_id=path.name, model_path=str(path), policy=args.policy, budget=budget, buffer=args.buffer,
-        kv_bytes_per_cell=per_cell, prompt_probe=args.prompt_probe, api_key=args.api_key,
+        kv_bytes_per_cell=per_cell, memory=engine.ctx.memory, bounded_bytes_per_slot=bounded,
+        prompt_probe=args.prompt_probe, api_key=args.api_key,
         max_body_bytes=args.max_body_kib * 1024, max_prompt_tokens=max_prompt,
         model_aliases=(path.stem, *args.model_alias),
     )
     pool = SlotPool(llms, max_queue=args.queue, store=ParkingStore(int(args.park_mib * 2**20)))
     app = create_app(pool, settings)
     cap = settings.capacity
-    alloc = llms[0].engine.ctx.n_cells
+    alloc = engine.ctx.n_cells
     mib = 2**20
+    if engine.eviction_note:
+        print(f"infokv-local serve: {engine.eviction_note}", flush=True)
+    # a sliding-window or hybrid memory: the part that does not grow is beside the cells the budget counts
+    beside = (f" + {args.slots} x {bounded / mib:.1f} MiB of {engine.ctx.memory} memory that does not grow = "
+              f"{(args.slots * cap * per_cell + args.slots * bounded) / mib:.1f} MiB in all" if bounded else "")
     print(f"infokv-local serve: {path.name}, policy {args.policy}, {args.slots} slot(s) x (budget {budget} + buffer "
           f"{args.buffer}) = {args.slots * cap} KV cells = {args.slots * cap * per_cell / mib:.1f} MiB of KV memory at "
-          f"most ({per_cell} bytes per cell; llama.cpp allocates {alloc} cells per slot = "
+          f"most{beside} ({per_cell} bytes per cell; llama.cpp allocates {alloc} cells per slot = "
           f"{args.slots * alloc * per_cell / mib:.1f} MiB); parking up to {args.park_mib:g} MiB"
           + ("; prompt probe on" if args.prompt_probe else "") + f"; {limit_note}", flush=True)
     print(f"listening on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops", flush=True)

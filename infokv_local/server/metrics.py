@@ -37,7 +37,7 @@ class Metrics:
         self.evictions += max(int(kv.get("evictions") or 0) - int(kv_before.get("evictions") or 0), 0)
         self.evicted_tokens += max(int(kv.get("evicted_tokens") or 0) - int(kv_before.get("evicted_tokens") or 0), 0)
 
-    def render(self, pool: SlotPool, capacity: int, bytes_per_cell: int) -> str:
+    def render(self, pool: SlotPool, capacity: int, bytes_per_cell: int, bounded_bytes_per_slot: int = 0) -> str:
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -67,6 +67,8 @@ class Metrics:
         metric("infokv_kv_cells_limit", "gauge", "slots x (budget + buffer)", [("", capacity * len(pool.slots))])
         metric("infokv_kv_bytes_used", "gauge", "KV bytes in use over all slots",
                [("", pool.used_cells() * bytes_per_cell)])
+        metric("infokv_kv_bounded_bytes", "gauge", "bytes of the memory that does not grow (a sliding-window cache, a "
+               "recurrent state) over all slots", [("", bounded_bytes_per_slot * len(pool.slots))])
         metric("infokv_slots_busy", "gauge", "slots generating", [("", sum(s.busy for s in pool.slots))])
         metric("infokv_slots", "gauge", "slots", [("", len(pool.slots))])
         metric("infokv_queue_length", "gauge", "requests waiting for a slot", [("", pool.waiting)])

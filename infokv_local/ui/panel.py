@@ -54,6 +54,10 @@ def render_panel(kv: dict[str, Any] | None, state: str = "idle") -> str:
     ctype = ctype if ctype == kv.get("cache_type_v", ctype) else f"{ctype}/{kv.get('cache_type_v')}"
     per = f"{per_token / 1024:.1f} KiB per token" + (f" ({html.escape(ctype)})" if ctype != "f16" else "") \
         if per_token else ""
+    bounded = int(kv.get("bounded_bytes", 0) or 0)
+    beside = (f'<span class="kv-bounded" data-value="{bounded}"> · beside {bounded / MIB:.2f} MiB of '
+              f'{html.escape(str(kv.get("memory", "")))} memory that does not grow</span>') if bounded else ""
+    note = f'<div class="kv-note">{html.escape(str(kv["eviction_note"]))}</div>' if kv.get("eviction_note") else ""
     probe_len = int(kv.get("prompt_probe", 0) or 0)
     probes = int(kv.get("probes", 0) or 0)
     probe = (f'<span class="kv-probes" data-value="{probes}"> · prompt probe of {probe_len} tokens, read {probes}x'
@@ -63,5 +67,5 @@ def render_panel(kv: dict[str, Any] | None, state: str = "idle") -> str:
         f'<div class="kv-head"><span class="kv-policy">{policy or "no cache yet"}</span>'
         f'<span class="kv-state">{html.escape(state)}</span></div>'
         f'{meter}<div class="kv-grid">{stats}</div><div class="kv-foot" data-cache-type="{html.escape(ctype)}">{per}'
-        f'{probe}</div></div>'
+        f'{beside}{probe}</div>{note}</div>'
     )
