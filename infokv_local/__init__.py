@@ -1,11 +1,18 @@
 """infokv-local: long reasoning with local GGUF models inside a fixed KV-cache budget.
 
-A patched llama.cpp (``patches/``) reports, for every decode call, the signals the InfoKV eviction
+A patched llama.cpp (``install/patches/``) reports, for every decode call, the signals the InfoKV eviction
 policy needs (top-k predictive entropy, layer-wise representation change, attention mass per KV
 cell) and removes single tokens from the cache.
+
+The names below load on first use, so that parts without llama.cpp (the policies, the settings, the
+errors, ``python -m infokv_local install``) import without the patched library.
 """
 
-from .api import CacheMap, InfoKVLlama
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BudgetError,
     CacheFull,
@@ -22,7 +29,12 @@ from .errors import (
     UnpatchedLibraryError,
     UnsupportedArchitectureError,
 )
-from .model import default_model_path
+
+if TYPE_CHECKING:
+    from .api import CacheMap, InfoKVLlama
+    from .model import default_model_path
+
+_LAZY = {"CacheMap": ".api", "InfoKVLlama": ".api", "default_model_path": ".model"}
 
 __all__ = [
     "BudgetError",
@@ -43,3 +55,11 @@ __all__ = [
     "UnsupportedArchitectureError",
     "default_model_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

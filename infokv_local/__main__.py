@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   python -m infokv_local models
   python -m infokv_local serve --slots 2 --budget 1024 --port 8000
   python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25
+  python -m infokv_local install          # the patched llama.cpp, into this environment
 """
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example:\n  python -m infokv_local models --fetch qwen2.5-coder-1.5b")
     mo.add_argument("--fetch", metavar="NAME", help="download, join and verify a benchmark model")
     mo.set_defaults(func=cmd_models)
+
+    from .install import add_parser as add_install_parser
+
+    add_install_parser(sub)  # sets func
 
     from .server.cli import add_parser as add_serve_parser
 

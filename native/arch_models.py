@@ -16,13 +16,11 @@ import argparse
 import hashlib
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_llama import cache_dir, fetch_sdist, patch_files  # noqa: E402
+from infokv_local.install.llama import cache_dir, fetch_sdist, patch_files
 
 # the architectures of the test matrix (llama.cpp's names; the file is NAME-dense.gguf or NAME-moe.gguf)
 DEFAULT_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "mistral3", "smollm3", "glm4", "deepseek2",

@@ -53,7 +53,7 @@ def test_invalid_context_parameters(model):
 
 
 def stock_lib_dir() -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "native" / "build_llama.py"), "--stock"], check=True,
+    out = subprocess.run([sys.executable, "-m", "infokv_local", "install", "--stock"], check=True,
                          capture_output=True, text=True).stdout
     return out.strip().splitlines()[-1]
 

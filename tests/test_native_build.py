@@ -3,20 +3,16 @@ wheels keyed by the CPU they were built for."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from infokv_local.install import llama as install_llama
 
 
 @pytest.fixture()
 def build_llama():
-    spec = importlib.util.spec_from_file_location("build_llama_under_test", ROOT / "native" / "build_llama.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return install_llama
 
 
 def test_amx_is_left_out_only_on_x86_cpus_that_have_it(build_llama, monkeypatch):
@@ -41,9 +37,7 @@ def test_wheels_are_keyed_by_the_cpu(build_llama, monkeypatch):
 
 
 def test_cpu_flags_reads_this_machine():
-    spec = importlib.util.spec_from_file_location("build_llama_flags", ROOT / "native" / "build_llama.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = install_llama
     flags = mod.cpu_flags()
     if Path("/proc/cpuinfo").exists() and mod.platform.machine() == "x86_64":
         assert "sse2" in flags

@@ -31,16 +31,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from ..engine import Engine
-from ..model import Model
 from ..policies import make_policy
 from . import task_data
 from .jsonl import read_log, require_same_settings
+
+if TYPE_CHECKING:
+    from ..model import Model
 
 MODES = ("chunked", "probe", "once")
 
@@ -63,6 +64,8 @@ def kept_after_reading(model: Model, tokens: list[int], policy: str, budget: int
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     buf = max(len(tokens) - budget, 1) if mode == "once" else buffer
+    from ..engine import Engine
+
     with Engine(model, policy, budget=budget, buffer=buf, n_threads=n_threads, prompt_probe=mode == "probe") as eng:
         eng.prefill(tokens)
         eng.prefill([tokens[-1]])  # where the first generated token would go
@@ -173,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         args.items, args.length = min(args.items, 2), min(args.length, 1024)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     policies = [p.strip() for p in args.policies.split(";") if p.strip()]
+    from ..model import Model
+
     with Model(resolve_model_path(args.model)) as model:
         seeds = list(range(args.offset, args.offset + args.items))
         result = run_needle_retention(model, args.length, args.ratio, seeds, policies, modes,

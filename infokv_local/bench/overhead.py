@@ -124,10 +124,10 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
 
 
 def stock_lib_dir() -> str:
-    """Folder of the unpatched libllama (built or reused by ``native/build_llama.py --stock``)."""
-    script = ROOT / "native" / "build_llama.py"
-    out = subprocess.run([sys.executable, str(script), "--stock"], check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
+    """Folder of the unpatched libllama (built once or reused, as ``python -m infokv_local install --stock``)."""
+    from ..install.llama import stock_lib_dir as build_or_reuse
+
+    return str(build_or_reuse())
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

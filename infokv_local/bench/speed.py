@@ -5,7 +5,7 @@
                                        [--rounds 1] [--threads N] [--out results/speed.json]
 
 Every run is its own process, so that its peak RSS is its own: ``stock`` loads the unpatched
-libllama (``native/build_llama.py --stock``) through ``LLAMA_CPP_LIB_PATH`` and drives it with
+libllama (``python -m infokv_local install --stock``) through ``LLAMA_CPP_LIB_PATH`` and drives it with
 llama-cpp-python's low-level bindings (the plain llama.cpp decode loop, greedy sampling through
 llama.cpp's sampler chain), once with flash attention on and once off; ``infokv-local`` runs the
 :class:`~infokv_local.engine.Engine` with each policy (``full`` = no eviction, a context that
@@ -361,9 +361,9 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
                     label=f"{label}, allocated")
     ax1.set(xlabel="generated tokens", ylabel=f"decode tokens/s (windows of {WINDOW})",
             title=f"decode speed, prompt {p}")
-    both = " (both parts: growing cells in use + the sliding-window cache)" if any(
-        r.get("bounded_bytes") for r in rows) else ""
-    ax2.set(xlabel="generated tokens", ylabel="KV memory (MiB)", title="KV memory" + both)
+    both = any(r.get("bounded_bytes") for r in rows)
+    ax2.set(xlabel="generated tokens", title="KV memory" + (", both parts" if both else ""),
+            ylabel="KV MiB" + (" (growing cells in use + sliding-window cache)" if both else ""))
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.suptitle(f"{Path(result['model']).name}, budget {result['budget']} + {result['buffer']}, "

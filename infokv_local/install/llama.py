@@ -1,20 +1,20 @@
 """Build and install the patched llama-cpp-python wheel (and optionally a stock one for comparison).
 
 The pinned llama-cpp-python source distribution is fetched from the package registry, the unified
-diffs in ``patches/`` are applied in order, and the wheel is built with scikit-build-core. Wheels
-are cached under ``$INFOKV_CACHE`` (default ``~/.cache/infokv-local``) keyed by the hash of the
-patches, the CMake flags and the Python/platform tag, so a second install takes seconds; ccache is
-used when available so that even a changed patch rebuilds quickly.
+diffs in ``patches/`` (shipped with this package) are applied in order, and the wheel is built with
+scikit-build-core. Wheels are cached under ``$INFOKV_CACHE`` (default ``~/.cache/infokv-local``) keyed
+by the hash of the patches, the CMake flags, the CPU and the Python/platform tag, so a second install
+takes seconds; ccache is used when available so that even a changed patch rebuilds quickly.
 
-    python native/build_llama.py            # build (or reuse) and install the patched wheel
-    python native/build_llama.py --stock    # build (or reuse) the unpatched library, print its lib dir
+    python -m infokv_local install            # build (or reuse) and install the patched wheel, then the kernels
+    python -m infokv_local install --stock    # build (or reuse) the unpatched library, print its lib dir
 
 GPU builds pass CMake flags as llama-cpp-python does: ``CMAKE_ARGS="-DGGML_CUDA=on"``.
+Standard library only: it runs before llama-cpp-python is installed.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import platform
@@ -27,8 +27,7 @@ import zipfile
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-ROOT = Path(__file__).resolve().parent.parent
-PATCH_DIR = ROOT / "patches"
+PATCH_DIR = Path(__file__).resolve().parent / "patches"
 # keep the wheel small and the build short: the Python package needs only the libraries
 BASE_CMAKE_ARGS = [
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -193,17 +192,3 @@ def stock_lib_dir() -> Path:
             so.chmod(0o755)
         tmp.rename(dest)
     return dest / "llama_cpp" / "lib"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stock", action="store_true", help="build the unpatched library and print its folder")
-    args = ap.parse_args()
-    if args.stock:
-        print(stock_lib_dir())
-    else:
-        install_patched()
-
-
-if __name__ == "__main__":
-    main()

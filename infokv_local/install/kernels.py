@@ -1,19 +1,19 @@
 """Compile the cffi extension ``infokv_local._kernels`` against the installed llama-cpp-python wheel.
 
-Run after ``native/build_llama.py`` (the Makefile does both). The module links to the wheel's
-``libllama`` with an rpath, so it uses exactly the library llama-cpp-python loads.
+Run after the patched wheel is installed (``python -m infokv_local install`` does both, this step in a
+new process so that it finds the new wheel). The module links to the wheel's ``libllama`` with an rpath,
+so it uses exactly the library llama-cpp-python loads; it is written next to the package's modules.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
-import cffi
-import llama_cpp
-
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "native" / "kernels.cpp"
+SOURCE = Path(__file__).resolve().parent / "kernels.cpp"
+PACKAGE = Path(__file__).resolve().parent.parent  # infokv_local/
 
 CDEF = """
 struct llama_context;
@@ -28,6 +28,9 @@ void infokv_tensor_f32(const struct ggml_tensor * t, float * out);
 
 
 def wheel_dirs() -> tuple[Path, Path]:
+    """The installed llama-cpp-python's headers and libraries."""
+    import llama_cpp
+
     pkg = Path(llama_cpp.__file__).resolve().parent
     include = pkg / "include"
     if not (include / "llama.h").exists():
@@ -35,11 +38,14 @@ def wheel_dirs() -> tuple[Path, Path]:
     return include, pkg / "lib"
 
 
-def main() -> None:
+def build_kernels() -> None:
+    """Compile the kernels unless the ones built last match the source and the library (a stamp says)."""
+    import cffi
+
     include, lib = wheel_dirs()
     key = hashlib.sha256(SOURCE.read_bytes() + CDEF.encode() + str(lib).encode()).hexdigest()[:16]
-    stamp = ROOT / "infokv_local" / ".kernels.key"
-    built = list((ROOT / "infokv_local").glob("_kernels*.so"))
+    stamp = PACKAGE / ".kernels.key"
+    built = list(PACKAGE.glob("_kernels*.so"))
     if built and stamp.exists() and stamp.read_text().strip() == key:
         print("kernels up to date")
         return
@@ -55,12 +61,14 @@ def main() -> None:
         extra_compile_args=["-O3", "-std=c++17", "-pthread"],
         extra_link_args=[f"-Wl,-rpath,{lib}", "-pthread"],
     )
-    ffi.compile(tmpdir=str(ROOT), verbose=False)
+    with tempfile.TemporaryDirectory(prefix="infokv-kernels-") as tmp:
+        so = Path(ffi.compile(tmpdir=tmp, verbose=False))
+        for old in built:
+            old.unlink()
+        shutil.move(str(so), PACKAGE / so.name)
     stamp.write_text(key + "\n")
-    for leftover in ROOT.glob("infokv_local/_kernels.cpp"):
-        leftover.unlink()
-    print("built infokv_local._kernels")
+    print(f"built infokv_local._kernels ({PACKAGE / so.name})")
 
 
 if __name__ == "__main__":
-    main()
+    build_kernels()
