@@ -4,8 +4,13 @@ issue names, ratios, and a rerun that resumes instead of measuring again."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 RUN_KEYS = {"engine", "policy", "flash_attn", "prompt_tokens", "generated_tokens", "prefill_s", "decode_s",
             "used_cells", "allocated_cells", "peak_rss_bytes"}
@@ -125,3 +130,42 @@ def test_speed_plan_and_summary_with_the_prompt_probe_both_ways():
                  "used_cells": 64, "allocated_cells": 128, "peak_rss_bytes": 1, "timeline": []} for r in runs]
     rows = summarize(measured, kv_bytes_per_cell=10)
     assert sorted(r["policy"] for r in rows if r["engine"] == "infokv-local") == ["full", "infokv", "infokv+probe"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker ends with its parent on Linux")
+def test_a_killed_benchmark_takes_its_worker_with_it(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "infokv_local", "bench", "speed", "--lengths", "96x100000",
+                             "--policies", "full", "--stock-flash-attn", "off", "--threads", "1",
+                             "--out", str(tmp_path / "k.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    workers: list[int] = []
+    while time.monotonic() < deadline and not workers:
+        workers = _children(proc.pid)
+        time.sleep(0.2)
+    assert workers, "no worker started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_running(w) for w in workers)
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not ended (a zombie waits for its new parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

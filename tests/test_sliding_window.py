@@ -255,3 +255,15 @@ def _kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
     lp -= np.log(np.exp(lp).sum())
     lq -= np.log(np.exp(lq).sum())
     return float((np.exp(lp) * (lp - lq)).sum())
+
+
+def test_a_quantized_cache_is_evicted_in_its_full_attention_part(gemma, text_tokens):
+    with Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, cache_type_k="q8_0", cache_type_v="q8_0",
+                check_invariants=True) as eng, \
+            Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, flash_attn=True) as f16:
+        got = list(eng.generate(text_tokens[:300], max_tokens=40, ignore_eos=True))
+        assert len(got) == 40 and eng.totals.evictions > 0 and eng.totals.max_used_cells <= 128
+        assert eng.flash_attn == "on"  # llama.cpp's quantized V cache needs it
+        # q8_0: 34 bytes per 32 values in both parts
+        assert eng.kv_bytes_per_cell * 32 == f16.kv_bytes_per_cell * 17
+        assert eng.ctx.bounded_bytes * 32 == pytest.approx(f16.ctx.bounded_bytes * 17, rel=0.01)

@@ -215,13 +215,24 @@ def _run_key(cfg: dict[str, Any]) -> str:
                      *(["probe"] if cfg.get("prompt_probe") else [])])
 
 
+def _end_with_parent() -> None:
+    """In a worker, before it runs: on Linux, end it when the benchmark's process ends (a killed benchmark
+    would otherwise leave its worker decoding, and the next run measured beside it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _spawn(cfg: dict[str, Any], stock_lib: str) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("LLAMA_CPP_LIB_PATH", None)
     if cfg["engine"] == "stock":
         env["LLAMA_CPP_LIB_PATH"] = stock_lib
     out = subprocess.run([sys.executable, "-m", "infokv_local.bench.speed", "--worker", json.dumps(cfg)],
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, preexec_fn=_end_with_parent)
     if out.returncode != 0:
         raise RuntimeError(f"run {cfg} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
