@@ -150,6 +150,7 @@ class StatsContext:
         growing, bounded = ctypes.c_uint64(), ctypes.c_uint64()
         native.lib.llama_infokv_memory_bytes(self._ptr, ctypes.byref(growing), ctypes.byref(bounded))
         self.growing_bytes, self.bounded_bytes = int(growing.value), int(bounded.value)
+        self.has_window = self.bounded_cells() is not None  # a sliding-window cache beside the growing part
         # the layers whose attention is over the growing part's cells (the others' statistics rows are 0)
         attends = [native.lib.llama_infokv_layer_attends_growing(self._ptr, il) for il in range(model.info.n_layer)]
         self.attn_layers = np.flatnonzero(np.asarray(attends) == 1)
@@ -291,7 +292,7 @@ class StatsContext:
         them. Raises :class:`UnsupportedArchitectureError` when this model's cache cannot shift positions.
         """
         mem = llama.llama_get_memory(self.ptr)
-        swa = self.bounded_cells() is not None
+        swa = self.has_window
         must = f"{self.model.path.name}: positions must be renumbered (they reached the model's trained context) but"
         refusal = self.renumbering_refusal()
         if refusal:
@@ -318,7 +319,7 @@ class StatsContext:
 
     def renumbering_refusal(self) -> str | None:
         """Why :meth:`compact_positions` cannot renumber this memory's positions, or None when it can."""
-        swa = self.bounded_cells() is not None
+        swa = self.has_window
         if not (llama.llama_memory_can_shift(llama.llama_get_memory(self.ptr)) or (swa and self._window_shiftable())):
             return "this model's cache cannot shift positions"
         if swa and self.model.info.arch == "llama4":

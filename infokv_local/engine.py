@@ -326,7 +326,6 @@ class Engine:
             # recording the window on demand reads the last tokens again, which a sliding-window cache may
             # not allow (docs/memory.md): record it as the tokens are read
             self._window_on_demand = False
-            self.kv_bytes_per_cell = self.ctx.growing_bytes // self.ctx.n_cells if self.ctx.grows else 0
         # 0: no probe (off, or a policy that reads no observation window); see the class docstring
         # (a recurrent state cannot drop the probe's tokens again)
         self.probe_len = min(window, buffer // 2) if prompt_probe and window_policy and self.ctx.rolls_back else 0
@@ -753,7 +752,7 @@ class Engine:
         before = self.n_past
         self.n_past = self.ctx.compact_positions()
         shift = self.n_past - before
-        self._recent_holes = {p + shift for p in self._recent_holes if p + shift >= 0} if self.ctx.bounded_cells() \
+        self._recent_holes = {p + shift for p in self._recent_holes if p + shift >= 0} if self.ctx.has_window \
             else set()
         self.compactions += 1
 

@@ -275,22 +275,19 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
     rows = []
     for (engine, policy, fa, p, g), rs in groups.items():
         evicts = engine != "stock" and policy != "full"
+        # the growing part: cells in use at most (as the plot) and allocated; the bounded part is allocated
+        # once and in use after the window's first tokens, so it counts whole in both
+        growing = max(r.get("max_used_cells", r["used_cells"]) for r in rs) * kv_bytes_per_cell
+        growing_allocated = rs[0].get("growing_bytes_allocated", rs[0]["allocated_cells"] * kv_bytes_per_cell)
+        bounded = rs[0].get("bounded_bytes", 0)
         rows.append({
             "engine": engine, "policy": policy, "flash_attn": fa, "prompt_tokens": p, "generated_tokens": g,
             "budget": rs[0]["budget"] if evicts else None, "buffer": rs[0]["buffer"] if evicts else None,
             "rounds": len(rs),
             "prefill_tok_s": statistics.median(p / r["prefill_s"] for r in rs),
             "decode_tok_s": statistics.median(r["decode_steps"] / r["decode_s"] for r in rs),
-            # the growing part: cells in use at most (as the plot) and allocated; the bounded part is allocated
-            # once and in use after the window's first tokens, so it counts whole in both
-            "kv_bytes": max(r.get("max_used_cells", r["used_cells"]) for r in rs) * kv_bytes_per_cell
-            + rs[0].get("bounded_bytes", 0),
-            "kv_bytes_allocated": rs[0].get("growing_bytes_allocated", rs[0]["allocated_cells"] * kv_bytes_per_cell)
-            + rs[0].get("bounded_bytes", 0),
-            "growing_bytes": max(r.get("max_used_cells", r["used_cells"]) for r in rs) * kv_bytes_per_cell,
-            "growing_bytes_allocated": rs[0].get("growing_bytes_allocated",
-                                                 rs[0]["allocated_cells"] * kv_bytes_per_cell),
-            "bounded_bytes": rs[0].get("bounded_bytes", 0),
+            "kv_bytes": growing + bounded, "kv_bytes_allocated": growing_allocated + bounded,
+            "growing_bytes": growing, "growing_bytes_allocated": growing_allocated, "bounded_bytes": bounded,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
             "compressions": rs[0].get("compressions"),
             "compress_ms_mean": rs[0].get("compress_ms_mean"),
