@@ -1,8 +1,9 @@
-"""A llama.cpp context with the infokv statistics enabled, one sequence, and cell-level control.
+"""A llama.cpp context with the infokv statistics enabled, one or several sequences, and cell-level control.
 
-:class:`StatsContext` owns the ``llama_context``: it decodes batches at explicit positions,
-collects the :class:`~infokv_local.signals.Signals` of each call, lists the sequence's cells and
-removes cells by index. It knows nothing of budgets or policies (that is the engine's job).
+:class:`StatsContext` owns the ``llama_context``: it decodes batches at explicit positions (one
+sequence's tokens, or several sequences' in one ``llama_decode``: :meth:`StatsContext.decode_parts`),
+collects the :class:`~infokv_local.signals.Signals` of each sequence in a call, lists a sequence's cells
+and removes cells by index. It knows nothing of budgets or policies (that is the engine's job).
 """
 
 from __future__ import annotations
@@ -22,14 +23,28 @@ from .model import Model
 from .signals import Signals
 from .threads import resolve_threads
 
-SEQ = 0  # one sequence per context
+SEQ = 0  # the sequence of a single-sequence context
 
 # the patch's LLAMA_INFOKV_MEMORY_* (docs/memory.md): what the memory's growing and bounded parts are
 MEMORY_KINDS = {0: "dense", 1: "sliding-window", 2: "hybrid", 3: "hybrid", 4: "recurrent"}
 RECURRENT = 4
 
 # CacheFull: declared in errors, re-exported
-__all__ = ["SEQ", "CacheFull", "MemoryLayout", "StatsContext", "memory_layout"]
+__all__ = ["SEQ", "CacheFull", "DecodePart", "MemoryLayout", "StatsContext", "memory_layout"]
+
+
+@dataclass
+class DecodePart:
+    """One sequence's tokens in a decode call (:meth:`StatsContext.decode_parts`); the arguments are
+    :meth:`StatsContext.decode`'s. ``entropy_top_k`` is this sequence's (None: no entropy)."""
+
+    seq: int
+    tokens: Sequence[int]
+    start_pos: int
+    all_outputs: bool = True
+    stride: int = 1
+    logits_all: bool = False
+    entropy_top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,13 @@ def memory_layout(model: Model, n_batch: int = 512, cache_type_k: str = "f16",
 
 
 class StatsContext:
-    """A single-sequence ``llama_context`` whose decodes report InfoKV's signals.
+    """A ``llama_context`` whose decodes report InfoKV's signals, per sequence.
+
+    ``n_seq_max`` sequences (default one) share the context's cells in one unified cache
+    (``kv_unified``): a sequence's tokens attend only to its own cells (llama.cpp's mask), so the
+    attention mass a cell receives in a call comes from its own sequence's query rows alone as long as no
+    cell is shared between sequences (the engine never shares them). Methods that act on a sequence take
+    ``seq``.
 
     ``attn`` turns on attention statistics and ``n_last_rows`` is the observation window of recent
     query rows kept apart. With ``attn_all_rows`` the statistics also sum every query row (H2O needs
@@ -97,8 +118,11 @@ class StatsContext:
         attn_all_rows: bool = True,
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
+        n_seq_max: int = 1,
     ) -> None:
         native.require_patched()
+        if n_seq_max < 1:
+            raise ValueError(f"n_seq_max must be >= 1 (got {n_seq_max})")
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError(f"n_ctx and n_batch must be positive (got {n_ctx}, {n_batch})")
         self.model = model
@@ -113,7 +137,9 @@ class StatsContext:
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq_max
+        # one cell array for every sequence: the patch lists and removes cells of a single stream
+        params.kv_unified = True
         params.no_perf = True
         # llama.cpp's default sizes a sliding-window cache like the full one: keep it to the window
         params.swa_full = False
@@ -171,10 +197,12 @@ class StatsContext:
         self.n_vocab = model.info.n_vocab
         self.n_layer = model.info.n_layer
         self.n_ctx = n_ctx
+        self.n_seq_max = n_seq_max
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
-        self._last_entropy = float("nan")
+        self._last_entropy: dict[int, float] = {}
         self._attn_active = attn
         self._has_output_row = False  # llama.cpp allocates the logits' rows at the first decode
+        self.output_index: dict[int, int] = {}  # each sequence's last output row in the last decode (batch index)
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -209,18 +237,23 @@ class StatsContext:
 
     @property
     def n_used(self) -> int:
+        """Cells in use, by every sequence."""
         return int(native.lib.llama_infokv_n_used(self.ptr)) if self.has_cells else 0
 
-    def cell_map(self) -> tuple[np.ndarray, np.ndarray]:
+    def n_used_by(self, seq: int = SEQ) -> int:
+        """Cells held by sequence ``seq``."""
+        return int(native.lib.llama_infokv_seq_cells(self.ptr, seq, None, None, 0)) if self.has_cells else 0
+
+    def cell_map(self, seq: int = SEQ) -> tuple[np.ndarray, np.ndarray]:
         """The sequence's (cells, positions), ordered by position."""
         if not self.has_cells:
             return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int32)
-        n = native.lib.llama_infokv_seq_cells(self.ptr, SEQ, None, None, 0)
+        n = native.lib.llama_infokv_seq_cells(self.ptr, seq, None, None, 0)
         cells = np.empty(n, dtype=np.int32)
         pos = np.empty(n, dtype=np.int32)
         if n:
             native.lib.llama_infokv_seq_cells(
-                self.ptr, SEQ, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                self.ptr, seq, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
                 pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n,
             )
         return cells, pos
@@ -244,13 +277,13 @@ class StatsContext:
             return None
         return int(used.value), int(size.value)
 
-    def drop_bounded_from(self, pos: int) -> None:
+    def drop_bounded_from(self, pos: int, seq: int = SEQ) -> None:
         """Remove positions ``pos..`` from the bounded part too (after their cells in the growing part were
         removed): ``llama_memory_seq_rm``, which on a sliding-window memory clears both caches."""
-        if self.bounded and not llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), SEQ, int(pos), -1):
+        if self.bounded and not llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), seq, int(pos), -1):
             raise DecodeError(f"llama.cpp could not drop positions {pos}.. from the {self.memory} memory")
 
-    def can_roll_back_to(self, pos: int) -> bool:
+    def can_roll_back_to(self, pos: int, seq: int = SEQ) -> bool:
         """Whether the sequence can continue at ``pos`` after the positions from ``pos`` on are dropped: always
         for a dense cache; for a sliding-window one while its cache still holds the window before ``pos``
         (it reuses the cells of positions that left the window of the newest token; it holds one
@@ -260,8 +293,8 @@ class StatsContext:
             return True
         mem = llama.llama_get_memory(self.ptr)
         if not self.rolls_back:
-            return pos > llama.llama_memory_seq_pos_max(mem, SEQ)  # nothing to drop
-        lowest = llama.llama_memory_seq_pos_min(mem, SEQ)
+            return pos > llama.llama_memory_seq_pos_max(mem, seq)  # nothing to drop
+        lowest = llama.llama_memory_seq_pos_min(mem, seq)
         return lowest <= max(0, pos - self.model.info.n_swa + 1)
 
     def growing_rows(self, per_layer: np.ndarray) -> np.ndarray:
@@ -269,17 +302,17 @@ class StatsContext:
         array: the array itself when that is every layer (a view, no copy)."""
         return per_layer if self._all_attn_layers else per_layer[self.attn_layers]
 
-    def remove_cells(self, cells: Sequence[int] | np.ndarray) -> int:
+    def remove_cells(self, cells: Sequence[int] | np.ndarray, seq: int = SEQ) -> int:
         """Remove the sequence from these cells (O(k)); returns how many cells were freed."""
         arr = np.ascontiguousarray(cells, dtype=np.int32)
         n = native.lib.llama_infokv_seq_rm_cells(
-            self.ptr, SEQ, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), int(arr.size)
+            self.ptr, seq, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), int(arr.size)
         )
         if n < 0:
             raise ValueError(f"cannot remove cells {arr.tolist()[:8]}...: out of range or not in the sequence")
         return int(n)
 
-    def compact_positions(self) -> int:
+    def compact_positions(self, seq: int = SEQ) -> int:
         """Renumber the sequence's cells so the holes eviction left are closed, keeping their order; returns
         the next free position.
 
@@ -297,9 +330,9 @@ class StatsContext:
         refusal = self.renumbering_refusal()
         if refusal:
             raise UnsupportedArchitectureError(f"{must} {refusal}")
-        _, pos = self.cell_map()
+        _, pos = self.cell_map(seq)
         target = np.arange(len(pos))
-        lowest = int(llama.llama_memory_seq_pos_min(mem, SEQ)) if swa else -1  # the sliding-window cache's
+        lowest = int(llama.llama_memory_seq_pos_min(mem, seq)) if swa else -1  # the sliding-window cache's
         below = int(np.searchsorted(pos, lowest)) if lowest >= 0 else len(pos)
         target[below:] = pos[below:] - (lowest - below)
         delta = target - pos
@@ -308,14 +341,14 @@ class StatsContext:
         ends = np.r_[starts[1:], below] if len(starts) else starts
         for s, e in zip(starts, ends, strict=True):
             if delta[s]:
-                llama.llama_memory_seq_add(mem, SEQ, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
+                llama.llama_memory_seq_add(mem, seq, int(pos[s]), int(pos[e - 1]) + 1, int(delta[s]))
         if lowest >= 0 and lowest != below:
             # the window as one block, from the sliding-window cache's lowest position to the newest
-            llama.llama_memory_seq_add(mem, SEQ, lowest, -1, below - lowest)
+            llama.llama_memory_seq_add(mem, seq, lowest, -1, below - lowest)
         elif swa and not delta.any():
             raise UnsupportedArchitectureError(
                 f"{must} its sliding-window cache holds every position from {lowest} on, so renumbering frees none")
-        return int(llama.llama_memory_seq_pos_max(mem, SEQ)) + 1 if len(pos) or lowest >= 0 else 0
+        return int(llama.llama_memory_seq_pos_max(mem, seq)) + 1 if len(pos) or lowest >= 0 else 0
 
     def renumbering_refusal(self) -> str | None:
         """Why :meth:`compact_positions` cannot renumber this memory's positions, or None when it can."""
@@ -336,20 +369,34 @@ class StatsContext:
         multi = {llama.LLAMA_ROPE_TYPE_MROPE, llama.LLAMA_ROPE_TYPE_IMROPE, llama.LLAMA_ROPE_TYPE_VISION}
         return llama.llama_model_rope_type(self.model.ptr) not in multi and self.model.info.arch != "step35"
 
-    def clear(self) -> None:
-        llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
-        self._last_entropy = float("nan")
+    def clear(self, seq: int | None = None) -> None:
+        """Forget sequence ``seq`` (its cells are freed), or every sequence (None)."""
+        mem = llama.llama_get_memory(self.ptr)
+        if seq is None or self.n_seq_max == 1:
+            llama.llama_memory_clear(mem, True)
+            self._last_entropy.clear()
+        else:
+            llama.llama_memory_seq_rm(mem, seq, -1, -1)
+            self._last_entropy.pop(seq, None)
 
     # ---- decoding --------------------------------------------------------------------------
+    def entropy_before(self, seq: int = SEQ) -> float:
+        """Entropy at the last token of ``seq`` decoded (NaN if unknown): what produced the next call's first
+        token, and the value interpolation starts from. Set it (:meth:`set_entropy_before`) when the sequence
+        is restored or rewound."""
+        return self._last_entropy.get(seq, float("nan"))
+
+    def set_entropy_before(self, value: float, seq: int = SEQ) -> None:
+        self._last_entropy[seq] = float(value)
+
     @property
     def last_entropy(self) -> float:
-        """Entropy at the last token decoded (NaN if unknown): what produced the next call's first token,
-        and the value interpolation starts from. Set it when the sequence is restored or rewound."""
-        return self._last_entropy
+        """:meth:`entropy_before` of the single sequence."""
+        return self.entropy_before(SEQ)
 
     @last_entropy.setter
     def last_entropy(self, value: float) -> None:
-        self._last_entropy = float(value)
+        self.set_entropy_before(value, SEQ)
 
     def set_attention_active(self, active: bool) -> None:
         """Attention statistics for the next decodes or not (only with ``attn``): switching costs nothing
@@ -362,8 +409,8 @@ class StatsContext:
         self._attn_active = active
 
     def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True, stride: int = 1,
-               logits_all: bool = False) -> Signals:
-        """Decode ``tokens`` at positions ``start_pos..`` and return the call's signals.
+               logits_all: bool = False, seq: int = SEQ) -> Signals:
+        """Decode ``tokens`` of sequence ``seq`` at positions ``start_pos..`` and return the call's signals.
 
         ``all_outputs``: every token's entropy and layer distances, else the last token's only. With
         ``stride`` k > 1 they are computed for the tokens at positions p with p % k == k - 1 and for the
@@ -373,23 +420,41 @@ class StatsContext:
 
         Raises :class:`CacheFull` (nothing changed) when the cache has no room for the batch.
         """
-        n = len(tokens)
-        if n == 0 or n > self.n_batch:
-            raise ValueError(f"a batch holds 1..{self.n_batch} tokens (got {n})")
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1 (got {stride})")
-        rows = signal_rows(n, start_pos, stride) if all_outputs else np.array([n - 1], dtype=np.int32)
-        outputs = np.zeros(n, dtype=bool)
-        outputs[rows] = True
-        if logits_all:
-            outputs[:] = True
+        return self.decode_parts([DecodePart(seq, tokens, start_pos, all_outputs, stride, logits_all,
+                                             self.entropy_top_k)])[0]
+
+    def decode_parts(self, parts: Sequence[DecodePart]) -> list[Signals]:
+        """Decode several sequences' tokens in one ``llama_decode`` (each :class:`DecodePart` as
+        :meth:`decode` would alone) and return each part's signals, in order. The attention statistics are
+        the call's (``attn_sum`` sums every row; a cell is attended only by its own sequence's rows);
+        ``attn_last`` holds the part's own rows among the call's last ones. :attr:`output_index` says where
+        each sequence's last output row is, for :meth:`logits`."""
+        n = sum(len(p.tokens) for p in parts)
+        if not parts or n > self.n_batch or any(not len(p.tokens) for p in parts):
+            raise ValueError(f"a batch holds 1..{self.n_batch} tokens, at least one per part (got "
+                             f"{[len(p.tokens) for p in parts]})")
+        if len({p.seq for p in parts}) != len(parts) or any(not 0 <= p.seq < self.n_seq_max for p in parts):
+            raise ValueError(f"each part must be a different sequence of 0..{self.n_seq_max - 1}")
         b = self._batch
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = start_pos + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = SEQ
-            b.logits[i] = bool(outputs[i])
+        layout: list[tuple[int, np.ndarray, np.ndarray]] = []  # (offset, signal rows, outputs) per part
+        i = 0
+        for p in parts:
+            k = len(p.tokens)
+            if p.stride < 1:
+                raise ValueError(f"stride must be >= 1 (got {p.stride})")
+            rows = signal_rows(k, p.start_pos, p.stride) if p.all_outputs else np.array([k - 1], dtype=np.int32)
+            outputs = np.zeros(k, dtype=bool)
+            outputs[rows] = True
+            if p.logits_all:
+                outputs[:] = True
+            for j, tok in enumerate(p.tokens):
+                b.token[i + j] = tok
+                b.pos[i + j] = p.start_pos + j
+                b.n_seq_id[i + j] = 1
+                b.seq_id[i + j][0] = p.seq
+                b.logits[i + j] = bool(outputs[j])
+            layout.append((i, rows, np.flatnonzero(outputs)))
+            i += k
         b.n_tokens = n
         rc = llama.llama_decode(self.ptr, b)
         self._has_output_row = self._has_output_row or rc == 0
@@ -397,10 +462,42 @@ class StatsContext:
             raise CacheFull(f"no free cells for {n} tokens ({self.n_used}/{self.n_cells} used)")
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")
-        return self._signals(n, start_pos, rows, np.flatnonzero(outputs), spread=all_outputs)
+        self.output_index = {p.seq: off + int(outs[-1]) for p, (off, _, outs) in zip(parts, layout, strict=True)}
+        attn_sum, attn_last, ldist = self._attn_sum(), self._attn_last(), self._layer_dist()
+        all_outputs = np.concatenate([off + outs for off, _, outs in layout])
+        entropies = self._entropies(parts, layout)
+        signals = []
+        for p, (off, rows, outs), ent in zip(parts, layout, entropies, strict=True):
+            k = len(p.tokens)
+            last = attn_last
+            if last is not None and len(parts) > 1:
+                first_row = n - last.shape[1]  # the call's last rows: tokens first_row..n-1
+                lo, hi = max(off, first_row) - first_row, off + k - first_row
+                last = last[:, lo:hi] if hi > lo else None
+            own = None
+            if ldist is not None:  # one column per output of the call, in batch order
+                cols = np.searchsorted(all_outputs, off + outs)
+                own = ldist[:, cols] if len(parts) > 1 or len(cols) != ldist.shape[1] else ldist
+            signals.append(self._signals(p, rows, outs, ent, own, attn_sum, last))
+        return signals
+
+    def _entropies(self, parts: Sequence[DecodePart],
+                   layout: list[tuple[int, np.ndarray, np.ndarray]]) -> list[np.ndarray | None]:
+        """Each part's entropies at its signal rows (one kernel call for the parts with the same top-k)."""
+        out: list[np.ndarray | None] = [None] * len(parts)
+        for k in {p.entropy_top_k for p in parts if p.entropy_top_k is not None}:
+            idx = [j for j, p in enumerate(parts) if p.entropy_top_k == k]
+            rows = np.concatenate([layout[j][0] + layout[j][1] for j in idx])
+            ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, k, self.n_threads)
+            at = 0
+            for j in idx:
+                m = len(layout[j][1])
+                out[j] = ent[at:at + m]
+                at += m
+        return out
 
     def logits(self, i: int = -1) -> np.ndarray:
-        """Logits of output row ``i`` of the last decode (a copy)."""
+        """Logits of output row ``i`` of the last decode (a copy; a batch index, or negative from the last)."""
         ptr = llama.llama_get_logits_ith(self.ptr, i)
         if not ptr:
             raise ValueError(f"no logits for output {i}")
@@ -411,27 +508,28 @@ class StatsContext:
         ptr = llama.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
-    def _signals(self, n: int, start_pos: int, rows: np.ndarray, outputs: np.ndarray, spread: bool) -> Signals:
-        """The call's signals: entropy and layer distances measured on ``rows`` (token indices, ascending,
-        the last token among them), interpolated between them when ``spread`` (else NaN elsewhere);
-        ``outputs`` are the call's output tokens."""
+    def _signals(self, part: DecodePart, rows: np.ndarray, outputs: np.ndarray, ent: np.ndarray | None,
+                 ldist: np.ndarray | None, attn_sum: np.ndarray | None, attn_last: np.ndarray | None) -> Signals:
+        """A part's signals: entropy and layer distances measured on ``rows`` (token indices, ascending,
+        the last token among them), interpolated between them when ``part.all_outputs`` (else NaN
+        elsewhere); ``outputs`` are the part's output tokens."""
+        n, spread, seq = len(part.tokens), part.all_outputs, part.seq
         ent_at = ent_prod = None
-        if self.entropy_top_k is not None:
-            ent = kernels.topk_entropy_ctx(self.ptr, rows, self.n_vocab, self.entropy_top_k, self.n_threads)
-            ent_at = place_rows(ent[None, :], rows, n, spread, self._last_entropy)[0]
-            ent_prod = np.concatenate([[self._last_entropy], ent_at[:-1]]).astype(np.float32)
-            self._last_entropy = float(ent[-1])
-        ldist = self._layer_dist()  # one column per output token (patch 7)
+        if ent is not None:
+            before = self.entropy_before(seq)
+            ent_at = place_rows(ent[None, :], rows, n, spread, before)[0]
+            ent_prod = np.concatenate([[before], ent_at[:-1]]).astype(np.float32)
+            self._last_entropy[seq] = float(ent[-1])
         if ldist is not None and len(rows) < n:
             ldist = place_rows(ldist[:, np.searchsorted(outputs, rows)], rows, n, spread)
-        cells, cell_pos = self.cell_map()
+        cells, cell_pos = self.cell_map(seq)
         return Signals(
-            positions=np.arange(start_pos, start_pos + n, dtype=np.int32),
+            positions=np.arange(part.start_pos, part.start_pos + n, dtype=np.int32),
             entropy_produced=ent_prod,
             entropy_at=ent_at,
             layer_dist=ldist,
-            attn_sum=self._attn_sum(),
-            attn_last=self._attn_last(),
+            attn_sum=attn_sum,
+            attn_last=attn_last,
             cells=cells,
             cell_pos=cell_pos,
         )
@@ -457,18 +555,18 @@ class StatsContext:
             return None
         return np.ctypeslib.as_array(ptr, shape=(nl.value, nt.value)).copy()
 
-    # ---- saving and restoring the sequence (parking a conversation) -----------------------------
-    def save_sequence(self) -> bytes:
+    # ---- saving and restoring a sequence (parking a conversation) -------------------------------
+    def save_sequence(self, seq: int = SEQ) -> bytes:
         """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``): every
         cached token's position, K and V, holes left by eviction included. Logits are not saved."""
-        size = llama.llama_state_seq_get_size(self.ptr, SEQ)
+        size = llama.llama_state_seq_get_size(self.ptr, seq)
         buf = (ctypes.c_uint8 * size)()
-        n = llama.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
+        n = llama.llama_state_seq_get_data(self.ptr, buf, size, seq)
         if n != size:
             raise DecodeError(f"llama_state_seq_get_data wrote {n} bytes, {size} expected")
         return ctypes.string_at(buf, n)
 
-    def load_sequence(self, data: bytes, cells: np.ndarray | None = None) -> None:
+    def load_sequence(self, data: bytes, cells: np.ndarray | None = None, seq: int = SEQ) -> None:
         """Replace the sequence by one saved with :meth:`save_sequence` (``llama_state_seq_set_data``).
 
         The tokens keep their positions (and the holes eviction left between them). llama.cpp puts
@@ -476,36 +574,38 @@ class StatsContext:
         holes comes back compacted: the attention then sums over the cells in another arrangement
         and results differ in the last bits. ``cells`` (the sequence's old cell indices, ascending,
         as :meth:`cell_map` gave them before saving) puts every cell back at its old index: the
-        holes are filled with placeholder cells in the data given to llama.cpp, then freed.
+        holes are filled with placeholder cells in the data given to llama.cpp, then freed. In a context of
+        several sequences, cells other sequences hold now cannot be taken: the cells then come back where
+        llama.cpp puts them (results differ in the last bits, as above).
         """
-        self._ensure_output_row()
-        self.clear()
+        self._ensure_output_row(seq)
+        self.clear(seq)
         placeholders: np.ndarray | None = None
-        if cells is not None and len(cells):
+        if cells is not None and len(cells) and self.n_used == 0:
             data, placeholders = _with_placeholders(data, np.sort(np.asarray(cells, dtype=np.int64)), self.n_cells,
                                                     trailing=self.bounded)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
-            self.clear()
+        if llama.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == 0:
+            self.clear(seq)
             raise DecodeError(f"llama.cpp could not restore a saved sequence of {len(data)} bytes into a context of "
                               f"{self.n_cells} cells (saved from a different model or a larger context?)")
         if placeholders is not None and len(placeholders):
-            self.remove_cells(placeholders)
+            self.remove_cells(placeholders, seq)
 
-    def _ensure_output_row(self) -> None:
+    def _ensure_output_row(self, seq: int = SEQ) -> None:
         """Give a context that never decoded an output row (llama.cpp allocates it at the first decode), so a
         restored sequence's logits can be put back with :meth:`set_last_logits` instead of decoding its last
         token again, which a sliding-window or recurrent memory would take as a new token. One token is
-        decoded alone and the memory cleared; the caller clears it anyway."""
+        decoded alone in ``seq`` and the sequence cleared; the caller clears it anyway."""
         if self._has_output_row:
             return
         b = self._batch
-        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = 0, 0, 1, SEQ, True
+        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = 0, 0, 1, seq, True
         b.n_tokens = 1
         if llama.llama_decode(self.ptr, b) != 0:
             raise DecodeError("llama.cpp could not decode a token to make the context's output row")
         self._has_output_row = True
-        self.clear()
+        self.clear(seq)
 
     def set_last_logits(self, logits: np.ndarray) -> bool:
         """Overwrite the last output row's logits (what sampling reads next) with ``logits``, e.g. a
@@ -517,8 +617,8 @@ class StatsContext:
         if row.shape != (self.n_vocab,):
             raise ValueError(f"logits of shape {row.shape}, expected ({self.n_vocab},)")
         ctypes.memmove(ptr, row.ctypes.data, row.nbytes)
+        self.output_index = {}
         return True
-
 
 def signal_rows(n: int, start_pos: int, stride: int) -> np.ndarray:
     """The tokens of a batch of ``n`` at ``start_pos..`` whose signals are measured with ``stride`` k: those at
