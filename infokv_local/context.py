@@ -20,6 +20,7 @@ from . import kernels, native
 from .cache_types import check_cache_type, is_quantized
 from .errors import CacheFull, DecodeError, UnsupportedArchitectureError
 from .model import Model
+from .sampling import Sampler
 from .signals import Signals
 from .threads import resolve_threads
 
@@ -203,6 +204,7 @@ class StatsContext:
         self._attn_active = attn
         self._has_output_row = False  # llama.cpp allocates the logits' rows at the first decode
         self.output_index: dict[int, int] = {}  # each sequence's last output row in the last decode (batch index)
+        self.generating = False
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -495,6 +497,14 @@ class StatsContext:
                 out[j] = ent[at:at + m]
                 at += m
         return out
+
+    def sample(self, sampler: Sampler) -> int:
+        """Sample the next token from the last decode's last output row (and accept it)."""
+        return sampler.sample(self)
+
+    def set_generating(self, generating: bool) -> None:
+        """Whether the sequence is inside a generation loop (matters only to a shared context)."""
+        self.generating = generating
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Logits of output row ``i`` of the last decode (a copy; a batch index, or negative from the last)."""

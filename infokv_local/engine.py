@@ -32,6 +32,7 @@ from .model import Model
 from .policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput, make_policy
 from .sampling import Sampler, SamplingParams
 from .selection import drop_order, evictable_span, keep_count, whole_number_drops
+from .shared_context import ContextNeeds, SequenceView, SharedContext
 from .signals import Signals
 from .threads import resolve_threads
 
@@ -192,6 +193,7 @@ class Engine:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         prompt_probe: bool = False,
+        shared: SharedContext | None = None,
     ) -> None:
         self.model = model
         self.policy = make_policy(policy)
@@ -275,49 +277,38 @@ class Engine:
         needs = self.policy.needs
         self.needs_outputs = bool(needs & {ENTROPY, LAYER_DIST})
         all_rows = ATTENTION_ALL_ROWS in needs
-        if flash_attn is not None and not isinstance(flash_attn, bool):
-            raise CacheSettingsError(f"flash_attn must be True, False or None (chosen by measurement), got "
-                                     f"{flash_attn!r}")
-        if all_rows and flash_attn:
-            raise CacheSettingsError(f"policy {self.policy.name!r} needs the attention of every query row, which "
-                                     f"exists only with flash attention off: leave flash_attn unset or False")
         # attention statistics only in the steps a compression reads (see the class docstring); H2O sums all
         window_policy = ATTENTION in needs and not all_rows and self.policy.evicts
         self._window_on_demand = window_policy
-        if is_quantized(self.cache_type_v):
-            if all_rows or flash_attn is False:
-                raise CacheSettingsError(
-                    f"a quantized V cache ({self.cache_type_v}) needs flash attention, and "
-                    + (f"policy {self.policy.name!r} needs it off (the attention of every query row)" if all_rows
-                       else "flash_attn is False") + ": use cache_type_v='f16' or another policy")
-            flash_attn, self.flash_attn_reason = True, f"on: the quantized V cache ({self.cache_type_v}) needs it"
-        elif flash_attn is not None:
-            self.flash_attn_reason = f"{'on' if flash_attn else 'off'}: as asked (flash_attn={flash_attn})"
-        elif all_rows:
-            flash_attn = False
-            self.flash_attn_reason = (f"off: policy {self.policy.name!r} needs the attention of every query row, "
-                                      f"which only the explicit softmax has")
-        elif model.on_gpu:
-            self.flash_attn_reason = "auto: llama.cpp's choice, layers run on a GPU (where the fused kernel is fast)"
-        elif layout is not None and layout.memory == "recurrent":
-            self.flash_attn_reason = "auto: llama.cpp's choice, the model has no attention layers"
+        self.ctx: StatsContext | SequenceView
+        if shared is None:
+            flash_attn, self.flash_attn_reason = choose_flash_attention(
+                model, all_rows, flash_attn, self.cache_type_v, n_threads, statistics=layout is None or layout.grows,
+                policy_name=self.policy.name, cache_type_k=self.cache_type_k)
+            self.ctx = StatsContext(
+                model, n_ctx=n_ctx, n_batch=self.max_batch, attn=ATTENTION in needs, n_last_rows=window,
+                layer_dist=LAYER_DIST in needs,
+                entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
+                n_threads=n_threads, flash_attn=flash_attn, attn_all_rows=all_rows,
+                cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
+            )
+            self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
         else:
-            choice = choose_flash_attn(model, reference_workload(resolve_threads(n_threads), self.cache_type_k,
-                                                                 self.cache_type_v,
-                                                                 statistics=layout is None or layout.grows))
-            flash_attn, self.flash_attn_reason = choice.setting == "on", f"{choice.setting}: {choice.reason}"
-        self.ctx = StatsContext(
-            model, n_ctx=n_ctx, n_batch=self.max_batch, attn=ATTENTION in needs, n_last_rows=window,
-            layer_dist=LAYER_DIST in needs,
-            entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
-            n_threads=n_threads, flash_attn=flash_attn, attn_all_rows=all_rows,
-            cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-        )
-        self.flash_attn = "auto" if flash_attn is None else ("on" if flash_attn else "off")
+            if not self.policy.evicts:
+                raise BudgetError(f"policy {self.policy.name!r} does not evict: a shared context holds sequences "
+                                  f"of at most budget + buffer cells")
+            choose_flash_attention(model, all_rows, flash_attn, self.cache_type_v, n_threads,
+                                   policy_name=self.policy.name, check_only=True)
+            self.ctx = shared.acquire(ContextNeeds(
+                attn=ATTENTION in needs, layer_dist=LAYER_DIST in needs, all_rows=all_rows,
+                entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None, window=window,
+                max_batch=self.max_batch, capacity=self.capacity, cache_type_k=self.cache_type_k,
+                cache_type_v=self.cache_type_v, flash_attn=flash_attn))
+            self.flash_attn, self.flash_attn_reason = shared.flash_attn, shared.flash_attn_reason
         swa = self.ctx.bounded_cells()
         if swa is not None and self.policy.evicts and self.compact_at <= self.capacity + swa[1] and \
                 self.ctx.renumbering_refusal() is None:
-            self.ctx.close()
+            self.ctx.close()  # a shared context's sequence goes back to it
             raise BudgetError(
                 f"budget + buffer ({self.capacity} tokens) and the sliding-window cache ({swa[1]} cells), which keeps "
                 f"its positions when they are renumbered, must be below compact_at ({self.compact_at}): use a smaller "
@@ -342,6 +333,7 @@ class Engine:
         self.compactions = 0
         self._restored_at_step: int | None = None  # the step at which restore() left stale logits
         self.rng = np.random.default_rng(seed)
+        self.shared = shared
 
         n_cells, n_attn = self.ctx.n_cells, self.ctx.n_attn_layers
         self._ent_prod = np.full(n_cells, np.nan, dtype=np.float32)
@@ -563,8 +555,9 @@ class Engine:
             for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
                 sampler.accept(t)
             stops = set(stop_tokens)
+            self.ctx.set_generating(True)
             for i in range(max_tokens):
-                tok = sampler.sample(self.ctx)
+                tok = self.ctx.sample(sampler)
                 if (self.model.is_eog(tok) and not ignore_eos) or tok in stops:
                     return
                 yield tok
@@ -574,6 +567,7 @@ class Engine:
                     self.tokens.append(tok)  # part of the sequence; decoded with the next call
                     self._pending = tok
         finally:
+            self.ctx.set_generating(False)
             sampler.close()
 
     # ---- internals -------------------------------------------------------------------------
@@ -786,6 +780,9 @@ class Engine:
         if not self.ctx.has_cells:  # a recurrent state alone: nothing per token to keep
             return
         new_cells = sig.cells[-n:]
+        if self.shared:
+            # another sequence held these cells before: this engine's sums over them are that sequence's
+            self._attn_acc[:, new_cells] = 0
         first = len(self.tokens) if first is None else first
         self._cell_token[new_cells] = np.arange(first, first + n)
         self._cell_alone[new_cells] = (n == 1) if alone is None else alone
@@ -935,6 +932,42 @@ class Engine:
     def _snapshot_config(self) -> tuple[object, ...]:
         return (str(self.model.path), self.policy.name, repr(self.policy), self.budget, self.buffer, self.n_sink,
                 self.n_recent, self.window, self.capacity, self.cache_type_k, self.cache_type_v, self.flash_attn)
+
+
+def choose_flash_attention(model: Model, all_rows: bool, flash_attn: bool | None, cache_type_v: str,
+                           n_threads: int | None, statistics: bool = True, policy_name: str = "h2o",
+                           check_only: bool = False, cache_type_k: str = "f16") -> tuple[bool | None, str]:
+    """The flash-attention setting of a context and why (:class:`Engine`'s docstring): as asked, forced by a
+    quantized V cache (on) or by statistics over every query row (``all_rows``: off), llama.cpp's ``auto``
+    on a GPU or without attention layers, else the faster one measured on this machine. Raises
+    :class:`CacheSettingsError` for a combination that cannot run; ``check_only`` stops after the checks."""
+    if flash_attn is not None and not isinstance(flash_attn, bool):
+        raise CacheSettingsError(f"flash_attn must be True, False or None (chosen by measurement), got "
+                                 f"{flash_attn!r}")
+    if all_rows and flash_attn:
+        raise CacheSettingsError(f"policy {policy_name!r} needs the attention of every query row, which "
+                                 f"exists only with flash attention off: leave flash_attn unset or False")
+    if is_quantized(cache_type_v):
+        if all_rows or flash_attn is False:
+            raise CacheSettingsError(
+                f"a quantized V cache ({cache_type_v}) needs flash attention, and "
+                + (f"policy {policy_name!r} needs it off (the attention of every query row)" if all_rows
+                   else "flash_attn is False") + ": use cache_type_v='f16' or another policy")
+        return True, f"on: the quantized V cache ({cache_type_v}) needs it"
+    if check_only:
+        return flash_attn, ""
+    if flash_attn is not None:
+        return flash_attn, f"{'on' if flash_attn else 'off'}: as asked (flash_attn={flash_attn})"
+    if all_rows:
+        return False, (f"off: policy {policy_name!r} needs the attention of every query row, which only the "
+                       f"explicit softmax has")
+    if model.on_gpu:
+        return None, "auto: llama.cpp's choice, layers run on a GPU (where the fused kernel is fast)"
+    if model.info.memory == "recurrent":
+        return None, "auto: llama.cpp's choice, the model has no attention layers"
+    choice = choose_flash_attn(model, reference_workload(resolve_threads(n_threads), cache_type_k, cache_type_v,
+                                                         statistics=statistics))
+    return choice.setting == "on", f"{choice.setting}: {choice.reason}"
 
 
 def _copy_totals(t: EngineTotals) -> EngineTotals:

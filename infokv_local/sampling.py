@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 from llama_cpp import llama_cpp as llama
 
 if TYPE_CHECKING:
     from .context import StatsContext
     from .model import Model
+
+
+# llama.cpp's llama_token_data {id, logit, p}, as a numpy record for a whole vocabulary at once
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Sampler:
         self._chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         self._penalties = None
         self._complete = False
+        self._candidates: np.ndarray | None = None  # sample_row's candidate array, reused
         p = params
         if p.logit_bias:
             biases = (llama.llama_logit_bias * len(p.logit_bias))(
@@ -107,6 +114,31 @@ class Sampler:
         if not self._complete:
             self._finish_chain(ctx.model)
         return int(llama.llama_sampler_sample(self._chain, ctx.ptr, idx))
+
+    def sample_row(self, logits: np.ndarray, model: Model) -> int:
+        """Sample from a copy of a logits row (and accept the token): what :meth:`sample` does with the
+        context's row, as ``llama_sampler_sample`` does it (every token a candidate, unsorted, then the
+        chain's ``llama_sampler_apply``), for a sequence whose row another sequence's decode has replaced
+        since."""
+        if self._chain is None:
+            raise ValueError("the sampler is closed")
+        if not self._complete:
+            self._finish_chain(model)
+        n = len(logits)
+        if self._candidates is None or len(self._candidates) != n:
+            self._candidates = np.zeros(n, dtype=_TOKEN_DATA)
+        cur = self._candidates
+        cur["id"] = np.arange(n, dtype=np.int32)
+        cur["logit"] = logits
+        cur["p"] = 0.0
+        arr = llama.llama_token_data_array(
+            data=cur.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)), size=n, selected=-1, sorted=False)
+        llama.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise ValueError("the sampler chain selected no token")
+        token = int(arr.data[arr.selected].id)
+        llama.llama_sampler_accept(self._chain, token)
+        return token
 
     def accept(self, token: int) -> None:
         """Record a token that was not sampled here (e.g. the prompt) for the repetition penalties

@@ -120,6 +120,14 @@ def register(bsub: Any) -> None:
     speed.add_arguments(sp)
     sp.set_defaults(func=speed.run)
 
+    from . import sequences
+
+    sq = bsub.add_parser("sequences", help="decode speed of several sequences in one context against one at a time",
+                         formatter_class=FMT, description=sequences.__doc__,
+                         epilog="example:\n  python -m infokv_local bench sequences --json sequences.json")
+    sequences.add_arguments(sq)
+    sq.set_defaults(func=sequences.run)
+
     from . import needle_retention
 
     nr = bsub.add_parser("needle-retention", help="how much of a needle each policy keeps after reading a long "
