@@ -270,6 +270,7 @@ class SharedContext:
                     self._cond.wait(left)
             if join.error is not None:
                 raise join.error
+            assert join.signals is not None
             return join.signals
 
     def _generating(self) -> int:
