@@ -82,11 +82,14 @@ def memory_layout(model: Model, n_batch: int = 512, cache_type_k: str = "f16",
 class StatsContext:
     """A ``llama_context`` whose decodes report InfoKV's signals, per sequence.
 
-    ``n_seq_max`` sequences (default one) share the context's cells in one unified cache
-    (``kv_unified``): a sequence's tokens attend only to its own cells (llama.cpp's mask), so the
+    ``n_seq_max`` sequences (default one) share the context. With ``kv_unified`` (the default) they share
+    one array of cells: a sequence's tokens attend only to its own cells (llama.cpp's mask), so the
     attention mass a cell receives in a call comes from its own sequence's query rows alone as long as no
-    cell is shared between sequences (the engine never shares them). Methods that act on a sequence take
-    ``seq``.
+    cell is shared between sequences (the engine never shares them); but each sequence's query rows are
+    multiplied with every sequence's cells. Without it (a plain KV cache only) every sequence has a
+    stream of cells of its own (``n_cells / n_seq_max`` each, rounded up to 256 by llama.cpp), and
+    attention is computed stream by stream: many sequences decoded together then cost little more than
+    one. Cell indices are then flat (:meth:`stream_base`). Methods that act on a sequence take ``seq``.
 
     ``attn`` turns on attention statistics and ``n_last_rows`` is the observation window of recent
     query rows kept apart. With ``attn_all_rows`` the statistics also sum every query row (H2O needs
@@ -120,6 +123,7 @@ class StatsContext:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         n_seq_max: int = 1,
+        kv_unified: bool = True,
     ) -> None:
         native.require_patched()
         if n_seq_max < 1:
@@ -139,8 +143,7 @@ class StatsContext:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
-        # one cell array for every sequence: the patch lists and removes cells of a single stream
-        params.kv_unified = True
+        params.kv_unified = kv_unified or n_seq_max == 1
         params.no_perf = True
         # llama.cpp's default sizes a sliding-window cache like the full one: keep it to the window
         params.swa_full = False
@@ -167,6 +170,10 @@ class StatsContext:
         self.n_cells = native.lib.llama_infokv_n_cells(self._ptr)
         if kind not in MEMORY_KINDS or (self.n_cells < 0 and kind != RECURRENT):
             self.close()
+            if not params.kv_unified:
+                raise UnsupportedArchitectureError(
+                    f"{model.path.name}: a stream of cells per sequence (kv_unified off) is for a plain KV cache "
+                    f"only; this model's memory shares one (run its sequences with kv_unified on)")
             raise UnsupportedArchitectureError(
                 f"{model.path.name}: its memory ({MEMORY_KINDS.get(kind, 'indexed or sparse attention')}) has no "
                 f"KV cache this engine can evict single tokens from (see docs/memory.md)"
@@ -174,6 +181,8 @@ class StatsContext:
         self.memory = MEMORY_KINDS[kind]
         self.has_cells = kind != RECURRENT  # a recurrent state alone has no cells at all
         self.n_cells = max(self.n_cells, 0)
+        self.n_streams = max(1, int(native.lib.llama_infokv_n_streams(self._ptr)))
+        self.n_size = self.n_cells // self.n_streams  # cells per stream (every cell with one stream)
         growing, bounded = ctypes.c_uint64(), ctypes.c_uint64()
         native.lib.llama_infokv_memory_bytes(self._ptr, ctypes.byref(growing), ctypes.byref(bounded))
         self.growing_bytes, self.bounded_bytes = int(growing.value), int(bounded.value)
@@ -241,6 +250,11 @@ class StatsContext:
     def n_used(self) -> int:
         """Cells in use, by every sequence."""
         return int(native.lib.llama_infokv_n_used(self.ptr)) if self.has_cells else 0
+
+    def stream_base(self, seq: int = SEQ) -> int:
+        """The flat index of the first cell of ``seq``'s stream (0 in a unified cache): with a stream per
+        sequence, the sequence's cells are ``stream_base(seq) .. stream_base(seq) + n_size - 1``."""
+        return seq * self.n_size if self.n_streams > 1 else 0
 
     def n_used_by(self, seq: int = SEQ) -> int:
         """Cells held by sequence ``seq``."""
@@ -438,9 +452,13 @@ class StatsContext:
         if len({p.seq for p in parts}) != len(parts) or any(not 0 <= p.seq < self.n_seq_max for p in parts):
             raise ValueError(f"each part must be a different sequence of 0..{self.n_seq_max - 1}")
         b = self._batch
-        layout: list[tuple[int, np.ndarray, np.ndarray]] = []  # (offset, signal rows, outputs) per part
+        layout: list[tuple[int, np.ndarray, np.ndarray]] = [(0, np.empty(0), np.empty(0))] * len(parts)
+        # (offset, signal rows, outputs) per part. With a stream per sequence llama.cpp splits a batch into
+        # micro-batches of consecutive sequence ids in the order they come: in order of id, one suffices
+        order = sorted(range(len(parts)), key=lambda j: parts[j].seq) if self.n_streams > 1 else range(len(parts))
         i = 0
-        for p in parts:
+        for at in order:
+            p = parts[at]
             k = len(p.tokens)
             if p.stride < 1:
                 raise ValueError(f"stride must be >= 1 (got {p.stride})")
@@ -455,7 +473,7 @@ class StatsContext:
                 b.n_seq_id[i + j] = 1
                 b.seq_id[i + j][0] = p.seq
                 b.logits[i + j] = bool(outputs[j])
-            layout.append((i, rows, np.flatnonzero(outputs)))
+            layout[at] = (i, rows, np.flatnonzero(outputs))
             i += k
         b.n_tokens = n
         rc = llama.llama_decode(self.ptr, b)
@@ -466,13 +484,15 @@ class StatsContext:
             raise DecodeError(f"llama_decode failed with code {rc}")
         self.output_index = {p.seq: off + int(outs[-1]) for p, (off, _, outs) in zip(parts, layout, strict=True)}
         attn_sum, attn_last, ldist = self._attn_sum(), self._attn_last(), self._layer_dist()
-        all_outputs = np.concatenate([off + outs for off, _, outs in layout])
+        all_outputs = np.sort(np.concatenate([off + outs for off, _, outs in layout]))
         entropies = self._entropies(parts, layout)
         signals = []
         for p, (off, rows, outs), ent in zip(parts, layout, entropies, strict=True):
             k = len(p.tokens)
             last = attn_last
-            if last is not None and len(parts) > 1:
+            if last is not None and len(parts) > 1 and self.n_streams > 1:
+                last = last[:, -min(k, last.shape[1]):]  # each stream's last rows are the bottom ones
+            elif last is not None and len(parts) > 1:
                 first_row = n - last.shape[1]  # the call's last rows: tokens first_row..n-1
                 lo, hi = max(off, first_row) - first_row, off + k - first_row
                 last = last[:, lo:hi] if hi > lo else None
@@ -568,13 +588,16 @@ class StatsContext:
     # ---- saving and restoring a sequence (parking a conversation) -------------------------------
     def save_sequence(self, seq: int = SEQ) -> bytes:
         """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``): every
-        cached token's position, K and V, holes left by eviction included. Logits are not saved."""
+        cached token's position, K and V, holes left by eviction included. Logits are not saved. The data
+        is that of a one-stream cache whatever this context's layout, so a sequence saved from a stream of a
+        shared context loads into a context of its own and back."""
         size = llama.llama_state_seq_get_size(self.ptr, seq)
         buf = (ctypes.c_uint8 * size)()
         n = llama.llama_state_seq_get_data(self.ptr, buf, size, seq)
         if n != size:
             raise DecodeError(f"llama_state_seq_get_data wrote {n} bytes, {size} expected")
-        return ctypes.string_at(buf, n)
+        data = ctypes.string_at(buf, n)
+        return _one_stream(data, self.n_streams, seq) if self.n_streams > 1 else data
 
     def load_sequence(self, data: bytes, cells: np.ndarray | None = None, seq: int = SEQ) -> None:
         """Replace the sequence by one saved with :meth:`save_sequence` (``llama_state_seq_set_data``).
@@ -585,22 +608,28 @@ class StatsContext:
         and results differ in the last bits. ``cells`` (the sequence's old cell indices, ascending,
         as :meth:`cell_map` gave them before saving) puts every cell back at its old index: the
         holes are filled with placeholder cells in the data given to llama.cpp, then freed. In a context of
-        several sequences, cells other sequences hold now cannot be taken: the cells then come back where
-        llama.cpp puts them (results differ in the last bits, as above).
+        unified cache of several sequences, cells other sequences hold now cannot be taken: the cells then
+        come back where llama.cpp puts them (results differ in the last bits, as above); a stream of the
+        sequence's own always takes them back.
         """
         self._ensure_output_row(seq)
         self.clear(seq)
         placeholders: np.ndarray | None = None
-        if cells is not None and len(cells) and self.n_used == 0:
-            data, placeholders = _with_placeholders(data, np.sort(np.asarray(cells, dtype=np.int64)), self.n_cells,
-                                                    trailing=self.bounded)
+        base = self.stream_base(seq)
+        if cells is not None and len(cells) and (self.n_streams > 1 or self.n_used == 0):
+            local = np.sort(np.asarray(cells, dtype=np.int64)) - base
+            if local[0] < 0 or local[-1] >= self.n_size:
+                raise ValueError(f"cells {cells[:8]}... are not in sequence {seq}'s stream")
+            data, placeholders = _with_placeholders(data, local, self.n_size, trailing=self.bounded)
+        if self.n_streams > 1:
+            data = _in_stream(data, self.n_streams, seq)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if llama.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == 0:
             self.clear(seq)
             raise DecodeError(f"llama.cpp could not restore a saved sequence of {len(data)} bytes into a context of "
                               f"{self.n_cells} cells (saved from a different model or a larger context?)")
         if placeholders is not None and len(placeholders):
-            self.remove_cells(placeholders, seq)
+            self.remove_cells(placeholders + base, seq)
 
     def _ensure_output_row(self, seq: int = SEQ) -> None:
         """Give a context that never decoded an output row (llama.cpp allocates it at the first decode), so a
@@ -666,6 +695,32 @@ def interpolate_rows(values: np.ndarray, rows: np.ndarray, n: int, before: float
         else:
             out[i] = np.interp(x, xp, fp)
     return out
+
+
+_STREAM_HEAD = 8  # llama_context's magic and the sequence id come before the KV cache's stream count
+
+
+def _one_stream(data: bytes, n_stream: int, stream: int) -> bytes:
+    """A sequence saved from stream ``stream`` of an ``n_stream``-stream cache (llama.cpp writes every stream's
+    cell count, 0 for the others, then the one stream's cells) as a one-stream cache writes it."""
+    head = _STREAM_HEAD
+    counts_before = np.frombuffer(data[head + 4:head + 4 + 4 * stream], dtype=np.uint32)
+    tail = 4 * (n_stream - stream - 1)
+    if (int(np.frombuffer(data[head:head + 4], dtype=np.uint32)[0]) != n_stream or counts_before.any()
+            or (tail and any(data[-tail:]))):
+        raise DecodeError(f"the saved sequence is not one stream's of {n_stream} (llama.cpp's layout changed?)")
+    body = data[head + 4 + 4 * stream:len(data) - tail]
+    return data[:head] + np.uint32(1).tobytes() + body
+
+
+def _in_stream(data: bytes, n_stream: int, stream: int) -> bytes:
+    """The inverse of :func:`_one_stream`: one-stream data as stream ``stream`` of an ``n_stream``-stream cache."""
+    head = _STREAM_HEAD
+    if int(np.frombuffer(data[head:head + 4], dtype=np.uint32)[0]) != 1:
+        return data  # saved from a cache of the same streams: llama.cpp checks the count itself
+    zeros = bytes(4)
+    return (data[:head] + np.uint32(n_stream).tobytes() + zeros * stream + data[head + 4:]
+            + zeros * (n_stream - stream - 1))
 
 
 def _with_placeholders(data: bytes, cells: np.ndarray, n_cells: int,

@@ -13,7 +13,7 @@ from llama_cpp import llama_cpp as _llama
 
 from .errors import UnpatchedLibraryError
 
-EXPECTED_PATCH_VERSION = 5
+EXPECTED_PATCH_VERSION = 6
 BUILD_COMMAND = "python -m infokv_local install   (in a checkout: make setup)"
 
 lib = _llama._lib
@@ -28,6 +28,7 @@ _SIGNATURES = {
     "llama_infokv_bounded_cells": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], ctypes.c_int32),
     "llama_infokv_layer_attends_growing": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
     "llama_infokv_n_cells": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_infokv_n_streams": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_infokv_n_used": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_infokv_seq_cells": ([ctypes.c_void_p, ctypes.c_int32, _c_int32_p, _c_int32_p, ctypes.c_int32],
                                ctypes.c_int32),

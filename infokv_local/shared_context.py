@@ -1,11 +1,13 @@
 """Several engines' sequences in one llama.cpp context, their generation steps decoded together.
 
 A :class:`SharedContext` holds one :class:`~infokv_local.context.StatsContext` with ``n_seq``
-sequences in a unified cache (sized for ``n_seq`` sequences of ``capacity`` cells each). Every
-:class:`~infokv_local.engine.Engine` made on it gets a :class:`SequenceView`: the context's
-per-sequence operations bound to one sequence id, with the same names the engine uses on a context of
-its own. Each engine keeps its own budget, policy, signals, evictions, prompt probe and snapshots; it
-only ever touches its own sequence's cells, so the budget invariant holds per sequence.
+sequences of ``capacity`` cells each: on a plain KV cache each sequence has a stream of cells of its own
+(llama.cpp's ``kv_unified`` off, so attention is computed per sequence), on a sliding-window or hybrid
+memory they share one unified cache. Every :class:`~infokv_local.engine.Engine` made on it gets a
+:class:`SequenceView`: the context's per-sequence operations bound to one sequence id, with the same
+names the engine uses on a context of its own, and cell indices local to the sequence's stream. Each
+engine keeps its own budget, policy, signals, evictions, prompt probe and snapshots; it only ever
+touches its own sequence's cells, so the budget invariant holds per sequence.
 
 Decoding together (continuous batching, as llama-server does it): the engines run on threads of their
 own (a server's requests, ``batch --parallel``). A one-token decode (a generation step) joins a group:
@@ -140,12 +142,15 @@ class SharedContext:
     engine would choose it (:func:`~infokv_local.engine.choose_flash_attention`). Use
     :meth:`for_policies` to size one for a list of policies. ``lock`` is what orders every operation on
     the context (give the one the callers already hold around their calls, e.g. a session's lock).
+    ``kv_unified`` None: a stream of cells per sequence on a plain KV cache, one unified cache on other
+    memories (which llama.cpp's streams do not cover here); True or False forces one layout.
     """
 
     def __init__(self, model: Model, n_seq: int, capacity: int, *, attn: bool = True, layer_dist: bool = True,
                  attn_all_rows: bool = False, window: int = 32, n_batch: int = 512, n_threads: int | None = None,
                  flash_attn: bool | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
-                 lock: FairRLock | None = None) -> None:
+                 lock: FairRLock | None = None, kv_unified: bool | None = None) -> None:
+        from .context import memory_layout
         from .engine import choose_flash_attention
 
         if isinstance(n_seq, bool) or not isinstance(n_seq, int) or n_seq < 1:
@@ -156,6 +161,8 @@ class SharedContext:
         self.n_seq = n_seq
         self.capacity = capacity
         self.window = window
+        if kv_unified is None:
+            kv_unified = n_seq == 1 or memory_layout(model, n_batch, cache_type_k, cache_type_v).memory != "dense"
         setting, self.flash_attn_reason = choose_flash_attention(
             model, attn and attn_all_rows, flash_attn, cache_type_v, n_threads, statistics=attn or layer_dist,
             cache_type_k=cache_type_k)
@@ -163,7 +170,8 @@ class SharedContext:
             model, n_ctx=n_seq * capacity, n_batch=min(n_batch, n_seq * capacity), attn=attn, n_last_rows=window,
             layer_dist=layer_dist, entropy_top_k=None, n_threads=n_threads, flash_attn=setting,
             attn_all_rows=attn and attn_all_rows, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-            n_seq_max=n_seq)
+            n_seq_max=n_seq, kv_unified=kv_unified)
+        self.streams = self.ctx.n_streams > 1
         self.flash_attn = "auto" if setting is None else ("on" if setting else "off")
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         self.lock = lock or FairRLock()
@@ -308,6 +316,11 @@ class SharedContext:
                 sig.attn_sum = sig.attn_last = None
             if not view.needs.layer_dist:
                 sig.layer_dist = None
+            if self.streams:  # the sequence's own stream, in its local cell indices (views, no copies)
+                lo, hi = view.base, view.base + c.n_size
+                sig.cells = sig.cells - lo
+                sig.attn_sum = None if sig.attn_sum is None else sig.attn_sum[:, lo:hi]
+                sig.attn_last = None if sig.attn_last is None else sig.attn_last[:, :, lo:hi]
             view.row = c.logits(c.output_index[view.seq])
             view.rows = c.logits_rows(len(part.tokens)).copy() if part.logits_all else None
         return signals
@@ -317,8 +330,9 @@ class SharedContext:
 class SequenceView:
     """One sequence of a :class:`SharedContext`, with the per-sequence operations of a
     :class:`~infokv_local.context.StatsContext` (what an engine calls on its context) bound to it. Every
-    call holds the shared context's lock. Its last logits row is kept here (the context's rows belong to
-    whichever sequence decoded last)."""
+    call holds the shared context's lock. Cell indices are the sequence's stream's own (0..``n_cells`` - 1)
+    when each sequence has one, the unified cache's otherwise. Its last logits row is kept here (the
+    context's rows belong to whichever sequence decoded last)."""
 
     shared: SharedContext
     seq: int
@@ -348,17 +362,32 @@ class SequenceView:
         return self.shared.lock
 
     @property
+    def base(self) -> int:
+        """The context's flat index of this sequence's cell 0."""
+        return self.shared.ctx.stream_base(self.seq)
+
+    @property
+    def n_cells(self) -> int:
+        """Cells this sequence's indices span: its stream's, or the unified cache's."""
+        c = self.shared.ctx
+        return c.n_size if self.shared.streams else c.n_cells
+
+    @property
     def n_used(self) -> int:
         with self.lock:
             return self.shared.ctx.n_used_by(self.seq)
 
     def cell_map(self) -> tuple[np.ndarray, np.ndarray]:
         with self.lock:
-            return self.shared.ctx.cell_map(self.seq)
+            cells, pos = self.shared.ctx.cell_map(self.seq)
+        return (cells - self.base if self.base else cells), pos
 
     def remove_cells(self, cells: Sequence[int] | np.ndarray) -> int:
+        arr = np.asarray(cells, dtype=np.int64)
+        if self.shared.streams and len(arr) and (arr.min() < 0 or arr.max() >= self.n_cells):
+            raise ValueError(f"cells {arr.tolist()[:8]}... are out of sequence {self.seq}'s {self.n_cells} cells")
         with self.lock:
-            return self.shared.ctx.remove_cells(cells, self.seq)
+            return self.shared.ctx.remove_cells(arr + self.base, self.seq)
 
     def compact_positions(self) -> int:
         with self.lock:
@@ -424,8 +453,9 @@ class SequenceView:
             return self.shared.ctx.save_sequence(self.seq)
 
     def load_sequence(self, data: bytes, cells: np.ndarray | None = None) -> None:
+        flat = None if cells is None else np.asarray(cells, dtype=np.int64) + self.base
         with self.lock:
-            self.shared.ctx.load_sequence(data, cells, self.seq)
+            self.shared.ctx.load_sequence(data, flat, self.seq)
         self.row = self.rows = None
 
     def close(self) -> None:

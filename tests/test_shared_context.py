@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 
+from infokv_local.context import DecodePart, StatsContext
 from infokv_local.engine import Engine
 from infokv_local.errors import BudgetError, CacheSettingsError
 from infokv_local.sampling import Sampler, SamplingParams
@@ -80,9 +81,10 @@ def run_alone(model, policy, prompt):
         return toks, horizon, e.cached_positions().copy(), idx, scores
 
 
-def run_shared(model, policies, plist):
+def run_shared(model, policies, plist, kv_unified=None):
     shared = SharedContext.for_policies(model, len(plist), policies, capacity=BUDGET + BUFFER, n_threads=2,
-                                        flash_attn=False)
+                                        flash_attn=False, kv_unified=kv_unified)
+    assert shared.streams == (len(plist) > 1 and not kv_unified)  # SmolLM2's plain cache: a stream per sequence
     out: list = [None] * len(plist)
     errors: list[BaseException] = []
 
@@ -122,22 +124,29 @@ def compare(alone, together):
     return n
 
 
+LAYOUTS = pytest.mark.parametrize("kv_unified", [None, True], ids=["streams", "unified"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("policy", EVICTING)
-def test_two_sequences_match_their_lone_runs(model, policy):
+def test_two_sequences_match_their_lone_runs(model, policy, kv_unified):
     plist = prompts(model, 2)
     alone = [run_alone(model, policy, p) for p in plist]
-    together, batches, tokens = run_shared(model, [policy] * 2, plist)
+    together, batches, tokens = run_shared(model, [policy] * 2, plist, kv_unified)
     assert tokens > batches  # generation steps were decoded together
     compared = [compare(a, t) for a, t in zip(alone, together, strict=True)]
     assert sum(compared) >= 4, f"steps compared before a near tie: {compared}"
 
 
+@LAYOUTS
 @pytest.mark.parametrize("n", [1, 8])
 @pytest.mark.parametrize("policy", ["infokv", "h2o", "snapkv"])
-def test_one_and_eight_sequences(model, policy, n):
+def test_one_and_eight_sequences(model, policy, n, kv_unified):
+    if n == 1 and kv_unified:
+        pytest.skip("one sequence has one layout")
     plist = prompts(model, n)
     alone = [run_alone(model, policy, p) for p in plist]
-    together, batches, tokens = run_shared(model, [policy] * n, plist)
+    together, batches, tokens = run_shared(model, [policy] * n, plist, kv_unified)
     if n > 1:
         assert tokens / batches > 2, f"{tokens} steps in {batches} decodes: the sequences were not batched"
     compared = [compare(a, t) for a, t in zip(alone, together, strict=True)]
@@ -156,10 +165,11 @@ def test_different_policies_share_a_context(model):
         compare(a, t)
 
 
-def test_snapshot_parks_one_sequence_and_goes_on_in_another(model):
+@LAYOUTS
+def test_snapshot_parks_one_sequence_and_goes_on_in_another(model, kv_unified):
     plist = prompts(model, 2)
     with SharedContext.for_policies(model, 2, ["infokv"], capacity=BUDGET + BUFFER, n_threads=2,
-                                    flash_attn=False) as shared:
+                                    flash_attn=False, kv_unified=kv_unified) as shared:
         a = Engine(model, policy="infokv", shared=shared, **KW)
         first = list(a.generate(plist[0], 40, ignore_eos=True))
         snap = a.snapshot()
@@ -253,3 +263,82 @@ def test_fair_lock_serves_in_order_and_nests():
     with lock, lock, cond:
         assert not cond.wait(0.01)  # releases every level while waiting, restores them after
         assert lock._count == 3  # noqa: SLF001
+
+
+def _streams_context(model):
+    return StatsContext(model, n_ctx=3 * 64, n_batch=64, n_last_rows=8, entropy_top_k=64, n_threads=2,
+                        flash_attn=False, n_seq_max=3, kv_unified=False)
+
+
+def test_a_stream_per_sequence_keeps_each_sequences_signals_its_own(model):
+    """Three sequences with a stream each (kv_unified off): steps decoded together, out of order and with a gap
+    in the ids (llama.cpp then splits the call in two micro-batches), give each sequence the signals it gets
+    decoded alone, in the columns of its own stream."""
+    plist = [p[:20 + 5 * i] for i, p in enumerate(prompts(model, 3))]
+    steps = {0: 11, 2: 42}
+    with _streams_context(model) as a, _streams_context(model) as b:
+        assert a.n_streams == 3 and a.n_size >= 64 and a.n_cells == 3 * a.n_size
+        for c in (a, b):
+            for seq, p in enumerate(plist):
+                c.decode(p, 0, seq=seq)
+        assert a.n_used == sum(map(len, plist))
+        together = a.decode_parts([DecodePart(2, [steps[2]], len(plist[2]), entropy_top_k=64),
+                                   DecodePart(0, [steps[0]], len(plist[0]), entropy_top_k=64)])
+        rows = {seq: a.logits(a.output_index[seq]) for seq in steps}
+        for sig, seq in zip(together, (2, 0), strict=True):
+            alone = b.decode([steps[seq]], len(plist[seq]), seq=seq)
+            base = b.stream_base(seq)
+            own = slice(base, base + b.n_size)
+            assert (sig.cells >= base).all() and (sig.cells < base + a.n_size).all()
+            np.testing.assert_array_equal(sig.cells, alone.cells)
+            np.testing.assert_allclose(sig.attn_sum[:, own], alone.attn_sum[:, own], atol=2e-3)
+            np.testing.assert_allclose(sig.attn_last[:, :, own], alone.attn_last[:, -1:, own], atol=2e-3)
+            np.testing.assert_allclose(sig.layer_dist, alone.layer_dist, atol=2e-3)
+            np.testing.assert_allclose(sig.entropy_at, alone.entropy_at, atol=2e-3)
+            np.testing.assert_allclose(rows[seq], b.logits(-1), atol=5e-2)
+            assert sig.attn_sum[:, own].sum() > 0
+
+
+def test_cells_of_a_stream_are_the_sequences_own(model):
+    with _streams_context(model) as c:
+        p = prompts(model, 2)
+        for seq in (0, 1):
+            c.decode(p[seq][:30], 0, seq=seq)
+        cells1, _ = c.cell_map(1)
+        with pytest.raises(ValueError, match="not in the sequence"):
+            c.remove_cells(cells1[:2], seq=0)  # sequence 1's cells, asked of sequence 0
+        assert c.n_used == 60
+        holes = cells1[[3, 7, 8]]
+        assert c.remove_cells(holes, seq=1) == 3
+        kept, pos = c.cell_map(1)
+        data = c.save_sequence(1)
+        c.load_sequence(data, kept, seq=1)  # back at its old indices, holes and all, in its own stream
+        again, again_pos = c.cell_map(1)
+        np.testing.assert_array_equal(again, kept)
+        np.testing.assert_array_equal(again_pos, pos)
+        assert c.n_used_by(0) == 30 and c.n_used_by(1) == 27
+        with pytest.raises(ValueError, match="stream"):
+            c.load_sequence(data, kept - c.n_size, seq=1)
+
+
+def test_a_snapshot_moves_between_a_context_of_its_own_and_a_stream(model):
+    """Snapshots carry one stream's cells whatever the layout they were taken in."""
+    plist = prompts(model, 2)
+    with Engine(model, policy="infokv", **KW) as lone:
+        list(lone.generate(plist[0], 40, ignore_eos=True))
+        snap = lone.snapshot()
+        rest = list(lone.generate([], 20, ignore_eos=True))
+    with SharedContext.for_policies(model, 2, ["infokv"], capacity=BUDGET + BUFFER, n_threads=2,
+                                    flash_attn=False) as shared:
+        assert shared.streams
+        other = Engine(model, policy="infokv", shared=shared, **KW)
+        list(other.generate(plist[1], 5, ignore_eos=True))
+        e = Engine(model, policy="infokv", shared=shared, **KW)  # the second stream
+        e.restore(snap)
+        assert list(e.generate([], 20, ignore_eos=True)) == rest
+        back, kept = e.snapshot(), e.cached_positions().tolist()
+        e.close()
+        other.close()
+    with Engine(model, policy="infokv", **KW) as lone:
+        lone.restore(back)
+        assert lone.cached_positions().tolist() == kept

@@ -11,8 +11,10 @@ Two parts, rounds interleaved, medians reported:
   (each row attends over its own stream), against one sequence. This is what batching can gain at most.
 - **the engine**: N engines on one :class:`~infokv_local.shared_context.SharedContext`, each generating
   ``--max-tokens`` greedily on a thread of its own (InfoKV at ``--budget`` + ``--buffer``, the prompt probe
-  on, flash attention off), against the same N engines one after another. Aggregate tokens/s over the wall
-  time, prompts included.
+  on, flash attention off), with a stream per sequence (the default on this model's plain cache) and with
+  one unified cache, against the same N engines one after another. Each prompt (about 300 tokens) is
+  longer than the budget, so every engine compresses it and evicts while it generates. Aggregate tokens/s
+  over the wall time, prompts included.
 """
 
 from __future__ import annotations
@@ -83,24 +85,26 @@ def raw_step_s(model: Any, n_seq: int, cached: int, unified: bool, threads: int,
         llama.llama_free(ctx)
 
 
-def engine_run_s(model: Any, n_seq: int, args: argparse.Namespace, together: bool) -> float:
-    """Wall seconds for ``n_seq`` engines to generate ``args.max_tokens`` each, together or one by one."""
+def engine_run_s(model: Any, n_seq: int, args: argparse.Namespace, mode: str) -> float:
+    """Wall seconds for ``n_seq`` engines to generate ``args.max_tokens`` each: one by one (``alone``, ``one by
+    one``) or together in one context (``streams``, ``unified``)."""
     from ..engine import Engine
     from ..shared_context import SharedContext
 
-    prompts = [model.tokenize(f"Note {i}. Every step of a long proof depends on the steps before it. " * 6)
-               for i in range(n_seq)]
+    prompts = [model.tokenize(f"Note {i}. Every step of a long proof depends on the steps before it. " * 18)
+               for i in range(n_seq)]  # 18 sentences: longer than the default budget
     kw = dict(policy="infokv", budget=args.budget, buffer=args.buffer, n_threads=args.threads, flash_attn=False,
               prompt_probe=True)
     t0 = time.perf_counter()
-    if not together:
+    if mode in ("alone", "one by one"):
         for p in prompts:
             with Engine(model, **kw) as e:
                 for _ in e.generate(p, args.max_tokens, ignore_eos=True):
                     pass
         return time.perf_counter() - t0
     with SharedContext.for_policies(model, n_seq, ["infokv"], capacity=args.budget + args.buffer,
-                                    n_threads=args.threads, flash_attn=False) as shared:
+                                    n_threads=args.threads, flash_attn=False,
+                                    kv_unified=mode == "unified") as shared:
         def work(p: list[int]) -> None:
             with Engine(model, shared=shared, **kw) as e:
                 for _ in e.generate(p, args.max_tokens, ignore_eos=True):
@@ -127,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
                     raw.setdefault((cached, n, layout), []).append(
                         raw_step_s(model, n, cached, layout == "unified", args.threads, args.steps))
         for n in args.sequences:
-            for mode in (("alone",) if n == 1 else ("one by one", "together")):
-                eng.setdefault((n, mode), []).append(engine_run_s(model, n, args, mode == "together"))
+            for mode in (("alone",) if n == 1 else ("one by one", "streams", "unified")):
+                eng.setdefault((n, mode), []).append(engine_run_s(model, n, args, mode))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows: list[dict[str, Any]] = []
     print("\nllama.cpp alone: aggregate decode tok/s (one token per sequence per decode), ratio to one sequence")
