@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from .errors import InfoKVError
+from .settings import DEFAULTS
 
 EXAMPLES = """examples:
   python -m infokv_local generate "Why is the sky blue?" --budget 128 --max-tokens 64
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--input", required=True, help="JSONL file of items")
     bt.add_argument("--output", required=True, help="JSONL file of results (appended to; resumes)")
     bt.add_argument("--strict", action="store_true", help="stop before generating if any input line is invalid")
+    bt.add_argument("--parallel", type=int, default=DEFAULTS.parallel, metavar="N",
+                    help="items generated together, their steps decoded in one batch (default: %(default)s; 1: one "
+                         "after another). Results are written as each item ends, so their order may differ from "
+                         "the input's; ids identify them")
     add_model_options(bt)
     add_sampling_options(bt, max_tokens=256)
     bt.set_defaults(func=cmd_batch)

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .cli_options import eos_bias, open_llm, sampling_kwargs
-from .errors import BatchInputError
+from .errors import BatchInputError, RequestCancelled
 
 _num = (int, float)
 # per-item parameter -> (accepted types, check, what it must be)
@@ -142,11 +143,95 @@ def _append_line(fd: int, record: dict[str, Any]) -> None:
     os.fsync(fd)
 
 
+class _Writer:
+    """Appends result lines (whole, flushed to disk) and keeps the progress bar, from any worker thread."""
+
+    def __init__(self, fd: int, bar: tqdm) -> None:
+        self.fd, self.bar = fd, bar
+        self.lock = threading.Lock()
+        self.failed = 0
+        self.n_tokens = 0
+        self.t0 = time.perf_counter()
+
+    def done(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            _append_line(self.fd, record)
+            self.n_tokens += record["usage"]["completion_tokens"]
+            self.bar.set_postfix_str(f"{self.n_tokens / (time.perf_counter() - self.t0):.1f} tok/s", refresh=False)
+            self.bar.update(1)
+
+    def fail(self, where: str, item: Item, e: BaseException) -> None:
+        with self.lock:
+            self.failed += 1
+            self.bar.write(f"{where}:{item.line}: item {item.id!r} failed: {e}")
+            self.bar.update(1)
+
+
+class _Worker:
+    """One InfoKVLlama working through items, reconfigured when an item asks for another policy or budget."""
+
+    def __init__(self, llm: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+        self.llm, self.args, self.defaults = llm, args, defaults
+        self.base = {"policy": args.policy, "budget": args.budget, "buffer": args.buffer}
+        self.current = dict(self.base)
+
+    def run(self, item: Item, writer: _Writer, cancel: threading.Event) -> None:
+        llm, args = self.llm, self.args
+        cache = {k: item.params.get(k, self.base[k]) for k in CACHE_PARAMS}
+        params = {**self.defaults, **{k: v for k, v in item.params.items() if k not in CACHE_PARAMS}}
+        try:
+            if cache != self.current:
+                if cache["budget"] == self.base["budget"] and args.budget_mib:
+                    llm.configure(policy=cache["policy"], budget_mib=args.budget_mib, buffer=cache["buffer"])
+                else:
+                    llm.configure(**cache)
+                self.current = cache
+            llm.reset()
+            t_item = time.perf_counter()
+            if item.messages is not None:
+                res = llm.create_chat_completion(item.messages, cancel=cancel, **params)
+                text = res["choices"][0]["message"]["content"]
+            elif item.prompt is not None:
+                res = llm.create_completion(item.prompt, cancel=cancel, **params)
+                text = res["choices"][0]["text"]
+            else:
+                raise BatchInputError('needs exactly one of "prompt" and "messages"')
+        except RequestCancelled:
+            return  # interrupted: not written, a rerun does it
+        except (ValueError, RuntimeError) as e:  # bad parameters, a full cache...: report, go on
+            writer.fail(args.input, item, e)
+            return
+        usage = dict(res["usage"])
+        kv = usage.pop("kv")
+        writer.done({"id": item.id, "text": text, "finish_reason": res["choices"][0]["finish_reason"],
+                     "usage": usage, "kv": kv, "timings": {**res["timings"], "total_s": time.perf_counter() - t_item}})
+
+
+def _together(llm: Any, args: argparse.Namespace, todo: list[Item]) -> tuple[list[Item], list[Item]]:
+    """The items decoded together in one shared context and those run one after another on ``llm`` (a policy that
+    does not evict has no fixed size to share a context with)."""
+    from .policies import make_policy
+
+    shared: list[Item] = []
+    alone: list[Item] = []
+    for it in todo:
+        policy = it.params.get("policy", args.policy)
+        try:
+            evicts = make_policy(policy).evicts
+        except ValueError:
+            evicts = False  # an unknown policy: the item fails alone with the policy's own error
+        (shared if evicts and args.parallel > 1 else alone).append(it)
+    return shared, alone
+
+
 def run_batch(args: argparse.Namespace) -> int:
     """Returns the exit status: 0 all done, 1 some lines invalid or items failed."""
     inp, out = Path(args.input), Path(args.output)
     if not inp.is_file():
         raise BatchInputError(f"input file not found: {inp}")
+    parallel = getattr(args, "parallel", 1)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise BatchInputError(f"--parallel must be a positive whole number of items (got {parallel!r})")
     items, errors = read_items(inp)
     for e in errors:
         print(f"invalid input line, skipped: {e}" if not args.strict else f"invalid input line: {e}", file=sys.stderr)
@@ -158,52 +243,62 @@ def run_batch(args: argparse.Namespace) -> int:
     if not todo:
         return 1 if errors else 0
     defaults = sampling_kwargs(args)
-    base_cache = {"policy": args.policy, "budget": args.budget, "buffer": args.buffer}
-    failed = 0
-    n_tokens, t0 = 0, time.perf_counter()
+    cancel = threading.Event()
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         with open_llm(args) as llm, tqdm(total=len(todo), unit="item", desc="batch", file=sys.stderr) as bar:
             defaults.update(eos_bias(args, llm))
-            current_cache = dict(base_cache)
-            for item in todo:
-                cache = {k: item.params.get(k, base_cache[k]) for k in CACHE_PARAMS}
-                params = {**defaults, **{k: v for k, v in item.params.items() if k not in CACHE_PARAMS}}
-                try:
-                    if cache != current_cache:
-                        if cache["budget"] == base_cache["budget"] and args.budget_mib:
-                            llm.configure(policy=cache["policy"], budget_mib=args.budget_mib, buffer=cache["buffer"])
-                        else:
-                            llm.configure(**cache)
-                        current_cache = cache
-                    llm.reset()
-                    t_item = time.perf_counter()
-                    if item.messages is not None:
-                        res = llm.create_chat_completion(item.messages, **params)
-                        text = res["choices"][0]["message"]["content"]
-                    elif item.prompt is not None:
-                        res = llm.create_completion(item.prompt, **params)
-                        text = res["choices"][0]["text"]
-                    else:
-                        raise BatchInputError('needs exactly one of "prompt" and "messages"')
-                except (ValueError, RuntimeError) as e:  # bad parameters, a full cache...: report, go on
-                    failed += 1
-                    bar.write(f"{inp}:{item.line}: item {item.id!r} failed: {e}")
-                    bar.update(1)
-                    continue
-                usage = dict(res["usage"])
-                kv = usage.pop("kv")
-                _append_line(fd, {"id": item.id, "text": text, "finish_reason": res["choices"][0]["finish_reason"],
-                                  "usage": usage, "kv": kv,
-                                  "timings": {**res["timings"], "total_s": time.perf_counter() - t_item}})
-                n_tokens += usage["completion_tokens"]
-                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
-                bar.update(1)
+            writer = _Writer(fd, bar)
+            together, alone = _together(llm, args, todo)
+            if together:
+                _run_together(llm, args, defaults, together, writer, cancel)
+            worker = _Worker(llm, args, defaults)
+            for item in alone:
+                worker.run(item, writer, cancel)
     except KeyboardInterrupt:
+        cancel.set()
         print(f"\ninterrupted: finished items are in {out}; run the same command again to resume", file=sys.stderr)
         raise
     finally:
         os.close(fd)
-    if failed:
-        print(f"{failed} item(s) failed (not written; a rerun retries them)", file=sys.stderr)
-    return 1 if errors or failed else 0
+    if writer.failed:
+        print(f"{writer.failed} item(s) failed (not written; a rerun retries them)", file=sys.stderr)
+    return 1 if errors or writer.failed else 0
+
+
+def _run_together(llm: Any, args: argparse.Namespace, defaults: dict[str, Any], items: list[Item], writer: _Writer,
+                  cancel: threading.Event) -> None:
+    """``items`` on ``args.parallel`` workers whose sequences share one context (sized for the largest budget +
+    buffer among them, with the statistics every policy among them needs); each result is written as it ends."""
+    from .api import InfoKVLlama
+
+    n = min(args.parallel, len(items))
+    policies = sorted({it.params.get("policy", args.policy) for it in items})
+    capacity = max(it.params.get("budget", llm.engine.budget) + it.params.get("buffer", args.buffer) for it in items)
+    queue = list(items)
+    guard = threading.Lock()
+
+    def work(w: _Worker) -> None:
+        with w.llm:
+            while not cancel.is_set():
+                with guard:
+                    if not queue:
+                        return
+                    item = queue.pop(0)
+                w.run(item, writer, cancel)
+
+    with llm.shared_context(n, policies, capacity) as shared:
+        workers = [_Worker(InfoKVLlama(llm.model, shared=shared, **llm.clone_settings()), args, defaults)
+                   for _ in range(n)]
+        threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in workers]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)  # a Ctrl-C reaches the main thread between waits
+        except KeyboardInterrupt:
+            cancel.set()
+            for t in threads:
+                t.join()
+            raise

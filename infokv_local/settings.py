@@ -43,6 +43,7 @@ class Settings:
     cache_type_v: str = "f16"
     prompt_probe: bool = True  # read the prompt's end ahead before each compression of a prompt (Engine)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers ("host:port") whose devices take the offloaded layers
+    parallel: int = 8  # prompts decoded together by create_completions and batch (see docs/benchmarks.md)
 
     @property
     def min_budget(self) -> int:

@@ -136,11 +136,13 @@ def test_batch_writes_results_and_reports_bad_lines(tmp_path):
 
 
 def test_batch_resumes_after_being_killed(tmp_path):
+    """One item after another (--parallel 1): sampled texts are then the same in every run; decoded together
+    they depend in rare tokens on which items share a step (llama.cpp is not batch-invariant)."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     n = 12
     write_jsonl(inp, [{"id": i, "prompt": f"Story number {i}: once upon a time", "max_tokens": 40, "seed": i,
                        "temperature": 0.7} for i in range(n)])
-    proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL],
+    proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL, "--parallel", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
@@ -151,7 +153,7 @@ def test_batch_resumes_after_being_killed(tmp_path):
     assert 3 <= len(first) < n, "the run should have been killed mid-way"
     with out.open("a") as f:  # as if killed in the middle of writing a line
         f.write('{"id": 99, "text": "cut sho')
-    res = run("batch", "--input", str(inp), "--output", str(out), *SMALL)
+    res = run("batch", "--input", str(inp), "--output", str(out), *SMALL, "--parallel", "1")
     assert res.returncode == 0, res.stderr
     assert "removing an unfinished last line" in res.stderr
     assert f"{len(first)} already in" in res.stderr
@@ -160,8 +162,45 @@ def test_batch_resumes_after_being_killed(tmp_path):
     assert rows[: len(first)] == first  # finished items kept as they were, not redone
 
     fresh = tmp_path / "fresh.jsonl"  # the same items in one go give the same texts (seeded sampling)
-    assert run("batch", "--input", str(inp), "--output", str(fresh), *SMALL).returncode == 0
+    assert run("batch", "--input", str(inp), "--output", str(fresh), *SMALL, "--parallel", "1").returncode == 0
     assert {r["id"]: r["text"] for r in read_jsonl(fresh)} == {r["id"]: r["text"] for r in rows}
+
+
+def test_batch_parallel_decodes_items_together_and_resumes(tmp_path):
+    """Items of several policies and budgets in one shared context (sized for the largest), a `full` item beside
+    them on a context of its own; killed mid-way and resumed, every id ends up written exactly once."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows_in = [{"id": i, "prompt": f"Story number {i}: once upon a time", "max_tokens": 50, "temperature": 0}
+               for i in range(10)]
+    rows_in[3].update(policy="snapkv", budget=64)
+    rows_in[5].update(policy="h2o", budget=40)
+    rows_in[7].update(policy="full")
+    rows_in.append({"id": "paris", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0})
+    write_jsonl(inp, rows_in)
+    proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL, "--parallel", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = len(read_jsonl(out))
+    res = run("batch", "--input", str(inp), "--output", str(out), *SMALL, "--parallel", "4")
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(out)
+    assert sorted(map(str, (r["id"] for r in rows))) == sorted(map(str, (r["id"] for r in rows_in)))
+    assert len(rows) == len(rows_in) and first >= 2
+    by_id = {r["id"]: r for r in rows}
+    assert "Paris" in by_id["paris"]["text"]
+    assert (by_id[3]["kv"]["policy"], by_id[3]["kv"]["budget"]) == ("snapkv", 64)
+    assert (by_id[5]["kv"]["policy"], by_id[5]["kv"]["budget"]) == ("h2o", 40)
+    assert by_id[7]["kv"]["policy"] == "full" and by_id[7]["kv"]["evictions"] == 0
+    for r in rows:
+        assert r["usage"]["completion_tokens"] >= 1
+        if r["kv"]["policy"] != "full":
+            assert r["kv"]["max_used_cells"] <= r["kv"]["budget"] + 16
+    assert run("batch", "--input", str(inp), "--output", str(tmp_path / "x.jsonl"), *SMALL,
+               "--parallel", "0").returncode == 2
 
 
 def test_batch_ctrl_c_keeps_finished_items(tmp_path, sigint_delivered):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from ..engine import Engine
 from ..model import Model
+from ..shared_context import FairRLock
 from .prompt import PromptCache
 
 
@@ -30,7 +30,7 @@ class LlamaBase:
     model_path: str
     seed: int
     _calls: int
-    _lock: threading.Lock  # the model's lock: one llama.cpp call at a time on the model
+    _lock: FairRLock  # the model's lock: one llama.cpp call at a time on the model
     _engine: Engine | None
     _prompt: PromptCache  # the sequence's text, piece by piece, for prefix reuse
     _active: bool  # a request's chunks are being read

@@ -17,23 +17,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine, EngineSnapshot
+from ..errors import BudgetError
 from ..model import Model
-from ..policies import Policy
+from ..policies import Policy, make_policy
 from ..settings import DEFAULTS, Settings
+from ..shared_context import FairRLock, SharedContext
 from ..text_stream import token_bytes
 from .chat import ChatMixin
 from .prompt import PromptCache
 
-_model_locks: weakref.WeakKeyDictionary[Model, threading.Lock] = weakref.WeakKeyDictionary()
+_model_locks: weakref.WeakKeyDictionary[Model, FairRLock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 
 
-def model_lock(model: Model) -> threading.Lock:
-    """The lock that queues generation on one loaded model (shared by every InfoKVLlama on it)."""
+def _parallel(parallel: object) -> int:
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise BudgetError(f"parallel must be a positive whole number of sequences (got {parallel!r})")
+    return parallel
+
+
+def model_lock(model: Model) -> FairRLock:
+    """The lock that queues generation on one loaded model (shared by every InfoKVLlama on it, and by the
+    shared contexts made for them): first come, first served, reentrant."""
     with _locks_guard:
         lock = _model_locks.get(model)
         if lock is None:
-            lock = _model_locks[model] = threading.Lock()
+            lock = _model_locks[model] = FairRLock()
         return lock
 
 
@@ -51,6 +60,11 @@ class InfoKVLlama(ChatMixin):
     engine's (:class:`~infokv_local.engine.Engine`), as is ``prompt_probe`` (compressions while a long prompt is
     read keep what the prompt's end, usually the question, attends to). The defaults are
     :data:`infokv_local.settings.DEFAULTS`, shared with the command line and the chat UI.
+
+    ``shared`` (a :class:`~infokv_local.shared_context.SharedContext` made by :meth:`shared_context`) puts
+    this object's conversation in one sequence of a context several objects share: their generation
+    steps are decoded together when they generate at the same time on threads of their own (see
+    :meth:`create_completions`).
     """
 
     def __init__(
@@ -75,6 +89,8 @@ class InfoKVLlama(ChatMixin):
         prompt_probe: bool = DEFAULTS.prompt_probe,
         rpc: tuple[str, ...] | list[str] | str = DEFAULTS.rpc,
         check_invariants: bool = False,
+        parallel: int = DEFAULTS.parallel,
+        shared: SharedContext | None = None,
     ) -> None:
         self._engine = None
         self._owns_model = False
@@ -87,12 +103,23 @@ class InfoKVLlama(ChatMixin):
         self.seed = seed
         self._calls = 0
         self._lock = model_lock(self.model)
+        if shared is not None and (shared.model is not self.model or shared.lock is not self._lock):
+            self._free()
+            raise ValueError("shared must be a context made for this model by InfoKVLlama.shared_context()")
+        self._shared = shared
+        try:
+            self.parallel = _parallel(parallel)
+        except BudgetError:
+            self._free()
+            raise
         self._engine_args: dict[str, Any] = dict(
             policy=policy, budget=None if budget_mib is not None else budget, budget_mib=budget_mib, buffer=buffer,
             n_sink=n_sink, n_recent=n_recent, window=window, n_batch=n_batch, n_threads=n_threads, seed=seed,
             max_context=n_ctx, flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
             prompt_probe=prompt_probe, check_invariants=check_invariants,
         )
+        if shared is not None:
+            self._engine_args["shared"] = shared
         try:
             self._engine = Engine(self.model, **self._engine_args)
         except BaseException:
@@ -170,10 +197,95 @@ class InfoKVLlama(ChatMixin):
         if budget is not None or budget_mib is not None:
             args["budget"], args["budget_mib"] = budget, budget_mib
         with self._lock:
-            new = Engine(self.model, **args)  # raises before anything is replaced
-            self.engine.close()
+            if self._shared is None:
+                new = Engine(self.model, **args)  # raises before anything is replaced
+                self.engine.close()
+            else:  # the new engine takes this object's sequence: the old one gives it back first
+                self.engine.close()
+                try:
+                    new = Engine(self.model, **args)
+                except BaseException:
+                    self._engine = Engine(self.model, **self._engine_args)
+                    raise
             self._engine, self._engine_args = new, args
             self._prompt.clear()
+
+    # ---- several prompts at once ------------------------------------------------------------------
+    def shared_context(self, n_seq: int, policies: Sequence[str | Policy] | None = None,
+                       capacity: int | None = None) -> SharedContext:
+        """A context of ``n_seq`` sequences for objects like this one (``InfoKVLlama(model, shared=...)``): its
+        statistics cover ``policies`` (default this object's), each sequence holds ``capacity`` cells (default
+        this object's budget + buffer), and its flash-attention setting, cache types, window and threads are
+        this object's. Close it after the objects made on it."""
+        a = self._engine_args
+        policies = list(policies) if policies is not None else [a["policy"]]
+        with self._lock:
+            return SharedContext.for_policies(
+                self.model, n_seq, policies, capacity=capacity or self.engine.capacity, window=a["window"],
+                n_batch=a["n_batch"], n_threads=a["n_threads"], flash_attn=a["flash_attn"],
+                cache_type_k=a["cache_type_k"], cache_type_v=a["cache_type_v"], lock=self._lock)
+
+    def clone_settings(self) -> dict[str, Any]:
+        """This object's settings as :class:`InfoKVLlama` keyword arguments (the budget in tokens, as resolved)."""
+        a = self._engine_args
+        e = self.engine
+        return dict(policy=a["policy"], budget=e.budget, budget_mib=None, buffer=a["buffer"], n_sink=a["n_sink"],
+                    n_recent=a["n_recent"], window=a["window"], n_batch=a["n_batch"], n_threads=a["n_threads"],
+                    seed=self.seed, n_ctx=a["max_context"], flash_attn=a["flash_attn"],
+                    cache_type_k=a["cache_type_k"], cache_type_v=a["cache_type_v"],
+                    prompt_probe=a["prompt_probe"], check_invariants=a["check_invariants"], parallel=self.parallel)
+
+    def create_completions(self, prompts: Sequence[str | bytes], *, parallel: int | None = None,
+                           **kwargs: Any) -> list[dict[str, Any]]:
+        """:meth:`create_completion` of each prompt (the same ``kwargs`` for all), ``parallel`` at a time
+        (default this object's ``parallel``) in one shared context: each prompt is
+        read alone, and the replies' tokens are decoded together, one ``llama_decode`` per step for every
+        reply being generated. Each prompt gets a sequence of its own with this object's policy and budget,
+        and a fresh cache (this object's conversation is untouched). Returns the results in the order of
+        ``prompts``; the first error of any prompt is raised once every prompt has ended. A policy that does
+        not evict (``full``) runs the prompts one after another. Streaming is not offered here."""
+        if kwargs.get("stream"):
+            raise ValueError("create_completions does not stream: call create_completion(stream=True) per prompt")
+        prompts = list(prompts)
+        n = min(len(prompts), _parallel(self.parallel if parallel is None else parallel))
+        results: list[dict[str, Any] | None] = [None] * len(prompts)
+        errors: list[tuple[int, BaseException]] = []
+        if not prompts:
+            return []
+        if not make_policy(self._engine_args["policy"]).evicts or n == 1:
+            one = InfoKVLlama(self.model, **self.clone_settings())
+            with one:
+                for i, p in enumerate(prompts):
+                    one.reset()
+                    results[i] = one.create_completion(p, **kwargs)
+            return [r for r in results if r is not None]
+        todo = list(enumerate(prompts))
+        guard = threading.Lock()
+
+        def work(llm: InfoKVLlama) -> None:
+            with llm:
+                while True:
+                    with guard:
+                        if not todo:
+                            return
+                        i, p = todo.pop(0)
+                    try:
+                        llm.reset()
+                        results[i] = llm.create_completion(p, **kwargs)
+                    except BaseException as e:  # noqa: BLE001 - raised below, after every prompt ended
+                        with guard:
+                            errors.append((i, e))
+
+        with self.shared_context(n) as shared:
+            workers = [InfoKVLlama(self.model, shared=shared, **self.clone_settings()) for _ in range(n)]
+            threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in workers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if errors:
+            raise min(errors, key=lambda x: x[0])[1]
+        return [r for r in results if r is not None]
 
     # ---- tokens ----------------------------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:

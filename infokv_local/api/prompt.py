@@ -6,6 +6,7 @@ import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..engine import Engine
 from ..model import Model, text_bytes
@@ -117,7 +118,8 @@ class PromptCache:
         return self._kept(prompt, n_cached)[1]
 
     def plan(self, e: Engine, model: Model, prompt: str, add_bos: bool, limit: int | None = None,
-             cancel: threading.Event | None = None, lock: threading.Lock | None = None) -> PromptPlan:
+             cancel: threading.Event | None = None,
+             lock: contextlib.AbstractContextManager[Any] | None = None) -> PromptPlan:
         """What a request with ``prompt`` keeps of the cache and what it feeds; changes nothing.
 
         The cache is kept for the longest run of whole pieces (prompt chunks fed earlier, generated
