@@ -84,6 +84,10 @@ class FairRLock:
                 self._owner = None
                 self._turns.notify_all()
 
+    def locked(self) -> bool:
+        """Whether some thread holds the lock (as ``threading.Lock.locked``)."""
+        return self._owner is not None
+
     __enter__ = acquire
 
     def __exit__(self, *exc: object) -> None:
