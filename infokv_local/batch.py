@@ -270,35 +270,11 @@ def _run_together(llm: Any, args: argparse.Namespace, defaults: dict[str, Any], 
                   cancel: threading.Event) -> None:
     """``items`` on ``args.parallel`` workers whose sequences share one context (sized for the largest budget +
     buffer among them, with the statistics every policy among them needs); each result is written as it ends."""
-    from .api import InfoKVLlama
-
-    n = min(args.parallel, len(items))
     policies = sorted({it.params.get("policy", args.policy) for it in items})
     capacity = max(it.params.get("budget", llm.engine.budget) + it.params.get("buffer", args.buffer) for it in items)
-    queue = list(items)
-    guard = threading.Lock()
+    workers: dict[int, _Worker] = {}  # each touched by its own thread only
 
-    def work(w: _Worker) -> None:
-        with w.llm:
-            while not cancel.is_set():
-                with guard:
-                    if not queue:
-                        return
-                    item = queue.pop(0)
-                w.run(item, writer, cancel)
+    def work(w: int, worker_llm: Any, item: Item) -> None:
+        workers.setdefault(w, _Worker(worker_llm, args, defaults)).run(item, writer, cancel)
 
-    with llm.shared_context(n, policies, capacity) as shared:
-        workers = [_Worker(InfoKVLlama(llm.model, shared=shared, **llm.clone_settings()), args, defaults)
-                   for _ in range(n)]
-        threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in workers]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)  # a Ctrl-C reaches the main thread between waits
-        except KeyboardInterrupt:
-            cancel.set()
-            for t in threads:
-                t.join()
-            raise
+    llm.run_together(items, work, min(args.parallel, len(items)), policies, capacity, stop=cancel)

@@ -135,6 +135,17 @@ def test_batch_writes_results_and_reports_bad_lines(tmp_path):
     assert len(read_jsonl(out)) == 3
 
 
+def kill_batch_after(inp, out, lines: int, *options: str) -> None:
+    """Run ``batch`` on ``inp`` and SIGKILL it once ``out`` has ``lines`` result lines (or after 120 s)."""
+    proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL, *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < lines):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_batch_resumes_after_being_killed(tmp_path):
     """One item after another (--parallel 1): sampled texts are then the same in every run; decoded together
     they depend in rare tokens on which items share a step (llama.cpp is not batch-invariant)."""
@@ -142,13 +153,7 @@ def test_batch_resumes_after_being_killed(tmp_path):
     n = 12
     write_jsonl(inp, [{"id": i, "prompt": f"Story number {i}: once upon a time", "max_tokens": 40, "seed": i,
                        "temperature": 0.7} for i in range(n)])
-    proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL, "--parallel", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_batch_after(inp, out, 3, "--parallel", "1")
     first = read_jsonl(out)  # every line whole
     assert 3 <= len(first) < n, "the run should have been killed mid-way"
     with out.open("a") as f:  # as if killed in the middle of writing a line
@@ -177,13 +182,7 @@ def test_batch_parallel_decodes_items_together_and_resumes(tmp_path):
     rows_in[7].update(policy="full")
     rows_in.append({"id": "paris", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0})
     write_jsonl(inp, rows_in)
-    proc = subprocess.Popen([*CLI, "batch", "--input", str(inp), "--output", str(out), *SMALL, "--parallel", "4"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_batch_after(inp, out, 2, "--parallel", "4")
     first = len(read_jsonl(out))
     res = run("batch", "--input", str(inp), "--output", str(out), *SMALL, "--parallel", "4")
     assert res.returncode == 0, res.stderr

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..engine import Engine, EngineSnapshot
 from ..errors import BudgetError
@@ -25,6 +25,8 @@ from ..shared_context import FairRLock, SharedContext
 from ..text_stream import token_bytes
 from .chat import ChatMixin
 from .prompt import PromptCache
+
+T = TypeVar("T")
 
 _model_locks: weakref.WeakKeyDictionary[Model, FairRLock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
@@ -235,6 +237,42 @@ class InfoKVLlama(ChatMixin):
                     cache_type_k=a["cache_type_k"], cache_type_v=a["cache_type_v"],
                     prompt_probe=a["prompt_probe"], check_invariants=a["check_invariants"], parallel=self.parallel)
 
+    def run_together(self, items: Sequence[T], work: Callable[[int, InfoKVLlama, T], None], parallel: int,
+                     policies: Sequence[str | Policy] | None = None, capacity: int | None = None,
+                     stop: threading.Event | None = None) -> None:
+        """``work(worker, llm, item)`` for every item, on ``parallel`` objects like this one whose sequences share
+        one context (:meth:`shared_context` with ``policies`` and ``capacity``), each on a thread of its own
+        that takes the next item when it is done (``worker`` numbers the objects, 0..parallel - 1). Returns
+        once every item is done, or, after ``stop`` is set, once the items in progress end; a Ctrl-C in the
+        calling thread sets ``stop`` (when given), waits for them and is raised."""
+        queue = list(items)
+        guard = threading.Lock()
+
+        def run(w: int, llm: InfoKVLlama) -> None:
+            with llm:
+                while stop is None or not stop.is_set():
+                    with guard:
+                        if not queue:
+                            return
+                        item = queue.pop(0)
+                    work(w, llm, item)
+
+        with self.shared_context(parallel, policies, capacity) as shared:
+            llms = [InfoKVLlama(self.model, shared=shared, **self.clone_settings()) for _ in range(parallel)]
+            threads = [threading.Thread(target=run, args=(w, llm), daemon=True) for w, llm in enumerate(llms)]
+            for t in threads:
+                t.start()
+            try:
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.2)  # a Ctrl-C reaches the calling thread between waits
+            except KeyboardInterrupt:
+                if stop is not None:
+                    stop.set()
+                for t in threads:
+                    t.join()
+                raise
+
     def create_completions(self, prompts: Sequence[str | bytes], *, parallel: int | None = None,
                            **kwargs: Any) -> list[dict[str, Any]]:
         """:meth:`create_completion` of each prompt (the same ``kwargs`` for all), ``parallel`` at a time
@@ -259,30 +297,18 @@ class InfoKVLlama(ChatMixin):
                     one.reset()
                     results[i] = one.create_completion(p, **kwargs)
             return [r for r in results if r is not None]
-        todo = list(enumerate(prompts))
         guard = threading.Lock()
 
-        def work(llm: InfoKVLlama) -> None:
-            with llm:
-                while True:
-                    with guard:
-                        if not todo:
-                            return
-                        i, p = todo.pop(0)
-                    try:
-                        llm.reset()
-                        results[i] = llm.create_completion(p, **kwargs)
-                    except BaseException as e:  # noqa: BLE001 - raised below, after every prompt ended
-                        with guard:
-                            errors.append((i, e))
+        def work(_: int, llm: InfoKVLlama, item: tuple[int, str | bytes]) -> None:
+            i, p = item
+            try:
+                llm.reset()
+                results[i] = llm.create_completion(p, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - raised below, after every prompt ended
+                with guard:
+                    errors.append((i, e))
 
-        with self.shared_context(n) as shared:
-            workers = [InfoKVLlama(self.model, shared=shared, **self.clone_settings()) for _ in range(n)]
-            threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in workers]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        self.run_together(list(enumerate(prompts)), work, n)
         if errors:
             raise min(errors, key=lambda x: x[0])[1]
         return [r for r in results if r is not None]
