@@ -201,6 +201,22 @@ class SharedContext:
         return cls(model, n_seq, capacity, attn=ATTENTION in needs, layer_dist=LAYER_DIST in needs,
                    attn_all_rows=ATTENTION_ALL_ROWS in needs, **kwargs)
 
+    @property
+    def statistics(self) -> frozenset[str]:
+        """The policy needs (:mod:`infokv_local.policies.base`) this context's statistics meet: an engine whose
+        policy needs more cannot live here."""
+        from .policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST
+
+        c = self.ctx
+        return frozenset({ENTROPY} | ({ATTENTION} if c.attn else set())
+                         | ({ATTENTION_ALL_ROWS} if c.attn and c.attn_all_rows else set())
+                         | ({LAYER_DIST} if c.layer_dist else set()))
+
+    @property
+    def layout(self) -> str:
+        """How the sequences' cells are laid out, in words."""
+        return "a stream of cells per sequence" if self.streams else "one unified cache"
+
     # ---- sequences ---------------------------------------------------------------------------------
     def check(self, needs: ContextNeeds) -> None:
         """Raise :class:`BudgetError` (or ``CacheSettingsError``) when an engine with ``needs`` cannot live here."""

@@ -372,9 +372,20 @@ def test_concurrent_clients_stay_inside_slots_times_budget(model):
         texts = [r if isinstance(r, str) else r.choices[0].text for r in (results[i] for i in range(4))]
         assert texts == expected
         assert polls > 0 and 0 < peak <= 2 * CAP
+        batching = kv_view(base)["batching"]
+        assert batching["together"] is True and batching["layout"] == "streams"
+        assert batching["batched_tokens"] > batching["batched_steps"] > 0  # two slots' steps decoded together
         m = httpx.get(f"{base}/metrics", timeout=30).text
         assert 'infokv_requests_total{endpoint="/v1/completions",status="200"} 4' in m
         assert "infokv_kv_cells_limit 128" in m and "infokv_completion_tokens_total " in m
+        assert f"infokv_batched_tokens_total {batching['batched_tokens']}" in m
+
+        # the slots share one context: a policy whose statistics it does not collect is refused, with the reason
+        with pytest.raises(openai.BadRequestError, match="turn flash attention off for every slot"):
+            c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, extra_body={"infokv": {"policy": "h2o"}})
+        r = c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, temperature=0,
+                                 extra_body={"infokv": {"policy": "snapkv"}})
+        assert r.usage.completion_tokens == 4 and kv_of(r.usage)["policy"] == "snapkv"
 
 
 def test_engine_restore_continues_exactly_even_with_no_new_token(model, long_tokens):

@@ -60,6 +60,8 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # prompt tokens a request may have to read (None: no limit)
     retry_after_s: int = 2
     model_aliases: tuple[str, ...] = ()
+    # the slots share one context: the policy needs its statistics meet (None: each slot has a context of its own)
+    shared_statistics: frozenset[str] | None = None
 
     @property
     def capacity(self) -> int:
@@ -185,6 +187,12 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
                 if not p.evicts:
                     raise APIError(400, f"policy {p.name!r} does not evict: a slot's cache must stay in its budget",
                                    param="infokv.policy", code="invalid_value")
+                missing = p.needs - (settings.shared_statistics or p.needs)
+                if missing:
+                    raise APIError(400, f"policy {p.name!r} needs {', '.join(sorted(missing))}, which the context "
+                                        f"this server's slots share does not collect (it would turn flash attention "
+                                        f"off for every slot); start the server with --policy {p.name} or --slots 1 "
+                                        f"to offer it", param="infokv.policy", code="invalid_value")
                 policy = req.infokv.policy
             if req.infokv.budget is not None:
                 if req.infokv.budget > settings.budget:
@@ -449,7 +457,7 @@ def create_app(pool: SlotPool, settings: ServerSettings) -> FastAPI:
             "bounded_bytes_per_slot": settings.bounded_bytes_per_slot,
             "kv_bytes_limit": len(pool.slots) * (settings.capacity * settings.kv_bytes_per_cell
                                                  + settings.bounded_bytes_per_slot),
-            "queue": pool.waiting, "slots": slots,
+            "queue": pool.waiting, "slots": slots, "batching": pool.batching(),
             "parked": {"conversations": pool.store.describe(), "bytes": pool.store.nbytes,
                        "max_bytes": pool.store.max_bytes, "parked_total": pool.parked_total,
                        "restored_total": pool.restored_total, "dropped_total": pool.store.dropped},

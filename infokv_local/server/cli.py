@@ -92,20 +92,20 @@ def run(args: argparse.Namespace) -> int:
         check_cache_type(args.cache_type_v, "--cache-type-v")
         model = Model(resolve_model_path(args.model), n_gpu_layers=args.n_gpu_layers, rpc=parse_endpoints(args.rpc))
         budget = args.budget if args.budget_mib is None else None
-        llms = [InfoKVLlama(model, policy=args.policy, budget=budget, budget_mib=args.budget_mib,
+        first = InfoKVLlama(model, policy=args.policy, budget=budget, budget_mib=args.budget_mib,
                             buffer=args.buffer, n_sink=args.n_sink,
                             n_recent=args.n_recent, n_threads=args.threads, flash_attn=flash_attn_of(args),
                             cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                             prompt_probe=args.prompt_probe)
-                for _ in range(args.slots)]
     except (InfoKVError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = Path(model.path)
-    engine = llms[0].engine
+    engine = first.engine
     budget, per_cell, bounded = engine.budget, engine.kv_bytes_per_cell, engine.ctx.bounded_bytes
+    alloc, memory, eviction_note = engine.ctx.n_cells, engine.ctx.memory, engine.eviction_note
     if args.max_prompt_tokens is None:
-        speed = prompt_read_speed(llms[0])
+        speed = prompt_read_speed(first)
         max_prompt: int | None = prompt_limit_of(speed)
         limit_note = (f"prompts of at most {max_prompt} tokens to read per request (about a minute here: "
                       f"{speed:.0f} tokens/s measured; --max-prompt-tokens)")
@@ -113,28 +113,39 @@ def run(args: argparse.Namespace) -> int:
         max_prompt = args.max_prompt_tokens or None
         limit_note = (f"prompts of at most {max_prompt} tokens to read per request" if max_prompt
                       else "no limit on prompt tokens")
+    try:
+        shared, llms = slots_of(first, args.slots)
+    except (InfoKVError, ValueError) as e:
+        first.close()
+        model.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     settings = ServerSettings(
         model_id=path.name, model_path=str(path), policy=args.policy, budget=budget, buffer=args.buffer,
-        kv_bytes_per_cell=per_cell, memory=engine.ctx.memory, bounded_bytes_per_slot=bounded,
+        kv_bytes_per_cell=per_cell, memory=memory, bounded_bytes_per_slot=bounded,
         prompt_probe=args.prompt_probe, api_key=args.api_key,
         max_body_bytes=args.max_body_kib * 1024, max_prompt_tokens=max_prompt,
         model_aliases=(path.stem, *args.model_alias),
+        shared_statistics=None if shared is None else shared.statistics,
     )
-    pool = SlotPool(llms, max_queue=args.queue, store=ParkingStore(int(args.park_mib * 2**20)))
+    if shared is not None:  # what the one context allocates, per slot (a unified cache: its cells over the slots)
+        alloc = shared.ctx.n_cells // args.slots
+    pool = SlotPool(llms, max_queue=args.queue, store=ParkingStore(int(args.park_mib * 2**20)), shared=shared)
     app = create_app(pool, settings)
     cap = settings.capacity
-    alloc = engine.ctx.n_cells
     mib = 2**20
-    if engine.eviction_note:
-        print(f"infokv-local serve: {engine.eviction_note}", flush=True)
+    if eviction_note:
+        print(f"infokv-local serve: {eviction_note}", flush=True)
+    together = (f"; the {args.slots} slots are sequences of one context ({shared.layout}), their tokens decoded "
+                f"together" if shared is not None else "")
     # a sliding-window or hybrid memory: the part that does not grow is beside the cells the budget counts
-    beside = (f" + {args.slots} x {bounded / mib:.1f} MiB of {engine.ctx.memory} memory that does not grow = "
+    beside = (f" + {args.slots} x {bounded / mib:.1f} MiB of {memory} memory that does not grow = "
               f"{(args.slots * cap * per_cell + args.slots * bounded) / mib:.1f} MiB in all" if bounded else "")
     print(f"infokv-local serve: {path.name}, policy {args.policy}, {args.slots} slot(s) x (budget {budget} + buffer "
           f"{args.buffer}) = {args.slots * cap} KV cells = {args.slots * cap * per_cell / mib:.1f} MiB of KV memory at "
           f"most{beside} ({per_cell} bytes per cell; llama.cpp allocates {alloc} cells per slot = "
           f"{args.slots * alloc * per_cell / mib:.1f} MiB); parking up to {args.park_mib:g} MiB"
-          + ("; prompt probe on" if args.prompt_probe else "") + f"; {limit_note}", flush=True)
+          + ("; prompt probe on" if args.prompt_probe else "") + f"{together}; {limit_note}", flush=True)
     print(f"listening on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                             access_log=args.verbose, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
@@ -145,8 +156,42 @@ def run(args: argparse.Namespace) -> int:
         app.state.executor.shutdown(wait=True, cancel_futures=True)  # cancelled: each ends within a chunk
         for llm in llms:
             llm.close()
+        if shared is not None:
+            shared.close()
         model.close()
     return 0
+
+
+def slots_of(first: Any, n: int) -> tuple[Any, list[Any]]:
+    """The server's slots: ``first`` alone when there is one; otherwise ``n`` objects with its settings whose
+    sequences share one context (``first`` is closed), so that their generation steps are decoded together.
+    The context collects the statistics of every evicting policy a request may ask for
+    (:data:`SHARED_POLICIES`), and also those of the server's own policy. Returns the shared context (None for
+    one slot) and the slots' objects."""
+    from ..api import InfoKVLlama
+
+    if n == 1:
+        return None, [first]
+    policies = [first.engine.policy, *SHARED_POLICIES]
+    shared = first.shared_context(n, policies, first.engine.capacity)
+    settings = first.clone_settings()
+    first.close()
+    llms: list[Any] = []
+    try:
+        for _ in range(n):
+            llms.append(InfoKVLlama(first.model, shared=shared, **settings))
+    except BaseException:
+        for llm in llms:
+            llm.close()
+        shared.close()
+        raise
+    return shared, llms
+
+
+# what a shared context collects for requests' own policies: the attention of the last queries and layer
+# evolution; H2O's attention of every query row turns flash attention off for every slot, so it is collected
+# only when the server's own policy is H2O (a request asking for it otherwise gets a 400 that says so)
+SHARED_POLICIES = ("infokv", "snapkv", "tova", "streaming", "context-shift", "random")
 
 
 GRACEFUL_SHUTDOWN_S = 3  # after SIGTERM or Ctrl-C, how long the cancelled requests get to send their answers

@@ -72,6 +72,13 @@ class Metrics:
         metric("infokv_slots_busy", "gauge", "slots generating", [("", sum(s.busy for s in pool.slots))])
         metric("infokv_slots", "gauge", "slots", [("", len(pool.slots))])
         metric("infokv_queue_length", "gauge", "requests waiting for a slot", [("", pool.waiting)])
+        batching = pool.batching()
+        metric("infokv_batched_steps_total", "counter",
+               "decodes of generation steps, each holding the next token of every slot generating then",
+               [("", batching["batched_steps"])])
+        metric("infokv_batched_tokens_total", "counter",
+               "tokens those decodes held (over infokv_batched_steps_total: slots per step)",
+               [("", batching["batched_tokens"])])
         metric("infokv_parked_conversations", "gauge", "conversations parked in RAM", [("", len(pool.store))])
         metric("infokv_parked_bytes", "gauge", "RAM held by parked conversations", [("", pool.store.nbytes)])
         metric("infokv_parked_total", "counter", "conversations parked", [("", pool.parked_total)])

@@ -1,8 +1,10 @@
 """Slots and parking: which conversation runs in which cache, and where idle ones wait.
 
-A slot is one :class:`~infokv_local.InfoKVLlama` (its own context of at most budget + buffer
-cells) on the shared model. A request goes where most of its prompt is cached already: to the idle
-slot or the parked conversation (in the :class:`ParkingStore`) that would keep the most tokens of it
+A slot is one :class:`~infokv_local.InfoKVLlama` on the shared model, holding at most budget + buffer
+cells: with several slots, each is a sequence of one :class:`~infokv_local.shared_context.SharedContext`,
+so that the tokens of the slots that generate at the same time are decoded together. A request goes
+where most of its prompt is cached already: to the idle slot or the parked conversation (in the
+:class:`ParkingStore`) that would keep the most tokens of it
 (:meth:`~infokv_local.InfoKVLlama.reusable_tokens`: the text of the prompts and answers it holds,
 compared piece by piece, so two conversations that opened with the same message are told apart by
 their answers). A slot whose whole conversation the prompt goes on with continues it; a prompt that
@@ -29,6 +31,7 @@ from typing import Any
 import anyio.to_thread
 
 from ..api import InfoKVLlama, SavedConversation
+from ..shared_context import SharedContext
 
 
 class QueueFull(Exception):
@@ -118,8 +121,10 @@ class Lease:
 class SlotPool:
     """``slots`` InfoKVLlama instances, a queue of at most ``max_queue`` waiting requests, a parking store."""
 
-    def __init__(self, llms: list[InfoKVLlama], max_queue: int, store: ParkingStore) -> None:
+    def __init__(self, llms: list[InfoKVLlama], max_queue: int, store: ParkingStore,
+                 shared: SharedContext | None = None) -> None:
         self.slots = [Slot(i, llm, kv=llm.kv_stats()) for i, llm in enumerate(llms)]
+        self.shared = shared  # the context the slots' sequences share (None: each slot has its own)
         self.max_queue = max_queue
         self.store = store
         self.waiting = 0
@@ -217,3 +222,12 @@ class SlotPool:
 
     def used_cells(self) -> int:
         return sum(int(s.kv.get("used_cells") or 0) for s in self.slots)
+
+    def batching(self) -> dict[str, Any]:
+        """How the slots' tokens are decoded: together in one context (its layout, the generation steps decoded
+        together so far and the tokens they held), or each slot alone."""
+        sh = self.shared
+        if sh is None:
+            return {"together": False, "layout": None, "batched_steps": 0, "batched_tokens": 0}
+        return {"together": True, "layout": "streams" if sh.streams else "unified", "batched_steps": sh.batches,
+                "batched_tokens": sh.batched_tokens}
