@@ -42,23 +42,30 @@ def add_probe_option(g: Any) -> None:
                         f"compute; default: {'on' if DEFAULTS.prompt_probe else 'off'})")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and KV cache")
-    g.add_argument("--model", help=MODEL_HELP)
-    g.add_argument("--hf-repo", help="Hugging Face Hub repository to take the GGUF from (with --hf-file)")
-    g.add_argument("--hf-file", help="file (or glob, e.g. '*Q4_K_M.gguf') in --hf-repo; offline: from the HF cache")
+def add_cache_options(g: Any, per: str = "") -> None:
+    """The policy and the cache's sizes (``per``: what one budget is for, e.g. " per slot"), the prompt probe and
+    the backend options, with the defaults of :data:`~infokv_local.settings.DEFAULTS`."""
     d = DEFAULTS
     g.add_argument("--policy", default=d.policy,
                    help="eviction policy: infokv, h2o, snapkv, tova, streaming, context-shift, random, full; "
                         f"parameters as infokv:alpha=0.9+top_k=0 (default: {d.policy})")
-    g.add_argument("--budget", type=int, default=d.budget, help=f"KV budget in tokens (default: {d.budget})")
-    g.add_argument("--budget-mib", type=float, help="KV budget in MiB of cache memory (instead of --budget)")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--budget", type=int, default=d.budget, help=f"KV budget{per} in tokens (default: {d.budget})")
+    b.add_argument("--budget-mib", type=float, help=f"KV budget{per} in MiB of cache memory (instead of --budget)")
     g.add_argument("--buffer", type=int, default=d.buffer, help=f"growth before each compression (default: {d.buffer})")
     g.add_argument("--n-sink", type=int, default=d.n_sink, help=f"first tokens never evicted (default: {d.n_sink})")
     g.add_argument("--n-recent", type=int, default=d.n_recent,
                    help=f"last tokens never evicted (default: {d.n_recent})")
     add_probe_option(g)
     add_backend_options(g)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and KV cache")
+    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument("--hf-repo", help="Hugging Face Hub repository to take the GGUF from (with --hf-file)")
+    g.add_argument("--hf-file", help="file (or glob, e.g. '*Q4_K_M.gguf') in --hf-repo; offline: from the HF cache")
+    add_cache_options(g)
     # also accepted before the command (python -m infokv_local --verbose ...); SUPPRESS keeps that value here
     g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="print the settings in force (threads, cache), llama.cpp's log and tracebacks to stderr")

@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from . import native
+from .cache_types import is_quantized
 from .context import StatsContext
+from .errors import CacheSettingsError
 from .model import Model
+from .threads import resolve_threads
 from .user_cache import cache_dir, read_json, update_json
 
 MAX_FILL = 2048  # cells filled to time the decode steps (bigger caches are timed at this size)
@@ -212,3 +215,39 @@ def _build_id() -> str:
         return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         return path.name
+
+
+def choose_flash_attention(model: Model, all_rows: bool, flash_attn: bool | None, cache_type_v: str,
+                           n_threads: int | None, statistics: bool = True, policy_name: str = "h2o",
+                           check_only: bool = False, cache_type_k: str = "f16") -> tuple[bool | None, str]:
+    """The flash-attention setting of a context and why (:class:`~infokv_local.engine.Engine`'s docstring): as
+    asked, forced by a quantized V cache (on) or by statistics over every query row (``all_rows``: off),
+    llama.cpp's ``auto`` on a GPU or without attention layers, else the faster one measured here. Raises
+    :class:`CacheSettingsError` for a combination that cannot run; ``check_only`` stops after the checks."""
+    if flash_attn is not None and not isinstance(flash_attn, bool):
+        raise CacheSettingsError(f"flash_attn must be True, False or None (chosen by measurement), got "
+                                 f"{flash_attn!r}")
+    if all_rows and flash_attn:
+        raise CacheSettingsError(f"policy {policy_name!r} needs the attention of every query row, which "
+                                 f"exists only with flash attention off: leave flash_attn unset or False")
+    if is_quantized(cache_type_v):
+        if all_rows or flash_attn is False:
+            raise CacheSettingsError(
+                f"a quantized V cache ({cache_type_v}) needs flash attention, and "
+                + (f"policy {policy_name!r} needs it off (the attention of every query row)" if all_rows
+                   else "flash_attn is False") + ": use cache_type_v='f16' or another policy")
+        return True, f"on: the quantized V cache ({cache_type_v}) needs it"
+    if check_only:
+        return flash_attn, ""
+    if flash_attn is not None:
+        return flash_attn, f"{'on' if flash_attn else 'off'}: as asked (flash_attn={flash_attn})"
+    if all_rows:
+        return False, (f"off: policy {policy_name!r} needs the attention of every query row, which only the "
+                       f"explicit softmax has")
+    if model.on_gpu:
+        return None, "auto: llama.cpp's choice, layers run on a GPU (where the fused kernel is fast)"
+    if model.info.memory == "recurrent":
+        return None, "auto: llama.cpp's choice, the model has no attention layers"
+    choice = choose(model, reference_workload(resolve_threads(n_threads), cache_type_k, cache_type_v,
+                                                         statistics=statistics))
+    return choice.setting == "on", f"{choice.setting}: {choice.reason}"

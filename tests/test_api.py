@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from infokv_local import BudgetError, InfoKVLlama
-from infokv_local.engine import ContextFullError
+from infokv_local.errors import ContextFullError
 from infokv_local.text_stream import StopMatcher, Utf8Pieces
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]

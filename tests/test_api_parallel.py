@@ -93,7 +93,7 @@ def test_objects_on_one_shared_context_generate_together(model):
         assert a.create_completion("Hello", max_tokens=3, temperature=0)["usage"]["completion_tokens"] == 3
         a.close()
         b.close()
-    from infokv_local.shared_context import SharedContext
+    from infokv_local.engine import SharedContext
 
     with SharedContext(model, 1, 64) as own_lock, pytest.raises(ValueError, match="shared_context"):
         InfoKVLlama(model, shared=own_lock, **KW)

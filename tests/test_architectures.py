@@ -139,7 +139,7 @@ def test_sequences_share_a_context_on_every_memory(arch_dir, name):
     now and then)."""
     import threading
 
-    from infokv_local.shared_context import SharedContext
+    from infokv_local.engine import SharedContext
 
     kw = dict(budget=BUDGET, buffer=BUFFER, n_threads=2, check_invariants=True, compact_at=4096, flash_attn=False)
     with Model(arch_dir / f"{name}.gguf") as model:

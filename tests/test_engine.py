@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infokv_local.engine import BudgetError, Engine
+from infokv_local.engine import Engine
+from infokv_local.errors import BudgetError
 from infokv_local.policies import POLICIES
 from infokv_local.sampling import SamplingParams
 from infokv_local.selection import number_runs
@@ -121,7 +122,7 @@ def test_position_compaction_keeps_generation_going(model):
         pos = eng.cached_positions()
         assert pos.max() < 200 and pos[-1] == eng.n_past - 1
         assert len(np.setdiff1d(np.arange(pos[-1] + 1), pos)) > 0  # holes again since the last compaction
-        eng._compact_positions()
+        eng.compact_positions()
         assert eng.cached_positions().tolist() == list(range(len(pos)))
         more = list(eng.generate([], 20, ignore_eos=True))  # decoding goes on after the K-shift
         assert len(more) == 20 and eng.n_past < 200

@@ -42,7 +42,7 @@ def test_every_public_error_is_an_infokv_error():
     assert kernels.UnpatchedLibraryError is errors.UnpatchedLibraryError
 
 
-LAYER = ["engine.py", "context.py", "model.py", "kernels.py", "native.py", "signals.py", "sampling.py",
+LAYER = ["engine", "context.py", "model.py", "kernels.py", "native.py", "signals.py", "sampling.py",
          "interrupts.py", "policies"]
 
 
@@ -160,7 +160,7 @@ def test_truncate_into_evicted_history_keeps_the_invariant_check_exact(model, to
         assert len(list(eng.generate(tokens[40:42], 20, ignore_eos=True))) == 20  # checked at every step
         cells, pos = eng.ctx.cell_map()
         eng.ctx.remove_cells(cells[pos == pos.max() - 1])  # a recent token lost behind the engine's back
-        eng._forget(cells[pos == pos.max() - 1])
+        eng.cells.forget(cells[pos == pos.max() - 1])
         with pytest.raises(AssertionError, match="protected positions evicted"):
             list(eng.generate([], 2, ignore_eos=True))
 
@@ -174,7 +174,7 @@ def test_truncate_then_new_tokens_get_the_entropy_that_produced_them(model, toke
         assert eng.truncate(60) is True
         eng.prefill(tokens[60:70])
         cells_ref, cells = ref.ctx.cell_map()[0], eng.ctx.cell_map()[0]
-        np.testing.assert_allclose(eng._ent_prod[cells], ref._ent_prod[cells_ref], atol=1e-4)
+        np.testing.assert_allclose(eng.cells.ent_prod[cells], ref.cells.ent_prod[cells_ref], atol=1e-4)
 
 
 def test_compaction_through_the_context_keeps_generating(model):

@@ -25,7 +25,7 @@ def assert_consistent(eng: Engine) -> None:
     """llama.cpp's cells and the engine's records describe the same sequence."""
     cells, pos = eng.ctx.cell_map()
     assert len(cells) == eng.used_cells
-    idx = eng._cell_token[cells]
+    idx = eng.cells.token[cells]
     assert (idx >= 0).all(), "a cell llama.cpp holds that the engine never recorded"
     assert len(np.unique(idx)) == len(idx)
     n_decoded = len(eng.tokens) - (eng.pending_token is not None)

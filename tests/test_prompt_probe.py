@@ -57,7 +57,7 @@ def test_the_probe_window_is_the_prompts_end_read_after_the_cache(model, long_to
     tokens = long_tokens[:600]
     seen = []
     with Engine(model, "snapkv", budget=BUDGET, buffer=BUFFER, prompt_probe=True) as eng:
-        compress = eng._compress
+        compress = eng.compressor.compress
 
         def spy(target, n_incoming=1, window=None):
             if window is not None and not seen:
@@ -65,7 +65,7 @@ def test_the_probe_window_is_the_prompts_end_read_after_the_cache(model, long_to
                 seen.append((pos.copy(), window[0][:, cells].copy(), window[2]))
             return compress(target, n_incoming, window)
 
-        eng._compress = spy
+        eng.compressor.compress = spy
         eng.prefill(tokens)
     pos, probed, rows = seen[0]
     n_read = len(pos)

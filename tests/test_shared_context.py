@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from infokv_local.context import DecodePart, StatsContext
-from infokv_local.engine import Engine
+from infokv_local.engine import Engine, FairRLock, SharedContext
 from infokv_local.errors import BudgetError, CacheSettingsError
 from infokv_local.sampling import Sampler, SamplingParams
-from infokv_local.shared_context import FairRLock, SharedContext
 
 from .test_engine import EVICTING
 

@@ -93,7 +93,7 @@ def test_engine_with_stride_keeps_budget_and_generates(model, long_tokens):
             out = list(eng.generate([], max_tokens=40, ignore_eos=True))
             assert len(out) == 40 and eng.ctx.n_used <= budget + buffer
             cells, pos = eng.ctx.cell_map()
-            assert np.isfinite(eng._ent_at[cells]).all() and np.isfinite(eng._ldist[:, cells]).all()
+            assert np.isfinite(eng.cells.ent_at[cells]).all() and np.isfinite(eng.cells.ldist[:, cells]).all()
 
 
 def test_a_chunk_shorter_than_the_stride_is_interpolated(model, tokens):
@@ -137,27 +137,28 @@ def test_one_tokens_compression_at_a_prompts_end_uses_the_prompts_mix(model, lon
     prompt = long_tokens[:316]
     # budget 128 + buffer 32, prompt chunks of 32: the prompt leaves 128 + 28 = 156 of the 160 cells used, so the
     # answer's first compression comes after 4 answer tokens (window: 4 answer, 28 prompt tokens), the next
-    # after 36 (window: all answer)
-    with Engine(model, Spy(), budget=128, buffer=32, window=32, n_threads=1, check_invariants=True) as eng:
+    # after 36 (window: all answer); no prompt probe, which reads the prompt in smaller chunks
+    with Engine(model, Spy(), budget=128, buffer=32, window=32, n_threads=1, check_invariants=True,
+                prompt_probe=False) as eng:
         eng.prefill(prompt)
         n_prompt = len(seen)
         out = list(eng.generate([], max_tokens=110, ignore_eos=True))
         parked = eng.snapshot()
-        share = eng._window_generated()
+        share = eng.cells.window_generated(len(eng.tokens))
     assert len(out) == 110
     answer = [(n_tokens - len(prompt), n, generated, mix) for n_tokens, n, generated, mix in seen[n_prompt:]]
     assert [a[0] for a in answer] == [4, 36, 68, 100]
     for decoded_alone, n_incoming, generated, mix in answer:
         assert n_incoming == 1 and generated == pytest.approx(min(decoded_alone, 32) / 32)
         assert mix == (("rank", 0.5) if decoded_alone > 16 else ("paper", 0.95))
-    with Engine(model, Spy(), budget=128, buffer=32, window=32, n_threads=1) as other:
+    with Engine(model, Spy(), budget=128, buffer=32, window=32, n_threads=1, prompt_probe=False) as other:
         other.restore(parked)
-        assert other._window_generated() == share == 1.0
+        assert other.cells.window_generated(len(other.tokens)) == share == 1.0
 
     seen.clear()
     budget = 96
     with Engine(model, Spy(), budget=budget, buffer=len(prompt) - budget, window=32, n_threads=1,
-                check_invariants=True) as eng:
+                check_invariants=True, prompt_probe=False) as eng:
         eng.prefill(prompt)
         assert seen == []
         list(eng.generate([], max_tokens=2, ignore_eos=True))  # the first answer token is decoded, not the second

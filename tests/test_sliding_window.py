@@ -226,7 +226,7 @@ def test_positions_are_renumbered_beside_a_sliding_window(gemma):
         mem = llama.llama_get_memory(eng.ctx.ptr)
         lowest, (_, before) = llama.llama_memory_seq_pos_min(mem, 0), eng.ctx.cell_map()
         assert len(np.setdiff1d(np.arange(lowest), before)) > 0  # holes below the window since the last one
-        eng._compact_positions()
+        eng.compact_positions()
         new_lowest, (_, pos) = llama.llama_memory_seq_pos_min(mem, 0), eng.ctx.cell_map()
         # below the window the holes are closed; the window moved as one block, its holes with it
         below = pos[pos < new_lowest]

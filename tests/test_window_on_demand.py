@@ -16,7 +16,7 @@ def _run(model, policy: str, on_demand: bool, turns: list[tuple[list[int], int]]
          **kw) -> tuple[Engine, list[list[int]], list[list[int]]]:
     e = Engine(model, policy=policy, budget=72, buffer=40, n_threads=2, window=16, flash_attn=flash_attn,
                check_invariants=True, **kw)
-    e._window_on_demand = e._window_on_demand and on_demand
+    e.compressor.window_on_demand = e.compressor.window_on_demand and on_demand
     texts, evicted = [], []
     for prompt, n in turns:
         texts.append(list(e.generate(prompt, max_tokens=n, sampling=GREEDY, ignore_eos=True)))
@@ -32,7 +32,7 @@ def test_window_on_demand_evicts_as_statistics_at_every_step(model, tokens, poli
     turns = [(tokens[:50], 150)]
     ref, ref_text, ref_ev = _run(model, policy, False, turns, flash_attn)
     got, got_text, got_ev = _run(model, policy, True, turns, flash_attn)
-    assert got._window_on_demand and not ref._window_on_demand
+    assert got.compressor.window_on_demand and not ref.compressor.window_on_demand
     assert got_text == ref_text
     assert got_ev == ref_ev
     assert sum(1 for ev in got_ev if ev) >= 3
@@ -49,17 +49,19 @@ def test_a_prompt_after_an_early_stop_records_the_window_first(model, tokens, po
     # compared with a tolerance and the eviction it leads to must be the same.
     rings, evictions = {}, {}
     for on_demand in (False, True):
-        e = Engine(model, policy=policy, budget=72, buffer=40, n_threads=2, window=16, check_invariants=True)
-        e._window_on_demand = e._window_on_demand and on_demand
+        # the ring's window is compared: no prompt probe (it would score the prompt's compression with its own)
+        e = Engine(model, policy=policy, budget=72, buffer=40, n_threads=2, window=16, check_invariants=True,
+                   prompt_probe=False)
+        e.compressor.window_on_demand = e.compressor.window_on_demand and on_demand
         list(e.generate(tokens[:50], max_tokens=70, sampling=GREEDY, ignore_eos=True))
-        compress = e._compress
+        compress = e.compressor.compress
 
         def spy(target, n_incoming=1, *, e=e, compress=compress, key=on_demand):
             cells, pos = e.ctx.cell_map()
-            rings.setdefault(key, e._ring[: e._ring_len][:, :, cells].sum(axis=(0, 1)))
+            rings.setdefault(key, e.cells.ring[: e.cells.ring_len][:, :, cells].sum(axis=(0, 1)))
             return compress(target, n_incoming)
 
-        e._compress = spy
+        e.compressor.compress = spy
         before = e.totals.steps
         list(e.generate(tokens[200:260], max_tokens=1, sampling=GREEDY, ignore_eos=True))
         evictions[on_demand] = [sorted(st.evicted_positions) for st in list(e.totals.history)[before:]]
@@ -92,7 +94,7 @@ def test_window_on_demand_skips_most_decode_steps(model, tokens):
 
 def test_h2o_keeps_statistics_at_every_step(model, tokens):
     e = Engine(model, policy="h2o", budget=72, buffer=40, n_threads=2, window=16)
-    assert not e._window_on_demand
+    assert not e.compressor.window_on_demand
     list(e.generate(tokens[:40], max_tokens=60, sampling=GREEDY, ignore_eos=True))
     assert e.last_signals is not None and e.last_signals.attn_sum is not None
     e.close()
@@ -102,10 +104,10 @@ def test_snapshot_keeps_the_unrecorded_count(model, tokens):
     e = Engine(model, policy="infokv", budget=72, buffer=40, n_threads=2, window=16)
     list(e.generate(tokens[:40], max_tokens=50, sampling=GREEDY, ignore_eos=True))
     snap = e.snapshot()
-    assert snap.unrecorded == e._unrecorded
+    assert snap.unrecorded == e.compressor.unrecorded
     other = Engine(model, policy="infokv", budget=72, buffer=40, n_threads=2, window=16)
     other.restore(snap)
-    assert other._unrecorded == e._unrecorded
+    assert other.compressor.unrecorded == e.compressor.unrecorded
     a = list(e.generate(tokens[300:340], max_tokens=20, sampling=GREEDY, ignore_eos=True))
     b = list(other.generate(tokens[300:340], max_tokens=20, sampling=GREEDY, ignore_eos=True))
     assert a == b

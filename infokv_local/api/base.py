@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine import Engine
+from ..engine import Engine, FairRLock
 from ..model import Model
-from ..shared_context import FairRLock
 from .prompt import PromptCache
 
 

@@ -16,8 +16,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from ..engine import ContextFullError
-from ..errors import EmptyPromptError, RequestCancelled
+from ..errors import ContextFullError, EmptyPromptError, RequestCancelled
 from ..interrupts import sigint_deferred
 from ..sampling import SamplingParams, check_grammar
 from ..text_stream import StopMatcher, Utf8Pieces, token_bytes

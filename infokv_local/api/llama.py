@@ -16,12 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..engine import Engine, EngineSnapshot
+from ..engine import Engine, EngineSnapshot, FairRLock, SharedContext
 from ..errors import BudgetError
 from ..model import Model
 from ..policies import Policy, make_policy
 from ..settings import DEFAULTS, Settings
-from ..shared_context import FairRLock, SharedContext
 from ..text_stream import token_bytes
 from .chat import ChatMixin
 from .prompt import PromptCache
@@ -63,7 +62,7 @@ class InfoKVLlama(ChatMixin):
     read keep what the prompt's end, usually the question, attends to). The defaults are
     :data:`infokv_local.settings.DEFAULTS`, shared with the command line and the chat UI.
 
-    ``shared`` (a :class:`~infokv_local.shared_context.SharedContext` made by :meth:`shared_context`) puts
+    ``shared`` (a :class:`~infokv_local.engine.SharedContext` made by :meth:`shared_context`) puts
     this object's conversation in one sequence of a context several objects share: their generation
     steps are decoded together when they generate at the same time on threads of their own (see
     :meth:`create_completions`).

@@ -9,7 +9,7 @@ Two parts, rounds interleaved, medians reported:
   one token per sequence per ``llama_decode``, with the sequences in one cell array (``kv_unified``: the
   mask keeps them apart, every row's attention spans every sequence's cells) and in per-sequence streams
   (each row attends over its own stream), against one sequence. This is what batching can gain at most.
-- **the engine**: N engines on one :class:`~infokv_local.shared_context.SharedContext`, each generating
+- **the engine**: N engines on one :class:`~infokv_local.engine.SharedContext`, each generating
   ``--max-tokens`` greedily on a thread of its own (InfoKV at ``--budget`` + ``--buffer``, the prompt probe
   on, flash attention off), with a stream per sequence (the default on this model's plain cache) and with
   one unified cache, against the same N engines one after another. Each prompt (about 300 tokens) is
@@ -90,8 +90,7 @@ def engine_run_s(model: Any, n_seq: int, args: argparse.Namespace, mode: str) ->
     seconds of the generation alone: one by one (``alone``, ``one by one``: the sum of each engine's), or
     together in one context (``streams``, ``unified``: every engine reads its prompt, then they all start
     generating at once)."""
-    from ..engine import Engine
-    from ..shared_context import SharedContext
+    from ..engine import Engine, SharedContext
 
     prompts = [model.tokenize(f"Note {i}. Every step of a long proof depends on the steps before it. " * 18)
                for i in range(n_seq)]  # about 300 tokens: longer than the default budget

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 EXAMPLES = """examples:
   python -m infokv_local serve                                   # SmolLM2-135M on http://127.0.0.1:8000/v1
-  python -m infokv_local serve --slots 4 --budget 1024 --buffer 128 --api-key secret
+  python -m infokv_local serve --slots 4 --budget 1024 --buffer 128 --api-key secret   # longer conversations
   python -m infokv_local serve --model qwen2.5-coder-0.5b --budget-mib 64 --port 8001
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
@@ -24,28 +24,21 @@ EXAMPLES = """examples:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand (its options, help and examples) to ``subparsers``."""
-    from ..cli_options import MODEL_HELP, add_backend_options, add_probe_option
+    from ..cli_options import MODEL_HELP, add_cache_options
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server, every conversation in a fixed KV budget",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/kv, /metrics and /health. "
-                    "--slots caches of budget + buffer cells share the model; idle conversations are parked in "
-                    "RAM and restored without prefill; requests beyond the slots queue (503 when the queue is full).",
+                    "--slots conversations of at most budget + buffer cells each generate together in one context; "
+                    "idle conversations are parked in RAM and restored without prefill; requests beyond the slots "
+                    "queue (503 when the queue is full).",
     )
     g = p.add_argument_group("model and KV cache")
     g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--model-alias", action="append", default=[],
                    help="another name clients may send as 'model' (repeatable; the file name always works)")
-    g.add_argument("--policy", default="infokv", help="eviction policy (default: infokv); see generate --help")
-    b = g.add_mutually_exclusive_group()
-    b.add_argument("--budget", type=int, default=1024, help="KV budget per slot in tokens (default: 1024)")
-    b.add_argument("--budget-mib", type=float, help="KV budget per slot in MiB (instead of --budget)")
-    g.add_argument("--buffer", type=int, default=128, help="growth before each compression (default: 128)")
-    g.add_argument("--n-sink", type=int, default=4)
-    g.add_argument("--n-recent", type=int, default=32)
-    add_probe_option(g)
-    add_backend_options(g)
+    add_cache_options(g, per=" per slot")
     s = p.add_argument_group("server")
     s.add_argument("--slots", type=int, default=1, help="conversations generating at once (default: 1)")
     s.add_argument("--queue", type=int, default=16, help="requests waiting for a slot before 503 (default: 16)")

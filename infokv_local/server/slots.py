@@ -1,7 +1,7 @@
 """Slots and parking: which conversation runs in which cache, and where idle ones wait.
 
 A slot is one :class:`~infokv_local.InfoKVLlama` on the shared model, holding at most budget + buffer
-cells: with several slots, each is a sequence of one :class:`~infokv_local.shared_context.SharedContext`,
+cells: with several slots, each is a sequence of one :class:`~infokv_local.engine.SharedContext`,
 so that the tokens of the slots that generate at the same time are decoded together. A request goes
 where most of its prompt is cached already: to the idle slot or the parked conversation (in the
 :class:`ParkingStore`) that would keep the most tokens of it
@@ -31,7 +31,7 @@ from typing import Any
 import anyio.to_thread
 
 from ..api import InfoKVLlama, SavedConversation
-from ..shared_context import SharedContext
+from ..engine import SharedContext
 
 
 class QueueFull(Exception):

@@ -1,4 +1,4 @@
-"""Several engines' sequences in one llama.cpp context, their generation steps decoded together.
+"""The batch scheduler: several engines' sequences in one llama.cpp context, their steps decoded together.
 
 A :class:`SharedContext` holds one :class:`~infokv_local.context.StatsContext` with ``n_seq``
 sequences of ``capacity`` cells each: on a plain KV cache each sequence has a stream of cells of its own
@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from .context import DecodePart, StatsContext
-from .errors import BudgetError
-from .model import Model
-from .sampling import Sampler
-from .signals import Signals
+from ..context import DecodePart, StatsContext, memory_layout
+from ..errors import BudgetError, CacheSettingsError
+from ..flash_attn import choose_flash_attention
+from ..model import Model
+from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, make_policy
+from ..sampling import Sampler
+from ..signals import Signals
 
 MAX_WAIT_S = 0.010  # the longest a generation step waits for the other sequences' tokens
 WAIT_SHARE = 0.25  # ... and at most this share of the last batched decode's time
@@ -143,7 +145,7 @@ class SharedContext:
     The statistics the context collects are the union of what its engines' policies need: ``attn`` (with
     ``attn_all_rows`` when one of them is H2O, which turns flash attention off for all), ``layer_dist``;
     ``window`` and the cache types are common to every engine on it. ``flash_attn`` None: chosen as an
-    engine would choose it (:func:`~infokv_local.engine.choose_flash_attention`). Use
+    engine would choose it (:func:`~infokv_local.flash_attn.choose_flash_attention`). Use
     :meth:`for_policies` to size one for a list of policies. ``lock`` is what orders every operation on
     the context (give the one the callers already hold around their calls, e.g. a session's lock).
     ``kv_unified`` None: a stream of cells per sequence on a plain KV cache, one unified cache on other
@@ -154,9 +156,6 @@ class SharedContext:
                  attn_all_rows: bool = False, window: int = 32, n_batch: int = 512, n_threads: int | None = None,
                  flash_attn: bool | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  lock: FairRLock | None = None, kv_unified: bool | None = None) -> None:
-        from .context import memory_layout
-        from .engine import choose_flash_attention
-
         if isinstance(n_seq, bool) or not isinstance(n_seq, int) or n_seq < 1:
             raise BudgetError(f"n_seq must be a positive whole number of sequences (got {n_seq!r})")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -192,8 +191,6 @@ class SharedContext:
     def for_policies(cls, model: Model, n_seq: int, policies: Sequence[str | Any], capacity: int,
                      **kwargs: Any) -> SharedContext:
         """A context whose statistics cover every policy of ``policies`` (names or Policy objects)."""
-        from .policies import ATTENTION, ATTENTION_ALL_ROWS, LAYER_DIST, make_policy
-
         needs: set[str] = set()
         for p in policies:
             pol = make_policy(p)
@@ -205,8 +202,6 @@ class SharedContext:
     def statistics(self) -> frozenset[str]:
         """The policy needs (:mod:`infokv_local.policies.base`) this context's statistics meet: an engine whose
         policy needs more cannot live here."""
-        from .policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST
-
         c = self.ctx
         return frozenset({ENTROPY} | ({ATTENTION} if c.attn else set())
                          | ({ATTENTION_ALL_ROWS} if c.attn and c.attn_all_rows else set())
@@ -220,8 +215,6 @@ class SharedContext:
     # ---- sequences ---------------------------------------------------------------------------------
     def check(self, needs: ContextNeeds) -> None:
         """Raise :class:`BudgetError` (or ``CacheSettingsError``) when an engine with ``needs`` cannot live here."""
-        from .errors import CacheSettingsError
-
         c = self.ctx
         wrong = []
         if needs.attn and not c.attn:
