@@ -372,13 +372,26 @@ def test_concurrent_clients_stay_inside_slots_times_budget(model):
         texts = [r if isinstance(r, str) else r.choices[0].text for r in (results[i] for i in range(4))]
         assert texts == expected
         assert polls > 0 and 0 < peak <= 2 * CAP
-        batching = kv_view(base)["batching"]
-        assert batching["together"] is True and batching["layout"] == "streams"
-        assert batching["batched_tokens"] > batching["batched_steps"] > 0  # two slots' steps decoded together
         m = httpx.get(f"{base}/metrics", timeout=30).text
         assert 'infokv_requests_total{endpoint="/v1/completions",status="200"} 4' in m
         assert "infokv_kv_cells_limit 128" in m and "infokv_completion_tokens_total " in m
-        assert f"infokv_batched_tokens_total {batching['batched_tokens']}" in m
+
+        # two long replies at once: the two slots' generation steps are decoded together
+        before = kv_view(base)["batching"]
+        assert before["together"] is True and before["layout"] == "streams"
+        ban = {str(model.eos_token_id): -100}
+        pair = [threading.Thread(target=lambda i=i: c.completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=96, temperature=0, logit_bias=ban)) for i in (0, 1)]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join(timeout=120)
+        after = kv_view(base)["batching"]
+        steps = after["batched_steps"] - before["batched_steps"]
+        tokens = after["batched_tokens"] - before["batched_tokens"]
+        assert 0 < steps < tokens <= 2 * steps  # some steps held both slots' tokens, none more than two
+        m = httpx.get(f"{base}/metrics", timeout=30).text
+        assert f"infokv_batched_tokens_total {after['batched_tokens']}" in m
 
         # the slots share one context: a policy whose statistics it does not collect is refused, with the reason
         with pytest.raises(openai.BadRequestError, match="turn flash attention off for every slot"):

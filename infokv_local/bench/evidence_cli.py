@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..settings import DEFAULTS
+
 TASK_EXAMPLES = """examples:
   python -m infokv_local bench tasks --task decode-pressure --model qwen2.5-coder-1.5b --budget 128,256 --limit 20
   python -m infokv_local bench tasks --task long-prefill --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.4,0.2
@@ -91,6 +93,9 @@ def register(bench_subparsers: Any) -> None:
     t.add_argument("--prompt-probe", action="store_true",
                    help="the engine's prompt probe: compressions while the prompt is read see its end (the "
                         "question) first; write to another --out than a run without it")
+    t.add_argument("--parallel", type=int, default=DEFAULTS.parallel,
+                   help="evicting generations run at once as sequences of one context, their tokens decoded "
+                        f"together (default: {DEFAULTS.parallel}; 1: one after another)")
     _common(t)
     t.set_defaults(func=run_tasks_cmd)
     f = bench_subparsers.add_parser(
@@ -154,13 +159,14 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
         items = T.build_items(args.task, model, questions, lengths, args.seed, args.max_tokens, kinds)
         records = T.run_tasks(model, args.task, items, policies, specs, out.with_suffix(".jsonl"),
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
-                              n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe)
+                              n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe,
+                              parallel=args.parallel)
     finally:
         model.close()
     results = T.summarize(records)
     summary = {"task": args.task, "model": tag, "command": " ".join(sys.argv), "policies": policies,
                "budgets": specs, "lengths": lengths, "buffer": args.buffer, "seed": args.seed,
-               "prompt_probe": args.prompt_probe,
+               "prompt_probe": args.prompt_probe, "parallel": args.parallel,
                "results": results, "items": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

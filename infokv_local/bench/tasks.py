@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -184,66 +185,113 @@ def read_done(path: Path, settings: dict[str, Any] | None = None) -> dict[tuple[
 
 def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str], budget_specs: list[str],
               out_jsonl: str | Path, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
-              n_threads: int | None = None, progress: bool = True, prompt_probe: bool = False) -> list[dict]:
+              n_threads: int | None = None, progress: bool = True, prompt_probe: bool = False,
+              parallel: int = 1) -> list[dict]:
     """Generate greedily for every (item, policy, budget) not yet in ``out_jsonl``; returns all records.
 
     ``full`` runs once per item (budget spec ``"full"``). A budget that cannot hold the protected
     tokens, or is at least the whole prompt + max_tokens (nothing would be evicted), is recorded
     as skipped and not counted. ``prompt_probe``: the engine's (compressions of the prompt read its end
     ahead). Records say the cache settings; a log made with other ones (probe, buffer, sinks, recent) is refused.
+    ``parallel`` > 1: the evicting (item, policy, budget) generations run that many at a time as sequences of one
+    context (:meth:`~infokv_local.InfoKVLlama.run_together`), their tokens decoded together; the full cache's
+    one after another beside them. Records are written as each generation ends (not in item order).
     """
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     cache = {"prompt_probe": prompt_probe, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent}
     done = read_done(out, cache)
-    jobs = []
-    for it in items:
-        for p in policies:
-            for spec in (["full"] if p == "full" else budget_specs):
-                if (it.item_id, p, spec) not in done:
-                    jobs.append((it, p, spec))
     model_name = Path(str(model.path)).name
-    llm: InfoKVLlama | None = None
     n_ctx = max((len(model.tokenize(it.prompt)) + it.max_tokens + 64 for it in items), default=512)
+    kw: dict[str, Any] = dict(buffer=buffer, n_sink=n_sink, n_recent=n_recent, n_threads=n_threads,
+                              prompt_probe=prompt_probe)
+    llm = InfoKVLlama(model, policy="full", n_ctx=n_ctx, **kw)
+    guard = threading.Lock()
     try:
-        llm = InfoKVLlama(model, policy="full", n_ctx=n_ctx, buffer=buffer, n_sink=n_sink, n_recent=n_recent,
-                          n_threads=n_threads, prompt_probe=prompt_probe)
         fmt = llm._chat_formatter()  # the GGUF's chat template, to count prompt tokens for ratio budgets
+        jobs: list[tuple[TaskItem, str, str, dict[str, Any]]] = []
+        for it in items:
+            messages = [{"role": "user", "content": it.prompt}]
+            formatted = fmt(messages=cast(Any, messages))
+            n_prompt = len(model.tokenize(formatted.prompt, add_special=not formatted.added_special))
+            for p in policies:
+                for spec in (["full"] if p == "full" else budget_specs):
+                    if (it.item_id, p, spec) in done:
+                        continue
+                    budget = None if spec == "full" else budget_tokens(spec, n_prompt)
+                    rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
+                                           "length": it.length, "policy": p, "budget_spec": spec,
+                                           "prompt_tokens": n_prompt, "gold": it.gold, **cache, "budget": budget}
+                    if budget is not None and (budget < n_sink + n_recent + 1 or budget >= n_prompt + it.max_tokens):
+                        rec.update(skipped=True, correct=None)
+                    jobs.append((it, p, spec, rec))
         with out.open("a") as fh:
-            bar = tqdm(jobs, desc=f"{task}", unit="gen", disable=not progress)
-            for it, p, spec in bar:
-                bar.set_postfix_str(f"{p} {spec}")
-                messages = [{"role": "user", "content": it.prompt}]
-                formatted = fmt(messages=cast(Any, messages))
-                n_prompt = len(model.tokenize(formatted.prompt, add_special=not formatted.added_special))
-                rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
-                                       "length": it.length, "policy": p, "budget_spec": spec,
-                                       "prompt_tokens": n_prompt, "gold": it.gold, **cache}
-                budget = None if spec == "full" else budget_tokens(spec, n_prompt)
-                rec["budget"] = budget
-                if budget is not None and (budget < n_sink + n_recent + 1 or budget >= n_prompt + it.max_tokens):
-                    rec.update(skipped=True, correct=None)
-                else:
-                    llm.configure(policy=p, budget=budget if budget is not None else 1024)
-                    t0 = time.perf_counter()
-                    res = llm.create_chat_completion(messages, temperature=0.0, max_tokens=it.max_tokens, seed=0)
-                    text = res["choices"][0]["message"]["content"]
-                    correct, pred = score_item(it, text)
-                    kv = res["usage"]["kv"]
-                    rec.update(skipped=False, correct=bool(correct), pred=pred, text=text,
-                               completion_tokens=res["usage"]["completion_tokens"],
-                               finish_reason=res["choices"][0]["finish_reason"],
-                               evicted_tokens=kv["evicted_tokens"], max_used_cells=kv["max_used_cells"],
-                               seconds=round(time.perf_counter() - t0, 2))
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-                done[(it.item_id, p, spec)] = rec
+            bar = tqdm(total=len(jobs), desc=f"{task}", unit="gen", disable=not progress)
+
+            def finish(rec: dict[str, Any]) -> None:
+                with guard:
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                    done[(rec["item_id"], rec["policy"], rec["budget_spec"])] = rec
+                    bar.set_postfix_str(f"{rec['policy']} {rec['budget_spec']}")
+                    bar.update()
+
+            def generate(one: InfoKVLlama, it: TaskItem, rec: dict[str, Any]) -> None:
+                budget = rec["budget"]
+                one.configure(policy=rec["policy"], budget=budget if budget is not None else 1024)
+                t0 = time.perf_counter()
+                res = one.create_chat_completion([{"role": "user", "content": it.prompt}], temperature=0.0,
+                                                 max_tokens=it.max_tokens, seed=0)
+                text = res["choices"][0]["message"]["content"]
+                correct, pred = score_item(it, text)
+                kv = res["usage"]["kv"]
+                rec.update(skipped=False, correct=bool(correct), pred=pred, text=text,
+                           completion_tokens=res["usage"]["completion_tokens"],
+                           finish_reason=res["choices"][0]["finish_reason"],
+                           evicted_tokens=kv["evicted_tokens"], max_used_cells=kv["max_used_cells"],
+                           seconds=round(time.perf_counter() - t0, 2))
+                finish(rec)
+
+            for job in jobs:
+                if job[3].get("skipped"):
+                    finish(job[3])
+            runs = [j for j in jobs if not j[3].get("skipped")]
+            together = [j for j in runs if j[1] != "full"] if parallel > 1 else []
+            for it, p, _, rec in runs:
+                if p == "full" or not together:
+                    generate(llm, it, rec)
+            if together:
+                _run_together(model, together, generate, parallel, kw)
+            bar.close()
     finally:
-        if llm is not None:
-            llm.close()
+        llm.close()
     keep = {it.item_id for it in items}
     return [r for r in done.values() if r["item_id"] in keep and r["policy"] in policies
             and (r["budget_spec"] in budget_specs or r["budget_spec"] == "full")]
+
+
+def _run_together(model: Model, jobs: list[tuple[TaskItem, str, str, dict[str, Any]]], generate: Any,
+                  parallel: int, kw: dict[str, Any]) -> None:
+    """The evicting generations, ``parallel`` at a time in one context sized for the largest budget. A Ctrl-C
+    lets the generations in progress end (their records are written) before it is raised; the first error of a
+    generation is raised once the others have ended (a rerun resumes the rest)."""
+    largest = max(j[3]["budget"] for j in jobs)
+    policies = sorted({j[1] for j in jobs})
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(_: int, one: InfoKVLlama, job: tuple[TaskItem, str, str, dict[str, Any]]) -> None:
+        try:
+            generate(one, job[0], job[3])
+        except BaseException as e:  # noqa: BLE001 - raised below, after the others
+            errors.append(e)
+            stop.set()
+
+    with InfoKVLlama(model, policy=policies[0], budget=largest, **kw) as template:
+        template.run_together(jobs, work, min(parallel, len(jobs)), policies=policies,
+                              capacity=largest + kw["buffer"], stop=stop)
+    if errors:
+        raise errors[0]
 
 
 # ---- summaries ---------------------------------------------------------------------------------
