@@ -218,9 +218,16 @@ def test_renumbering_positions_shifts_both_caches_alike(gemma):
         assert _kl(want, got) < 0.02
 
 
+# the configuration whose restore after the window wrapped is checked against a bound: how far a restored
+# sliding-window cache's continuation strays depends on the flash-attention setting and the compressions the
+# prompt went through (docs/memory.md, "Snapshots"), so the test fixes both rather than take this machine's verdict
+RESTORED = dict(prompt_probe=False, flash_attn=False)
+
+
 def test_positions_are_renumbered_beside_a_sliding_window(gemma):
     toks = gemma.tokenize(ESSAY * 30)[:2400]
-    with Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, compact_at=1024, check_invariants=True) as eng:
+    with Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, compact_at=1024, check_invariants=True,
+                **RESTORED) as eng:
         eng.prefill(toks)
         assert eng.compactions >= 3 and eng.n_past <= 1024
         mem = llama.llama_get_memory(eng.ctx.ptr)
@@ -240,7 +247,7 @@ def test_positions_are_renumbered_beside_a_sliding_window(gemma):
         # saves no cell that left it), so attention runs over fewer cells and results differ in the last bits
         text = gemma.tokenize(ESSAY, add_special=False)[:64]
         want = np.concatenate([lg for _, lg in eng.feed(text, all_logits=True)])
-    with Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, compact_at=1024) as other:
+    with Engine(gemma, "infokv", budget=96, buffer=32, n_threads=2, compact_at=1024, **RESTORED) as other:
         other.restore(parked)
         assert other.n_past == parked.n_past and other.ctx.cell_map()[1].tolist() == parked.positions.tolist()
         got = np.concatenate([lg for _, lg in other.feed(text, all_logits=True)])
