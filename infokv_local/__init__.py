@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import openmp
 from .errors import (
     BudgetError,
     CacheFull,
@@ -29,6 +30,8 @@ from .errors import (
     UnpatchedLibraryError,
     UnsupportedArchitectureError,
 )
+
+openmp.configure()  # before llama.cpp (and its OpenMP runtime) is loaded
 
 if TYPE_CHECKING:
     from .api import CacheMap, InfoKVLlama

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +55,20 @@ def test_the_chosen_count_is_in_kv_stats(model) -> None:
         assert llm.kv_stats()["n_threads"] == threads.default_threads()
     with InfoKVLlama(model, budget=64, buffer=16, n_threads=1) as llm:
         assert llm.kv_stats()["n_threads"] == 1
+
+
+def test_openmp_keeps_its_unthrottled_wait_unless_the_environment_says_otherwise():
+    """OpenMP teams of several calling threads must not make libgomp's workers sleep after every graph
+    (infokv_local/openmp.py); a user's own setting wins."""
+    from infokv_local import openmp
+
+    env: dict[str, str] = {}
+    assert openmp.configure(env) and env == {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
+    for own in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(own)
+        assert not openmp.configure(env) and env == own
+    clean = {k: v for k, v in os.environ.items() if k not in openmp.WAIT}
+    code = ("import os, infokv_local.context; "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])")
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["ACTIVE", "300000"], out.stderr
