@@ -222,6 +222,10 @@ class StatsContext:
             raise ValueError("the context is closed")
         return self._ptr
 
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_ptr", None)
+
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
             llama.llama_batch_free(self._batch)

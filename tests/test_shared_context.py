@@ -184,6 +184,16 @@ def test_snapshot_parks_one_sequence_and_goes_on_in_another(model, kv_unified):
     assert first and other
 
 
+def test_an_engine_closed_after_its_shared_context_closes_quietly(model):
+    """As at interpreter exit, when objects are collected in any order: nothing is left to give back."""
+    shared = SharedContext.for_policies(model, 2, ["infokv"], capacity=BUDGET + BUFFER, n_threads=2, flash_attn=False)
+    e = Engine(model, policy="infokv", shared=shared, **KW)
+    e.prefill(prompts(model, 1)[0][:20])
+    shared.close()
+    e.close()
+    assert shared.ctx.closed
+
+
 def test_teacher_forced_logits_are_the_sequences_own(model):
     toks = prompts(model, 1)[0][:40]
     with Engine(model, policy="infokv", **KW) as e:

@@ -255,7 +255,7 @@ class SharedContext:
         with self.lock:
             if self._views.get(view.seq) is view:
                 del self._views[view.seq]
-                if self.ctx.ptr:
+                if not self.ctx.closed:  # an engine closed after its context (at exit) has nothing to clear
                     self.ctx.clear(view.seq)
                 self._free.append(view.seq)
                 self._free.sort()
