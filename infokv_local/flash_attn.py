@@ -5,7 +5,7 @@ flash attention on on a 2-core AMD EPYC, and 2.3x slower on an Intel Xeon with A
 a choice (a CPU, and a policy that does not need the attention of every query row), :func:`choose` times
 each setting on a request of a 1,024-token prompt and a 512-token reply and keeps the faster: the prompt
 read as the engine reads prompts (the statistics on, batches of 512), then decode steps in a context
-filled to 1,024 + 128 cells (the long-reasoning budget of the server and the speed benchmark) with the
+filled to 1,024 + 128 cells (the long-reasoning budget of the speed benchmark and the server examples) with the
 default policy's statistics, the observation window in its share of the steps. One verdict per model file, CPU, library
 build, threads and cache types, used by every engine on them whatever its size and policy, so that they
 compute the same numbers (an evicting engine gives the full cache's predictions until its first
