@@ -76,11 +76,11 @@ def test_bad_removal_changes_nothing(model, tokens):
         cells, _ = ctx.cell_map()
         free_cell = int(np.setdiff1d(np.arange(ctx.n_cells), cells)[0])
         for bad in ([cells[2], ctx.n_cells], [cells[2], -1], [cells[2], free_cell]):
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="out of range or not in the sequence"):
                 ctx.remove_cells(bad)
             assert ctx.n_used == 30
         ctx.remove_cells([cells[2]])
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="out of range or not in the sequence"):
             ctx.remove_cells([cells[2]])  # already removed
         assert ctx.n_used == 29
 

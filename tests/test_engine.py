@@ -107,7 +107,7 @@ def test_full_reproduces_llama_cpp_python_greedy(model, model_path):
 def test_budget_too_small_for_sinks_and_window(model):
     with pytest.raises(BudgetError, match="at least 37"):
         Engine(model, "infokv", budget=36, n_sink=4, n_recent=32)
-    with pytest.raises(BudgetError):
+    with pytest.raises(BudgetError, match="buffer, window and n_batch must be positive"):
         Engine(model, "h2o", budget=256, buffer=0)
     with pytest.raises(ValueError, match="unknown policy"):
         Engine(model, "lru", budget=256)
@@ -144,7 +144,7 @@ def test_budget_in_mib(model):
     with Engine(model, "streaming", budget=None, budget_mib=4.0, buffer=32) as eng:
         assert eng.kv_bytes_per_cell == per_token
         assert eng.budget == 4 * 2**20 // per_token == 182
-    with pytest.raises(BudgetError):
+    with pytest.raises(BudgetError, match="budget_mib must be a positive number of MiB"):
         Engine(model, "streaming", budget_mib=0)
 
 
@@ -166,7 +166,7 @@ def test_sampling_parameters_reach_llama_cpp_sampler_chain(model):
     assert run(repeat_penalty=1.8) != greedy  # the penalty sees the prompt's repetitions
     assert run(temperature=1.0, seed=1) == run(temperature=1.0, seed=1)
     assert run(temperature=1.0, seed=1) != run(temperature=1.0, seed=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         SamplingParams(top_p=0)
 
 

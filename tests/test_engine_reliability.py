@@ -116,9 +116,11 @@ def test_bad_sizes_are_clear_budget_errors(model, kwargs, message):
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.parametrize("spec", ["nope", "infokv:alpha=1.5", "tova:window=3"])
-def test_engine_refuses_an_unknown_policy_or_parameter(model, spec):
-    with pytest.raises(errors.PolicyError):
+@pytest.mark.parametrize(("spec", "message"), [("nope", "unknown policy 'nope'"),
+                                               ("infokv:alpha=1.5", r"alpha must be a number in \[0, 1\]"),
+                                               ("tova:window=3", "unexpected keyword argument 'window'")])
+def test_engine_refuses_an_unknown_policy_or_parameter(model, spec, message):
+    with pytest.raises(errors.PolicyError, match=message):
         Engine(model, spec, budget=64, buffer=16)
 
 

@@ -43,12 +43,12 @@ def test_truncated_gguf_file(tmp_path, model_path):
 
 
 def test_invalid_context_parameters(model):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_ctx and n_batch must be positive"):
         StatsContext(model, n_ctx=0)
     with StatsContext(model, n_ctx=256, n_batch=8, attn=False, layer_dist=False) as ctx:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"a batch holds 1\.\.8 tokens.*\(got \[9\]\)"):
             ctx.decode(list(range(9)), 0)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"a batch holds 1\.\.8 tokens.*\(got \[0\]\)"):
             ctx.decode([], 0)
 
 

@@ -139,7 +139,7 @@ def test_wilson_known_values() -> None:
     lo, hi = wilson(81, 100)
     assert lo == pytest.approx(0.7222, abs=1e-4) and hi == pytest.approx(0.8749, abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 0 <= k <= n"):
         wilson(11, 10)
 
 

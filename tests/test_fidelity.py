@@ -18,8 +18,10 @@ def test_policy_specs():
     p = make_policy("infokv:alpha=0.95,entropy=at,top_k=64")
     assert isinstance(p, InfoKVPolicy) and (p.alpha, p.entropy, p.top_k) == (0.95, "at", 64)
     assert isinstance(make_policy("snapkv"), SnapKVPolicy)
-    for bad in ("lru", "infokv:alpha", "infokv:beta=1", "snapkv:kernel_size=4"):
-        with pytest.raises(ValueError):
+    for bad, message in (("lru", "unknown policy 'lru'"), ("infokv:alpha", "expected key=value"),
+                         ("infokv:beta=1", "unexpected keyword argument 'beta'"),
+                         ("snapkv:kernel_size=4", "kernel_size must be a positive odd number")):
+        with pytest.raises(ValueError, match=message):
             make_policy(bad)
 
 

@@ -39,13 +39,13 @@ def test_registry_and_errors():
     assert isinstance(make_policy("snapkv", kernel_size=3), SnapKVPolicy)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("lru")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd number"):
         SnapKVPolicy(kernel_size=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
         InfoKVPolicy(alpha=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="entropy must be 'produced' or 'at'"):
         InfoKVPolicy(entropy="future")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="merge must be 'mean' or 'vote'"):
         InfoKVPolicy(merge="max")
 
 
@@ -76,7 +76,7 @@ def test_h2o_keeps_half_recent_half_heavy_hitters():
     s = H2OPolicy().score(inp(attn_acc=acc, n_keep=6))
     kept = set(np.argsort(-s)[:6].tolist())
     assert kept == {7, 8, 9, 0, 1, 2}  # the 3 newest and the 3 heaviest
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"recent_ratio must be in \[0, 1\]"):
         H2OPolicy(recent_ratio=2)
 
 
@@ -206,7 +206,7 @@ def test_infokv_pooling_and_alpha_one_ranks_like_snapkv():
     a = np.argsort(-InfoKVPolicy(alpha=1.0, kernel_size=3).score(i))
     b = np.argsort(-SnapKVPolicy(kernel_size=3).score(i))
     assert a[0] == b[0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd number"):
         InfoKVPolicy(kernel_size=2)
 
 

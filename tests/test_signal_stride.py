@@ -47,7 +47,7 @@ def test_stride_parameter_checked():
     # the default, by the rule in BENCHMARKS.md; the paper's InfoKV measures every prompt token
     assert make_policy("infokv").signal_stride == 4 and make_policy("infokv-paper").signal_stride == 1
     for bad in ("infokv:stride=0", "infokv:stride=2.5"):
-        with pytest.raises(PolicyError):
+        with pytest.raises(PolicyError, match="stride must be a whole number >= 1"):
             make_policy(bad)
 
 
