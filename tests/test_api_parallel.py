@@ -88,7 +88,7 @@ def test_objects_on_one_shared_context_generate_together(model):
         assert r["usage"]["kv"]["reused_tokens"] > 0
         a.configure(policy="snapkv")  # gives its sequence back and takes one for the new engine
         assert a.create_completion("Hello", max_tokens=3, temperature=0)["usage"]["completion_tokens"] == 3
-        with pytest.raises(BudgetError):
+        with pytest.raises(BudgetError, match="does not fit a shared context"):
             a.configure(budget=4096)  # too large for the shared context: the old engine is back
         assert a.create_completion("Hello", max_tokens=3, temperature=0)["usage"]["completion_tokens"] == 3
         a.close()

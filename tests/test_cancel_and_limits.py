@@ -55,7 +55,7 @@ def test_a_huge_prompt_is_refused_without_being_tokenized_whole(model):
         model.tokenize_bounded(text, 1000)
     cancel = threading.Event()
     cancel.set()
-    with pytest.raises(RequestCancelled):
+    with pytest.raises(RequestCancelled, match="cancelled while the prompt was tokenized"):
         model.tokenize_bounded(text, 10**6, cancel=cancel)
 
 

@@ -91,7 +91,7 @@ def test_full_cache_reports_cache_full(model, tokens):
     with make_ctx(model, n_ctx=256, n_batch=128) as ctx:
         ctx.decode(tokens[:128], 0)
         ctx.decode(tokens[128:256], 128)
-        with pytest.raises(CacheFull):
+        with pytest.raises(CacheFull, match="no free cells for 4 tokens"):
             ctx.decode(tokens[256:260], 256)
         assert ctx.n_used == 256
         cells, _ = ctx.cell_map()

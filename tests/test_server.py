@@ -276,7 +276,7 @@ def test_bad_requests_get_openai_shaped_errors(one_slot):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=MODEL, messages=Y1, extra_body={"infokv": {"policy": "lru"}})
     assert _error(e.value)["param"] == "infokv.policy"
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match="messages"):
         c.chat.completions.create(model=MODEL, messages=[])
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="gpt-4o", messages=Y1)

@@ -62,7 +62,7 @@ def test_strided_decode_measures_the_same_rows(model, tokens):
         rows = signal_rows(n, 10, k)
         # llama.cpp computed logits for the measured rows only
         assert ctx.logits(int(rows[0])).shape == (model.info.n_vocab,)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="no logits for output"):
             ctx.logits(int(rows[0]) + 1)
         ctx.clear()
         ctx.decode(tokens[:10], 0)
