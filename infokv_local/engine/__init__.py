@@ -10,7 +10,7 @@ Where each part lives:
 - :mod:`.compression`: when to evict, the observation window (on demand, the prompt probe), scoring
   with the policy and removing cells.
 - :mod:`.scheduler`: several engines' sequences in one llama.cpp context, their steps decoded together.
-- :mod:`.snapshot`: a parked sequence; :mod:`.stats`: what each step did.
+- :mod:`.snapshot`: a parked sequence; :mod:`.steps`: what each step did.
 
 The design (memories, sequences, what the patch adds) is in docs/memory.md and docs/engine.md.
 """
@@ -20,7 +20,7 @@ from .engine import Engine
 from .scheduler import FairRLock, SequenceView, SharedContext
 from .sizing import CachePlan, bounded_kv_bytes, kv_bytes_per_token, plan_cache
 from .snapshot import EngineSnapshot
-from .stats import HISTORY_STEPS, EngineTotals, StepStats
+from .steps import HISTORY_STEPS, EngineTotals, StepStats
 
 __all__ = ["HISTORY_STEPS", "BudgetError", "CachePlan", "ContextFullError", "Engine", "EngineSnapshot",
            "EngineTotals", "FairRLock", "SequenceView", "SharedContext", "StepStats", "bounded_kv_bytes",

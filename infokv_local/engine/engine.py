@@ -35,7 +35,7 @@ from .compression import Compressor
 from .scheduler import ContextNeeds, SequenceView, SharedContext
 from .sizing import plan_cache
 from .snapshot import EngineSnapshot
-from .stats import EngineTotals, StepStats, copy_totals
+from .steps import EngineTotals, StepStats, copy_totals
 
 
 class Engine:

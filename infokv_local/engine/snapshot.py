@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cells import CellRecord
-from .stats import EngineTotals
+from .steps import EngineTotals
 
 
 @dataclass
