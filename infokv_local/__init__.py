@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import openmp
 from .errors import (
     BudgetError,
     CacheFull,
@@ -30,14 +29,15 @@ from .errors import (
     UnpatchedLibraryError,
     UnsupportedArchitectureError,
 )
+from .llamacpp import openmp
 
 openmp.configure()  # before llama.cpp (and its OpenMP runtime) is loaded
 
 if TYPE_CHECKING:
     from .api import CacheMap, InfoKVLlama
-    from .model import default_model_path
+    from .models.embedded import default_model_path
 
-_LAZY = {"CacheMap": ".api", "InfoKVLlama": ".api", "default_model_path": ".model"}
+_LAZY = {"CacheMap": ".api", "InfoKVLlama": ".api", "default_model_path": ".models.embedded"}
 
 __all__ = [
     "BudgetError",

@@ -29,28 +29,28 @@ FMT = argparse.RawDescriptionHelpFormatter
 
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
-    from .generate import run_generate
+    from .cli.generate import run_generate
 
     run_generate(args)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int | None:
-    from .chat_cli import run_chat
+    from .cli.chat import run_chat
 
     run_chat(args)
     return 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int | None:
-    from .batch import run_batch
+    from .cli.batch import run_batch
 
     return run_batch(args)
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int | None:
-    from .rpc_backend import serve
-    from .threads import default_threads
+    from .llamacpp.rpc import serve
+    from .llamacpp.threads import default_threads
 
     if not 0 < args.port < 65536:
         raise ValueError("--port must be in 1..65535")
@@ -62,8 +62,8 @@ def cmd_rpc_server(args: argparse.Namespace) -> int | None:
 
 
 def cmd_models(args: argparse.Namespace) -> int | None:
-    from .model import DEFAULT_MODEL_INSTALL, default_model_path
-    from .registry_models import MODELS, fetch
+    from .models.embedded import DEFAULT_MODEL_INSTALL, default_model_path
+    from .models.registry import MODELS, fetch
 
     if args.fetch:
         print(fetch(args.fetch))
@@ -80,7 +80,7 @@ def cmd_models(args: argparse.Namespace) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import register
-    from .cli_options import add_model_options, add_sampling_options
+    from .cli.options import add_model_options, add_sampling_options
 
     ap = argparse.ArgumentParser(
         prog="python -m infokv_local", formatter_class=FMT,

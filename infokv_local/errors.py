@@ -2,7 +2,7 @@
 
 Each message tells the user what is wrong and what to do. The errors that describe bad arguments
 are also :class:`ValueError` (so ``except ValueError`` keeps working for them). They are declared
-here only; :mod:`infokv_local.engine` and :mod:`infokv_local.context` re-export the ones they raise.
+here only; :mod:`infokv_local.engine` and :mod:`infokv_local.llamacpp.context` re-export the ones they raise.
 """
 
 

@@ -13,7 +13,7 @@ llama-cpp-python's full cache in the throughput table) and takes under 10 MiB of
 1.5B demo model. Long documents want more: pass ``budget`` (or ``budget_mib``). ``n_sink=4``
 (StreamingLLM's attention sinks), ``n_recent=32`` and ``window=32`` (SnapKV's observation window)
 are the values the fidelity benchmark measured. ``n_threads=None`` means the physical cores this
-process may use (:func:`~infokv_local.threads.default_threads`).
+process may use (:func:`~infokv_local.llamacpp.threads.default_threads`).
 """
 
 from __future__ import annotations

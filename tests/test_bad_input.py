@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from infokv_local.errors import InfoKVError
-from infokv_local.model import Model
+from infokv_local.llamacpp.model import Model
 
 CLI = [sys.executable, "-m", "infokv_local"]
 
@@ -98,7 +98,7 @@ ABSURD = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**62, 2**63 - 1, 2**63, 2**
 CHILD = """
 import sys
 from infokv_local.errors import InfoKVError
-from infokv_local.model import Model
+from infokv_local.llamacpp.model import Model
 try:
     m = Model(sys.argv[1])
     m.tokenize("Hello, world")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from infokv_local import InfoKVLlama, PromptTooLongError, RequestCancelled
-from infokv_local.model import TOKENIZE_PIECE_BYTES
+from infokv_local.llamacpp.model import TOKENIZE_PIECE_BYTES
 
 from .conftest import ESSAY, haystack_essay
 from .test_interrupt import assert_consistent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infokv_local.context import StatsContext
+from infokv_local.llamacpp.context import StatsContext
 
 
 def make_ctx(model, **kw):
@@ -86,7 +86,7 @@ def test_bad_removal_changes_nothing(model, tokens):
 
 
 def test_full_cache_reports_cache_full(model, tokens):
-    from infokv_local.context import CacheFull
+    from infokv_local.llamacpp.context import CacheFull
 
     with make_ctx(model, n_ctx=256, n_batch=128) as ctx:
         ctx.decode(tokens[:128], 0)

@@ -8,9 +8,9 @@ import pytest
 
 from infokv_local.engine import Engine
 from infokv_local.errors import BudgetError
+from infokv_local.llamacpp.sampling import SamplingParams
 from infokv_local.policies import POLICIES
-from infokv_local.sampling import SamplingParams
-from infokv_local.selection import number_runs
+from infokv_local.policies.selection import number_runs
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
 BUDGET, BUFFER = 256, 64

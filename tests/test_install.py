@@ -31,8 +31,9 @@ def test_pip_install_then_the_install_command(tmp_path, model_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "infokv_local", src / "infokv_local",
-                    ignore=shutil.ignore_patterns("__pycache__", "_kernels*", ".kernels.key"))
+    for name in ("infokv_local", "evaluation"):  # the research folder too: the wheel must leave it out
+        shutil.copytree(ROOT / name, src / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "_kernels*", ".kernels.key"))
     env = tmp_path / "env"
     run(sys.executable, "-m", "venv", env)
     py = env / "bin" / "python"
@@ -41,6 +42,15 @@ def test_pip_install_then_the_install_command(tmp_path, model_path):
     run(py, "-c", "from infokv_local.policies import make_policy; from infokv_local.settings import DEFAULTS; "
                    "assert make_policy(DEFAULTS.policy).evicts")
     assert "install" in run(py, "-m", "infokv_local", "--help").stdout
+    # the API says how to build the library; no research code was installed
+    out = run(py, "-c", "import infokv_local\ntry:\n    infokv_local.InfoKVLlama\n"
+                        "except infokv_local.UnpatchedLibraryError as e:\n    print(e)").stdout
+    assert "python -m infokv_local install" in out
+    res = subprocess.run([py, "-m", "infokv_local", "generate", "hi"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and "python -m infokv_local install" in res.stderr, res.stderr
+    installed = run(py, "-m", "pip", "show", "--files", "infokv-local").stdout
+    assert "infokv_local/api/llama.py" in installed
+    assert "evaluation" not in installed and "task_data" not in installed, installed
     out = run(py, "-m", "infokv_local", "install").stdout
     assert "installed patched llama-cpp-python" in out and "built infokv_local._kernels" in out
     site = Path(run(py, "-c", "import infokv_local, pathlib; print(pathlib.Path(infokv_local.__file__).parent)")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from infokv_local import InfoKVLlama
-from infokv_local.chat_cli import AT_PROMPT
+from infokv_local.cli.chat import AT_PROMPT
 from infokv_local.engine import Engine
-from infokv_local.interrupts import sigint_deferred
+from infokv_local.engine.interrupts import sigint_deferred
 
 CLI = [sys.executable, "-m", "infokv_local"]
 

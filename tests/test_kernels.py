@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infokv_local import kernels
-from infokv_local.context import StatsContext
+from infokv_local.llamacpp import kernels
+from infokv_local.llamacpp.context import StatsContext
 
 
 def numpy_topk_entropy(logits: np.ndarray, k: int) -> np.ndarray:

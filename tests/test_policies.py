@@ -267,7 +267,7 @@ def test_decode_mix_parses_from_a_spec():
 
 # ---- written numbers kept or evicted whole (every policy's whole_numbers option) ------------------
 def test_number_runs_join_digits_and_separators_between_digits_only():
-    from infokv_local.selection import number_runs
+    from infokv_local.policies.selection import number_runs
 
     #            x  4  9  .  5  0  x  ,  1  ,  2  x  .  7  7(gap)
     kinds = np.array([0, 1, 1, 2, 1, 1, 0, 2, 1, 2, 1, 0, 2, 1, 1])
@@ -277,7 +277,7 @@ def test_number_runs_join_digits_and_separators_between_digits_only():
 
 
 def test_whole_number_drops_keep_or_drop_a_number_whole():
-    from infokv_local.selection import drop_order, pool_runs, whole_number_drops
+    from infokv_local.policies.selection import drop_order, pool_runs, whole_number_drops
 
     runs = np.array([-1, 0, 0, 0, -1, 1, 1])
     pooled = pool_runs(np.array([5.0, 0.1, 9.0, 0.2, 1.0, np.nan, np.nan]), runs)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from evaluation import task_data
+from evaluation.needle_retention import kept_after_reading, needle_span
 from infokv_local.api import InfoKVLlama
-from infokv_local.bench import task_data
-from infokv_local.bench.needle_retention import kept_after_reading, needle_span
 from infokv_local.engine import Engine
+from infokv_local.llamacpp.sampling import SamplingParams
 from infokv_local.policies import ATTENTION, ATTENTION_ALL_ROWS, POLICIES, make_policy
-from infokv_local.sampling import SamplingParams
 from infokv_local.settings import DEFAULTS
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
@@ -142,7 +142,7 @@ def test_the_probe_through_the_api_and_the_command_line(model):
 
     import argparse
 
-    from infokv_local.cli_options import add_model_options, add_sampling_options, settings_from_args
+    from infokv_local.cli.options import add_model_options, add_sampling_options, settings_from_args
 
     ap = argparse.ArgumentParser()
     add_model_options(ap)

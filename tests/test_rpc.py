@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from infokv_local.errors import RpcError
-from infokv_local.model import Model
-from infokv_local.rpc_backend import parse_endpoints
+from infokv_local.llamacpp.model import Model
+from infokv_local.llamacpp.rpc import parse_endpoints
 
 CLI = [sys.executable, "-m", "infokv_local"]
 

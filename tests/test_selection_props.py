@@ -1,5 +1,5 @@
 """Property tests of what a compression drops, for every policy, through the engine's own selection
-functions (:mod:`infokv_local.selection`): random cache layouts and random signals or scores."""
+functions (:mod:`infokv_local.policies.selection`): random cache layouts and random signals or scores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from infokv_local.engine import Engine
 from infokv_local.policies import ATTENTION, ENTROPY, LAYER_DIST, POLICIES, ScoreInput, make_policy
-from infokv_local.selection import drop_order, evictable_span, keep_count
+from infokv_local.policies.selection import drop_order, evictable_span, keep_count
 
 EVICTING = sorted(name for name, cls in POLICIES.items() if cls.evicts)
 N_LAYER = 3

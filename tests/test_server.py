@@ -467,10 +467,10 @@ def test_parking_store_is_bounded_least_recently_parked_first(model):
 
 
 def test_soak_tool_keeps_every_slot_in_its_budget(tmp_path):
-    """``python -m infokv_local.server.soak`` on a tiny scale: two simultaneous multi-turn conversations,
+    """``python -m evaluation.server_soak`` on a tiny scale: two simultaneous multi-turn conversations,
     cells sampled from /v1/kv never above slots x (budget + buffer), and a parked one restored."""
     out = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, "-m", "infokv_local.server.soak", "--slots", "2", "--conversations", "2",
+    r = subprocess.run([sys.executable, "-m", "evaluation.server_soak", "--slots", "2", "--conversations", "2",
                         "--tokens", "240", "--turn-tokens", "120", "--budget", "48", "--buffer", "16", "--threads", "1",
                         "--every", "0.2", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

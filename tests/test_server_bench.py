@@ -10,7 +10,7 @@ import sys
 def test_server_bench_tiny_run(tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "infokv_local.server.bench", "--threads", "1", "--max-tokens", "12", "--repeats", "2",
+        [sys.executable, "-m", "evaluation.server_bench", "--threads", "1", "--max-tokens", "12", "--repeats", "2",
          "--resume-words", "150", "--budget", "64", "--buffer", "16", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
@@ -27,11 +27,12 @@ def test_server_bench_tiny_run(tmp_path):
 
 
 def test_throughput_tiny_run(tmp_path):
-    """``server.throughput``: rounds of one client alone then N at once against a real ``serve --slots N``; every
-    reply is exactly the asked number of tokens (the end of generation banned), so the rates compare."""
+    """``evaluation.server_throughput``: rounds of one client alone then N at once against a real
+    ``serve --slots N``; every reply is exactly the asked number of tokens (the end of generation banned), so
+    the rates compare."""
     out = tmp_path / "throughput.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "infokv_local.server.throughput", "--slots", "2", "--rounds", "1", "--reply-tokens", "8",
+        [sys.executable, "-m", "evaluation.server_throughput", "--slots", "2", "--rounds", "1", "--reply-tokens", "8",
          "--budget", "48", "--buffer", "16", "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )

@@ -1,6 +1,6 @@
 """Load with hang-ups: clients that connect, send, hang up at random points (queued, prompt being read,
 mid-stream) and reconnect, against a real server; afterwards nothing is stuck and the books agree
-(``python -m infokv_local.server.load``, a short run). Marked slow; CI runs it."""
+(``python -m evaluation.server_load``, a short run). Marked slow; CI runs it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from infokv_local.server import load
+from evaluation import server_load as load
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ import threading
 import numpy as np
 import pytest
 
-from infokv_local.context import DecodePart, StatsContext
 from infokv_local.engine import Engine, FairRLock, SharedContext
 from infokv_local.errors import BudgetError, CacheSettingsError
-from infokv_local.sampling import Sampler, SamplingParams
+from infokv_local.llamacpp.context import DecodePart, StatsContext
+from infokv_local.llamacpp.sampling import Sampler, SamplingParams
 
 from .test_engine import EVICTING
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infokv_local.context import StatsContext, interpolate_rows, signal_rows
 from infokv_local.engine import Engine
 from infokv_local.errors import PolicyError
+from infokv_local.llamacpp.context import StatsContext, interpolate_rows, signal_rows
 from infokv_local.policies import InfoKVPolicy, make_policy
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from infokv_local.context import StatsContext
-from infokv_local.tensor_tap import TensorTap
+from infokv_local.llamacpp.context import StatsContext
+from infokv_local.llamacpp.tensor_tap import TensorTap
 
 
 def test_attention_mass_matches_kq_soft_max(model, tokens):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infokv_local.context import StatsContext
 from infokv_local.engine import Engine
 from infokv_local.errors import CacheSettingsError, InfoKVError
+from infokv_local.llamacpp.context import StatsContext
 
 
 def _run(model, tokens, flash_attn, attn_all_rows, w=8):

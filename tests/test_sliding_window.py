@@ -14,9 +14,9 @@ import pytest
 from llama_cpp import llama_cpp as llama
 
 from infokv_local import InfoKVLlama
-from infokv_local.context import StatsContext
 from infokv_local.engine import Engine, bounded_kv_bytes, kv_bytes_per_token
 from infokv_local.errors import BudgetError
+from infokv_local.llamacpp.context import StatsContext
 
 from .conftest import ESSAY
 from .test_server import KEY, client, kv_of, serve

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from infokv_local.engine import Engine
-from infokv_local.sampling import SamplingParams
+from infokv_local.llamacpp.sampling import SamplingParams
 
 BUDGET, BUFFER = 256, 32
 WARMUP = 2_000  # RSS is compared with what it was after this many tokens

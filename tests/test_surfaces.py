@@ -11,7 +11,7 @@ import pytest
 
 from infokv_local import InfoKVLlama
 from infokv_local.__main__ import build_parser
-from infokv_local.cli_options import settings_from_args
+from infokv_local.cli.options import settings_from_args
 from infokv_local.settings import DEFAULTS, Settings
 
 CLI = [sys.executable, "-m", "infokv_local"]

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from infokv_local import threads
 from infokv_local.api import InfoKVLlama
+from infokv_local.llamacpp import threads
 
 
 def test_default_is_within_the_allowed_cpus() -> None:
@@ -59,8 +59,8 @@ def test_the_chosen_count_is_in_kv_stats(model) -> None:
 
 def test_openmp_keeps_its_unthrottled_wait_unless_the_environment_says_otherwise():
     """OpenMP teams of several calling threads must not make libgomp's workers sleep after every graph
-    (infokv_local/openmp.py); a user's own setting wins."""
-    from infokv_local import openmp
+    (infokv_local/llamacpp/openmp.py); a user's own setting wins."""
+    from infokv_local.llamacpp import openmp
 
     env: dict[str, str] = {}
     assert openmp.configure(env) and env == {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
@@ -68,7 +68,7 @@ def test_openmp_keeps_its_unthrottled_wait_unless_the_environment_says_otherwise
         env = dict(own)
         assert not openmp.configure(env) and env == own
     clean = {k: v for k, v in os.environ.items() if k not in openmp.WAIT}
-    code = ("import os, infokv_local.context; "
+    code = ("import os, infokv_local.llamacpp.context; "
             "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])")
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["ACTIVE", "300000"], out.stderr

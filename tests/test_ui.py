@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from infokv_local.api import CacheMap, InfoKVLlama
-from infokv_local.model import Model
+from infokv_local.llamacpp.model import Model
 from infokv_local.ui.app import budget_note
 from infokv_local.ui.browser import CHROMIUM, UIServer, launch_chromium
 from infokv_local.ui.cache_map import render_cache_map

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from infokv_local.engine import Engine
-from infokv_local.sampling import SamplingParams
+from infokv_local.llamacpp.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -7,6 +7,10 @@ prefix reuse, :mod:`.completion` the completion chunks (streaming, stops, logpro
 
 from __future__ import annotations
 
+from ..llamacpp import require_installed
+
+require_installed()  # before anything imports llama_cpp
+
 from .kv import CacheMap
 from .llama import InfoKVLlama, SavedConversation, model_lock
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine import Engine, FairRLock
-from ..model import Model
+from ..llamacpp.model import Model
 from .prompt import PromptCache
 
 

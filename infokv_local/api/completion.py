@@ -16,13 +16,13 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from ..engine.interrupts import sigint_deferred
 from ..errors import ContextFullError, EmptyPromptError, RequestCancelled
-from ..interrupts import sigint_deferred
-from ..sampling import SamplingParams, check_grammar
-from ..text_stream import StopMatcher, Utf8Pieces, token_bytes
+from ..llamacpp.sampling import SamplingParams, check_grammar
 from .base import _Run
 from .kv import KVStatsMixin
 from .prompt import PromptPlan, prompt_of, text_of
+from .text_stream import StopMatcher, Utf8Pieces, token_bytes
 
 CompletionResult = dict[str, Any] | Iterator[dict[str, Any]]  # a whole result, or its chunks with stream=True
 

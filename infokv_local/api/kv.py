@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..engine import bounded_kv_bytes, kv_bytes_per_token
-from ..model import Model
-from ..text_stream import Utf8Pieces, token_bytes
+from ..llamacpp.model import Model
 from .base import LlamaBase, _Run
+from .text_stream import Utf8Pieces, token_bytes
 
 
 @dataclass

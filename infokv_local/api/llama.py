@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 
 from ..engine import Engine, EngineSnapshot, FairRLock, SharedContext
 from ..errors import BudgetError
-from ..model import Model
+from ..llamacpp.model import Model
 from ..policies import Policy, make_policy
 from ..settings import DEFAULTS, Settings
-from ..text_stream import token_bytes
 from .chat import ChatMixin
 from .prompt import PromptCache
+from .text_stream import token_bytes
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ def model_lock(model: Model) -> FairRLock:
 class InfoKVLlama(ChatMixin):
     """A GGUF model generating under a fixed KV-cache budget, used like ``llama_cpp.Llama``.
 
-    ``model_path`` is a GGUF file or an already loaded :class:`~infokv_local.model.Model` (shared,
+    ``model_path`` is a GGUF file or an already loaded :class:`~infokv_local.llamacpp.model.Model` (shared,
     e.g. between chat sessions; it is then not closed here). ``budget`` (tokens) or ``budget_mib``
     (MiB of KV memory) is what the cache is compressed to, ``buffer`` how far it grows between
     compressions; the ``n_sink`` first and ``n_recent`` last tokens are never evicted (``n_ctx``
@@ -141,7 +141,7 @@ class InfoKVLlama(ChatMixin):
                         **kwargs: Any) -> InfoKVLlama:
         """Load ``filename`` (a name or a glob) of a Hugging Face Hub repository, downloaded through
         huggingface-hub or taken from its local cache when offline."""
-        from ..hub import hf_model_file
+        from ..models.hub import hf_model_file
 
         return cls(hf_model_file(repo_id, filename, cache_dir=cache_dir), **kwargs)
 

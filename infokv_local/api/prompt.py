@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine
-from ..model import Model, text_bytes
-from ..text_stream import token_bytes
+from ..llamacpp.model import Model, text_bytes
+from .text_stream import token_bytes
 
 
 def utf8_of(text: str, what: str) -> bytes:
@@ -108,7 +108,7 @@ class PromptCache:
 
     def reusable(self, prompt: str | bytes, n_cached: int) -> int:
         """How many of the ``n_cached`` tokens of the sequence a request with ``prompt`` (text, or its UTF-8
-        bytes from :func:`~infokv_local.model.text_bytes`) would keep (at most: tokens after them that were
+        bytes from :func:`~infokv_local.llamacpp.model.text_bytes`) would keep (at most: tokens after them that were
         evicted make :meth:`plan` start over); 0 for a prompt that is not valid text (its request will say why)."""
         if isinstance(prompt, str):
             try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..settings import DEFAULTS
-from .evidence_cli import float_list, int_list
+from .arg_types import float_list, int_list
 
 FMT = argparse.RawDescriptionHelpFormatter
 FIDELITY_POLICIES = "streaming,context-shift,h2o,snapkv,tova,random,infokv"
@@ -45,7 +45,7 @@ def register(bsub: Any) -> None:
     f.add_argument("--model", help=MODEL_HELP)
     f.add_argument("--docs", help='JSONL, one {"id", "text"} per line (see: bench docs); default: the documents of '
                                   "--source with at least --max-tokens tokens")
-    from .task_data import DOC_SOURCES  # light (numpy, which the package imports anyway)
+    from .documents import DOC_SOURCES
 
     f.add_argument("--source", choices=DOC_SOURCES, default="essays",
                    help="offline documents to read when --docs is not given (default: essays)")
@@ -128,20 +128,6 @@ def register(bsub: Any) -> None:
     sequences.add_arguments(sq)
     sq.set_defaults(func=sequences.run)
 
-    from . import needle_retention
-
-    nr = bsub.add_parser("needle-retention", help="how much of a needle each policy keeps after reading a long "
-                         "prompt, chunked or compressed once", formatter_class=FMT,
-                         description=needle_retention.__doc__,
-                         epilog="example:\n  python -m infokv_local bench needle-retention --length 2048 --ratio 0.25 "
-                                "--items 12 --json needles.json")
-    needle_retention.add_arguments(nr)
-    nr.set_defaults(func=needle_retention.run)
-
-    from .evidence_cli import register as register_evidence  # bench tasks, bench fidelity-decode
-
-    register_evidence(bsub)
-
 
 def run_table(args: argparse.Namespace) -> None:
     from . import fidelity
@@ -154,8 +140,8 @@ def run_table(args: argparse.Namespace) -> None:
 
 
 def run_docs(args: argparse.Namespace) -> None:
-    from ..model import Model
-    from ..registry_models import resolve_model_path
+    from ..llamacpp.model import Model
+    from ..models.registry import resolve_model_path
     from . import fidelity
 
     with Model(resolve_model_path(args.model)) as model:
@@ -166,8 +152,8 @@ def run_docs(args: argparse.Namespace) -> None:
 def run_fidelity(args: argparse.Namespace) -> int:
     import sys
 
-    from ..model import Model
-    from ..registry_models import resolve_model_path
+    from ..llamacpp.model import Model
+    from ..models.registry import resolve_model_path
     from . import fidelity
     from .kl_ratios import markdown_ratios
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..cache_types import check_cache_type
 from ..engine import Engine
-from ..model import Model
+from ..llamacpp.cache_types import check_cache_type
+from ..llamacpp.model import Model
 from ..policies import make_policy
 from .jsonl import read_inputs, read_log, require_same_settings
 from .kl_ratios import all_kl_ratios
@@ -270,9 +270,9 @@ def format_markdown(results: list[dict]) -> str:
 
 
 def long_documents(model: Model, source: str = "essays", min_tokens: int = 2000, n: int | None = None) -> list[dict]:
-    """The first ``n`` (all: None) offline documents of ``source`` (see :func:`.task_data.source_documents`)
+    """The first ``n`` (all: None) offline documents of ``source`` (see :func:`.documents.source_documents`)
     of at least ``min_tokens`` tokens of ``model``'s tokenizer."""
-    from .task_data import source_documents
+    from .documents import source_documents
 
     docs = [d for d in source_documents(source) if len(model.tokenize(d["text"])) >= min_tokens]
     return docs[:n] if n else docs

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..threads import default_threads
+from ..llamacpp.threads import default_threads
 from .plain_decode import PlainDecoder
 
 CONFIGS = ("stock", "patched_off", "patched_on", "signals")
@@ -57,8 +57,8 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
         raise RuntimeError(f"the benchmark text gave {len(tokens)} tokens, {n_prompt + n_gen} needed")
 
     if cfg == "signals":
-        from infokv_local.context import StatsContext
-        from infokv_local.model import Model
+        from infokv_local.llamacpp.context import StatsContext
+        from infokv_local.llamacpp.model import Model
 
         m = Model(model_path)
         ctx = StatsContext(m, n_ctx=n_ctx, n_batch=n_batch, n_last_rows=32, n_threads=threads)
@@ -84,13 +84,13 @@ def _worker(cfg: str, model_path: str, n_ctx: int, n_prompt: int, n_gen: int, n_
         cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx_ptr = llama.llama_init_from_model(model, cparams)
         if cfg == "patched_on":
-            from infokv_local import native
+            from infokv_local.llamacpp import library as native
 
             native.require_patched()
             if native.lib.llama_infokv_set_stats(ctx_ptr, True, 32, True) != 0:  # not an assert: gone under -O
                 raise RuntimeError("llama_infokv_set_stats failed")
         elif cfg == "patched_off":
-            from infokv_local import native
+            from infokv_local.llamacpp import library as native
 
             native.require_patched()
         decode = PlainDecoder(ctx_ptr, n_batch)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     """Run the benchmark with parsed options; ``ValueError`` on options that do not fit together."""
     if args.model is None:
-        from infokv_local.model import default_model_path
+        from infokv_local.models.embedded import default_model_path
 
         args.model = str(default_model_path())
     if args.prompt + args.gen > args.n_ctx:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..threads import default_threads
+from ..llamacpp.threads import default_threads
 
 STEPS: dict[str, dict[str, Any]] = {
     "plain": dict(attn=False, layer_dist=False, entropy_top_k=None, outputs=False, stride=1),
@@ -44,8 +44,8 @@ STEPS: dict[str, dict[str, Any]] = {
 def measure(model_path: str, n_prompt: int, batch: int, rounds: int, threads: int,
             flash: tuple[bool, ...]) -> list[dict[str, Any]]:
     """Tokens/s of every step at every flash-attention setting, rounds interleaved."""
-    from ..context import StatsContext
-    from ..model import Model
+    from ..llamacpp.context import StatsContext
+    from ..llamacpp.model import Model
     from .speed import _prompt_tokens
 
     rows: list[dict[str, Any]] = []
@@ -92,12 +92,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..registry_models import resolve_model_path
+    from ..models.registry import resolve_model_path
 
     path = str(resolve_model_path(args.model))
     if args.flash_attn == "auto":
-        from ..flash_attn import choose, reference_workload
-        from ..model import Model
+        from ..llamacpp.flash_attn import choose, reference_workload
+        from ..llamacpp.model import Model
 
         with Model(path) as model:
             flash: tuple[bool, ...] = (choose(model, reference_workload(args.threads)).setting == "on",)

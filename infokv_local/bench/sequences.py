@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..settings import DEFAULTS
-from .evidence_cli import int_list
+from .arg_types import int_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,7 +130,8 @@ def engine_run_s(model: Any, n_seq: int, args: argparse.Namespace, mode: str) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model import Model, default_model_path
+    from ..llamacpp.model import Model
+    from ..models.embedded import default_model_path
 
     model = Model(args.model or default_model_path())
     raw: dict[tuple[int, int, str], list[float]] = {}

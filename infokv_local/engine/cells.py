@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..signals import Signals
+from ..llamacpp.decode_signals import Signals
 
 FILLS: dict[str, float | int | bool] = {
     "token": -1, "alone": False, "ent_prod": np.nan, "ent_at": np.nan,

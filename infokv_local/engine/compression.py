@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import DecodeError
 from ..policies import ATTENTION, ENTROPY, LAYER_DIST, ScoreInput
-from ..selection import drop_order, keep_count, whole_number_drops
+from ..policies.selection import drop_order, keep_count, whole_number_drops
 
 if TYPE_CHECKING:
     from .engine import Engine

@@ -1,6 +1,6 @@
 """The evicting engine: one sequence generated under a fixed KV-cache budget.
 
-The engine owns its sequence's cells in llama.cpp (a :class:`~infokv_local.context.StatsContext` of its
+The engine owns its sequence's cells in llama.cpp (a :class:`~infokv_local.llamacpp.context.StatsContext` of its
 own, or one sequence of a :class:`~.scheduler.SharedContext`) and the budget. It reads prompts in chunks
 and generates token by token; before each decode its :class:`~.compression.Compressor` makes room, and
 after it the step's signals go into the per-cell records (:mod:`.cells`) the policies score with.
@@ -19,19 +19,19 @@ from collections.abc import Generator, Iterator, Sequence
 
 import numpy as np
 
-from ..cache_types import check_cache_type
-from ..context import StatsContext
 from ..errors import BudgetError, CacheFull, ContextFullError, DecodeError, EmptyPromptError
-from ..flash_attn import choose_flash_attention
-from ..interrupts import sigint_deferred
-from ..model import Model
+from ..llamacpp.cache_types import check_cache_type
+from ..llamacpp.context import StatsContext
+from ..llamacpp.decode_signals import Signals
+from ..llamacpp.flash_attn import choose_flash_attention
+from ..llamacpp.model import Model
+from ..llamacpp.sampling import Sampler, SamplingParams
 from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy
-from ..sampling import Sampler, SamplingParams
-from ..selection import evictable_span
+from ..policies.selection import evictable_span
 from ..settings import DEFAULTS
-from ..signals import Signals
 from .cells import CellSignals
 from .compression import Compressor
+from .interrupts import sigint_deferred
 from .scheduler import ContextNeeds, SequenceView, SharedContext
 from .sizing import plan_cache
 from .snapshot import EngineSnapshot
@@ -55,10 +55,10 @@ class Engine:
     the model's trained context) the kept tokens are renumbered 0..n-1 with llama.cpp's batched
     K-shift (``llama_memory_seq_add``), so RoPE never extrapolates.
     ``cache_type_k`` / ``cache_type_v`` quantize the cache (``q8_0``, ``q4_0``, ...; see
-    :mod:`~infokv_local.cache_types`): ``budget_mib`` and ``kv_bytes`` count the quantized bytes, and a
+    :mod:`~infokv_local.llamacpp.cache_types`): ``budget_mib`` and ``kv_bytes`` count the quantized bytes, and a
     quantized V cache turns flash attention on (llama.cpp needs it), which H2O cannot use.
     ``flash_attn`` None chooses: on a CPU by timing decode steps with it on and off, once per model,
-    machine, threads and cache types, at a reference size (:mod:`~infokv_local.flash_attn`, cached in the
+    machine, threads and cache types, at a reference size (:mod:`~infokv_local.llamacpp.flash_attn`, cached in the
     user cache directory: which is faster depends on the CPU; one verdict for every engine on the model, so
     that they compute the same numbers), llama.cpp's ``auto`` when layers run on a GPU (there the fused
     kernel is the fast path); :attr:`flash_attn_reason` says which and why. Policies that read only the
@@ -428,7 +428,7 @@ class Engine:
         """Decode one chunk, evicting first if needed: all or nothing for the engine's bookkeeping.
 
         SIGINT is held back until llama.cpp's cache and the engine's records agree again
-        (:func:`~infokv_local.interrupts.sigint_deferred`); an error before llama_decode changes nothing.
+        (:func:`~infokv_local.engine.interrupts.sigint_deferred`); an error before llama_decode changes nothing.
         """
         with sigint_deferred():
             self._decode_step(part, all_outputs, logits_all)

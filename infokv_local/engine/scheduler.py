@@ -1,6 +1,6 @@
 """The batch scheduler: several engines' sequences in one llama.cpp context, their steps decoded together.
 
-A :class:`SharedContext` holds one :class:`~infokv_local.context.StatsContext` with ``n_seq``
+A :class:`SharedContext` holds one :class:`~infokv_local.llamacpp.context.StatsContext` with ``n_seq``
 sequences of ``capacity`` cells each: on a plain KV cache each sequence has a stream of cells of its own
 (llama.cpp's ``kv_unified`` off, so attention is computed per sequence), on a sliding-window or hybrid
 memory they share one unified cache. Every :class:`~infokv_local.engine.Engine` made on it gets a
@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from ..context import DecodePart, StatsContext, memory_layout
 from ..errors import BudgetError, CacheSettingsError
-from ..flash_attn import choose_flash_attention
-from ..model import Model
+from ..llamacpp.context import DecodePart, StatsContext, memory_layout
+from ..llamacpp.decode_signals import Signals
+from ..llamacpp.flash_attn import choose_flash_attention
+from ..llamacpp.model import Model
+from ..llamacpp.sampling import Sampler
 from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, make_policy
-from ..sampling import Sampler
-from ..signals import Signals
 
 MAX_WAIT_S = 0.010  # the longest a generation step waits for the other sequences' tokens
 WAIT_SHARE = 0.25  # ... and at most this share of the last batched decode's time
@@ -145,7 +145,7 @@ class SharedContext:
     The statistics the context collects are the union of what its engines' policies need: ``attn`` (with
     ``attn_all_rows`` when one of them is H2O, which turns flash attention off for all), ``layer_dist``;
     ``window`` and the cache types are common to every engine on it. ``flash_attn`` None: chosen as an
-    engine would choose it (:func:`~infokv_local.flash_attn.choose_flash_attention`). Use
+    engine would choose it (:func:`~infokv_local.llamacpp.flash_attn.choose_flash_attention`). Use
     :meth:`for_policies` to size one for a list of policies. ``lock`` is what orders every operation on
     the context (give the one the callers already hold around their calls, e.g. a session's lock).
     ``kv_unified`` None: a stream of cells per sequence on a plain KV cache, one unified cache on other
@@ -342,7 +342,7 @@ class SharedContext:
 @dataclass
 class SequenceView:
     """One sequence of a :class:`SharedContext`, with the per-sequence operations of a
-    :class:`~infokv_local.context.StatsContext` (what an engine calls on its context) bound to it. Every
+    :class:`~infokv_local.llamacpp.context.StatsContext` (what an engine calls on its context) bound to it. Every
     call holds the shared context's lock. Cell indices are the sequence's stream's own (0..``n_cells`` - 1)
     when each sequence has one, the unified cache's otherwise. Its last logits row is kept here (the
     context's rows belong to whichever sequence decoded last)."""

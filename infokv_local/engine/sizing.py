@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cache_types import row_bytes
-from ..context import MemoryLayout, memory_layout
 from ..errors import BudgetError
-from ..model import Model
+from ..llamacpp.cache_types import row_bytes
+from ..llamacpp.context import MemoryLayout, memory_layout
+from ..llamacpp.model import Model
 from ..policies import Policy, make_policy
 
 

@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from ..errors import InfoKVError, PromptTooLongError, RequestCancelled
-from ..model import text_bytes
+from ..llamacpp.model import text_bytes
 from ..policies import make_policy
 from ..settings import DEFAULTS
 from .metrics import Metrics

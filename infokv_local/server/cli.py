@@ -24,7 +24,7 @@ EXAMPLES = """examples:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand (its options, help and examples) to ``subparsers``."""
-    from ..cli_options import MODEL_HELP, add_cache_options
+    from ..cli.options import MODEL_HELP, add_cache_options
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server, every conversation in a fixed KV budget",
@@ -62,13 +62,13 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import InfoKVLlama
-    from ..cache_types import check_cache_type
-    from ..cli_options import flash_attn_of
+    from ..cli.options import flash_attn_of
     from ..errors import InfoKVError
-    from ..model import Model, set_verbose
+    from ..llamacpp.cache_types import check_cache_type
+    from ..llamacpp.model import Model, set_verbose
+    from ..llamacpp.rpc import parse_endpoints
+    from ..models.registry import resolve_model_path
     from ..policies import make_policy
-    from ..registry_models import resolve_model_path
-    from ..rpc_backend import parse_endpoints
     from .app import ServerSettings, create_app
     from .slots import ParkingStore, SlotPool
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..cli_options import add_probe_option
+from ..cli.options import add_probe_option
 from .session import Settings
 
 CACHE_TYPES_OFFERED = ("f16", "q8_0", "q4_0")  # what Ollama and LM Studio offer; the API takes every type
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..api import InfoKVLlama
     from ..engine import kv_bytes_per_token
-    from ..model import Model
+    from ..llamacpp.model import Model
+    from ..models.registry import resolve_model_path
     from ..policies import POLICIES
-    from ..registry_models import resolve_model_path
     from .app import DEFAULT_SYSTEM_PROMPT, AppConfig, build_app, launch_kwargs
 
     path = resolve_model_path(args.model)

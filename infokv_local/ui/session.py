@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..cache_types import check_cache_type, is_quantized
+from ..llamacpp.cache_types import check_cache_type, is_quantized
 from ..settings import DEFAULTS
 
 

@@ -1,0 +1,1 @@
+"""The command line: ``python -m infokv_local``'s one-user commands and the options every surface shares."""

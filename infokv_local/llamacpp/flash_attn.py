@@ -1,0 +1,253 @@
+"""Flash attention on or off, chosen by measuring both on this model and machine, once.
+
+Which is faster depends on the CPU and the model: stock llama.cpp on SmolLM2-135M decodes 14% faster with
+flash attention on on a 2-core AMD EPYC, and 2.3x slower on an Intel Xeon with AVX-512. So where there is
+a choice (a CPU, and a policy that does not need the attention of every query row), :func:`choose` times
+each setting on a request of a 1,024-token prompt and a 512-token reply and keeps the faster: the prompt
+read as the engine reads prompts (the statistics on, batches of 512), then decode steps in a context
+filled to 1,024 + 128 cells (the long-reasoning budget of the speed benchmark and the server examples) with the
+default policy's statistics, the observation window in its share of the steps. One verdict per model file, CPU, library
+build, threads and cache types, used by every engine on them whatever its size and policy, so that they
+compute the same numbers (an evicting engine gives the full cache's predictions until its first
+eviction). It is cached in the user cache directory (``$INFOKV_CACHE``, default
+``~/.cache/infokv-local/flash-attn.json``): each setting is timed twice, in the order on, off, off, on, and
+keeps its faster timing, so that a job running beside the measurement or a drifting machine slows both alike;
+some seconds once per model and machine (about 35 s for SmolLM2-135M on 2 cores), four prefills of
+1,152 tokens for a large model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CacheSettingsError
+from ..user_cache import cache_dir, read_json, update_json
+from . import library as native
+from .cache_types import is_quantized
+from .context import StatsContext
+from .model import Model
+from .threads import resolve_threads
+
+MAX_FILL = 2048  # cells filled to time the decode steps (bigger caches are timed at this size)
+STEPS = 12  # timed decode steps per kind (without and with the window's statistics), after 2 untimed
+CACHE_FILE = "flash-attn.json"
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The setting (``"on"``, ``"off"``, or ``"auto"``: llama.cpp's) and why."""
+
+    setting: str
+    reason: str
+    ms_per_token: dict[str, float] | None = None  # per decode step, when it was measured
+    prompt_s: dict[str, float] | None = None  # to read the compared prompt, when it was measured
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one decode step of the engine computes, for timing it."""
+
+    capacity: int  # cells of the context (budget + buffer, or the full context)
+    n_batch: int
+    threads: int
+    cache_type_k: str
+    cache_type_v: str
+    attn: bool  # attention statistics (the observation window)
+    window: int
+    window_share: float  # share of the decode steps that compute the window (1 without window on demand)
+    layer_dist: bool
+    entropy_top_k: int | None
+
+
+REFERENCE = (1024, 128, 32, 512)  # budget, buffer, window and prompt batch of the timed workload
+PROMPT_TOKENS, REPLY_TOKENS = 1024, 512  # the request the two settings are compared on
+
+
+def reference_workload(threads: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                       statistics: bool = True) -> Workload:
+    """The workload every engine's verdict is timed on (:data:`REFERENCE`, InfoKV's statistics; without them
+    for a model whose memory has nothing to evict)."""
+    budget, buffer, window, batch = REFERENCE
+    return Workload(capacity=budget + buffer, n_batch=batch, threads=threads, cache_type_k=cache_type_k,
+                    cache_type_v=cache_type_v, attn=statistics, window=window,
+                    window_share=window / buffer if statistics else 0.0, layer_dist=statistics,
+                    entropy_top_k=256 if statistics else None)
+
+
+def cache_path() -> Path:
+    return cache_dir() / CACHE_FILE
+
+
+def choose(model: Model, work: Workload, verbose: bool = False) -> Choice:
+    """The faster flash-attention setting for ``work`` (the engine's: :func:`reference_workload`) on ``model``
+    on this machine, measured once and cached: the one with which a request of :data:`PROMPT_TOKENS`
+    prompt tokens (read with the statistics, as the engine reads prompts) and a reply of
+    :data:`REPLY_TOKENS` tokens (decode steps at the cache's size) takes less time."""
+    key = _key(model, work)
+    with _lock:
+        cached = read_json(CACHE_FILE).get(key)
+        if cached is None:
+            if verbose or sys.stderr.isatty():
+                print(f"infokv-local: timing flash attention on and off for {model.path.name} on this machine "
+                      f"(once; cached in {cache_path()})", file=sys.stderr, flush=True)
+            timed = _time_both(model, work)
+            cached = {"prompt_s": {k: v[0] for k, v in timed.items()},
+                      "ms_per_token": {k: v[1] for k, v in timed.items()}, "fill": min(work.capacity, MAX_FILL),
+                      "prompt_tokens": _prompt_len(work), "measured": time.strftime("%Y-%m-%d %H:%M")}
+            update_json(CACHE_FILE, key, cached)
+    prompt_s, step_ms = cached["prompt_s"], cached["ms_per_token"]
+    scale = PROMPT_TOKENS / cached["prompt_tokens"]
+    total = {k: prompt_s[k] * scale + REPLY_TOKENS * step_ms[k] / 1e3 for k in ("on", "off")}
+    setting = "on" if total["on"] < total["off"] else "off"
+    other = "off" if setting == "on" else "on"
+
+    def said(k: str) -> str:
+        return f"{total[k]:.1f} s {k} (prompt {prompt_s[k] * scale:.1f} s, {step_ms[k]:.2f} ms per decode step)"
+
+    reason = (f"measured on this machine: a {PROMPT_TOKENS}-token prompt and a {REPLY_TOKENS}-token reply take "
+              f"{said(setting)}, {said(other)} ({work.threads} threads, {cached['fill']} cells; "
+              f"{cached['measured']}, cached in {cache_path()})")
+    return Choice(setting, reason, dict(step_ms), {k: prompt_s[k] * scale for k in prompt_s})
+
+
+def _time_both(model: Model, work: Workload) -> dict[str, tuple[float, float]]:
+    """Both settings timed in the order on, off, off, on, each keeping its faster timing of prompt and step:
+    another job that starts or ends during the measurement, or a machine whose speed drifts, slows both
+    settings alike instead of the one timed second (a verdict timed once each, one after the other, picked
+    the slower setting while another job ran)."""
+    timed: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    for setting in ("on", "off", "off", "on"):
+        timed[setting].append(_time(model, work, setting == "on"))
+    return {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in timed.items()}
+
+
+def _prompt_len(work: Workload) -> int:
+    return min(PROMPT_TOKENS, min(work.capacity, MAX_FILL) - 2 * (STEPS + 2))
+
+
+def _time(model: Model, work: Workload, flash_attn: bool) -> tuple[float, float]:
+    """Seconds to read the prompt (:func:`_prompt_len` tokens, with the statistics on and every row an output,
+    in batches of ``work.n_batch``) and milliseconds per decode step at the cache's size, with flash attention
+    on or off (the median step of each kind, weighted by the share of steps of that kind)."""
+    fill = min(work.capacity, MAX_FILL) - 2 * (STEPS + 2)
+    n_prompt = _prompt_len(work)
+    with StatsContext(model, n_ctx=min(work.capacity, MAX_FILL), n_batch=work.n_batch, attn=work.attn,
+                      n_last_rows=work.window, layer_dist=work.layer_dist, entropy_top_k=work.entropy_top_k,
+                      n_threads=work.threads, flash_attn=flash_attn, attn_all_rows=False,
+                      cache_type_k=work.cache_type_k, cache_type_v=work.cache_type_v) as ctx:
+        tokens = _filler(model, fill)
+        t0 = time.perf_counter()
+        for s in range(0, n_prompt, work.n_batch):
+            ctx.decode(tokens[s : min(s + work.n_batch, n_prompt)], s)
+        prompt_s = time.perf_counter() - t0
+        if work.attn:
+            ctx.set_attention_active(False)
+        for s in range(n_prompt, fill, work.n_batch):
+            ctx.decode(tokens[s : min(s + work.n_batch, fill)], s, all_outputs=False)
+        pos, tok = fill, tokens[-1]
+        per_kind = []
+        for with_window in (False, True):
+            if work.attn:
+                ctx.set_attention_active(with_window)
+            times = []
+            for i in range(STEPS + 2):
+                t0 = time.perf_counter()
+                ctx.decode([tok], pos)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+                pos += 1
+            per_kind.append(statistics.median(times) * 1e3)
+    share = work.window_share if work.attn else 0.0
+    return prompt_s, (1 - share) * per_kind[0] + share * per_kind[1]
+
+
+def _filler(model: Model, n: int) -> list[int]:
+    text = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
+    tokens = model.tokenize(text, add_special=False)
+    return (tokens * (n // len(tokens) + 1))[:n]
+
+
+def _key(model: Model, work: Workload) -> str:
+    st = model.path.stat()
+    parts: dict[str, Any] = {
+        "version": 3,
+        "model": [model.path.name, st.st_size], "cpu": _cpu_id(), "build": _build_id(),
+        "n_gpu_layers": model.n_gpu_layers, "threads": work.threads, "cells": min(work.capacity, MAX_FILL),
+        "batch": work.n_batch, "cache": [work.cache_type_k, work.cache_type_v],
+        "stats": [work.attn, work.window if work.attn else 0, round(work.window_share, 3) if work.attn else 0,
+                  work.layer_dist, work.entropy_top_k],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def _cpu_id() -> str:
+    """The CPU's model and instruction-set flags (what the kernels' speed depends on)."""
+    model_name, flags = platform.processor(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model_name:
+                model_name = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {model_name} {flags}".encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _build_id() -> str:
+    """The loaded llama.cpp library's identity (its file's size and time: a rebuild changes it)."""
+    path = Path(native.library_path())
+    try:
+        st = path.stat()
+        return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return path.name
+
+
+def choose_flash_attention(model: Model, all_rows: bool, flash_attn: bool | None, cache_type_v: str,
+                           n_threads: int | None, statistics: bool = True, policy_name: str = "h2o",
+                           check_only: bool = False, cache_type_k: str = "f16") -> tuple[bool | None, str]:
+    """The flash-attention setting of a context and why (:class:`~infokv_local.engine.Engine`'s docstring): as
+    asked, forced by a quantized V cache (on) or by statistics over every query row (``all_rows``: off),
+    llama.cpp's ``auto`` on a GPU or without attention layers, else the faster one measured here. Raises
+    :class:`CacheSettingsError` for a combination that cannot run; ``check_only`` stops after the checks."""
+    if flash_attn is not None and not isinstance(flash_attn, bool):
+        raise CacheSettingsError(f"flash_attn must be True, False or None (chosen by measurement), got "
+                                 f"{flash_attn!r}")
+    if all_rows and flash_attn:
+        raise CacheSettingsError(f"policy {policy_name!r} needs the attention of every query row, which "
+                                 f"exists only with flash attention off: leave flash_attn unset or False")
+    if is_quantized(cache_type_v):
+        if all_rows or flash_attn is False:
+            raise CacheSettingsError(
+                f"a quantized V cache ({cache_type_v}) needs flash attention, and "
+                + (f"policy {policy_name!r} needs it off (the attention of every query row)" if all_rows
+                   else "flash_attn is False") + ": use cache_type_v='f16' or another policy")
+        return True, f"on: the quantized V cache ({cache_type_v}) needs it"
+    if check_only:
+        return flash_attn, ""
+    if flash_attn is not None:
+        return flash_attn, f"{'on' if flash_attn else 'off'}: as asked (flash_attn={flash_attn})"
+    if all_rows:
+        return False, (f"off: policy {policy_name!r} needs the attention of every query row, which only the "
+                       f"explicit softmax has")
+    if model.on_gpu:
+        return None, "auto: llama.cpp's choice, layers run on a GPU (where the fused kernel is fast)"
+    if model.info.memory == "recurrent":
+        return None, "auto: llama.cpp's choice, the model has no attention layers"
+    choice = choose(model, reference_workload(resolve_threads(n_threads), cache_type_k, cache_type_v,
+                                                         statistics=statistics))
+    return choice.setting == "on", f"{choice.setting}: {choice.reason}"
