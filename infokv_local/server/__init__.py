@@ -2,8 +2,9 @@
 
 ``python -m infokv_local serve``: FastAPI + uvicorn; ``--slots N`` :class:`~infokv_local.InfoKVLlama`
 instances share one loaded model, idle conversations are parked in RAM and restored without
-prefill (:mod:`.slots`), requests and responses are OpenAI's (:mod:`.schemas`, :mod:`.app`), with
-``usage.kv``, ``GET /v1/kv`` and ``GET /metrics`` (:mod:`.metrics`) telling what the caches hold.
+prefill (:mod:`.slots`), requests and responses are OpenAI's (:mod:`.schemas`, :mod:`.routes`; :mod:`.app`
+puts the application together), with ``usage.kv``, ``GET /v1/kv`` and ``GET /metrics`` (:mod:`.metrics`)
+telling what the caches hold.
 """
 
 from __future__ import annotations
