@@ -32,7 +32,7 @@ def inp(**kw) -> ScoreInput:
 
 def test_registry_and_errors():
     assert set(POLICIES) == {"full", "streaming", "context-shift", "h2o", "snapkv", "tova", "random", "infokv",
-                             "infokv-paper"}
+                             "infokv-paper", "keydiff", "rkv", "infokv-rkv"}
     paper = make_policy("infokv-paper")
     assert (paper.mix, paper.alpha, paper.name) == ("paper", 0.9, "infokv-paper")
     assert (InfoKVPolicy().mix, InfoKVPolicy().alpha) == ("paper", 0.95)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from infokv_local.engine import Engine
-from infokv_local.policies import ATTENTION, ENTROPY, LAYER_DIST, POLICIES, ScoreInput, make_policy
+from infokv_local.policies import ATTENTION, ENTROPY, KEYS, LAYER_DIST, POLICIES, ScoreInput, make_policy
 from infokv_local.policies.selection import drop_order, evictable_span, keep_count
 
 EVICTING = sorted(name for name, cls in POLICIES.items() if cls.evicts)
@@ -46,6 +46,12 @@ def signals(rng: np.random.Generator, positions: np.ndarray, n_keep: int, policy
             inp.entropy_at[rng.random(n) < 0.5] = np.nan
     if LAYER_DIST in policy_needs:
         inp.layer_dist = rng.random((N_LAYER, n), dtype=np.float32)
+    if KEYS in policy_needs:
+        inp.keys = rng.standard_normal((N_LAYER, n, 2, 8)).astype(np.float32)
+        if with_gaps:  # a zero key (no direction) and two tokens with the same key
+            inp.keys[:, 0] = 0
+            if n > 2:
+                inp.keys[:, 2] = inp.keys[:, 1]
     return inp
 
 

@@ -47,7 +47,8 @@ def add_cache_options(g: Any, per: str = "") -> None:
     the backend options, with the defaults of :data:`~infokv_local.settings.DEFAULTS`."""
     d = DEFAULTS
     g.add_argument("--policy", default=d.policy,
-                   help="eviction policy: infokv, h2o, snapkv, tova, streaming, context-shift, random, full; "
+                   help="eviction policy: infokv, h2o, snapkv, tova, rkv, keydiff, infokv-rkv, infokv-paper, "
+                        "streaming, context-shift, random, full; "
                         f"parameters as infokv:alpha=0.9+top_k=0 (default: {d.policy})")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--budget", type=int, default=d.budget, help=f"KV budget{per} in tokens (default: {d.budget})")

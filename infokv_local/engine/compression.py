@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import DecodeError
-from ..policies import ATTENTION, ENTROPY, LAYER_DIST, ScoreInput
+from ..policies import ATTENTION, ENTROPY, KEYS, LAYER_DIST, ScoreInput
 from ..policies.selection import drop_order, keep_count, whole_number_drops
 
 if TYPE_CHECKING:
@@ -195,4 +195,6 @@ class Compressor:
             inp.entropy_at = c.ent_at[cells]
         if LAYER_DIST in needs:
             inp.layer_dist = c.ldist[:, cells]
+        if KEYS in needs:
+            inp.keys = e.ctx.read_keys(cells)
         return inp

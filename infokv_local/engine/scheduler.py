@@ -35,7 +35,7 @@ from ..llamacpp.decode_signals import Signals
 from ..llamacpp.flash_attn import choose_flash_attention
 from ..llamacpp.model import Model
 from ..llamacpp.sampling import Sampler
-from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, make_policy
+from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, KEYS, LAYER_DIST, make_policy
 
 MAX_WAIT_S = 0.010  # the longest a generation step waits for the other sequences' tokens
 WAIT_SHARE = 0.25  # ... and at most this share of the last batched decode's time
@@ -205,7 +205,8 @@ class SharedContext:
         c = self.ctx
         return frozenset({ENTROPY} | ({ATTENTION} if c.attn else set())
                          | ({ATTENTION_ALL_ROWS} if c.attn and c.attn_all_rows else set())
-                         | ({LAYER_DIST} if c.layer_dist else set()))
+                         | ({LAYER_DIST} if c.layer_dist else set())
+                         | ({KEYS} if c.has_cells else set()))  # the keys are read from the cache, not collected
 
     @property
     def layout(self) -> str:

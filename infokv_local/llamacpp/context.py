@@ -213,6 +213,7 @@ class StatsContext:
         self._last_entropy: dict[int, float] = {}
         self._attn_active = attn
         self._has_output_row = False  # llama.cpp allocates the logits' rows at the first decode
+        self._keys_shape: tuple[np.ndarray, int] | None = None  # read_keys' layers and key width
         self.output_index: dict[int, int] = {}  # each sequence's last output row in the last decode (batch index)
         self.generating = False
 
@@ -332,6 +333,49 @@ class StatsContext:
         if n < 0:
             raise ValueError(f"cannot remove cells {arr.tolist()[:8]}...: out of range or not in the sequence")
         return int(n)
+
+    def key_layers(self) -> np.ndarray:
+        """The layers whose keys :meth:`read_keys` returns (those holding their own K in the growing part)."""
+        return self._key_shape()[0]
+
+    def _key_shape(self) -> tuple[np.ndarray, int]:
+        if self._keys_shape is not None:  # a context's key layers and width never change
+            return self._keys_shape
+        n = int(native.lib.llama_infokv_key_layers(self.ptr, None, 0)) if self.has_cells else -1
+        if n <= 0:
+            raise UnsupportedArchitectureError(f"{self.model.path.name}: its {self.memory} memory has no keys to read")
+        layers = np.empty(n, dtype=np.int32)
+        native.lib.llama_infokv_key_layers(self.ptr, layers.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n)
+        # the K width, from one cell's read: no key is wider than all query heads of the widest head size
+        bound = self.model.info.n_head * max(self.model.info.n_embd // max(self.model.info.n_head, 1), 512)
+        probe = np.empty(n * bound, dtype=np.float32)
+        width = int(native.lib.llama_infokv_get_keys(self.ptr, (ctypes.c_int32 * 1)(0), 1,
+                                                     probe.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), probe.size))
+        if width <= 0 or width % self.model.info.n_head_kv:
+            raise UnsupportedArchitectureError(f"{self.model.path.name}: llama.cpp cannot read this cache's keys "
+                                               f"(code {width})")
+        self._keys_shape = (layers, width)
+        return self._keys_shape
+
+    def read_keys(self, cells: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The cached keys of ``cells`` (after RoPE, as the cache stores them, dequantized): an array
+        [layers of :meth:`key_layers`, cells, KV heads, head size] of float32. One copy per layer from the
+        backend, so it is meant for a compression, not every step. A quantized K cache holds each head's keys
+        rotated (llama.cpp's Hadamard ``attn_rot_k``): norms and the similarities between keys are kept, the
+        coordinates are not."""
+        arr = np.ascontiguousarray(cells, dtype=np.int32)
+        layers, width = self._key_shape()
+        out = np.empty((len(layers), arr.size, width), dtype=np.float32)
+        got = int(native.lib.llama_infokv_get_keys(
+            self.ptr, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), int(arr.size),
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), int(out.size)))
+        if got == -2:
+            raise ValueError(f"cannot read the keys of cells {arr.tolist()[:8]}...: out of range")
+        if got != width:
+            raise UnsupportedArchitectureError(f"{self.model.path.name}: llama.cpp cannot read this cache's keys "
+                                               f"(code {got})")
+        n_head_kv = self.model.info.n_head_kv
+        return out.reshape(len(layers), arr.size, n_head_kv, width // n_head_kv)
 
     def compact_positions(self, seq: int = SEQ) -> int:
         """Renumber the sequence's cells so the holes eviction left are closed, keeping their order; returns

@@ -14,7 +14,7 @@ from llama_cpp import llama_cpp as _llama
 from ..errors import UnpatchedLibraryError
 from . import BUILD_COMMAND
 
-EXPECTED_PATCH_VERSION = 6
+EXPECTED_PATCH_VERSION = 7
 
 lib = _llama._lib
 _c_float_p = ctypes.POINTER(ctypes.c_float)
@@ -40,6 +40,9 @@ _SIGNATURES = {
     "llama_infokv_get_attn_sum": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_attn_last": ([ctypes.c_void_p, _c_int32_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_layer_dist": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),
+    "llama_infokv_key_layers": ([ctypes.c_void_p, _c_int32_p, ctypes.c_int32], ctypes.c_int32),
+    "llama_infokv_get_keys": ([ctypes.c_void_p, _c_int32_p, ctypes.c_int32, _c_float_p, ctypes.c_int64],
+                              ctypes.c_int32),
 }
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import PolicyError
-from .base import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy, ScoreInput
+from .base import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, KEYS, LAYER_DIST, Policy, ScoreInput
 from .context_shift import ContextShiftPolicy
 from .full import FullPolicy
 from .h2o import H2OPolicy
-from .infokv import InfoKVPaperPolicy, InfoKVPolicy
+from .infokv import InfoKVPaperPolicy, InfoKVPolicy, InfoKVRedundancyPolicy
+from .keydiff import KeyDiffPolicy
 from .random_eviction import RandomPolicy
+from .rkv import RKVPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
 from .tova import TOVAPolicy
@@ -18,7 +20,7 @@ from .tova import TOVAPolicy
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (FullPolicy, StreamingPolicy, ContextShiftPolicy, H2OPolicy, SnapKVPolicy, TOVAPolicy, RandomPolicy,
-                InfoKVPolicy, InfoKVPaperPolicy)
+                KeyDiffPolicy, RKVPolicy, InfoKVPolicy, InfoKVPaperPolicy, InfoKVRedundancyPolicy)
 }
 
 
@@ -65,7 +67,8 @@ def _parse_value(v: str) -> Any:
 
 
 __all__ = [
-    "ATTENTION", "ATTENTION_ALL_ROWS", "ENTROPY", "LAYER_DIST", "POLICIES", "ContextShiftPolicy", "FullPolicy",
-    "H2OPolicy", "InfoKVPaperPolicy", "InfoKVPolicy", "Policy", "RandomPolicy", "ScoreInput", "SnapKVPolicy",
-    "StreamingPolicy", "TOVAPolicy", "make_policy",
+    "ATTENTION", "ATTENTION_ALL_ROWS", "ENTROPY", "KEYS", "LAYER_DIST", "POLICIES", "ContextShiftPolicy",
+    "FullPolicy", "H2OPolicy", "InfoKVPaperPolicy", "InfoKVPolicy", "InfoKVRedundancyPolicy", "KeyDiffPolicy",
+    "Policy", "RKVPolicy", "RandomPolicy", "ScoreInput", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
+    "make_policy",
 ]

@@ -18,6 +18,8 @@ ATTENTION = "attention"
 ATTENTION_ALL_ROWS = "attention_all_rows"
 ENTROPY = "entropy"
 LAYER_DIST = "layer_dist"
+# the cached keys (after RoPE), read from the cache at each compression (KeyDiff, R-KV)
+KEYS = "keys"
 
 
 @dataclass
@@ -33,6 +35,8 @@ class ScoreInput:
     - ``entropy_produced`` / ``entropy_at`` [n]: top-k predictive entropy of the distribution that
       produced the token / at the token
     - ``layer_dist`` [n_layer, n]: 1 - cos(layer l's output, last layer's output) for the token
+    - ``keys`` [n_key_layer, n, n_head_kv, head_dim]: the tokens' cached keys (after RoPE), for the layers that
+      hold their own keys in the evicted cache
     - ``n_keep``: how many of these tokens the engine will keep (for policies that vote)
     - ``n_incoming``: how many tokens the compression makes room for: 1 for a generation step (or text
       teacher-forced one token at a time), more for a prompt chunk
@@ -52,6 +56,7 @@ class ScoreInput:
     entropy_produced: np.ndarray | None = None
     entropy_at: np.ndarray | None = None
     layer_dist: np.ndarray | None = None
+    keys: np.ndarray | None = None
     rng: np.random.Generator | None = None
 
     @property

@@ -44,6 +44,11 @@ as SnapKV compresses, or the first tokens of an answer) evicts prompt tokens for
 uses the prompt's mix; ``decode_on="step"`` gives every one-token compression the decode mix (the rule until
 30 Nov 2026: it scored such a prompt compression with the rank mix and kept 2 of a needle's 42 digits where the
 prompt's mix keeps 19; decode-time fidelity tied, 0.99x, BENCHMARKS.md).
+``redundancy`` (0: off) subtracts R-KV's redundancy term from the information term, ``I - redundancy * R`` with
+``I`` scaled by ``1 - redundancy`` (Cai et al., 2025, arXiv 2505.24133; :mod:`.rkv`): per layer, the softmax over
+tokens of each key's mean cosine similarity to the other cached keys (ranks under the rank mix), so that of many
+tokens saying the same thing fewer are kept. It needs the keys, read from the cache at each compression, so it
+is the policy :class:`InfoKVRedundancyPolicy` (``infokv-rkv``, 0.5 until chosen on a selection slice).
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
 """
@@ -55,7 +60,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PolicyError
-from .base import ATTENTION, ENTROPY, LAYER_DIST, Policy, ScoreInput, layer_normalised, require
+from .base import ATTENTION, ENTROPY, KEYS, LAYER_DIST, Policy, ScoreInput, layer_normalised, require
+from .key_similarity import redundancy
 from .snapkv import pool1d
 
 
@@ -99,6 +105,7 @@ class InfoKVPolicy(Policy):
     decode_mix: str | None = "rank"
     decode_alpha: float | None = 0.5
     decode_on: str = "window"
+    redundancy: float = 0.0
     name = "infokv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST})
 
@@ -127,6 +134,11 @@ class InfoKVPolicy(Policy):
             raise PolicyError(f"decode_on must be 'window' or 'step' (got {self.decode_on!r})")
         if self.info not in ("product", "entropy", "evolution"):
             raise PolicyError(f"info must be 'product', 'entropy' or 'evolution' (got {self.info!r})")
+        if not (isinstance(self.redundancy, (int, float)) and 0.0 <= self.redundancy <= 1.0):
+            raise PolicyError(f"redundancy must be a number in [0, 1] (got {self.redundancy!r})")
+        if self.redundancy > 0 and KEYS not in self.needs:
+            raise PolicyError(f"{self.name} does not read the cached keys; the redundancy term is policy "
+                              f"'infokv-rkv' (e.g. infokv-rkv:redundancy={self.redundancy})")
 
     @property
     def entropy_top_k(self) -> int | None:
@@ -161,10 +173,14 @@ class InfoKVPolicy(Policy):
             energy = dist + self.tau
         else:
             energy = (dist + self.tau) * h[None, :]
-        if mix == "rank":
-            return alpha * rank_rows(attn) + (1.0 - alpha) * rank_rows(energy)
-        info = softmax_rows(energy)
-        return alpha * attn + (1.0 - alpha) * info
+        rank = mix == "rank"
+        info = rank_rows(energy) if rank else softmax_rows(energy)
+        if self.redundancy > 0:
+            redundant = redundancy(require(inp, "keys"))
+            if redundant.shape[0] != info.shape[0]:  # keys of fewer layers than the statistics: their mean
+                redundant = np.broadcast_to(redundant.mean(axis=0), info.shape)
+            info = (1.0 - self.redundancy) * info - self.redundancy * (rank_rows(redundant) if rank else redundant)
+        return alpha * (rank_rows(attn) if rank else attn) + (1.0 - alpha) * info
 
     def score(self, inp: ScoreInput) -> np.ndarray:
         per_layer = self.layer_scores(inp)
@@ -189,3 +205,13 @@ class InfoKVPaperPolicy(InfoKVPolicy):
     decode_mix: str | None = None
     decode_alpha: float | None = None
     name = "infokv-paper"
+
+
+@dataclass
+class InfoKVRedundancyPolicy(InfoKVPolicy):
+    """InfoKV with R-KV's redundancy term subtracted from its information term (``redundancy`` 0.5; see
+    :class:`InfoKVPolicy`): the cached keys are read at each compression."""
+
+    redundancy: float = 0.5
+    name = "infokv-rkv"
+    needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST, KEYS})
