@@ -1,4 +1,8 @@
-"""Chat conversion: messages through the GGUF's chat template in, OpenAI chat dicts and chunks out."""
+"""Chat conversion: messages through the GGUF's chat template in, OpenAI chat dicts and chunks out.
+
+Functions of an :class:`~infokv_local.api.InfoKVLlama` (its ``create_chat_completion`` calls
+:func:`create_chat_completion`).
+"""
 
 from __future__ import annotations
 
@@ -6,98 +10,88 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, cast
 
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from .completion import (
-    CompletionMixin,
-    CompletionResult,
     _grammar_text,
     _join_completion,
     _n_logprobs,
     _prompt_limit,
     _stops,
+    completion_chunks,
+    sampling_params,
+)
+from .types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionDelta,
+    ChatCompletionLogprobs,
+    Completion,
+    CompletionChunk,
+    CompletionLogprobs,
 )
 
+if TYPE_CHECKING:
+    from .llama import InfoKVLlama
 
-class ChatMixin(CompletionMixin):
-    """``create_chat_completion``."""
+ChatCompletionResult = ChatCompletion | Iterator[ChatCompletionChunk]  # a whole reply, or its chunks with stream=True
 
-    _formatter: Jinja2ChatFormatter | None = None
 
-    @overload
-    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
-                               top_k: int = ..., min_p: float = ..., stream: Literal[False] = ...,
-                               **kwargs: Any) -> dict[str, Any]: ...
-    @overload
-    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
-                               top_k: int = ..., min_p: float = ..., *, stream: Literal[True],
-                               **kwargs: Any) -> Iterator[dict[str, Any]]: ...
-    @overload
-    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
-                               top_k: int = ..., min_p: float = ..., stream: bool = ...,
-                               **kwargs: Any) -> CompletionResult: ...
+def create_chat_completion(
+    llm: InfoKVLlama,
+    messages: list[dict[str, Any]],
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    top_k: int = 40,
+    min_p: float = 0.05,
+    stream: bool = False,
+    stop: str | bytes | list[str | bytes] | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repeat_penalty: float = 1.0,
+    logprobs: bool | None = None,
+    top_logprobs: int | None = None,
+    response_format: dict[str, Any] | None = None,
+    grammar: Any = None,
+    logit_bias: dict[int | str, float] | None = None,
+    cancel: threading.Event | None = None,
+    max_prompt_tokens: int | None = None,
+) -> ChatCompletionResult:
+    """:meth:`InfoKVLlama.create_chat_completion <infokv_local.api.InfoKVLlama.create_chat_completion>` of
+    ``llm``."""
+    formatted = chat_formatter(llm)(messages=messages)  # type: ignore[arg-type]  # OpenAI message dicts
+    gbnf = _grammar_text(grammar)
+    if response_format is not None:
+        if gbnf is not None:
+            raise ValueError("give grammar or response_format, not both")
+        gbnf = _response_format_grammar(response_format)
+    n_top = None
+    if logprobs:
+        n_top = 0 if top_logprobs is None else top_logprobs
+    elif top_logprobs is not None:
+        raise ValueError("top_logprobs needs logprobs=True")
+    params = sampling_params(llm, temperature, top_p, min_p, top_k, frequency_penalty, presence_penalty,
+                             repeat_penalty, seed, gbnf, logit_bias)
+    chunks = completion_chunks(llm, formatted.prompt, not formatted.added_special, max_tokens, params,
+                               _stops(stop), f"chatcmpl-{uuid.uuid4()}", logprobs=_n_logprobs(n_top),
+                               cancel=cancel, max_prompt_tokens=_prompt_limit(max_prompt_tokens))
+    return _chat_chunks(chunks) if stream else _chat_result(_join_completion(chunks))
 
-    def create_chat_completion(  # type: ignore[misc]  # the overloads name only the arguments that pick the type
-        self,
-        messages: list[dict[str, Any]],
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        stream: bool = False,
-        stop: str | bytes | list[str | bytes] | None = None,
-        seed: int | None = None,
-        max_tokens: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        response_format: dict[str, Any] | None = None,
-        grammar: Any = None,
-        logit_bias: dict[int | str, float] | None = None,
-        cancel: threading.Event | None = None,
-        max_prompt_tokens: int | None = None,
-    ) -> CompletionResult:
-        """Reply to a conversation, formatted by the chat template in the GGUF metadata.
 
-        Arguments and result as ``Llama.create_chat_completion``. Pass the whole history each
-        turn: the part the cache already holds is not prefilled again. ``logprobs=True`` adds the
-        OpenAI ``logprobs: {"content": [...]}`` block with ``top_logprobs`` most probable tokens per
-        token; ``response_format={"type": "json_object"}`` (optionally with a ``"schema"``) or
-        ``{"type": "json_schema", "json_schema": {"schema": ...}}`` constrains the reply to JSON
-        through llama.cpp's grammar sampler; ``grammar`` takes a GBNF text or a ``LlamaGrammar``;
-        ``logit_bias``, ``cancel`` and ``max_prompt_tokens`` as in :meth:`create_completion`.
-        """
-        formatted = self._chat_formatter()(messages=messages)  # type: ignore[arg-type]  # OpenAI message dicts
-        gbnf = _grammar_text(grammar)
-        if response_format is not None:
-            if gbnf is not None:
-                raise ValueError("give grammar or response_format, not both")
-            gbnf = _response_format_grammar(response_format)
-        n_top = None
-        if logprobs:
-            n_top = 0 if top_logprobs is None else top_logprobs
-        elif top_logprobs is not None:
-            raise ValueError("top_logprobs needs logprobs=True")
-        sampling = self._sampling(temperature, top_p, min_p, top_k, frequency_penalty, presence_penalty,
-                                  repeat_penalty, seed, gbnf, logit_bias)
-        chunks = self._completion_chunks(formatted.prompt, not formatted.added_special, max_tokens, sampling,
-                                         _stops(stop), f"chatcmpl-{uuid.uuid4()}", logprobs=_n_logprobs(n_top),
-                                         cancel=cancel, max_prompt_tokens=_prompt_limit(max_prompt_tokens))
-        return _chat_chunks(chunks) if stream else _chat_result(_join_completion(chunks))
-
-    def _chat_formatter(self) -> Jinja2ChatFormatter:
-        if self._formatter is None:
-            template = self.model.meta("tokenizer.chat_template") or CHATML_CHAT_TEMPLATE
-            # a vocabulary without the token (id -1) gives the template an empty string
-            eos, bos = (self.model.token_bytes(t, True).decode("utf-8", "replace") if t >= 0 else ""
-                        for t in (self.model.eos_token_id, self.model.bos_token_id))
-            self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
-        return self._formatter
+def chat_formatter(llm: InfoKVLlama) -> Jinja2ChatFormatter:
+    """``llm``'s chat template (the GGUF's, else ChatML) as llama-cpp-python's formatter, made once."""
+    if llm._formatter is None:
+        template = llm.model.meta("tokenizer.chat_template") or CHATML_CHAT_TEMPLATE
+        # a vocabulary without the token (id -1) gives the template an empty string
+        eos, bos = (llm.model.token_bytes(t, True).decode("utf-8", "replace") if t >= 0 else ""
+                    for t in (llm.model.eos_token_id, llm.model.bos_token_id))
+        llm._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+    return llm._formatter
 
 
 def _response_format_grammar(fmt: dict[str, Any]) -> str | None:
@@ -116,13 +110,14 @@ def _response_format_grammar(fmt: dict[str, Any]) -> str | None:
                      f"'schema'), {{'type': 'json_schema', 'json_schema': {{'schema': ...}}}} or {{'type': 'text'}}")
 
 
-def _chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
+def _chat_logprobs(lp: CompletionLogprobs | None) -> ChatCompletionLogprobs | None:
     """llama-cpp-python's completion logprobs in the OpenAI chat shape."""
     if lp is None:
         return None
     return {
         "content": [
-            {"token": tok, "bytes": list(tok.encode("utf-8")), "logprob": logprob,
+            # a chat never echoes its prompt: every token has a log-probability
+            {"token": tok, "bytes": list(tok.encode("utf-8")), "logprob": cast(float, logprob),
              "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode("utf-8"))}
                               for t, p in (top or {}).items()]}
             for tok, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True)
@@ -131,7 +126,7 @@ def _chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def _chat_result(done: dict[str, Any]) -> dict[str, Any]:
+def _chat_result(done: Completion) -> ChatCompletion:
     choice = done["choices"][0]
     return {
         "id": done["id"], "object": "chat.completion", "created": done["created"], "model": done["model"],
@@ -141,22 +136,25 @@ def _chat_result(done: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _chat_chunks(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _chat_chunks(chunks: Iterator[CompletionChunk]) -> Iterator[ChatCompletionChunk]:
     first = True
     try:
         for c in chunks:
-            base = {"id": c["id"], "object": "chat.completion.chunk", "created": c["created"], "model": c["model"]}
             if first:
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                            "finish_reason": None}], "kv": c["kv"]}
+                yield {"id": c["id"], "object": "chat.completion.chunk", "created": c["created"], "model": c["model"],
+                       "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                    "finish_reason": None}], "kv": c["kv"]}
                 first = False
             choice = c["choices"][0]
-            delta = {"content": choice["text"]} if choice["finish_reason"] is None else {}
-            out = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": _chat_logprobs(choice["logprobs"]),
-                                        "finish_reason": choice["finish_reason"]}], "kv": c["kv"]}
-            for key in ("usage", "timings"):
-                if key in c:
-                    out[key] = c[key]
+            delta: ChatCompletionDelta = {"content": choice["text"]} if choice["finish_reason"] is None else {}
+            out: ChatCompletionChunk = {
+                "id": c["id"], "object": "chat.completion.chunk", "created": c["created"], "model": c["model"],
+                "choices": [{"index": 0, "delta": delta, "logprobs": _chat_logprobs(choice["logprobs"]),
+                             "finish_reason": choice["finish_reason"]}], "kv": c["kv"]}
+            if "usage" in c:
+                out["usage"] = c["usage"]
+            if "timings" in c:
+                out["timings"] = c["timings"]
             yield out
     finally:
         chunks.close()  # type: ignore[attr-defined]

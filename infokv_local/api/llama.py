@@ -2,9 +2,13 @@
 
 The completion and chat methods take llama-cpp-python's arguments and return the same
 OpenAI-style dicts as ``llama_cpp.Llama`` (choices, finish_reason, usage; chunk dicts with
-``stream=True``). What is new: the budget and the eviction policy, and a ``kv`` block (in
-``usage`` and in every chunk) telling what the cache holds. Successive calls reuse the compressed
-cache for the part of the prompt it already holds (a chat's history), instead of prefilling it again.
+``stream=True``; typed in :mod:`.types`). What is new: the budget and the eviction policy, and a ``kv``
+block (in ``usage`` and in every chunk) telling what the cache holds. Successive calls reuse the
+compressed cache for the part of the prompt it already holds (a chat's history), instead of prefilling
+it again.
+
+The object holds the state; the work is done by the functions of :mod:`.completion`, :mod:`.chat` and
+:mod:`.kv`, which take it as their first argument.
 """
 
 from __future__ import annotations
@@ -12,18 +16,24 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..engine import Engine, EngineSnapshot, FairRLock, SharedContext
 from ..errors import BudgetError
 from ..llamacpp.model import Model
 from ..policies import Policy, make_policy
 from ..settings import DEFAULTS, Settings
-from .chat import ChatMixin
+from . import chat, completion, kv
+from .chat import ChatCompletionResult
+from .completion import CompletionResult
+from .kv import CacheMap
 from .prompt import PromptCache
 from .text_stream import token_bytes
+from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, KVStats
 
 T = TypeVar("T")
 
@@ -47,7 +57,7 @@ def model_lock(model: Model) -> FairRLock:
         return lock
 
 
-class InfoKVLlama(ChatMixin):
+class InfoKVLlama:
     """A GGUF model generating under a fixed KV-cache budget, used like ``llama_cpp.Llama``.
 
     ``model_path`` is a GGUF file or an already loaded :class:`~infokv_local.llamacpp.model.Model` (shared,
@@ -67,6 +77,20 @@ class InfoKVLlama(ChatMixin):
     steps are decoded together when they generate at the same time on threads of their own (see
     :meth:`create_completions`).
     """
+
+    model: Model
+    model_path: str
+    seed: int
+    parallel: int
+    _calls: int  # requests made: the default seed of the next one
+    _lock: FairRLock  # the model's lock: one llama.cpp call at a time on the model
+    _engine: Engine | None
+    _engine_args: dict[str, Any]
+    _shared: SharedContext | None
+    _owns_model: bool
+    _prompt: PromptCache  # the sequence's text, piece by piece, for prefix reuse
+    _formatter: Jinja2ChatFormatter | None  # the chat template, made on the first chat
+    _active: bool  # a request's chunks are being read
 
     def __init__(
         self,
@@ -113,7 +137,7 @@ class InfoKVLlama(ChatMixin):
         except BudgetError:
             self._free()
             raise
-        self._engine_args: dict[str, Any] = dict(
+        self._engine_args = dict(
             policy=policy, budget=None if budget_mib is not None else budget, budget_mib=budget_mib, buffer=buffer,
             n_sink=n_sink, n_recent=n_recent, window=window, n_batch=n_batch, n_threads=n_threads, seed=seed,
             max_context=n_ctx, flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
@@ -144,6 +168,185 @@ class InfoKVLlama(ChatMixin):
         from ..models.hub import hf_model_file
 
         return cls(hf_model_file(repo_id, filename, cache_dir=cache_dir), **kwargs)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise ValueError("this InfoKVLlama is closed")
+        return self._engine
+
+    def _refuse_while_streaming(self, what: str) -> None:
+        if self._active:
+            raise RuntimeError(f"a streamed completion is still open on this InfoKVLlama: read it to the end or "
+                               f"close() it before {what}")
+
+    # ---- completion and chat (:mod:`.completion`, :mod:`.chat`) -----------------------------------
+    @overload
+    def __call__(self, prompt: str | bytes, *, stream: Literal[False] = ..., **kwargs: Any) -> Completion: ...
+    @overload
+    def __call__(self, prompt: str | bytes, *, stream: Literal[True], **kwargs: Any) -> Iterator[CompletionChunk]: ...
+    @overload
+    def __call__(self, prompt: str | bytes, *, stream: bool, **kwargs: Any) -> CompletionResult: ...
+
+    def __call__(self, prompt: str | bytes, *, stream: bool = False, **kwargs: Any) -> CompletionResult:
+        """Same as :meth:`create_completion` (as ``Llama.__call__``)."""
+        return self.create_completion(prompt, stream=stream, **kwargs)
+
+    @overload
+    def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
+                          top_p: float = ..., min_p: float = ..., top_k: int = ...,
+                          stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
+                          presence_penalty: float = ..., repeat_penalty: float = ...,
+                          stream: Literal[False] = ..., seed: int | None = ..., logprobs: int | None = ...,
+                          echo: bool = ..., grammar: Any = ...,
+                          logit_bias: dict[int | str, float] | None = ..., cancel: threading.Event | None = ...,
+                          max_prompt_tokens: int | None = ...) -> Completion: ...
+    @overload
+    def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
+                          top_p: float = ..., min_p: float = ..., top_k: int = ...,
+                          stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
+                          presence_penalty: float = ..., repeat_penalty: float = ..., *, stream: Literal[True],
+                          seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
+                          grammar: Any = ...,
+                          logit_bias: dict[int | str, float] | None = ..., cancel: threading.Event | None = ...,
+                          max_prompt_tokens: int | None = ...) -> Iterator[CompletionChunk]: ...
+    @overload
+    def create_completion(self, prompt: str | bytes, max_tokens: int | None = ..., temperature: float = ...,
+                          top_p: float = ..., min_p: float = ..., top_k: int = ...,
+                          stop: str | bytes | list[str | bytes] | None = ..., frequency_penalty: float = ...,
+                          presence_penalty: float = ..., repeat_penalty: float = ..., stream: bool = ...,
+                          seed: int | None = ..., logprobs: int | None = ..., echo: bool = ...,
+                          grammar: Any = ...,
+                          logit_bias: dict[int | str, float] | None = ..., cancel: threading.Event | None = ...,
+                          max_prompt_tokens: int | None = ...) -> CompletionResult: ...
+
+    def create_completion(
+        self,
+        prompt: str | bytes,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        top_k: int = 40,
+        stop: str | bytes | list[str | bytes] | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        stream: bool = False,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        echo: bool = False,
+        grammar: Any = None,
+        logit_bias: dict[int | str, float] | None = None,
+        cancel: threading.Event | None = None,
+        max_prompt_tokens: int | None = None,
+    ) -> CompletionResult:
+        """Complete ``prompt``; the arguments and the result are those of ``Llama.create_completion``
+        (pass them by keyword: ``suffix``, llama-cpp-python's second positional argument, is not supported).
+
+        ``max_tokens`` None or <= 0 means until an end-of-generation token (at most the model's
+        trained context length of new tokens), as in llama-cpp-python. ``logprobs=n``: per generated
+        token, its log-probability and the ``n`` most probable tokens (from the logits the token was
+        sampled from, before any grammar). ``echo``: the prompt is returned before the completion.
+        ``grammar``: a GBNF text or a ``llama_cpp.LlamaGrammar``, applied by llama.cpp's grammar
+        sampler. ``logit_bias``: token id (an int, or its string as in the OpenAI API) to a value added to
+        its logit before sampling; ``-inf`` bans it. The result's ``usage`` has a ``kv`` block; with
+        ``stream=True`` every chunk has one too.
+
+        Not in llama-cpp-python: ``cancel``, a ``threading.Event`` that another thread may set to stop the
+        request at the next prompt chunk or generated token (the call, or the stream, raises
+        :class:`~infokv_local.errors.RequestCancelled`; what was read and generated stays cached, and the
+        next call reuses it); ``max_prompt_tokens``, the most prompt tokens the call may read (the part
+        of the prompt not cached already): a longer one raises
+        :class:`~infokv_local.errors.PromptTooLongError` before anything changes, found without
+        tokenizing all of a huge prompt.
+        """
+        return completion.create_completion(
+            self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
+            stop=stop, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty, stream=stream, seed=seed, logprobs=logprobs, echo=echo, grammar=grammar,
+            logit_bias=logit_bias, cancel=cancel, max_prompt_tokens=max_prompt_tokens)
+
+    @overload
+    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
+                               top_k: int = ..., min_p: float = ..., stream: Literal[False] = ...,
+                               **kwargs: Any) -> ChatCompletion: ...
+    @overload
+    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
+                               top_k: int = ..., min_p: float = ..., *, stream: Literal[True],
+                               **kwargs: Any) -> Iterator[ChatCompletionChunk]: ...
+    @overload
+    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = ..., top_p: float = ...,
+                               top_k: int = ..., min_p: float = ..., stream: bool = ...,
+                               **kwargs: Any) -> ChatCompletionResult: ...
+
+    def create_chat_completion(  # type: ignore[misc]  # the overloads name only the arguments that pick the type
+        self,
+        messages: list[dict[str, Any]],
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stream: bool = False,
+        stop: str | bytes | list[str | bytes] | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        response_format: dict[str, Any] | None = None,
+        grammar: Any = None,
+        logit_bias: dict[int | str, float] | None = None,
+        cancel: threading.Event | None = None,
+        max_prompt_tokens: int | None = None,
+    ) -> ChatCompletionResult:
+        """Reply to a conversation, formatted by the chat template in the GGUF metadata.
+
+        Arguments and result as ``Llama.create_chat_completion``. Pass the whole history each
+        turn: the part the cache already holds is not prefilled again. ``logprobs=True`` adds the
+        OpenAI ``logprobs: {"content": [...]}`` block with ``top_logprobs`` most probable tokens per
+        token; ``response_format={"type": "json_object"}`` (optionally with a ``"schema"``) or
+        ``{"type": "json_schema", "json_schema": {"schema": ...}}`` constrains the reply to JSON
+        through llama.cpp's grammar sampler; ``grammar`` takes a GBNF text or a ``LlamaGrammar``;
+        ``logit_bias``, ``cancel`` and ``max_prompt_tokens`` as in :meth:`create_completion`.
+        """
+        return chat.create_chat_completion(
+            self, messages, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stream=stream,
+            stop=stop, seed=seed, max_tokens=max_tokens, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logprobs=logprobs,
+            top_logprobs=top_logprobs, response_format=response_format, grammar=grammar, logit_bias=logit_bias,
+            cancel=cancel, max_prompt_tokens=max_prompt_tokens)
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter:
+        return chat.chat_formatter(self)
+
+    # ---- what the cache holds (:mod:`.kv`) --------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.engine.kv_bytes_per_cell
+
+    @staticmethod
+    def budget_mib_for(model: Model, tokens: int) -> float:
+        """MiB of KV memory that ``tokens`` cached tokens take for this model (with the f16 cache and the
+        part of the memory that does not grow, which a ``budget_mib`` includes)."""
+        return kv.budget_mib_for(model, tokens)
+
+    def kv_stats(self) -> KVStats:
+        """The ``kv`` block: policy, budget, cells in use (now and the most at any step since the
+        conversation began), KV bytes, compressions and evicted tokens, since the last reset.
+        Waits for the model's lock (a step of another request on the model ends first)."""
+        return kv.kv_stats(self)
+
+    def cell_history(self) -> list[tuple[int, int]]:
+        """(tokens read so far, cells in use) before and after every engine step since the last reset:
+        the saw-tooth of grow-and-compress."""
+        return kv.cell_history(self)
+
+    def cache_map(self) -> CacheMap:
+        """Every token of the sequence, whether it is still cached, and the policy's score of it."""
+        return kv.cache_map(self)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -273,7 +476,7 @@ class InfoKVLlama(ChatMixin):
                 raise
 
     def create_completions(self, prompts: Sequence[str | bytes], *, parallel: int | None = None,
-                           **kwargs: Any) -> list[dict[str, Any]]:
+                           **kwargs: Any) -> list[Completion]:
         """:meth:`create_completion` of each prompt (the same ``kwargs`` for all), ``parallel`` at a time
         (default this object's ``parallel``) in one shared context: each prompt is
         read alone, and the replies' tokens are decoded together, one ``llama_decode`` per step for every
@@ -285,7 +488,7 @@ class InfoKVLlama(ChatMixin):
             raise ValueError("create_completions does not stream: call create_completion(stream=True) per prompt")
         prompts = list(prompts)
         n = min(len(prompts), _parallel(self.parallel if parallel is None else parallel))
-        results: list[dict[str, Any] | None] = [None] * len(prompts)
+        results: list[Completion | None] = [None] * len(prompts)
         errors: list[tuple[int, BaseException]] = []
         if not prompts:
             return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..settings import DEFAULTS, Settings
@@ -145,7 +146,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                           flash_attn=flash_attn_of(args), prompt_probe=args.prompt_probe)
 
 
-def kv_summary(kv: dict[str, Any]) -> str:
+def kv_summary(kv: Mapping[str, Any]) -> str:
     budget = "no budget" if kv["budget"] is None else f"budget {kv['budget']} + buffer {kv['buffer']}"
     bounded = ""
     if kv.get("bounded_bytes"):

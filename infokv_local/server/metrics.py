@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .slots import SlotPool
@@ -26,7 +27,7 @@ class Metrics:
     def request(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
 
-    def finished(self, usage: dict, kv_before: dict) -> None:
+    def finished(self, usage: dict, kv_before: Mapping[str, Any]) -> None:
         """Fold one finished generation's usage (and its kv block against the one before it) in."""
         kv = usage.get("kv") or {}
         self.prompt_tokens += int(usage.get("prompt_tokens") or 0)

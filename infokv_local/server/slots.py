@@ -24,7 +24,7 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ class Slot:
     busy: bool = False
     conversation: str | None = None
     last_used: float = 0.0
-    kv: dict[str, Any] = field(default_factory=dict)  # the last kv block seen (updated as chunks arrive)
+    kv: Mapping[str, Any] = field(default_factory=dict)  # the last kv block seen (updated as chunks arrive)
     requests: int = 0
 
 

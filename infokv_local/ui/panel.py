@@ -7,6 +7,7 @@ anyone scraping the page) can read it without parsing text.
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from typing import Any
 
 MIB = 1024 * 1024
@@ -19,7 +20,7 @@ def _stat(key: str, label: str, value: float | int, shown: str) -> str:
     )
 
 
-def render_panel(kv: dict[str, Any] | None, state: str = "idle") -> str:
+def render_panel(kv: Mapping[str, Any] | None, state: str = "idle") -> str:
     """HTML for a ``kv`` dict (as in the API's stream chunks and ``kv_stats()``); ``state`` is a short status word."""
     kv = kv or {}
     used = int(kv.get("used_cells", 0) or 0)
