@@ -12,7 +12,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -103,7 +103,7 @@ class _Reply:
     stream (:meth:`streamed`); :meth:`finish` stops the worker and releases the slot."""
 
     def __init__(self, pool: SlotPool, settings: ServerSettings, metrics: Metrics, watch: Watch, lease: Lease,
-                 worker: Worker, kv_before: dict[str, Any], endpoint: str, prompt_param: str,
+                 worker: Worker, kv_before: Mapping[str, Any], endpoint: str, prompt_param: str,
                  include_usage: bool) -> None:
         self.pool, self.settings, self.metrics, self.watch = pool, settings, metrics, watch
         self.lease, self.worker, self.kv_before = lease, worker, kv_before
