@@ -38,7 +38,7 @@ from infokv_local.bench.jsonl import read_log, require_same_settings
 from infokv_local.llamacpp.model import Model
 
 from . import task_data
-from .stats import mcnemar_exact, paired_bootstrap, wilson
+from .significance import mcnemar_exact, paired_bootstrap, wilson
 
 TASKS = task_data.TASKS
 ALL_POLICIES = ("full", "infokv", "snapkv", "h2o", "tova", "streaming", "context-shift", "random")

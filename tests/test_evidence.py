@@ -13,7 +13,7 @@ from evaluation import divergence as DV
 from evaluation import evidence_cli
 from evaluation import task_data as TD
 from evaluation import tasks as T
-from evaluation.stats import mcnemar_exact, paired_bootstrap, wilson
+from evaluation.significance import mcnemar_exact, paired_bootstrap, wilson
 from infokv_local.bench.kl_ratios import all_kl_ratios, kl_ratios, markdown_ratios
 from infokv_local.llamacpp.model import Model
 
@@ -187,7 +187,7 @@ def test_summarize_pairs_the_same_items() -> None:
 
 def test_accuracy_plots_take_all_correct_whose_interval_rounds_below_one(tmp_path: Path) -> None:
     from evaluation import plots
-    from evaluation.stats import wilson
+    from evaluation.significance import wilson
 
     lo, hi = wilson(10, 10)
     assert hi < 1.0  # 0.9999999...: an error bar from 1.0 to it is negative
