@@ -9,6 +9,7 @@ its body is read. They are ``async``: a plain function would be run in a thread 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -50,7 +51,7 @@ async def require_key(request: Request, settings: Settings) -> None:
     if settings.api_key is None:
         return
     auth = request.headers.get("authorization", "")
-    if auth != f"Bearer {settings.api_key}":
+    if not hmac.compare_digest(auth.encode(), f"Bearer {settings.api_key}".encode()):  # in constant time
         raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", param=None,
                        code="invalid_api_key")
 
