@@ -103,7 +103,7 @@ def test_infokv_redundancy_term(n_incoming: int) -> None:
 
 
 def test_infokv_names_the_policy_that_reads_keys() -> None:
-    assert make_policy("infokv-rkv").redundancy == 0.5 and "keys" in make_policy("infokv-rkv").needs
+    assert make_policy("infokv-rkv").redundancy == 0.75 and "keys" in make_policy("infokv-rkv").needs
     assert "keys" not in make_policy("infokv").needs
     with pytest.raises(PolicyError, match="infokv-rkv:redundancy=0.3"):
         make_policy("infokv:redundancy=0.3")

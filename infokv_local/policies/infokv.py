@@ -48,7 +48,8 @@ prompt's mix keeps 19; decode-time fidelity tied, 0.99x, BENCHMARKS.md).
 ``I`` scaled by ``1 - redundancy`` (Cai et al., 2025, arXiv 2505.24133; :mod:`.rkv`): per layer, the softmax over
 tokens of each key's mean cosine similarity to the other cached keys (ranks under the rank mix), so that of many
 tokens saying the same thing fewer are kept. It needs the keys, read from the cache at each compression, so it
-is the policy :class:`InfoKVRedundancyPolicy` (``infokv-rkv``, 0.5 until chosen on a selection slice).
+is the policy :class:`InfoKVRedundancyPolicy` (``infokv-rkv``, 0.75: chosen on GSM8K 850-949 by a rule written
+before the run, benchmarks/notes/2026-12-06-key-policies.md).
 ``info`` is for ablations: "product" (the paper's E = (D + tau) * H), "entropy" (E = H alone) or
 "evolution" (E = D + tau alone); with ``alpha=1`` the policy is attention only.
 """
@@ -209,9 +210,9 @@ class InfoKVPaperPolicy(InfoKVPolicy):
 
 @dataclass
 class InfoKVRedundancyPolicy(InfoKVPolicy):
-    """InfoKV with R-KV's redundancy term subtracted from its information term (``redundancy`` 0.5; see
+    """InfoKV with R-KV's redundancy term subtracted from its information term (``redundancy`` 0.75; see
     :class:`InfoKVPolicy`): the cached keys are read at each compression."""
 
-    redundancy: float = 0.5
+    redundancy: float = 0.75
     name = "infokv-rkv"
     needs = frozenset({ATTENTION, ENTROPY, LAYER_DIST, KEYS})
