@@ -87,6 +87,10 @@ def register(subparsers: Any) -> None:
     t.add_argument("--parallel", type=int, default=DEFAULTS.parallel,
                    help="evicting generations run at once as sequences of one context, their tokens decoded "
                         f"together (default: {DEFAULTS.parallel}; 1: one after another)")
+    t.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="flash attention of every generation of the run, full cache included (default auto: as "
+                        "the log says when resuming; off when a policy needs every query row, as H2O; else the "
+                        "engine's verdict for the largest budget)")
     _common(t)
     t.set_defaults(func=run_tasks_cmd)
     f = subparsers.add_parser(
@@ -151,7 +155,8 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
         records = T.run_tasks(model, args.task, items, policies, specs, out.with_suffix(".jsonl"),
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                               n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe,
-                              parallel=args.parallel)
+                              parallel=args.parallel,
+                              flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
     finally:
         model.close()
     results = T.summarize(records)

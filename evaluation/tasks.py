@@ -35,7 +35,10 @@ from tqdm import tqdm
 
 from infokv_local.api import InfoKVLlama
 from infokv_local.bench.jsonl import read_log, require_same_settings
+from infokv_local.engine.sizing import DEFAULT_SIGNAL_STRIDE
+from infokv_local.llamacpp.flash_attn import choose_flash_attention
 from infokv_local.llamacpp.model import Model
+from infokv_local.policies import ATTENTION_ALL_ROWS, make_policy
 
 from . import task_data
 from .significance import mcnemar_exact, paired_bootstrap, wilson
@@ -184,10 +187,39 @@ def read_done(path: Path, settings: dict[str, Any] | None = None) -> dict[tuple[
     return done
 
 
+def run_flash_attn(model: Model, policies: list[str], largest_budget: int, buffer: int, n_threads: int | None,
+                   asked: bool | None, done: dict[tuple[str, str, str], dict], log: Path) -> bool | None:
+    """The one flash-attention setting of every generation of a run, full cache included, so that the
+    policies differ only in what they keep: as a log already says (records since the setting was recorded),
+    else as asked, else off when a policy needs every query row's attention (H2O), else the engine's verdict
+    for the largest evicting budget's size class. ``ValueError`` when asked for one the log or a policy rules
+    out; None on a GPU (llama.cpp's choice, the same for every engine)."""
+    said = {r["flash_attn"] for r in done.values() if r.get("flash_attn") is not None}
+    if len(said) > 1:
+        raise ValueError(f"{log}: generations with flash attention {sorted(said)}; give another output path")
+    all_rows = [p for p in policies if ATTENTION_ALL_ROWS in make_policy(p).needs]
+    if said:
+        setting = said.pop() == "on"
+        if asked is not None and asked != setting:
+            raise ValueError(f"{log}: generated with flash attention {'on' if setting else 'off'}, asked for "
+                             f"{'on' if asked else 'off'} now; give another output path or the same setting")
+        return setting
+    if all_rows and asked:
+        raise ValueError(f"policy {all_rows[0]!r} needs flash attention off (the attention of every query row), "
+                         f"and every policy of a run uses one setting: leave it out of this run or ask for off")
+    if asked is not None:
+        return asked
+    if all_rows:
+        return False
+    setting, _ = choose_flash_attention(model, False, None, "f16", n_threads, capacity=largest_budget + buffer,
+                                        stride=DEFAULT_SIGNAL_STRIDE)
+    return setting
+
+
 def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str], budget_specs: list[str],
               out_jsonl: str | Path, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
               n_threads: int | None = None, progress: bool = True, prompt_probe: bool = False,
-              parallel: int = 1) -> list[dict]:
+              parallel: int = 1, flash_attn: bool | None = None) -> list[dict]:
     """Generate greedily for every (item, policy, budget) not yet in ``out_jsonl``; returns all records.
 
     ``full`` runs once per item (budget spec ``"full"``). A budget that cannot hold the protected
@@ -197,6 +229,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
     ``parallel`` > 1: the evicting (item, policy, budget) generations run that many at a time as sequences of one
     context (:meth:`~infokv_local.InfoKVLlama.run_together`), their tokens decoded together; the full cache's
     one after another beside them. Records are written as each generation ends (not in item order).
+    ``flash_attn``: every generation of the run uses one setting, recorded (:func:`run_flash_attn`).
     """
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +237,10 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
     done = read_done(out, cache)
     model_name = Path(str(model.path)).name
     n_ctx = max((len(model.tokenize(it.prompt)) + it.max_tokens + 64 for it in items), default=512)
+    largest = max((budget_tokens(spec, n_ctx) for spec in budget_specs), default=n_ctx)
+    setting = run_flash_attn(model, policies, largest, buffer, n_threads, flash_attn, done, out)
     kw: dict[str, Any] = dict(buffer=buffer, n_sink=n_sink, n_recent=n_recent, n_threads=n_threads,
-                              prompt_probe=prompt_probe)
+                              prompt_probe=prompt_probe, flash_attn=setting)
     llm = InfoKVLlama(model, policy="full", n_ctx=n_ctx, **kw)
     guard = threading.Lock()
     try:
@@ -222,7 +257,8 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                     budget = None if spec == "full" else budget_tokens(spec, n_prompt)
                     rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
                                            "length": it.length, "policy": p, "budget_spec": spec,
-                                           "prompt_tokens": n_prompt, "gold": it.gold, **cache, "budget": budget}
+                                           "prompt_tokens": n_prompt, "gold": it.gold, **cache, "budget": budget,
+                                           "flash_attn": None if setting is None else ("on" if setting else "off")}
                     if budget is not None and (budget < n_sink + n_recent + 1 or budget >= n_prompt + it.max_tokens):
                         rec.update(skipped=True, correct=None)
                     jobs.append((it, p, spec, rec))
@@ -246,6 +282,9 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                 text = res["choices"][0]["message"]["content"]
                 correct, pred = score_item(it, text)
                 kv = res["usage"]["kv"]
+                if rec["flash_attn"] is not None and kv["flash_attn"] != rec["flash_attn"]:
+                    raise RuntimeError(f"{rec['policy']} ran with flash attention {kv['flash_attn']}, the run's "
+                                       f"setting is {rec['flash_attn']}")
                 rec.update(skipped=False, correct=bool(correct), pred=pred, text=text,
                            completion_tokens=res["usage"]["completion_tokens"],
                            finish_reason=res["choices"][0]["finish_reason"],

@@ -308,6 +308,27 @@ def test_tasks_command_tiny_real_run(tmp_path: Path, model_path: Path) -> None:
     assert len(again) == 3 and {r["policy"] for r in again} == {"full", "infokv", "streaming"}
 
 
+def test_every_generation_of_a_run_uses_one_flash_attention_setting(tmp_path: Path, model_path: Path,
+                                                                    capsys) -> None:
+    """The full cache and every policy on one kernel (engines of different size classes would otherwise take
+    different verdicts), recorded, kept on a rerun; a policy needing every query row (H2O) makes it off."""
+    out = tmp_path / "fa.json"
+    argv = ["tasks", "--task", "decode-pressure", "--model", str(model_path), "--limit", "1", "--max-tokens", "16",
+            "--budget", "48", "--buffer", "16", "--policies", "full,snapkv", "--out", str(out), "--no-progress",
+            "--parallel", "1", "--flash-attn", "on"]
+    assert evidence_cli.main(argv) == 0
+    assert {r["flash_attn"] for r in _lines(out.with_suffix(".jsonl"))} == {"on"}
+    assert evidence_cli.main([*argv[:-1], "off"]) == 2
+    assert "generated with flash attention on, asked for off now" in capsys.readouterr().err
+    assert evidence_cli.main([*argv[:-2], "--policies", "full,snapkv,tova"]) == 0  # auto: as the log says
+    assert {r["flash_attn"] for r in _lines(out.with_suffix(".jsonl"))} == {"on"}
+    h2o = [*argv[:-2], "--policies", "full,h2o", "--out", str(tmp_path / "h2o.json")]
+    assert evidence_cli.main([*h2o, "--flash-attn", "on"]) == 2
+    assert "policy 'h2o' needs flash attention off" in capsys.readouterr().err
+    assert evidence_cli.main(h2o) == 0
+    assert {r["flash_attn"] for r in _lines(tmp_path / "h2o.jsonl")} == {"off"}
+
+
 def test_tasks_long_prefill_and_retrieval_tiny(tmp_path: Path, model_path: Path) -> None:
     for task in ("long-prefill", "long-prefill-block", "retrieval"):
         out = tmp_path / f"{task}.json"

@@ -1,4 +1,5 @@
-"""Flash attention chosen by timing both settings once per model and machine (real model, real llama.cpp)."""
+"""Flash attention chosen by timing both settings once per model, machine and size class (real model, real
+llama.cpp)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 
 from infokv_local import InfoKVLlama
 from infokv_local.engine import Engine
+from infokv_local.engine.sizing import DEFAULT_SIGNAL_STRIDE
 from infokv_local.llamacpp import flash_attn as fa
 
-# a small workload (the engines' is fa.reference_workload(threads), 1,152 cells)
+# a small workload (the engines' is fa.engine_workload(threads, capacity))
 WORK = fa.Workload(capacity=192, n_batch=64, threads=1, cache_type_k="f16", cache_type_v="f16", attn=True, window=16,
                    window_share=0.5, layer_dist=True, entropy_top_k=256)
 
@@ -39,20 +41,34 @@ def test_both_settings_are_timed_once_then_the_verdict_is_cached(model, cache_di
     assert fa.choose(model, WORK) == choice  # from the cache
 
 
-def test_every_engine_on_the_model_uses_the_one_verdict(model, cache_dir, monkeypatch):
-    """Timed once at the reference size; engines of other sizes and policies take that verdict (so that they
-    compute the same numbers), none is timed again."""
-    verdict = fa.choose(model, fa.reference_workload(1))
-    assert "1152 cells" in verdict.reason
+def test_size_classes_are_powers_of_two_from_256_to_2048():
+    assert [fa.size_class(n) for n in (1, 80, 256, 257, 320, 512, 513, 1152, 2048, 2049, 32768)] == \
+        [256, 256, 256, 512, 512, 512, 1024, 2048, 2048, 2048, 2048]
+
+
+def test_engines_of_one_size_class_share_its_verdict(model, cache_dir, monkeypatch):
+    """Timed once for the class of the default budget (256 + 64 cells: 512); engines of other budgets and
+    policies in the class take that verdict (so that they compute the same numbers), none is timed again."""
+    verdict = fa.choose(model, fa.engine_workload(1, 320, stride=DEFAULT_SIGNAL_STRIDE))
+    assert "512 cells" in verdict.reason
 
     def no_timing(*_a, **_k):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(fa, "_time", no_timing)
-    for policy, kw in (("infokv", dict(budget=64, buffer=16)), ("snapkv", dict(budget=300, buffer=100)),
-                       ("full", dict(max_context=512)), ("streaming", dict(budget=48, buffer=16))):
+    for policy, kw in (("infokv", dict(budget=300, buffer=64)), ("snapkv", dict(budget=400, buffer=100)),
+                       ("full", dict(max_context=512)), ("streaming", dict(budget=260, buffer=16))):
         with Engine(model, policy, n_threads=1, **kw) as e:
             assert (e.flash_attn, e.flash_attn_reason) == (verdict.setting, f"{verdict.setting}: {verdict.reason}")
+
+
+def test_an_engine_of_another_size_class_is_timed_at_its_size(model, cache_dir):
+    with Engine(model, "infokv", budget=64, buffer=16, n_threads=1) as small:
+        assert "256 cells" in small.flash_attn_reason
+    with Engine(model, "full", max_context=1500, n_threads=1) as large:
+        assert "2048 cells" in large.flash_attn_reason
+    saved = json.loads((cache_dir / "flash-attn.json").read_text())
+    assert sorted(v["fill"] for v in saved.values()) == [256, 2048]
 
 
 def test_a_new_size_or_other_statistics_is_timed_on_its_own(model, cache_dir):

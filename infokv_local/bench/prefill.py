@@ -87,7 +87,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--flash-attn", choices=["auto", "on", "off", "both"], default="both",
-                    help="auto: the engine's verdict for this model and machine (default: both)")
+                    help="auto: the engine's verdict for this model and machine at the default budget (default: both)")
     ap.add_argument("--json", help="write the figures here")
 
 
@@ -96,11 +96,14 @@ def run(args: argparse.Namespace) -> int:
 
     path = str(resolve_model_path(args.model))
     if args.flash_attn == "auto":
-        from ..llamacpp.flash_attn import choose, reference_workload
+        from ..engine.sizing import DEFAULT_SIGNAL_STRIDE
+        from ..llamacpp.flash_attn import choose, engine_workload
         from ..llamacpp.model import Model
+        from ..settings import DEFAULTS
 
         with Model(path) as model:
-            flash: tuple[bool, ...] = (choose(model, reference_workload(args.threads)).setting == "on",)
+            work = engine_workload(args.threads, DEFAULTS.budget + DEFAULTS.buffer, stride=DEFAULT_SIGNAL_STRIDE)
+            flash: tuple[bool, ...] = (choose(model, work).setting == "on",)
     else:
         flash = {"on": (True,), "off": (False,), "both": (True, False)}[args.flash_attn]
     rows = measure(path, args.prompt, args.batch, args.rounds, args.threads, flash)

@@ -33,7 +33,7 @@ from .cells import CellSignals
 from .compression import Compressor
 from .interrupts import sigint_deferred
 from .scheduler import ContextNeeds, SequenceView, SharedContext
-from .sizing import plan_cache
+from .sizing import DEFAULT_SIGNAL_STRIDE, plan_cache
 from .snapshot import EngineSnapshot
 from .steps import EngineTotals, StepStats, copy_totals
 
@@ -57,10 +57,11 @@ class Engine:
     ``cache_type_k`` / ``cache_type_v`` quantize the cache (``q8_0``, ``q4_0``, ...; see
     :mod:`~infokv_local.llamacpp.cache_types`): ``budget_mib`` and ``kv_bytes`` count the quantized bytes, and a
     quantized V cache turns flash attention on (llama.cpp needs it), which H2O cannot use.
-    ``flash_attn`` None chooses: on a CPU by timing decode steps with it on and off, once per model,
-    machine, threads and cache types, at a reference size (:mod:`~infokv_local.llamacpp.flash_attn`, cached in the
-    user cache directory: which is faster depends on the CPU; one verdict for every engine on the model, so
-    that they compute the same numbers), llama.cpp's ``auto`` when layers run on a GPU (there the fused
+    ``flash_attn`` None chooses: on a CPU by timing a request with it on and off, once per model,
+    machine, threads, cache types and size class of the cache (:mod:`~infokv_local.llamacpp.flash_attn`, cached
+    in the user cache directory: which is faster depends on the CPU and on how many cells a step attends over;
+    one verdict for every engine of the class, so that they compute the same numbers; pass ``flash_attn`` to
+    compare engines of different classes on one kernel), llama.cpp's ``auto`` when layers run on a GPU (there the fused
     kernel is the fast path); :attr:`flash_attn_reason` says which and why. Policies that read only the
     observation window (SnapKV, InfoKV, TOVA) get their statistics with flash attention on or off
     (with it on, from a small softmax of the window rows next to the fused kernel); H2O needs the
@@ -132,9 +133,9 @@ class Engine:
         self.ctx: StatsContext | SequenceView
         if shared is None:
             setting, self.flash_attn_reason = choose_flash_attention(
-                model, all_rows, flash_attn, self.cache_type_v, n_threads,
+                model, all_rows, flash_attn, self.cache_type_v, n_threads, capacity=plan.capacity,
                 statistics=plan.layout is None or plan.layout.grows, policy_name=self.policy.name,
-                cache_type_k=self.cache_type_k)
+                cache_type_k=self.cache_type_k, stride=DEFAULT_SIGNAL_STRIDE)
             self.ctx = StatsContext(
                 model, n_ctx=plan.n_ctx, n_batch=self.max_batch, attn=ATTENTION in needs, n_last_rows=window,
                 layer_dist=LAYER_DIST in needs,

@@ -36,6 +36,7 @@ from ..llamacpp.flash_attn import choose_flash_attention
 from ..llamacpp.model import Model
 from ..llamacpp.sampling import Sampler
 from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, KEYS, LAYER_DIST, make_policy
+from .sizing import DEFAULT_SIGNAL_STRIDE
 
 MAX_WAIT_S = 0.010  # the longest a generation step waits for the other sequences' tokens
 WAIT_SHARE = 0.25  # ... and at most this share of the last batched decode's time
@@ -167,8 +168,8 @@ class SharedContext:
         if kv_unified is None:
             kv_unified = n_seq == 1 or memory_layout(model, n_batch, cache_type_k, cache_type_v).memory != "dense"
         setting, self.flash_attn_reason = choose_flash_attention(
-            model, attn and attn_all_rows, flash_attn, cache_type_v, n_threads, statistics=attn or layer_dist,
-            cache_type_k=cache_type_k)
+            model, attn and attn_all_rows, flash_attn, cache_type_v, n_threads, capacity=capacity,
+            statistics=attn or layer_dist, cache_type_k=cache_type_k, stride=DEFAULT_SIGNAL_STRIDE)
         self.ctx = StatsContext(
             model, n_ctx=n_seq * capacity, n_batch=min(n_batch, n_seq * capacity), attn=attn, n_last_rows=window,
             layer_dist=layer_dist, entropy_top_k=None, n_threads=n_threads, flash_attn=setting,

@@ -17,6 +17,10 @@ from ..llamacpp.cache_types import row_bytes
 from ..llamacpp.context import MemoryLayout, memory_layout
 from ..llamacpp.model import Model
 from ..policies import Policy, make_policy
+from ..settings import DEFAULTS
+
+# the prompt rows with signals in the flash-attention verdict's timed work (the default policy's stride)
+DEFAULT_SIGNAL_STRIDE = make_policy(DEFAULTS.policy).signal_stride
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,22 @@
-"""Flash attention on or off, chosen by measuring both on this model and machine, once.
+"""Flash attention on or off, chosen by measuring both on this model and machine, once per cache size.
 
-Which is faster depends on the CPU and the model: stock llama.cpp on SmolLM2-135M decodes 14% faster with
-flash attention on on a 2-core AMD EPYC, and 2.3x slower on an Intel Xeon with AVX-512. So where there is
-a choice (a CPU, and a policy that does not need the attention of every query row), :func:`choose` times
-each setting on a request of a 1,024-token prompt and a 512-token reply and keeps the faster: the prompt
-read as the engine reads prompts (the statistics on, batches of 512), then decode steps in a context
-filled to 1,024 + 128 cells (the long-reasoning budget of the speed benchmark and the server examples) with the
-default policy's statistics, the observation window in its share of the steps. One verdict per model file, CPU, library
-build, threads and cache types, used by every engine on them whatever its size and policy, so that they
-compute the same numbers (an evicting engine gives the full cache's predictions until its first
-eviction). It is cached in the user cache directory (``$INFOKV_CACHE``, default
-``~/.cache/infokv-local/flash-attn.json``): each setting is timed twice, in the order on, off, off, on, and
-keeps its faster timing, so that a job running beside the measurement or a drifting machine slows both alike;
-some seconds once per model and machine (about 35 s for SmolLM2-135M on 2 cores), four prefills of
-1,152 tokens for a large model.
+Which is faster depends on the CPU, the model and how many cells each decode step attends over: stock
+llama.cpp on SmolLM2-135M decodes 14% faster with flash attention on on a 2-core AMD EPYC, and 2.3x slower
+on an Intel Xeon with AVX-512; on the EPYC our engine's decode step with it on is 13% faster at 320 cells
+and level at 1,152. So where there is a choice (a CPU, and a policy that does not need the attention of
+every query row), :func:`choose` times each setting on the engine's own work and keeps the faster: a
+request of a 1,024-token prompt and a 512-token reply, the prompt read as the engine reads prompts (the
+statistics on, with the policy's row stride, batches of 512) and decode steps in a context filled to the
+engine's size class (:func:`size_class`: its cells rounded up to a power of two from 256 to 2,048, so a
+budget of 256 + 64 is timed at 512 cells) with the policy's statistics, the observation window in its share
+of the steps. One verdict per model file, CPU, library build, threads, cache types, statistics and size
+class: engines in the same class compute the same numbers whatever their budget (an evicting engine gives
+the full cache's predictions until its first eviction when both are in one class); a run that compares
+engines of different classes (the evaluation harness) passes one setting to all of them. It is cached in
+the user cache directory (``$INFOKV_CACHE``, default ``~/.cache/infokv-local/flash-attn.json``): each
+setting is timed twice, in the order on, off, off, on, and keeps its faster timing, so that a job running
+beside the measurement or a drifting machine slows both alike; a few seconds per class for SmolLM2-135M on
+2 cores, four prefills of up to 2,048 tokens for a large model.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CacheSettingsError
+from ..settings import DEFAULTS
 from ..user_cache import cache_dir, read_json, update_json
 from . import library as native
 from .cache_types import is_quantized
@@ -38,7 +42,7 @@ from .context import StatsContext
 from .model import Model
 from .threads import resolve_threads
 
-MAX_FILL = 2048  # cells filled to time the decode steps (bigger caches are timed at this size)
+MIN_FILL, MAX_FILL = 256, 2048  # the smallest and largest size class (bigger caches are timed at 2,048 cells)
 STEPS = 12  # timed decode steps per kind (without and with the window's statistics), after 2 untimed
 CACHE_FILE = "flash-attn.json"
 _lock = threading.Lock()
@@ -68,21 +72,34 @@ class Workload:
     window_share: float  # share of the decode steps that compute the window (1 without window on demand)
     layer_dist: bool
     entropy_top_k: int | None
+    stride: int = 1  # prompt rows with signals: every stride-th (the policy's signal stride)
 
 
-REFERENCE = (1024, 128, 32, 512)  # budget, buffer, window and prompt batch of the timed workload
 PROMPT_TOKENS, REPLY_TOKENS = 1024, 512  # the request the two settings are compared on
 
 
-def reference_workload(threads: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
-                       statistics: bool = True) -> Workload:
-    """The workload every engine's verdict is timed on (:data:`REFERENCE`, InfoKV's statistics; without them
-    for a model whose memory has nothing to evict)."""
-    budget, buffer, window, batch = REFERENCE
-    return Workload(capacity=budget + buffer, n_batch=batch, threads=threads, cache_type_k=cache_type_k,
-                    cache_type_v=cache_type_v, attn=statistics, window=window,
-                    window_share=window / buffer if statistics else 0.0, layer_dist=statistics,
-                    entropy_top_k=256 if statistics else None)
+def size_class(cells: int) -> int:
+    """The cells a context of ``cells`` is timed at: the next power of two, from :data:`MIN_FILL` to
+    :data:`MAX_FILL` (attention's cost per step grows with the cells, so the faster setting can change with
+    the size; classes keep the timings to four per model)."""
+    size = MIN_FILL
+    while size < min(cells, MAX_FILL):
+        size *= 2
+    return size
+
+
+def engine_workload(threads: int, capacity: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                    statistics: bool = True, stride: int = 1) -> Workload:
+    """The workload every engine of ``capacity`` cells (budget + buffer, or the whole context) is timed on,
+    whatever its own policy, so that engines of one size class compute the same numbers: the default
+    policy's statistics (the observation window in its share of the steps, the prompt's signals on every
+    ``stride``-th row: the default policy's stride), without statistics for a model whose memory has nothing
+    to evict."""
+    return Workload(capacity=size_class(capacity), n_batch=DEFAULTS.n_batch, threads=threads,
+                    cache_type_k=cache_type_k, cache_type_v=cache_type_v, attn=statistics, window=DEFAULTS.window,
+                    window_share=min(1.0, DEFAULTS.window / DEFAULTS.buffer) if statistics else 0.0,
+                    layer_dist=statistics, entropy_top_k=256 if statistics else None,
+                    stride=stride if statistics else 1)
 
 
 def cache_path() -> Path:
@@ -90,7 +107,7 @@ def cache_path() -> Path:
 
 
 def choose(model: Model, work: Workload, verbose: bool = False) -> Choice:
-    """The faster flash-attention setting for ``work`` (the engine's: :func:`reference_workload`) on ``model``
+    """The faster flash-attention setting for ``work`` (an engine's: :func:`engine_workload`) on ``model``
     on this machine, measured once and cached: the one with which a request of :data:`PROMPT_TOKENS`
     prompt tokens (read with the statistics, as the engine reads prompts) and a reply of
     :data:`REPLY_TOKENS` tokens (decode steps at the cache's size) takes less time."""
@@ -99,8 +116,9 @@ def choose(model: Model, work: Workload, verbose: bool = False) -> Choice:
         cached = read_json(CACHE_FILE).get(key)
         if cached is None:
             if verbose or sys.stderr.isatty():
-                print(f"infokv-local: timing flash attention on and off for {model.path.name} on this machine "
-                      f"(once; cached in {cache_path()})", file=sys.stderr, flush=True)
+                print(f"infokv-local: timing flash attention on and off for {model.path.name} at "
+                      f"{min(work.capacity, MAX_FILL)} cells on this machine (once; cached in {cache_path()})",
+                      file=sys.stderr, flush=True)
             timed = _time_both(model, work)
             cached = {"prompt_s": {k: v[0] for k, v in timed.items()},
                       "ms_per_token": {k: v[1] for k, v in timed.items()}, "fill": min(work.capacity, MAX_FILL),
@@ -149,7 +167,7 @@ def _time(model: Model, work: Workload, flash_attn: bool) -> tuple[float, float]
         tokens = _filler(model, fill)
         t0 = time.perf_counter()
         for s in range(0, n_prompt, work.n_batch):
-            ctx.decode(tokens[s : min(s + work.n_batch, n_prompt)], s)
+            ctx.decode(tokens[s : min(s + work.n_batch, n_prompt)], s, stride=work.stride)
         prompt_s = time.perf_counter() - t0
         if work.attn:
             ctx.set_attention_active(False)
@@ -181,12 +199,12 @@ def _filler(model: Model, n: int) -> list[int]:
 def _key(model: Model, work: Workload) -> str:
     st = model.path.stat()
     parts: dict[str, Any] = {
-        "version": 3,
+        "version": 4,
         "model": [model.path.name, st.st_size], "cpu": _cpu_id(), "build": _build_id(),
         "n_gpu_layers": model.n_gpu_layers, "threads": work.threads, "cells": min(work.capacity, MAX_FILL),
         "batch": work.n_batch, "cache": [work.cache_type_k, work.cache_type_v],
         "stats": [work.attn, work.window if work.attn else 0, round(work.window_share, 3) if work.attn else 0,
-                  work.layer_dist, work.entropy_top_k],
+                  work.layer_dist, work.entropy_top_k, work.stride],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -218,11 +236,13 @@ def _build_id() -> str:
 
 
 def choose_flash_attention(model: Model, all_rows: bool, flash_attn: bool | None, cache_type_v: str,
-                           n_threads: int | None, statistics: bool = True, policy_name: str = "h2o",
-                           check_only: bool = False, cache_type_k: str = "f16") -> tuple[bool | None, str]:
+                           n_threads: int | None, capacity: int = MAX_FILL, statistics: bool = True,
+                           policy_name: str = "h2o", check_only: bool = False, cache_type_k: str = "f16",
+                           stride: int = 1) -> tuple[bool | None, str]:
     """The flash-attention setting of a context and why (:class:`~infokv_local.engine.Engine`'s docstring): as
     asked, forced by a quantized V cache (on) or by statistics over every query row (``all_rows``: off),
-    llama.cpp's ``auto`` on a GPU or without attention layers, else the faster one measured here. Raises
+    llama.cpp's ``auto`` on a GPU or without attention layers, else the faster one measured here for a
+    context of ``capacity`` cells (:func:`engine_workload`; ``stride``: the default policy's). Raises
     :class:`CacheSettingsError` for a combination that cannot run; ``check_only`` stops after the checks."""
     if flash_attn is not None and not isinstance(flash_attn, bool):
         raise CacheSettingsError(f"flash_attn must be True, False or None (chosen by measurement), got "
@@ -248,6 +268,6 @@ def choose_flash_attention(model: Model, all_rows: bool, flash_attn: bool | None
         return None, "auto: llama.cpp's choice, layers run on a GPU (where the fused kernel is fast)"
     if model.info.memory == "recurrent":
         return None, "auto: llama.cpp's choice, the model has no attention layers"
-    choice = choose(model, reference_workload(resolve_threads(n_threads), cache_type_k, cache_type_v,
-                                                         statistics=statistics))
+    choice = choose(model, engine_workload(resolve_threads(n_threads), capacity, cache_type_k, cache_type_v,
+                                           statistics=statistics, stride=stride))
     return choice.setting == "on", f"{choice.setting}: {choice.reason}"
