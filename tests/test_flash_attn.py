@@ -41,9 +41,9 @@ def test_both_settings_are_timed_once_then_the_verdict_is_cached(model, cache_di
     assert fa.choose(model, WORK) == choice  # from the cache
 
 
-def test_size_classes_are_powers_of_two_from_256_to_2048():
-    assert [fa.size_class(n) for n in (1, 80, 256, 257, 320, 512, 513, 1152, 2048, 2049, 32768)] == \
-        [256, 256, 256, 512, 512, 512, 1024, 2048, 2048, 2048, 2048]
+def test_size_classes_are_multiples_of_256_up_to_2048():
+    assert [fa.size_class(n) for n in (1, 80, 256, 257, 320, 512, 513, 1152, 1500, 2048, 2049, 32768)] == \
+        [256, 256, 256, 512, 512, 512, 768, 1280, 1536, 2048, 2048, 2048]
 
 
 def test_engines_of_one_size_class_share_its_verdict(model, cache_dir, monkeypatch):
@@ -66,9 +66,9 @@ def test_an_engine_of_another_size_class_is_timed_at_its_size(model, cache_dir):
     with Engine(model, "infokv", budget=64, buffer=16, n_threads=1) as small:
         assert "256 cells" in small.flash_attn_reason
     with Engine(model, "full", max_context=1500, n_threads=1) as large:
-        assert "2048 cells" in large.flash_attn_reason
+        assert "1536 cells" in large.flash_attn_reason
     saved = json.loads((cache_dir / "flash-attn.json").read_text())
-    assert sorted(v["fill"] for v in saved.values()) == [256, 2048]
+    assert sorted(v["fill"] for v in saved.values()) == [256, 1536]
 
 
 def test_a_new_size_or_other_statistics_is_timed_on_its_own(model, cache_dir):

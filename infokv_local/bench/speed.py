@@ -1,7 +1,7 @@
 """Speed and memory as the sequence grows: this package under a fixed budget vs the full cache vs stock llama.cpp.
 
     python -m infokv_local bench speed [--quick] [--model PATH] [--lengths 1024x1024,1024x8192]
-                                       [--policies full,infokv,streaming] [--budget 256] [--buffer 64]
+                                       [--policies full,infokv,streaming] [--budget 1024] [--buffer 128]
                                        [--rounds 1] [--threads N] [--out results/speed.json]
 
 Every run is its own process, so that its peak RSS is its own: ``stock`` loads the unpatched
@@ -401,10 +401,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lengths", help=f"PROMPTxGENERATED pairs (default: {DEFAULT_LENGTHS}; --quick: {QUICK_LENGTHS})")
     ap.add_argument("--policies", default=DEFAULT_POLICIES,
                     help=f"policies of ours to run (default: {DEFAULT_POLICIES})")
-    ap.add_argument("--budget", type=int, default=DEFAULTS.budget,
-                    help="KV budget of the evicting policies (default: %(default)s, every surface's)")
-    ap.add_argument("--buffer", type=int, default=DEFAULTS.buffer,
-                    help="growth before each compression (default: %(default)s)")
+    ap.add_argument("--budget", type=int, default=1024,
+                    help="KV budget of the evicting policies (default: 1024, a long reasoning's; the other surfaces "
+                         "default to 256 + 64, where a 1024-token prompt is compressed while it is read)")
+    ap.add_argument("--buffer", type=int, default=128, help="growth before each compression (default: 128)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported (default: 1)")
     ap.add_argument("--threads", type=int, default=default_threads(), help="threads of every engine")
     ap.add_argument("--flash-attn", choices=["auto", "on", "off", "both"], default="auto",

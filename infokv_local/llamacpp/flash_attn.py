@@ -1,22 +1,22 @@
 """Flash attention on or off, chosen by measuring both on this model and machine, once per cache size.
 
 Which is faster depends on the CPU, the model and how many cells each decode step attends over: stock
-llama.cpp on SmolLM2-135M decodes 14% faster with flash attention on on a 2-core AMD EPYC, and 2.3x slower
-on an Intel Xeon with AVX-512; on the EPYC our engine's decode step with it on is 13% faster at 320 cells
-and level at 1,152. So where there is a choice (a CPU, and a policy that does not need the attention of
-every query row), :func:`choose` times each setting on the engine's own work and keeps the faster: a
-request of a 1,024-token prompt and a 512-token reply, the prompt read as the engine reads prompts (the
-statistics on, with the policy's row stride, batches of 512) and decode steps in a context filled to the
-engine's size class (:func:`size_class`: its cells rounded up to a power of two from 256 to 2,048, so a
-budget of 256 + 64 is timed at 512 cells) with the policy's statistics, the observation window in its share
-of the steps. One verdict per model file, CPU, library build, threads, cache types, statistics and size
-class: engines in the same class compute the same numbers whatever their budget (an evicting engine gives
-the full cache's predictions until its first eviction when both are in one class); a run that compares
-engines of different classes (the evaluation harness) passes one setting to all of them. It is cached in
-the user cache directory (``$INFOKV_CACHE``, default ``~/.cache/infokv-local/flash-attn.json``): each
-setting is timed twice, in the order on, off, off, on, and keeps its faster timing, so that a job running
-beside the measurement or a drifting machine slows both alike; a few seconds per class for SmolLM2-135M on
-2 cores, four prefills of up to 2,048 tokens for a large model.
+llama.cpp on SmolLM2-135M decodes 14% faster with flash attention on on a 2-core AMD EPYC, and 2.3x slower on
+an Intel Xeon with AVX-512; on the EPYC our engine's decode step with it on is 13% faster at 320 cells and
+level at 1,152. So where there is a choice (a CPU, and a policy that does not need the attention of every
+query row), :func:`choose` times each setting on the engine's own work and keeps the faster: a request of a
+1,024-token prompt and a 512-token reply, the prompt read as the engine reads prompts (the statistics on, with
+the default policy's row stride, batches of 512) and decode steps in a context filled to the engine's size class
+(:func:`size_class`: its cells rounded up to a multiple of 256, at most 2,048, so a budget of 256 + 64 is
+timed at 512 cells, 1,024 + 128 at 1,280) with its statistics, the observation window in its share of
+the steps. One verdict per model file, CPU, library build, threads, cache types, statistics and size class:
+engines in the same class compute the same numbers whatever their budget (an evicting engine gives the full
+cache's predictions until its first eviction when both are in one class); a run that compares engines of
+different classes (the evaluation harness) passes one setting to all of them. It is cached in the user cache
+directory (``$INFOKV_CACHE``, default ``~/.cache/infokv-local/flash-attn.json``): each setting is timed twice,
+in the order on, off, off, on, and keeps its faster timing, so that a job running beside the measurement or a
+drifting machine slows both alike; a few seconds per class for SmolLM2-135M on 2 cores, four prefills of up to
+2,048 tokens for a large model.
 """
 
 from __future__ import annotations
@@ -79,13 +79,10 @@ PROMPT_TOKENS, REPLY_TOKENS = 1024, 512  # the request the two settings are comp
 
 
 def size_class(cells: int) -> int:
-    """The cells a context of ``cells`` is timed at: the next power of two, from :data:`MIN_FILL` to
-    :data:`MAX_FILL` (attention's cost per step grows with the cells, so the faster setting can change with
-    the size; classes keep the timings to four per model)."""
-    size = MIN_FILL
-    while size < min(cells, MAX_FILL):
-        size *= 2
-    return size
+    """The cells a context of ``cells`` is timed at: rounded up to a multiple of :data:`MIN_FILL` (256), at
+    most :data:`MAX_FILL` (attention's cost per step grows with the cells, so the faster setting can change
+    with the size; the classes keep the timings to eight per model)."""
+    return min(MAX_FILL, max(MIN_FILL, -(-cells // MIN_FILL) * MIN_FILL))
 
 
 def engine_workload(threads: int, capacity: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
