@@ -113,12 +113,16 @@ def test_an_unreachable_or_foreign_server_is_a_clear_error(model_path):
     assert r.returncode == 2 and "error: RPC server 'nonsense' is not HOST:PORT" in r.stderr, r.stderr
 
 
-def test_layers_on_a_loopback_rpc_server_give_the_local_run(model_path, rpc_server):
+@pytest.mark.parametrize("which", ["model_path", "gemma_path"])
+def test_layers_on_a_loopback_rpc_server_give_the_local_run(which, request, rpc_server):
     """Every layer on the RPC server: the same greedy text, the same tokens evicted, the same scores (the
-    attention and layer statistics come back over RPC) as with the layers here."""
+    attention and layer statistics come back over RPC) as with the layers here; on SmolLM2 (one dense cache)
+    and on Gemma 3 (a sliding-window cache beside the growing one, whose cells alone are evicted)."""
+    model_path = request.getfixturevalue(which)
     local = _probe(model_path, "")
     remote = _probe(model_path, rpc_server)
     assert remote["kv"]["evictions"] > 0
+    assert remote["kv"]["memory"] == local["kv"]["memory"] == ("dense" if which == "model_path" else "sliding-window")
     assert remote["text"] == local["text"]
     assert remote["in_cache"] == local["in_cache"]
     np.testing.assert_allclose(remote["score"], local["score"], rtol=1e-3, atol=1e-5)

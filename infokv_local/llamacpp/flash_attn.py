@@ -6,17 +6,17 @@ an Intel Xeon with AVX-512; on the EPYC our engine's decode step with it on is 1
 level at 1,152. So where there is a choice (a CPU, and a policy that does not need the attention of every
 query row), :func:`choose` times each setting on the engine's own work and keeps the faster: a request of a
 1,024-token prompt and a 512-token reply, the prompt read as the engine reads prompts (the statistics on, with
-the default policy's row stride, batches of 512) and decode steps in a context filled to the engine's size class
-(:func:`size_class`: its cells rounded up to a multiple of 256, at most 2,048, so a budget of 256 + 64 is
-timed at 512 cells, 1,024 + 128 at 1,280) with its statistics, the observation window in its share of
-the steps. One verdict per model file, CPU, library build, threads, cache types, statistics and size class:
-engines in the same class compute the same numbers whatever their budget (an evicting engine gives the full
-cache's predictions until its first eviction when both are in one class); a run that compares engines of
-different classes (the evaluation harness) passes one setting to all of them. It is cached in the user cache
-directory (``$INFOKV_CACHE``, default ``~/.cache/infokv-local/flash-attn.json``): each setting is timed twice,
-in the order on, off, off, on, and keeps its faster timing, so that a job running beside the measurement or a
-drifting machine slows both alike; a few seconds per class for SmolLM2-135M on 2 cores, four prefills of up to
-2,048 tokens for a large model.
+the default policy's row stride, batches of 512) and decode steps in a context filled to the engine's size
+class (:func:`size_class`: its cells rounded up to a multiple of 256, at most 2,048, so a budget of 256 + 64
+is timed at 512 cells, 1,024 + 128 at 1,280) with its statistics, the observation window in its share of the
+steps. One verdict per model (its file's size and first and last bytes, whatever its name), CPU, library
+build, threads, cache types, statistics and size class: engines in the same class compute the same numbers
+whatever their budget (an evicting engine gives the full cache's predictions until its first eviction when
+both are in one class); a run that compares engines of different classes (the evaluation harness) passes one
+setting to all of them. It is cached in the user cache directory (``$INFOKV_CACHE``, default
+``~/.cache/infokv-local/flash-attn.json``): each setting is timed twice, in the order on, off, off, on, and
+keeps its faster timing, so that a job running beside the measurement or a drifting machine slows both alike;
+a few seconds per class for SmolLM2-135M on 2 cores, four prefills of up to 2,048 tokens for a large model.
 """
 
 from __future__ import annotations
@@ -194,16 +194,28 @@ def _filler(model: Model, n: int) -> list[int]:
 
 
 def _key(model: Model, work: Workload) -> str:
-    st = model.path.stat()
     parts: dict[str, Any] = {
         "version": 4,
-        "model": [model.path.name, st.st_size], "cpu": _cpu_id(), "build": _build_id(),
+        "model": _model_id(model.path), "cpu": _cpu_id(), "build": _build_id(),
         "n_gpu_layers": model.n_gpu_layers, "threads": work.threads, "cells": min(work.capacity, MAX_FILL),
         "batch": work.n_batch, "cache": [work.cache_type_k, work.cache_type_v],
         "stats": [work.attn, work.window if work.attn else 0, round(work.window_share, 3) if work.attn else 0,
                   work.layer_dist, work.entropy_top_k, work.stride],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def _model_id(path: Path) -> str:
+    """The model file's size and a hash of its first and last 64 KiB (its header, tensor index and last
+    weights): the same file under another name or folder (a copy, the Hugging Face cache) shares its verdicts."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 16))
+        f.seek(max(size - (1 << 16), 0))
+        h.update(f.read(1 << 16))
+    return h.hexdigest()[:24]
 
 
 @functools.cache
