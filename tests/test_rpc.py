@@ -27,8 +27,11 @@ PROBE = textwrap.dedent("""
     import json, sys
     import numpy as np
     from infokv_local import InfoKVLlama
+    from infokv_local.llamacpp.model import Model
     rpc = sys.argv[2] or ()
-    with InfoKVLlama(sys.argv[1], budget=48, buffer=16, n_recent=8, flash_attn=False, rpc=rpc, n_threads=1) as llm:
+    # the RPC server keeps the weights as the file has them: so does the local reference (no CPU repacking)
+    model = Model(sys.argv[1], rpc=rpc, repack=False)
+    with InfoKVLlama(model, budget=48, buffer=16, n_recent=8, flash_attn=False, n_threads=1) as llm:
         out = llm.create_completion("The old lighthouse keeper climbed the stairs and", max_tokens=60,
                                     temperature=0)
         cm = llm.cache_map()

@@ -131,9 +131,13 @@ class ModelInfo:
 class Model:
     """A GGUF model loaded through the patched llama.cpp. Close it (or use ``with``) to free it."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, rpc: str | tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, rpc: str | tuple[str, ...] | list[str] = (),
+                 repack: bool = True) -> None:
         """``rpc``: llama.cpp RPC servers (``"host:port"``) whose devices take the offloaded layers; with
-        servers and ``n_gpu_layers`` 0, every layer is offloaded (split over the servers by their memory)."""
+        servers and ``n_gpu_layers`` 0, every layer is offloaded (split over the servers by their memory).
+        ``repack`` False keeps the weights in their file layout on the CPU (llama.cpp's ``--no-repack``):
+        llama.cpp otherwise rearranges some quantized types (Q4_0, Q4_K, IQ4_NL, Q8_0) for faster CPU kernels,
+        whose sums round differently from those an RPC server or another device computes."""
         _init_backend()
         self.path = check_gguf_file(path)
         check_loads_safely(self.path)
@@ -143,6 +147,7 @@ class Model:
             n_gpu_layers = n_gpu_layers or ALL_LAYERS
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = repack
         self.n_gpu_layers = n_gpu_layers
         self._eog: list[int] | None = None
         self._number_kinds: np.ndarray | None = None
