@@ -2,21 +2,22 @@
 
 Which is faster depends on the CPU, the model and how many cells each decode step attends over: stock
 llama.cpp on SmolLM2-135M decodes 14% faster with flash attention on on a 2-core AMD EPYC, and 2.3x slower on
-an Intel Xeon with AVX-512; on the EPYC our engine's decode step with it on is 13% faster at 320 cells and
-level at 1,152. So where there is a choice (a CPU, and a policy that does not need the attention of every
-query row), :func:`choose` times each setting on the engine's own work and keeps the faster: a request of a
-1,024-token prompt and a 512-token reply, the prompt read as the engine reads prompts (the statistics on, with
-the default policy's row stride, batches of 512) and decode steps in a context filled to the engine's size
-class (:func:`size_class`: its cells rounded up to a multiple of 256, at most 2,048, so a budget of 256 + 64
-is timed at 512 cells, 1,024 + 128 at 1,280) with its statistics, the observation window in its share of the
-steps. One verdict per model (its file's size and first and last bytes, whatever its name), CPU, library
-build, threads, cache types, statistics and size class: engines in the same class compute the same numbers
-whatever their budget (an evicting engine gives the full cache's predictions until its first eviction when
-both are in one class); a run that compares engines of different classes (the evaluation harness) passes one
-setting to all of them. It is cached in the user cache directory (``$INFOKV_CACHE``, default
-``~/.cache/infokv-local/flash-attn.json``): each setting is timed twice, in the order on, off, off, on, and
-keeps its faster timing, so that a job running beside the measurement or a drifting machine slows both alike;
-a few seconds per class for SmolLM2-135M on 2 cores, four prefills of up to 2,048 tokens for a large model.
+an Intel Xeon with AVX-512; on the EPYC our engine's request is faster with it on at 320 cells and level at
+1,152 (its decode steps slower with it on there, its prompts faster). So where there is a choice (a CPU, and a
+policy that does not need the attention of every query row), :func:`choose` times each setting on the engine's
+own work and keeps the faster: a request of a 1,024-token prompt and a 512-token reply, the prompt read as the
+engine reads prompts (the statistics on, with the default policy's row stride, batches of 512) and decode
+steps in a context filled to the engine's size class (:func:`size_class`: its cells rounded up to a multiple
+of 256, at most 2,048, so a budget of 256 + 64 is timed at 512 cells, 1,024 + 128 at 1,280) with its
+statistics, the observation window in its share of the steps. One verdict per model (its file's size and first
+and last bytes, whatever its name), CPU, library build, threads, cache types, statistics and size class:
+engines in the same class compute the same numbers whatever their budget (an evicting engine gives the full
+cache's predictions until its first eviction when both are in one class); a run that compares engines of
+different classes (the evaluation harness) passes one setting to all of them. It is cached in the user cache
+directory (``$INFOKV_CACHE``, default ``~/.cache/infokv-local/flash-attn.json``): each setting is timed twice,
+in the order on, off, off, on, and keeps its faster timing, so that a job running beside the measurement or a
+drifting machine slows both alike; a few seconds per class for SmolLM2-135M on 2 cores, four prefills of up to
+2,048 tokens for a large model.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Workload:
     window_share: float  # share of the decode steps that compute the window (1 without window on demand)
     layer_dist: bool
     entropy_top_k: int | None
-    stride: int = 1  # prompt rows with signals: every stride-th (the policy's signal stride)
+    stride: int = 1  # prompt rows with signals: every stride-th (the default policy's signal stride)
 
 
 PROMPT_TOKENS, REPLY_TOKENS = 1024, 512  # the request the two settings are compared on
