@@ -203,6 +203,9 @@ def run_flash_attn(model: Model, policies: list[str], largest_budget: int, buffe
         if asked is not None and asked != setting:
             raise ValueError(f"{log}: generated with flash attention {'on' if setting else 'off'}, asked for "
                              f"{'on' if asked else 'off'} now; give another output path or the same setting")
+        if setting and all_rows:
+            raise ValueError(f"{log}: generated with flash attention on, which policy {all_rows[0]!r} cannot use "
+                             f"(it needs the attention of every query row); give another output path")
         return setting
     if all_rows and asked:
         raise ValueError(f"policy {all_rows[0]!r} needs flash attention off (the attention of every query row), "

@@ -322,6 +322,8 @@ def test_every_generation_of_a_run_uses_one_flash_attention_setting(tmp_path: Pa
     assert "generated with flash attention on, asked for off now" in capsys.readouterr().err
     assert evidence_cli.main([*argv[:-2], "--policies", "full,snapkv,tova"]) == 0  # auto: as the log says
     assert {r["flash_attn"] for r in _lines(out.with_suffix(".jsonl"))} == {"on"}
+    assert evidence_cli.main([*argv[:-2], "--policies", "full,h2o"]) == 2  # the log's setting rules H2O out
+    assert "generated with flash attention on, which policy 'h2o' cannot use" in capsys.readouterr().err
     h2o = [*argv[:-2], "--policies", "full,h2o", "--out", str(tmp_path / "h2o.json")]
     assert evidence_cli.main([*h2o, "--flash-attn", "on"]) == 2
     assert "policy 'h2o' needs flash attention off" in capsys.readouterr().err
