@@ -174,3 +174,101 @@ def test_sequences_share_a_context_on_every_memory(arch_dir, name):
             part = next((j for j in range(len(want)) if got[j] != want[j]), None)
             # token j came from the logits after token j - 1 (the first from the prompt's: no gap recorded)
             assert part is None or (part > 0 and gaps[part - 1] < 0.05), f"parted at {part} with no near tie"
+
+
+# memories that cannot drop their newest tokens (a sliding-window cache past its window, a recurrent state):
+# checkpoints of the bounded part where each prompt starts and before its last token (docs/memory.md)
+ROLLBACK = ["gemma3-dense", "granitehybrid-dense", "mamba2-dense", "qwen35-dense"]
+
+
+def _turn(eng: Engine, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """Read ``prompt`` and generate ``n`` tokens greedily: the tokens and the logits the first was chosen from
+    (random weights loop over a few tokens, so the logits are what tells two states apart)."""
+    gen = eng.generate(prompt, max_tokens=n, ignore_eos=True)
+    first = next(gen)
+    logits = eng.ctx.logits(-1).copy()
+    return [first, *gen], logits
+
+
+def _two_turns(eng: Engine, p1: list[int], p2: list[int]) -> tuple[list[int], list[int]]:
+    return _turn(eng, p1, 40)[0], _turn(eng, p2, 20)[0]
+
+
+@pytest.mark.parametrize("name", ROLLBACK)
+def test_an_edited_or_regenerated_turn_goes_back_to_a_checkpoint(arch_dir, name):
+    """Full cache: going back to before the last turn's last token, or to the start of the last turn, gives
+    exactly the logits of an engine that read the conversation that way from the start; a point with no
+    checkpoint is refused, changing nothing."""
+    kw = dict(n_threads=2, max_context=512, compact_at=4096, flash_attn=False)
+    with Model(arch_dir / f"{name}.gguf") as model:
+        rng = np.random.default_rng(2)
+        p1, p2, edited = (rng.integers(3, model.info.n_vocab, n).tolist() for n in (50, 30, 24))
+        with Engine(model, "full", **kw) as ref:
+            r1 = _turn(ref, p1, 40)[0]
+            r2, logits2 = _turn(ref, p2, 20)
+            ref.reset()
+            assert _turn(ref, p1, 40)[0] == r1
+            want_edit, want_logits = _turn(ref, edited, 20)
+        assert not np.array_equal(logits2, want_logits)
+        with Engine(model, "full", **kw) as eng:
+            assert _two_turns(eng, p1, p2) == (r1, r2)
+            turn2 = len(p1) + len(r1)  # the first answer's last token is decoded when the second turn starts
+            assert eng.checkpoint_points() == [len(p1) - 1, turn2, turn2 + len(p2) - 1]
+            assert len(eng.checkpoints) == 3 and eng.checkpoints.nbytes > 0
+            if eng.ctx.memory != "sliding-window":  # within its window a sliding-window cache drops tokens itself
+                before = (list(eng.tokens), eng.n_past, eng.cached_positions().tolist())
+                assert not eng.can_truncate(20) and not eng.truncate(20)
+                assert (eng.tokens, eng.n_past, eng.cached_positions().tolist()) == before
+            # regenerate: back to before the second prompt's last token, which is read again
+            assert eng.truncate(turn2 + len(p2) - 1) and eng.n_past == turn2 + len(p2) - 1
+            got, logits = _turn(eng, p2[-1:], 20)
+            assert got == r2
+            np.testing.assert_array_equal(logits, logits2)
+            # edit: back to where the second prompt started; the later checkpoint goes with the dropped turn
+            assert eng.truncate(turn2) and eng.checkpoint_points() == [len(p1) - 1, turn2]
+            got, logits = _turn(eng, edited, 20)
+            assert got == want_edit
+            np.testing.assert_array_equal(logits, want_logits)
+
+
+@pytest.mark.parametrize("name", ["granitehybrid-dense", "qwen35-dense"])
+def test_going_back_under_eviction_keeps_the_budget(arch_dir, name):
+    """Under a budget of 64 a hybrid keeps the token before each checkpoint (llama.cpp goes on after the
+    newest position both parts hold), so every checkpoint stays usable; the invariant holds throughout."""
+    kw = dict(budget=BUDGET, buffer=BUFFER, n_threads=2, check_invariants=True, compact_at=4096, flash_attn=False)
+    with Model(arch_dir / f"{name}.gguf") as model:
+        rng = np.random.default_rng(3)
+        p1, p2 = (rng.integers(3, model.info.n_vocab, n).tolist() for n in (80, 30))
+        with Engine(model, "infokv", **kw) as eng:
+            _two_turns(eng, p1, p2)
+            more = list(eng.generate([], max_tokens=120, ignore_eos=True))  # long past both turns' tokens
+            assert len(more) == 120 and eng.totals.evictions > 0
+            points = eng.checkpoint_points()
+            assert len(points) == 3 and set(points) == set(eng.checkpoints.points())
+            assert set(eng.checkpoint_anchors()) <= set(eng.cached_positions().tolist())
+            for n in reversed(points):
+                assert eng.truncate(n) and len(eng.tokens) == n
+                out = list(eng.generate(rng.integers(3, model.info.n_vocab, 8).tolist(), max_tokens=30,
+                                        ignore_eos=True))
+                assert len(out) == 30 and eng.totals.max_used_cells <= BUDGET + BUFFER
+
+
+@pytest.mark.parametrize("name", ["granitehybrid-dense", "mamba2-dense"])
+def test_the_api_keeps_the_conversation_before_an_edited_turn(arch_dir, name):
+    """Through InfoKVLlama: a regenerated or edited last turn keeps everything before it (it used to read the
+    whole conversation again on these memories); the kv block counts the checkpoints."""
+    from infokv_local import InfoKVLlama
+
+    with Model(arch_dir / f"{name}.gguf") as model, \
+            InfoKVLlama(model, policy="infokv", budget=BUDGET, buffer=BUFFER, n_threads=2, flash_attn=False) as llm:
+        first = llm.create_completion("one two three four five six seven", max_tokens=16, temperature=0)
+        history = "one two three four five six seven" + first["choices"][0]["text"]
+        kept = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+        second = llm.create_completion(history + " eight nine ten", max_tokens=8, temperature=0)
+        assert second["usage"]["kv"]["reused_tokens"] == kept
+        again = llm.create_completion(history + " eight nine ten", max_tokens=8, temperature=0)
+        assert again["usage"]["kv"]["reused_tokens"] >= kept
+        assert again["choices"][0]["text"] == second["choices"][0]["text"]
+        edited = llm.create_completion(history + " eleven twelve", max_tokens=8, temperature=0)
+        kv = edited["usage"]["kv"]
+        assert kv["reused_tokens"] == kept and kv["checkpoints"] >= 2 and kv["checkpoint_bytes"] > 0

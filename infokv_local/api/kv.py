@@ -81,6 +81,8 @@ def kv_block(llm: InfoKVLlama) -> KVStats:
         "bounded_bytes": e.ctx.bounded_bytes,
         "bounded_cells": bounded[0] if bounded else None,
         "total_bytes": used * e.kv_bytes_per_cell + e.ctx.bounded_bytes,
+        "checkpoints": len(e.checkpoints),
+        "checkpoint_bytes": e.checkpoints.nbytes,
         "evictions": t.evictions,
         "evicted_tokens": t.evicted_tokens,
         "compactions": e.compactions,

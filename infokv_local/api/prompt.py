@@ -106,6 +106,25 @@ class PromptCache:
             kept_tokens -= n
         return kept_bytes, kept_tokens, n_segments
 
+    def _checkpoint_kept(self, data: bytes, kept_tokens: int, points: list[int]) -> tuple[int, int, int]:
+        """Bytes, tokens and pieces kept when the cache goes back to the newest checkpoint (``points``: the
+        engine's, token counts) before ``kept_tokens`` that ends a piece: a memory with a bounded part
+        cannot drop its newest tokens otherwise; (0, 0, 0) when there is none."""
+        ends: dict[int, tuple[int, int]] = {}  # tokens -> (bytes, pieces) at each piece's end
+        n_bytes = n_tokens = 0
+        for i, (seg, n) in enumerate(self._segments):
+            if n_tokens >= kept_tokens:
+                break
+            n_bytes += len(seg)
+            n_tokens += n
+            ends[n_tokens] = (n_bytes, i + 1)
+        for point in sorted(points, reverse=True):
+            if 0 < point < kept_tokens and point in ends:
+                b, pieces = ends[point]
+                if b < len(data) and data[b] & 0xC0 != 0x80:  # something to feed, starting a character
+                    return b, point, pieces
+        return 0, 0, 0
+
     def reusable(self, prompt: str | bytes, n_cached: int) -> int:
         """How many of the ``n_cached`` tokens of the sequence a request with ``prompt`` (text, or its UTF-8
         bytes from :func:`~infokv_local.llamacpp.model.text_bytes`) would keep (at most: tokens after them that were
@@ -134,7 +153,8 @@ class PromptCache:
         if n_segments:
             with lock or contextlib.nullcontext():
                 if not e.can_truncate(kept_tokens):
-                    n_segments = 0
+                    kept_bytes, kept_tokens, n_segments = self._checkpoint_kept(data, kept_tokens,
+                                                                                e.checkpoint_points())
         if n_segments:
             data, add_special, kept = data[kept_bytes:], False, (kept_tokens, n_segments)
         else:

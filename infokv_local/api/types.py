@@ -32,6 +32,9 @@ class KVStats(TypedDict):
     bounded_bytes: int
     bounded_cells: int | None
     total_bytes: int
+    # saved states of the bounded part that an edited or regenerated turn goes back to (host memory, not KV)
+    checkpoints: int
+    checkpoint_bytes: int
     evictions: int
     evicted_tokens: int
     compactions: int

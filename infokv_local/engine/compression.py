@@ -165,6 +165,9 @@ class Compressor:
         scores = np.asarray(e.policy.score(inp), dtype=np.float64)
         if scores.shape != (len(ev_cells),):
             raise ValueError(f"policy {e.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
+        anchors = e.checkpoint_anchors()
+        if anchors:
+            scores = np.where(np.isin(pos[lo:hi], anchors), np.inf, scores)
         if e.policy.whole_numbers:
             token_ids = np.asarray(e.tokens, dtype=np.int64)[e.cells.token[cells]]
             drop = whole_number_drops(scores, n_keep, e.model.number_kinds()[token_ids], pos, lo, hi)

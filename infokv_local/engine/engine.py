@@ -30,6 +30,7 @@ from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Polic
 from ..policies.selection import evictable_span
 from ..settings import DEFAULTS
 from .cells import CellSignals
+from .checkpoints import Checkpoint, Checkpoints
 from .compression import Compressor
 from .interrupts import sigint_deferred
 from .scheduler import ContextNeeds, SequenceView, SharedContext
@@ -171,6 +172,7 @@ class Engine:
             self, probe_len=min(window, buffer // 2) if prompt_probe and window_policy and self.ctx.rolls_back else 0,
             window_on_demand=window_policy and not self.ctx.bounded)
         self._recent_holes: set[int] = set()  # recent positions evicted before a truncation made them recent
+        self.checkpoints = Checkpoints()  # of the bounded part, to go back to earlier tokens (:mod:`.checkpoints`)
         self.n_threads = self.ctx.n_threads
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
         self.compactions = 0
@@ -208,6 +210,7 @@ class Engine:
         self.tokens = []
         self._pending = None
         self._recent_holes = set()
+        self.checkpoints.clear()
         self.totals = EngineTotals()
 
     # ---- state -----------------------------------------------------------------------------
@@ -271,13 +274,20 @@ class Engine:
     def truncate(self, n_tokens: int) -> bool:
         """Drop the sequence's tokens from index ``n_tokens`` on (to continue differently from there).
 
-        Possible only while all those tokens are still cached (the most recent ones always are, up
-        to ``n_recent``) and, with a sliding-window cache, while that cache still holds the window
-        before them; returns False, changing nothing, otherwise.
+        Possible while all those tokens are still cached (the most recent ones always are, up to
+        ``n_recent``) and, with a sliding-window cache, while that cache still holds the window before
+        them; or, on a memory with a bounded part, to a point a checkpoint was taken at (:mod:`.checkpoints`:
+        where a prompt started to be read, before a prompt's last token). Returns False, changing nothing,
+        otherwise.
         """
         tail = self._truncated_cells(n_tokens)
         if tail is None:
-            return False
+            checkpoint = self._checkpoint_for(n_tokens)
+            if checkpoint is None:
+                return False
+            self._go_back_to(checkpoint)
+            return True
+        self.checkpoints.drop_after(n_tokens)
         drop_pending = self._pending is not None and n_tokens < len(self.tokens)
         k = len(tail)
         with sigint_deferred():
@@ -299,7 +309,67 @@ class Engine:
 
     def can_truncate(self, n_tokens: int) -> bool:
         """Whether :meth:`truncate` to ``n_tokens`` would succeed (nothing changes)."""
-        return self._truncated_cells(n_tokens) is not None
+        return self._truncated_cells(n_tokens) is not None or self._checkpoint_for(n_tokens) is not None
+
+    def checkpoint_points(self) -> list[int]:
+        """The token counts :meth:`truncate` can go back to through a checkpoint (besides dropping cached
+        tokens), ascending."""
+        return [n for n in self.checkpoints.points() if self._checkpoint_for(n) is not None]
+
+    def _take_checkpoint(self) -> None:
+        """Save the bounded part after the tokens decoded so far (a memory with one only; nothing pending)."""
+        n = len(self.tokens)
+        if not self.ctx.bounded or not n or self._pending is not None or self.checkpoints.has(n):
+            return
+        self.checkpoints.add(Checkpoint(n_tokens=n, n_past=self.n_past, bounded=self.ctx.save_bounded(),
+                                        last_entropy=self.ctx.last_entropy))
+
+    def _checkpoint_for(self, n_tokens: int) -> Checkpoint | None:
+        """The checkpoint a truncation to ``n_tokens`` can go back to, if any: taken after exactly those tokens,
+        and, on a hybrid memory, the growing part's newest cell left is the position right before it
+        (:meth:`checkpoint_anchors`)."""
+        cp = self.checkpoints.at(n_tokens)
+        if cp is None or n_tokens > len(self.tokens) - (self._pending is not None):
+            return None
+        if self.ctx.memory == "hybrid":  # llama.cpp takes a hybrid memory's newest position from both parts
+            cells, pos = self.ctx.cell_map()
+            kept = pos[self.cells.token[cells] < n_tokens]
+            if len(kept) and kept[-1] != cp.n_past - 1:
+                return None
+        return cp
+
+    def checkpoint_anchors(self) -> list[int]:
+        """Positions compressions keep whatever their scores (within the budget): on a hybrid memory, the
+        token before each checkpoint, without which llama.cpp would not continue the sequence there (a
+        sequence goes on at the position after the newest one that both parts hold)."""
+        if self.ctx.memory != "hybrid":
+            return []
+        return [cp.n_past - 1 for cp in self.checkpoints.items()]
+
+    def _go_back_to(self, cp: Checkpoint) -> None:
+        """Truncate to a checkpoint: the growing part drops the later tokens' cells, the bounded part is the
+        checkpoint's. On an error from llama.cpp the sequence is forgotten (the engine is then empty)."""
+        n = cp.n_tokens
+        with sigint_deferred():
+            try:
+                if self._pending is not None:
+                    self.tokens.pop()
+                    self._pending = None
+                cells, _ = self.ctx.cell_map()
+                tail = cells[self.cells.token[cells] >= n]
+                if len(tail):
+                    self.ctx.remove_cells(tail)
+                    self.cells.forget(tail)
+                self.ctx.load_bounded(cp.bounded)
+            except BaseException:
+                self._reset()
+                raise
+            self.ctx.last_entropy = cp.last_entropy
+            del self.tokens[n:]
+            self.n_past = cp.n_past
+            self.compressor.unrecorded = 0
+            self.checkpoints.drop_after(n)
+            self._note_recent_holes()
 
     def _truncated_cells(self, n_tokens: int) -> np.ndarray | None:
         """The cells a truncation to ``n_tokens`` removes, or None when some of those tokens are evicted."""
@@ -336,14 +406,21 @@ class Engine:
         tokens = list(tokens)
         comp = self.compressor
         probed = comp.probe_len > 0 and not all_logits and bool(tokens)
-        if probed:
+        # checkpoints where the prompt starts and before its last token, which is then read alone
+        checkpointed = self.ctx.bounded and not all_logits and bool(tokens)
+        if probed or checkpointed:
             self._flush_pending()  # before the probe places the prompt's end after what is cached
+        if checkpointed:
+            self._take_checkpoint()
         chunk = min(self.chunk, self.buffer - comp.probe_len) if probed else self.chunk
         try:
             s = 0
             while s < len(tokens):
+                stop = len(tokens) - 1 if checkpointed and s < len(tokens) - 1 else len(tokens)
+                if checkpointed and s == len(tokens) - 1:
+                    self._take_checkpoint()
                 # teacher forcing reads chunk by chunk: its logits are compared with another engine's, batch by batch
-                end = min(s + chunk, len(tokens)) if all_logits else self._batch_end(len(tokens), s, chunk, probed)
+                end = min(s + chunk, len(tokens)) if all_logits else self._batch_end(stop, s, chunk, probed)
                 part = tokens[s:end]
                 if probed:
                     comp.probe_tail, comp.probe_left = tokens[-comp.probe_len:], len(tokens) - s
@@ -487,6 +564,7 @@ class Engine:
         window, the window shifted as one block (its holes, the recent ones among them, move with it)."""
         before = self.n_past
         self.n_past = self.ctx.compact_positions()
+        self.checkpoints.clear()  # they hold the old positions
         shift = self.n_past - before
         self._recent_holes = {p + shift for p in self._recent_holes if p + shift >= 0} if self.ctx.has_window \
             else set()
@@ -514,7 +592,7 @@ class Engine:
         """Everything needed to continue this sequence later in an engine of the same configuration:
         the cached tokens' K/V and positions (llama.cpp's sequence state), the per-cell records the
         policy scores with (in position order, since cell indices change on restore), the
-        tokens, ``n_past``, the totals and the random generator's state."""
+        tokens, ``n_past``, the totals, the random generator's state and the checkpoints."""
         cells, pos = self.ctx.cell_map()
         return EngineSnapshot(
             config=self._snapshot_config(),
@@ -533,6 +611,7 @@ class Engine:
             last_entropy=self.ctx.last_entropy,
             logits=self.ctx.logits(-1) if self.tokens and self._pending is None else None,
             unrecorded=self.compressor.unrecorded,
+            checkpoints=self.checkpoints.items(),
         )
 
     def restore(self, snap: EngineSnapshot) -> None:
@@ -558,6 +637,7 @@ class Engine:
         self.cells.put(cells, snap.record)
         self.cells.ring_next, self.cells.ring_len = snap.ring_next, snap.ring_len
         self.compressor.unrecorded = snap.unrecorded
+        self.checkpoints.replace(snap.checkpoints)
         self.n_past = snap.n_past
         self.tokens = list(snap.tokens)
         self._pending = snap.pending

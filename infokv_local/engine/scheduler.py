@@ -473,5 +473,13 @@ class SequenceView:
             self.shared.ctx.load_sequence(data, flat, self.seq)
         self.row = self.rows = None
 
+    def save_bounded(self) -> bytes:
+        with self.lock:
+            return self.shared.ctx.save_bounded(self.seq)
+
+    def load_bounded(self, data: bytes) -> None:
+        with self.lock:
+            self.shared.ctx.load_bounded(data, self.seq)
+
     def close(self) -> None:
         self.shared.release(self)

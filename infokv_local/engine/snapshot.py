@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cells import CellRecord
+from .checkpoints import Checkpoint
 from .steps import EngineTotals
 
 
@@ -32,10 +33,11 @@ class EngineSnapshot:
     last_entropy: float
     logits: np.ndarray | None = None  # the last decode's logits, when the sequence goes on from them
     unrecorded: int = 0  # tokens decoded last whose attention rows the ring lacks (window on demand)
+    checkpoints: tuple[Checkpoint, ...] = ()  # of the bounded part (:mod:`.checkpoints`)
 
     @property
     def nbytes(self) -> int:
-        """Bytes this snapshot holds in RAM (the sequence state and the signal arrays)."""
+        """Bytes this snapshot holds in RAM (the sequence state, the checkpoints and the signal arrays)."""
         arrays = [self.positions, self.logits]
         return (len(self.sequence) + self.record.nbytes + sum(a.nbytes for a in arrays if a is not None)
-                + 8 * len(self.tokens))
+                + 8 * len(self.tokens) + sum(len(c.bounded) for c in self.checkpoints))

@@ -680,6 +680,31 @@ class StatsContext:
         if placeholders is not None and len(placeholders):
             self.remove_cells(placeholders + base, seq)
 
+    def save_bounded(self, seq: int = SEQ) -> bytes:
+        """The bounded part of the sequence's memory alone: the sliding-window cache's cells within the window,
+        or the recurrent state (``llama_state_seq_get_data_ext`` with ``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``, what
+        llama.cpp's server keeps as a context checkpoint). The growing part is not written."""
+        if not self.bounded:
+            raise ValueError("a dense memory has no bounded part to save")
+        if self.n_streams > 1:
+            raise ValueError("a memory with a stream per sequence has no bounded part")
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama.llama_state_seq_get_size_ext(self.ptr, seq, flags)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama.llama_state_seq_get_data_ext(self.ptr, buf, size, seq, flags)
+        if n != size:
+            raise DecodeError(f"llama_state_seq_get_data_ext wrote {n} bytes, {size} expected")
+        return ctypes.string_at(buf, n)
+
+    def load_bounded(self, data: bytes, seq: int = SEQ) -> None:
+        """Replace the bounded part of the sequence's memory by one saved with :meth:`save_bounded`; the growing
+        part is left as it is (the caller has removed its cells of the positions the saved part had not read)."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama.llama_state_seq_set_data_ext(self.ptr, buf, len(data), seq,
+                                              llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0:
+            raise DecodeError(f"llama.cpp could not restore the {self.memory} memory's bounded part "
+                              f"({len(data)} bytes)")
+
     def _ensure_output_row(self, seq: int = SEQ) -> None:
         """Give a context that never decoded an output row (llama.cpp allocates it at the first decode), so a
         restored sequence's logits can be put back with :meth:`set_last_logits` instead of decoding its last
