@@ -21,6 +21,7 @@ TASK_EXAMPLES = """examples:
   python -m evaluation tasks --task long-prefill --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.4,0.2
   python -m evaluation tasks --task long-prefill-block --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.25
   python -m evaluation tasks --task retrieval --lengths 4096,8192 --ratio 0.25 --limit 10
+  python -m evaluation tasks --task multi-step --group 6 --model qwen2.5-coder-1.5b --budget 208,416 --limit 96
   python -m evaluation tasks --task decode-pressure --quick
 """
 
@@ -28,6 +29,7 @@ FID_EXAMPLES = """examples:
   python -m evaluation fidelity-decode --ratio 0.25,0.125 --limit 20 --by-distance
   python -m evaluation fidelity-decode --model qwen2.5-coder-1.5b --budget 128,256,512
   python -m evaluation fidelity-decode --quick
+  python -m evaluation fidelity-decode --model qwen2.5-coder-1.5b --group 6 --ratio 0.25,0.125 --by-distance
 """
 
 
@@ -53,7 +55,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="number of questions (from --offset)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
     p.add_argument("--seed", type=int, default=0, help="seed of the constructions (filler, needles)")
-    p.add_argument("--max-tokens", type=int, help="generation limit per item (default 400 for CoT, 48 retrieval)")
+    p.add_argument("--max-tokens", type=int,
+                   help="generation limit per item (default 400 for CoT, 320 a question for multi-step, 48 retrieval)")
     p.add_argument("--buffer", type=int, default=64, help="cache growth between compressions (default 64)")
     p.add_argument("--n-sink", type=int, default=4)
     p.add_argument("--n-recent", type=int, default=32)
@@ -76,9 +79,12 @@ def register(subparsers: Any) -> None:
         epilog=TASK_EXAMPLES)
     t.add_argument("--task", required=True, choices=list(TASKS),
                    help="long-prefill (the question's facts spread through essay filler), long-prefill-block "
-                        "(kept together at one point of it), decode-pressure, retrieval")
+                        "(kept together at one point of it), decode-pressure, multi-step (--group questions "
+                        "in one reply), retrieval")
     t.add_argument("--lengths", type=int_list, help="context lengths in tokens (long-prefill default 2048; "
                                                   "retrieval 4096,8192)")
+    t.add_argument("--group", type=int, default=6,
+                   help="multi-step: questions per item, solved one after another in one reply (default 6)")
     t.add_argument("--kinds", default="niah,variable_tracking",
                    help="retrieval items per question id: niah, variable_tracking or both (default)")
     t.add_argument("--prompt-probe", action="store_true",
@@ -103,6 +109,9 @@ def register(subparsers: Any) -> None:
     f.add_argument("--by-distance", action="store_true", help="print and plot KL by distance after the first "
                                                              "compression (0-128, 128-512, 512-2K, 2K+)")
     f.add_argument("--traces", help="trace cache JSONL (default results/traces-MODEL-maxN.jsonl)")
+    f.add_argument("--group", type=int, default=1,
+                   help="questions per trace, solved one after another in one reply as in tasks --task "
+                        "multi-step (default 1: one question per trace)")
     _common(f)
     f.set_defaults(func=run_fidelity_decode_cmd)
 
@@ -128,13 +137,14 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
 
     policies = _policies(args.policies) if args.policies else list(T.ALL_POLICIES)
     specs = _budget_specs(args)
+    reasoning = args.task in ("decode-pressure", "multi-step")  # budgets in tokens: the reply is what overflows
     if args.quick:
-        args.limit = args.limit or 3
+        args.limit = args.limit or (2 * args.group if args.task == "multi-step" else 3)
         policies = _policies(args.policies) if args.policies else ["full", "infokv", "streaming"]
         if not specs:
-            specs = ["128"] if args.task == "decode-pressure" else ["r0.25"]
+            specs = ["128"] if reasoning else ["r0.25"]
     if not specs:
-        specs = ["128", "256"] if args.task == "decode-pressure" else ["r0.4", "r0.2"]
+        specs = ["128", "256"] if reasoning else ["r0.4", "r0.2"]
     if args.task.startswith("long-prefill"):
         lengths = args.lengths or ([1024] if args.quick else [2048])
     elif args.task == "retrieval":
@@ -151,7 +161,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
         tag = _model_tag(model)
         out = Path(args.out) if args.out else Path("results") / f"tasks-{args.task}-{tag}.json"
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        items = T.build_items(args.task, model, questions, lengths, args.seed, args.max_tokens, kinds)
+        items = T.build_items(args.task, model, questions, lengths, args.seed, args.max_tokens, kinds, args.group)
         records = T.run_tasks(model, args.task, items, policies, specs, out.with_suffix(".jsonl"),
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                               n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe,
@@ -160,13 +170,18 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
     finally:
         model.close()
     results = T.summarize(records)
+    by_question = T.summarize_questions(records) if args.task == "multi-step" else None
     summary = {"task": args.task, "model": tag, "command": " ".join(sys.argv), "policies": policies,
                "budgets": specs, "lengths": lengths, "buffer": args.buffer, "seed": args.seed,
                "prompt_probe": args.prompt_probe, "parallel": args.parallel,
-               "results": results, "items": records}
+               "results": results, **({"by_question": by_question, "group": args.group} if by_question else {}),
+               "items": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
     print(T.format_table(results))
+    if by_question:
+        print("\nBy question:")
+        print(T.format_question_table(by_question))
     print(f"\nwrote {out} ({len(records)} generations; per item: {out.with_suffix('.jsonl')})")
     return 0
 
@@ -175,23 +190,28 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     from infokv_local.bench.kl_ratios import all_kl_ratios, markdown_ratios
 
     from . import decode_fidelity as D
-    from .task_data import cot_prompt, load_questions
+    from .task_data import cot_prompt, group_questions, load_questions
 
     policies = _policies(args.policies) if args.policies else ["infokv", "snapkv", "h2o", "tova", "streaming",
                                                                  "context-shift", "random"]
     specs = _budget_specs(args)
-    max_tokens = args.max_tokens or 400
+    max_tokens = args.max_tokens or (400 if args.group == 1 else 320 * args.group)
     if args.quick:
-        args.limit = args.limit or 3
-        max_tokens = args.max_tokens or 160
+        args.limit = args.limit or 3 * args.group
+        max_tokens = args.max_tokens or 160 * args.group
         specs = specs or ["r0.25"]
     specs = specs or ["r0.25", "r0.125"]
     questions = load_questions(args.questions, args.limit, args.offset)
+    prompt_fn: Any = cot_prompt
+    if args.group > 1:  # each item's "question" is then the whole multi-step message
+        questions, prompt_fn = group_questions(questions, args.group), (lambda message: message)
     model = _load_model(args)
     try:
         tag = _model_tag(model)
-        traces_path = Path(args.traces) if args.traces else Path("results") / f"traces-{tag}-max{max_tokens}.jsonl"
-        traces = D.make_traces(model, questions, traces_path, max_tokens, cot_prompt, n_threads=args.threads,
+        grouped = f"-group{args.group}" if args.group > 1 else ""
+        traces_path = Path(args.traces) if args.traces else \
+            Path("results") / f"traces-{tag}-max{max_tokens}{grouped}.jsonl"
+        traces = D.make_traces(model, questions, traces_path, max_tokens, prompt_fn, n_threads=args.threads,
                                progress=not args.no_progress)
         out = Path(args.out) if args.out else Path("results") / f"fidelity-decode-{tag}.json"
         records = D.run_decode_fidelity(model, traces, policies, specs, out.with_suffix(".jsonl"),
@@ -202,7 +222,8 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     rows = D.summarize(records)
     ratios = all_kl_ratios(records)
     summary = {"model": tag, "command": " ".join(sys.argv), "policies": policies, "budgets": specs,
-               "max_tokens": max_tokens, "buffer": args.buffer, "n_questions": len(questions),
+               "max_tokens": max_tokens, "buffer": args.buffer, "n_questions": len(questions) * args.group,
+               "group": args.group,
                "mean_trace_tokens": sum(len(t["trace_ids"]) for t in traces) / max(len(traces), 1),
                "results": rows, "kl_ratios": ratios}
     out.write_text(json.dumps(summary, indent=1))

@@ -32,7 +32,8 @@ from infokv_local.bench.jsonl import read_inputs
 
 TokenCount = Callable[[str], int]
 
-TASKS = ("long-prefill", "long-prefill-block", "decode-pressure", "retrieval")  # the task benchmark's tasks
+# the task benchmark's tasks
+TASKS = ("long-prefill", "long-prefill-block", "decode-pressure", "multi-step", "retrieval")
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])[\"”’')\]]?\s+(?=[\"“‘(\[A-Z0-9$])")
 
@@ -180,6 +181,25 @@ def long_prefill_prompt(lp: LongPrefill) -> str:
 def cot_prompt(question: str) -> str:
     """The user message of a plain chain-of-thought GSM8K item."""
     return f"{question}\nThink step by step, then end with \"The answer is N\" where N is a number."
+
+
+def multi_step_prompt(questions: list[str]) -> str:
+    """The user message of a multi-step item: several GSM8K problems solved one after another in one reply, each
+    answer on a line ``Answer k: N`` (a chain-of-thought of 1-2K tokens from a 1.5B model for 6 problems)."""
+    body = "\n\n".join(f"Problem {i + 1}: {q}" for i, q in enumerate(questions))
+    return (f"Solve the following {len(questions)} math word problems one after another. For each problem, think "
+            f"step by step, then write its answer on a line of its own as \"Answer k: N\", where k is the "
+            f"problem's number and N is a number.\n\n{body}")
+
+
+def group_questions(questions: list[dict], size: int) -> list[dict]:
+    """Consecutive questions in groups of ``size`` (a last, smaller group is left out), as items
+    ``{"id": "FIRST+SIZE", "question": the multi-step user message, "answers": the gold answers}``."""
+    if size < 1:
+        raise ValueError(f"a group holds at least one question (got {size})")
+    groups = [questions[i:i + size] for i in range(0, len(questions) - size + 1, size)]
+    return [{"id": f"{g[0]['id']}+{size}", "question": multi_step_prompt([q["question"] for q in g]),
+             "answers": [q["answer"] for q in g]} for g in groups]
 
 
 # ---- retrieval (RULER-style) ---------------------------------------------------------------------

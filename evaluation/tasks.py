@@ -10,9 +10,13 @@ Tasks (see :mod:`.task_data` for the constructions):
   tokens, 2 of 9 in a block at 2K, 4 of the 9 without filler; BENCHMARKS.md).
 - ``decode-pressure``: plain GSM8K chain-of-thought with a budget (``--budget 128,256``) smaller
   than prompt + reasoning: eviction happens while the model reasons.
+- ``multi-step``: ``--group`` consecutive GSM8K questions (default 6) solved one after another in one reply,
+  each answer on a line ``Answer k: N``: a chain-of-thought of 1-2K tokens, where what the model read first
+  must survive the longest; scored per question (``sub_correct``) and by position in the group.
 - ``retrieval``: needle-in-a-haystack and variable tracking (RULER-style) at 4K/8K.
 
-Answers: GSM8K items by exact numeric match of :func:`extract_answer` with the gold answer after
+Answers: a multi-step item's question k by the number after its ``Answer k:`` (the last such line); GSM8K items
+by exact numeric match of :func:`extract_answer` with the gold answer after
 ``####``; NIAH by the needle's number appearing in the reply; variable tracking by every variable of
 the chain appearing in the reply (RULER's "all" string match, binary per item).
 
@@ -81,6 +85,20 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
+_ANSWER_K = re.compile(r"Answer\s*(\d+)\s*[:=]\s*(?:\\\(|\$)?\s*(?:\\boxed\{)?\s*(" + _NUM + ")", re.IGNORECASE)
+
+
+def extract_numbered_answers(text: str, k: int) -> list[str | None]:
+    """The answers of a multi-step reply to questions 1..``k``: the number after the last ``Answer i:`` line of
+    each, normalized (None where there is none)."""
+    out: list[str | None] = [None] * k
+    for m in _ANSWER_K.finditer(text):
+        i = int(m.group(1))
+        if 1 <= i <= k:
+            out[i - 1] = normalize_number(m.group(2))
+    return out
+
+
 def numeric_match(pred: str | None, gold: str) -> bool:
     """Exact numeric equality of a predicted and a gold answer (both normalized)."""
     g = normalize_number(gold)
@@ -102,16 +120,18 @@ class TaskItem:
     prompt: str         # the user message
     gold: list[str]     # gold answer (GSM8K) or the strings that must all appear (retrieval)
     max_tokens: int
-    kind: str           # "gsm8k", "niah", "variable_tracking"
+    kind: str           # "gsm8k", "gsm8k-multi" (several questions: gold holds each answer), "niah",
+    #                     "variable_tracking"
 
 
 RETRIEVAL_KINDS = ("niah", "variable_tracking")
 
 
 def build_items(task: str, model: Model, questions: list[dict], lengths: Iterable[int], seed: int,
-                max_tokens: int | None = None, kinds: Iterable[str] = RETRIEVAL_KINDS) -> list[TaskItem]:
-    """The items of ``task`` (GSM8K questions; for retrieval, one item of each of ``kinds`` per question id and
-    length, the id choosing the construction's seed)."""
+                max_tokens: int | None = None, kinds: Iterable[str] = RETRIEVAL_KINDS,
+                group: int = 6) -> list[TaskItem]:
+    """The items of ``task`` (GSM8K questions; for multi-step, ``group`` consecutive ones per item; for retrieval,
+    one item of each of ``kinds`` per question id and length, the id choosing the construction's seed)."""
     def count(text: str) -> int:
         return len(model.tokenize(text, add_special=False, parse_special=False))
 
@@ -120,6 +140,10 @@ def build_items(task: str, model: Model, questions: list[dict], lengths: Iterabl
         for q in questions:
             items.append(TaskItem(f"gsm8k-{q['id']}", task, None, task_data.cot_prompt(q["question"]), [q["answer"]],
                                   max_tokens or 400, "gsm8k"))
+    elif task == "multi-step":
+        for g in task_data.group_questions(questions, group):
+            items.append(TaskItem(f"gsm8k-{g['id']}", task, None, g["question"], g["answers"],
+                                  max_tokens or 320 * group, "gsm8k-multi"))
     elif task in ("long-prefill", "long-prefill-block"):
         layout = "block" if task == "long-prefill-block" else "spread"
         for n in lengths:
@@ -159,7 +183,16 @@ def score_item(item: TaskItem, text: str) -> tuple[bool, str | None]:
     if item.kind == "gsm8k":
         pred = extract_answer(text)
         return numeric_match(pred, item.gold[0]), pred
+    if item.kind == "gsm8k-multi":
+        preds = extract_numbered_answers(text, len(item.gold))
+        return all(sub_correct(item, text)), ",".join("" if p is None else p for p in preds)
     return retrieval_correct(text, item.gold), None
+
+
+def sub_correct(item: TaskItem, text: str) -> list[bool]:
+    """Whether each question of a multi-step item is answered right, in order."""
+    preds = extract_numbered_answers(text, len(item.gold))
+    return [numeric_match(p, g) for p, g in zip(preds, item.gold, strict=True)]
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -288,6 +321,8 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                 if rec["flash_attn"] is not None and kv["flash_attn"] != rec["flash_attn"]:
                     raise RuntimeError(f"{rec['policy']} ran with flash attention {kv['flash_attn']}, the run's "
                                        f"setting is {rec['flash_attn']}")
+                if it.kind == "gsm8k-multi":
+                    rec["sub_correct"] = sub_correct(it, text)
                 rec.update(skipped=False, correct=bool(correct), pred=pred, text=text,
                            completion_tokens=res["usage"]["completion_tokens"],
                            finish_reason=res["choices"][0]["finish_reason"],
@@ -382,6 +417,67 @@ def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 1000
                 row["paired"][p2] = _paired(outcomes, other, n_boot, seed)
         results.append(row)
     return results
+
+
+def summarize_questions(records: list[dict], reference: str = "infokv", n_boot: int = 10000,
+                        seed: int = 0) -> list[dict]:
+    """Multi-step items counted by question: per (model, policy, budget spec) the questions answered right (Wilson
+    95% interval, which takes them as independent) and the accuracy at each position in the group; and
+    ``reference`` minus each other policy in the share of a group's questions answered right, paired by group
+    with a bootstrap over groups (the questions of a group are not independent), and the groups it answered
+    more / fewer of."""
+    fractions: dict[tuple, dict[str, float]] = defaultdict(dict)
+    by_position: dict[tuple, list[list[bool]]] = defaultdict(list)
+    for r in records:
+        if r.get("skipped") or r.get("sub_correct") is None:
+            continue
+        key = (r["model"], r["policy"], r["budget_spec"])
+        sub = [bool(x) for x in r["sub_correct"]]
+        fractions[key][r["item_id"]] = sum(sub) / len(sub)
+        by_position[key].append(sub)
+    rows = []
+    for key in sorted(fractions, key=lambda k: (k[0], k[1] != "full", k[2], k[1] != reference, k[1])):
+        model, policy, spec = key
+        subs = by_position[key]
+        n_q, k = sum(len(x) for x in subs), sum(sum(x) for x in subs)
+        width = max(len(x) for x in subs)
+        at = [[x[i] for x in subs if len(x) > i] for i in range(width)]
+        row: dict[str, Any] = {"model": model, "policy": policy, "budget": spec, "groups": len(subs), "questions": n_q,
+                               "correct": k, "accuracy": k / n_q, "ci95": list(wilson(k, n_q)),
+                               "by_position": [sum(a) / len(a) for a in at]}
+        if policy == reference:
+            row["paired"] = {}
+            for (m2, p2, s2), other in fractions.items():
+                if m2 != model or p2 == reference or (s2 != spec and p2 != "full"):
+                    continue
+                common = sorted(set(fractions[key]) & set(other))
+                xa, xb = [fractions[key][i] for i in common], [other[i] for i in common]
+                diff, lo, hi = paired_bootstrap(xa, xb, n_boot=n_boot, seed=seed)
+                row["paired"][p2] = {"groups": len(common), "diff": diff, "ci95": [lo, hi],
+                                     "more": sum(a > b for a, b in zip(xa, xb, strict=True)),
+                                     "fewer": sum(a < b for a, b in zip(xa, xb, strict=True))}
+        rows.append(row)
+    return rows
+
+
+def format_question_table(rows: list[dict], reference: str = "infokv") -> str:
+    """A plain-text table of :func:`summarize_questions`."""
+    lines = [f"{'budget':>7s} {'policy':14s}{'groups':>7s}{'questions':>10s}{'acc':>7s}  {'95% CI':14s} by position"]
+    for r in rows:
+        lo, hi = r["ci95"]
+        pos = " ".join(f"{a:.2f}" for a in r["by_position"])
+        lines.append(f"{r['budget']:>7s} {r['policy']:14s}{r['groups']:>7d}{r['questions']:>10d}{r['accuracy']:>7.1%}"
+                     f"  [{lo:.2f}, {hi:.2f}]  {pos}")
+    paired = [r for r in rows if r["policy"] == reference and r.get("paired")]
+    if paired:
+        lines.append("")
+        lines.append(f"{reference} minus baseline, share of a group's questions right (bootstrap 95% CI over groups; "
+                     f"groups with more/fewer)")
+        for r in paired:
+            for p2, d in sorted(r["paired"].items()):
+                lines.append(f"{r['budget']:>7s} vs {p2:14s}{d['groups']:>4d} {d['diff']:+7.1%} "
+                             f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] {d['more']}/{d['fewer']}")
+    return "\n".join(lines)
 
 
 def compare_logs(a: list[dict], b: list[dict], n_boot: int = 10000, seed: int = 0) -> list[dict]:

@@ -519,3 +519,70 @@ def test_needle_retention_command_reads_the_seeds_from_offset(tmp_path: Path,
                  "--policies", "streaming", "--modes", "chunked", "--threads", "1", "--no-progress",
                  "--json", str(out)]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+# ---- multi-step: several questions in one reply ------------------------------------------------------
+
+def test_multi_step_answers_are_read_per_question() -> None:
+    text = ("Problem 1 ... so 12 apples.\nAnswer 1: 12\n\nAnswer 2: $1,250.00\nAnswer 3 = \\boxed{7}\n"
+            "I made a mistake above. Answer 3: 8\nAnswer 9: 4")
+    assert T.extract_numbered_answers(text, 4) == ["12", "1250", "8", None]  # the last line of each; 9 is out
+    item = T.TaskItem("g", "multi-step", None, "", ["12", "1250", "7", "3"], 10, "gsm8k-multi")
+    assert T.sub_correct(item, text) == [True, True, False, False]
+    assert T.score_item(item, text) == (False, "12,1250,8,")
+
+
+def test_multi_step_groups_consecutive_questions() -> None:
+    qs = [{"id": str(i), "question": f"Q{i}?", "answer": str(i)} for i in range(100, 113)]
+    groups = TD.group_questions(qs, 6)
+    assert [g["id"] for g in groups] == ["100+6", "106+6"]  # the last, incomplete group is left out
+    assert groups[1]["answers"] == [str(i) for i in range(106, 112)]
+    msg = groups[0]["question"]
+    assert msg.index("Problem 1: Q100?") < msg.index("Problem 6: Q105?") and "Answer k: N" in msg
+    with pytest.raises(ValueError, match="at least one"):
+        TD.group_questions(qs, 0)
+
+
+def test_multi_step_summary_counts_questions_and_pairs_groups() -> None:
+    def rec(item: str, policy: str, sub: list[bool]) -> dict:
+        return {"task": "multi-step", "model": "m", "length": None, "item_id": item, "policy": policy,
+                "budget_spec": "full" if policy == "full" else "256", "sub_correct": sub, "correct": all(sub)}
+
+    recs = [rec("a", "full", [True, True, True]), rec("b", "full", [True, True, False]),
+            rec("a", "infokv", [True, True, False]), rec("b", "infokv", [True, False, False]),
+            rec("a", "snapkv", [True, False, False]), rec("b", "snapkv", [True, False, False])]
+    rows = {r["policy"]: r for r in T.summarize_questions(recs)}
+    assert rows["full"]["questions"] == 6 and rows["full"]["correct"] == 5
+    assert rows["infokv"]["by_position"] == [1.0, 0.5, 0.0] and rows["infokv"]["groups"] == 2
+    vs = rows["infokv"]["paired"]
+    assert vs["snapkv"]["diff"] == pytest.approx(1 / 6) and (vs["snapkv"]["more"], vs["snapkv"]["fewer"]) == (1, 0)
+    assert vs["full"]["diff"] == pytest.approx(-1 / 3) and vs["full"]["fewer"] == 2
+    assert "by position" in T.format_question_table(list(rows.values()))
+
+
+def test_multi_step_tiny_real_run(tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "ms.json"
+    argv = ["tasks", "--task", "multi-step", "--group", "2", "--model", str(model_path), "--limit", "4",
+            "--max-tokens", "40", "--budget", "48", "--buffer", "16", "--policies", "full,infokv", "--out", str(out),
+            "--no-progress", "--parallel", "1"]
+    assert evidence_cli.main(argv) == 0
+    recs = _lines(out.with_suffix(".jsonl"))
+    assert {r["item_id"] for r in recs} == {"gsm8k-0+2", "gsm8k-2+2"} and len(recs) == 4
+    assert all(len(r["sub_correct"]) == 2 and r["kind"] == "gsm8k-multi" for r in recs)
+    assert all(r["evicted_tokens"] > 0 for r in recs if r["policy"] == "infokv")
+    data = json.loads(out.read_text())
+    assert data["group"] == 2 and {r["policy"] for r in data["by_question"]} == {"full", "infokv"}
+    assert all(r["questions"] == 4 for r in data["by_question"])
+
+
+def test_fidelity_decode_over_multi_step_traces(tmp_path: Path, model, model_path: Path) -> None:
+    out = tmp_path / "fdg.json"
+    argv = ["fidelity-decode", "--model", str(model_path), "--group", "2", "--limit", "2", "--max-tokens", "32",
+            "--budget", "60", "--buffer", "16", "--policies", "infokv", "--traces", str(tmp_path / "tr.jsonl"),
+            "--out", str(out), "--no-progress"]
+    assert evidence_cli.main(argv) == 0
+    (trace,) = _lines(tmp_path / "tr.jsonl")
+    prompt = b"".join(model.token_bytes(t) for t in trace["prompt_ids"]).decode("utf-8", "replace")
+    assert trace["id"] == "0+2" and "Problem 2:" in prompt
+    data = json.loads(out.read_text())
+    assert data["group"] == 2 and data["n_questions"] == 2 and data["results"][0]["n_tokens"] > 0
