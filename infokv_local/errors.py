@@ -50,8 +50,8 @@ class BatchInputError(InfoKVError, ValueError):
 
 
 class CacheSettingsError(InfoKVError, ValueError):
-    """An unknown KV-cache data type, or a flash-attention setting the policy or the cache type rules
-    out (H2O needs flash attention off; a quantized V cache needs it on)."""
+    """An unknown KV-cache data type, a flash-attention setting the policy or the cache type rules
+    out (H2O needs flash attention off; a quantized V cache needs it on), or a negative number of checkpoints."""
 
 
 class EmptyPromptError(InfoKVError, ValueError):

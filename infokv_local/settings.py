@@ -42,6 +42,7 @@ class Settings:
     cache_type_k: str = "f16"  # KV cache data types (q8_0, q4_0...: a quantized V cache needs flash attention)
     cache_type_v: str = "f16"
     prompt_probe: bool = True  # read the prompt's end ahead before each compression of a prompt (Engine)
+    max_checkpoints: int = 4  # saved states of a sliding-window or hybrid memory's bounded part per sequence (0: none)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers ("host:port") whose devices take the offloaded layers
     parallel: int = 8  # prompts decoded together by create_completions and batch (see docs/benchmarks.md)
 

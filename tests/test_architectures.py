@@ -272,3 +272,27 @@ def test_the_api_keeps_the_conversation_before_an_edited_turn(arch_dir, name):
         edited = llm.create_completion(history + " eleven twelve", max_tokens=8, temperature=0)
         kv = edited["usage"]["kv"]
         assert kv["reused_tokens"] == kept and kv["checkpoints"] >= 2 and kv["checkpoint_bytes"] > 0
+
+
+def test_checkpoints_can_be_turned_off_or_bounded(arch_dir):
+    from infokv_local.errors import CacheSettingsError
+
+    kw = dict(n_threads=2, max_context=512, compact_at=4096, flash_attn=False)
+    with Model(arch_dir / "qwen35-dense.gguf") as model:
+        rng = np.random.default_rng(4)
+        turns = [rng.integers(3, model.info.n_vocab, 12).tolist() for _ in range(4)]
+        with Engine(model, "full", max_checkpoints=0, **kw) as eng:
+            for t in turns:
+                list(eng.generate(t, max_tokens=4, ignore_eos=True))
+            assert len(eng.checkpoints) == 0 and not eng.can_truncate(len(eng.tokens) - 5)
+        with Engine(model, "full", max_checkpoints=3, **kw) as eng:
+            for t in turns:
+                list(eng.generate(t, max_tokens=4, ignore_eos=True))
+            # each 12-token turn (4 generated) starts at 16k, checkpointed there and before its last token: the newest 3
+            assert len(eng.checkpoints) == 3 and eng.checkpoint_points() == [43, 48, 59]
+        with pytest.raises(CacheSettingsError, match="max_checkpoints"):
+            Engine(model, "full", max_checkpoints=-1, **kw)
+    res = subprocess.run([sys.executable, "-m", "infokv_local", "generate", "Hello", "--model",
+                          str(arch_dir / "qwen35-dense.gguf"), "--max-checkpoints", "-1", "--threads", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "error: max_checkpoints must be" in res.stderr

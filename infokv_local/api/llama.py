@@ -112,6 +112,7 @@ class InfoKVLlama:
         cache_type_k: str = DEFAULTS.cache_type_k,
         cache_type_v: str = DEFAULTS.cache_type_v,
         prompt_probe: bool = DEFAULTS.prompt_probe,
+        max_checkpoints: int = DEFAULTS.max_checkpoints,
         rpc: tuple[str, ...] | list[str] | str = DEFAULTS.rpc,
         check_invariants: bool = False,
         parallel: int = DEFAULTS.parallel,
@@ -141,7 +142,7 @@ class InfoKVLlama:
             policy=policy, budget=None if budget_mib is not None else budget, budget_mib=budget_mib, buffer=buffer,
             n_sink=n_sink, n_recent=n_recent, window=window, n_batch=n_batch, n_threads=n_threads, seed=seed,
             max_context=n_ctx, flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-            prompt_probe=prompt_probe, check_invariants=check_invariants,
+            prompt_probe=prompt_probe, max_checkpoints=max_checkpoints, check_invariants=check_invariants,
         )
         if shared is not None:
             self._engine_args["shared"] = shared
@@ -437,7 +438,8 @@ class InfoKVLlama:
                     n_recent=a["n_recent"], window=a["window"], n_batch=a["n_batch"], n_threads=a["n_threads"],
                     seed=self.seed, n_ctx=a["max_context"], flash_attn=a["flash_attn"],
                     cache_type_k=a["cache_type_k"], cache_type_v=a["cache_type_v"],
-                    prompt_probe=a["prompt_probe"], check_invariants=a["check_invariants"], parallel=self.parallel)
+                    prompt_probe=a["prompt_probe"], max_checkpoints=a["max_checkpoints"],
+                    check_invariants=a["check_invariants"], parallel=self.parallel)
 
     def run_together(self, items: Sequence[T], work: Callable[[int, InfoKVLlama, T], None], parallel: int,
                      policies: Sequence[str | Policy] | None = None, capacity: int | None = None,

@@ -59,6 +59,10 @@ def add_cache_options(g: Any, per: str = "") -> None:
     g.add_argument("--n-recent", type=int, default=d.n_recent,
                    help=f"last tokens never evicted (default: {d.n_recent})")
     add_probe_option(g)
+    g.add_argument("--max-checkpoints", type=int, default=d.max_checkpoints, metavar="N",
+                   help=f"sliding-window and hybrid models: saved states of the memory's part that cannot drop tokens "
+                        f"(host memory, kv.checkpoint_bytes), so that a regenerated or edited last turn reads only "
+                        f"what changed; 0: none (default: {d.max_checkpoints}{per})")
     add_backend_options(g)
 
 
@@ -143,7 +147,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                           n_sink=args.n_sink, n_recent=args.n_recent, n_threads=args.threads,
                           n_gpu_layers=args.n_gpu_layers, seed=args.seed, cache_type_k=args.cache_type_k,
                           cache_type_v=args.cache_type_v, rpc=parse_endpoints(args.rpc) or None,
-                          flash_attn=flash_attn_of(args), prompt_probe=args.prompt_probe)
+                          flash_attn=flash_attn_of(args), prompt_probe=args.prompt_probe,
+                          max_checkpoints=args.max_checkpoints)
 
 
 def kv_summary(kv: Mapping[str, Any]) -> str:

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# per sequence: the two points of the last prompt and of the one before it
-MAX_CHECKPOINTS = 4
-
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -31,7 +28,7 @@ class Checkpoint:
 class Checkpoints:
     """One sequence's checkpoints, oldest first, at most ``limit`` (the oldest goes)."""
 
-    def __init__(self, limit: int = MAX_CHECKPOINTS) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self._items: list[Checkpoint] = []
 
@@ -54,6 +51,8 @@ class Checkpoints:
         return next((c for c in self._items if c.n_tokens == n_tokens), None)
 
     def add(self, checkpoint: Checkpoint) -> None:
+        if not self.limit:
+            return
         self._items = [c for c in self._items if c.n_tokens != checkpoint.n_tokens] + [checkpoint]
         del self._items[: max(len(self._items) - self.limit, 0)]
 
@@ -68,4 +67,4 @@ class Checkpoints:
         return tuple(self._items)
 
     def replace(self, items: tuple[Checkpoint, ...]) -> None:
-        self._items = list(items)[-self.limit:]
+        self._items = list(items)[-self.limit:] if self.limit else []

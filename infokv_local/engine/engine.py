@@ -19,7 +19,7 @@ from collections.abc import Generator, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import BudgetError, CacheFull, ContextFullError, DecodeError, EmptyPromptError
+from ..errors import BudgetError, CacheFull, CacheSettingsError, ContextFullError, DecodeError, EmptyPromptError
 from ..llamacpp.cache_types import check_cache_type
 from ..llamacpp.context import StatsContext
 from ..llamacpp.decode_signals import Signals
@@ -90,6 +90,10 @@ class Engine:
     the observation window (InfoKV, SnapKV, TOVA), to prompts (:meth:`prefill`, :meth:`generate`, and
     :meth:`feed` without ``all_logits``; teacher forcing with logits measures predictions as the text is
     read and is never probed).
+    On a memory with a bounded part (a sliding-window cache, a recurrent state), which cannot drop its newest
+    tokens itself, every prompt read saves up to two checkpoints of that part, where it starts and before its
+    last token (read alone then), keeping the newest ``max_checkpoints`` (0: none), so that :meth:`truncate`
+    can go back there (:mod:`.checkpoints`).
     """
 
     def __init__(
@@ -112,9 +116,12 @@ class Engine:
         cache_type_k: str = DEFAULTS.cache_type_k,
         cache_type_v: str = DEFAULTS.cache_type_v,
         prompt_probe: bool = DEFAULTS.prompt_probe,
+        max_checkpoints: int = DEFAULTS.max_checkpoints,
         shared: SharedContext | None = None,
     ) -> None:
         self.model = model
+        if not isinstance(max_checkpoints, int) or max_checkpoints < 0:
+            raise CacheSettingsError(f"max_checkpoints must be a whole number, 0 or more (got {max_checkpoints!r})")
         self.cache_type_k = check_cache_type(cache_type_k, "cache_type_k")
         self.cache_type_v = check_cache_type(cache_type_v, "cache_type_v")
         plan = plan_cache(model, policy, budget, budget_mib, buffer, n_sink, n_recent, window, n_batch, max_context,
@@ -172,7 +179,8 @@ class Engine:
             self, probe_len=min(window, buffer // 2) if prompt_probe and window_policy and self.ctx.rolls_back else 0,
             window_on_demand=window_policy and not self.ctx.bounded)
         self._recent_holes: set[int] = set()  # recent positions evicted before a truncation made them recent
-        self.checkpoints = Checkpoints()  # of the bounded part, to go back to earlier tokens (:mod:`.checkpoints`)
+        # of the bounded part, to go back to earlier tokens (:mod:`.checkpoints`)
+        self.checkpoints = Checkpoints(max_checkpoints)
         self.n_threads = self.ctx.n_threads
         self.check_invariants = check_invariants or os.environ.get("INFOKV_DEBUG") == "1"
         self.compactions = 0
@@ -407,7 +415,7 @@ class Engine:
         comp = self.compressor
         probed = comp.probe_len > 0 and not all_logits and bool(tokens)
         # checkpoints where the prompt starts and before its last token, which is then read alone
-        checkpointed = self.ctx.bounded and not all_logits and bool(tokens)
+        checkpointed = self.ctx.bounded and self.checkpoints.limit > 0 and not all_logits and bool(tokens)
         if probed or checkpointed:
             self._flush_pending()  # before the probe places the prompt's end after what is cached
         if checkpointed:

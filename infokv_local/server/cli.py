@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                             buffer=args.buffer, n_sink=args.n_sink,
                             n_recent=args.n_recent, n_threads=args.threads, flash_attn=flash_attn_of(args),
                             cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
-                            prompt_probe=args.prompt_probe)
+                            prompt_probe=args.prompt_probe, max_checkpoints=args.max_checkpoints)
     except (InfoKVError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
