@@ -375,6 +375,7 @@ def test_concurrent_clients_stay_inside_slots_times_budget(model):
         m = httpx.get(f"{base}/metrics", timeout=30).text
         assert 'infokv_requests_total{endpoint="/v1/completions",status="200"} 4' in m
         assert "infokv_kv_cells_limit 128" in m and "infokv_completion_tokens_total " in m
+        assert "infokv_checkpoint_bytes 0" in m  # a dense memory keeps none
 
         # two long replies at once: the two slots' generation steps are decoded together
         before = kv_view(base)["batching"]

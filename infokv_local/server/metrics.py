@@ -70,6 +70,9 @@ class Metrics:
                [("", pool.used_cells() * bytes_per_cell)])
         metric("infokv_kv_bounded_bytes", "gauge", "bytes of the memory that does not grow (a sliding-window cache, a "
                "recurrent state) over all slots", [("", bounded_bytes_per_slot * len(pool.slots))])
+        checkpoint_bytes = sum(int(s.kv.get("checkpoint_bytes") or 0) for s in pool.slots)
+        metric("infokv_checkpoint_bytes", "gauge", "host memory of the slots' checkpoints of that memory (a "
+               "regenerated or edited last turn goes back to one)", [("", checkpoint_bytes)])
         metric("infokv_slots_busy", "gauge", "slots generating", [("", sum(s.busy for s in pool.slots))])
         metric("infokv_slots", "gauge", "slots", [("", len(pool.slots))])
         metric("infokv_queue_length", "gauge", "requests waiting for a slot", [("", pool.waiting)])
