@@ -241,6 +241,30 @@ def test_the_prompt_probe_from_its_checkbox(server: UIServer, browser) -> None:
     page.close()
 
 
+def test_regenerate_answers_the_last_message_again(server: UIServer, browser) -> None:
+    """The Regenerate button drops the last answer and answers the last message again (greedy: the same text,
+    the budget of 48 + 16 not reached), the conversation before it kept; with no message yet it says so."""
+    page = _open(browser, server)
+    page.locator("#regenerate").click()
+    expect(page.get_by_text("Nothing to regenerate yet")).to_be_visible(timeout=10_000)
+    page.locator("#max-tokens input").fill("8")
+    panel = page.locator("#kv-panel .kv-panel")
+    _send(page, "Name one colour.")
+    expect(panel).to_have_attribute("data-state", re.compile(r"^done"), timeout=90_000)
+    first = _bot_text(page)
+    assert first
+    assert page.locator("#kv-panel .kv-reused").count() == 0  # a first message reuses nothing
+    page.locator("#regenerate").click()
+    # the conversation up to the message's last token is kept: the answer is all that is generated again
+    expect(page.locator("#kv-panel .kv-reused")).to_have_count(1, timeout=90_000)
+    expect(panel).to_have_attribute("data-state", re.compile(r"^done"), timeout=90_000)
+    assert int(page.locator("#kv-panel .kv-reused").get_attribute("data-value") or 0) > 0
+    expect(page.locator('#chat [data-testid="user"]')).to_have_count(1)
+    expect(page.locator('#chat [data-testid="bot"]')).to_have_count(1)
+    assert _bot_text(page) == first
+    page.close()
+
+
 # ---- the pieces the page is made of (no browser) ------------------------------------------------------------------
 def test_cache_map_escapes_tokens_and_marks_what_the_cache_keeps() -> None:
     pieces = ["<|im_start|>", "<script>alert(1)</script>", " & ", "\n", "kept", "low", "recent", "next"]
@@ -282,7 +306,9 @@ def test_panel_and_budget_note_show_the_numbers() -> None:
     assert 'class="kv-stat kv-used" data-value="60"' in html and "60 / 48 (+16)" in html
     assert 'kv-evicted" data-value="48"' in html and 'data-state="generating"' in html
     assert "(no budget)" in render_panel({**kv, "policy": "full", "budget": None, "buffer": None})
-    assert "kv-probes" not in html
+    assert "kv-probes" not in html and "kv-reused" not in html and "kv-checkpoints" not in html
+    assert 'kv-reused" data-value="30"> · 30 tokens of history reused' in render_panel({**kv, "reused_tokens": 30})
+    assert "2 checkpoints (1.5 MiB)" in render_panel({**kv, "checkpoints": 2, "checkpoint_bytes": 3 * 2**19})
     assert 'kv-probes" data-value="3"> · prompt probe of 8 tokens, read 3x' in render_panel(
         {**kv, "prompt_probe": 8, "probes": 3})
     assert Settings(prompt_probe=True).engine_kwargs()["prompt_probe"] is True
@@ -340,3 +366,26 @@ def test_session_stops_continues_closes_and_clears(model: Model) -> None:
     assert list(session.reply())[-1].done and session.llm is not None
     session.close()
     assert session.llm is None
+
+
+def test_session_regenerates_the_last_answer_on_the_cached_conversation(model: Model) -> None:
+    settings = Settings(budget=512, buffer=64, temperature=0.0, max_tokens=12)
+    session = ChatSession(factory=lambda s: InfoKVLlama(model, **s.engine_kwargs()))
+    with pytest.raises(ValueError, match="Nothing to regenerate"):
+        session.regenerate(settings, "")
+    session.submit("Name three colours.", settings, "")
+    first = list(session.reply())[-1]
+    session.submit("And three animals?", settings, "")
+    second = list(session.reply())[-1]
+    assert session.regenerate(settings, "") == "And three animals?"
+    assert [m["role"] for m in session.history] == ["user", "assistant"]  # the last exchange is dropped
+    again = list(session.reply())[-1]
+    # greedy, nothing evicted: the same answer, and only the message's last token was read again
+    assert again.text == second.text and again.kv["evicted_tokens"] == 0
+    assert again.kv["reused_tokens"] > first.kv["reused_tokens"] and again.kv["sequence_tokens"] == \
+        second.kv["sequence_tokens"]
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+    with pytest.raises(ValueError, match="Budget 10 is too small"):
+        session.regenerate(replace(settings, budget=10), "")
+    assert len(session.history) == 4 and session.pending is None  # a refused setting changes nothing
+    session.close()

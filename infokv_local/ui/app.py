@@ -112,6 +112,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                                      elem_id="msg", autofocus=True, lines=1, max_lines=6)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="send")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="stop")
+                    again = gr.Button("Regenerate", scale=1, min_width=100, elem_id="regenerate")
                     new = gr.Button("New chat", scale=1, min_width=90, elem_id="new-chat")
                 system = gr.Textbox(label="System prompt", value=config.system_prompt, lines=2, elem_id="system")
                 with gr.Accordion("Cache map: the conversation's tokens, coloured by what the cache keeps", open=True):
@@ -171,6 +172,22 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             shown = session.history + [{"role": "user", "content": message}]
             return "", shown, session
 
+        def prepare_again(system_prompt: str, pol: str, bud: float | None, buf: float | None, ctype: str,
+                          probe_on: bool, temp: float, max_new: float | None, session: ChatSession | None,
+                          request: gr.Request) -> Any:
+            session = session or new_session(request)
+            if session.busy or session.pending is not None:
+                raise gr.Error("Still answering: press Stop (or New chat) first.", duration=4)
+            try:
+                settings = replace(d, policy=pol, budget=int(bud if bud is not None else -1),
+                                   buffer=int(buf if buf is not None else -1), cache_type=ctype or "f16",
+                                   prompt_probe=bool(probe_on), temperature=float(temp),
+                                   max_tokens=int(max_new if max_new is not None else -1))
+                message = session.regenerate(settings, system_prompt or "")
+            except ValueError as e:
+                raise gr.Error(str(e), duration=8) from None
+            return session.history + [{"role": "user", "content": message}], session
+
         def respond(session: ChatSession) -> Iterator[tuple[Any, ...]]:
             text_due, view_due = monotonic_throttle(TEXT_EVERY), monotonic_throttle(VIEW_EVERY)
             message = session.pending[0] if session.pending else ""
@@ -220,6 +237,14 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                 concurrency_id="generate", show_progress="minimal", show_progress_on=[panel]).then(
                 lambda: gr.update(interactive=True), None, send, api_visibility="private", concurrency_limit=None,
                 show_progress="hidden")
+        again.click(prepare_again, inputs[1:], [chatbot, session_state], api_visibility="private",
+                    concurrency_limit=None, show_progress="hidden").success(
+            lambda: (gr.update(interactive=False), gr.update(interactive=False)), None, [send, again],
+            api_visibility="private", concurrency_limit=None, show_progress="hidden").then(
+            respond, session_state, [msg, *views], api_visibility="private", concurrency_limit=1,
+            concurrency_id="generate", show_progress="minimal", show_progress_on=[panel]).then(
+            lambda: (gr.update(interactive=True), gr.update(interactive=True)), None, [send, again],
+            api_visibility="private", concurrency_limit=None, show_progress="hidden")
         stop.click(on_stop, session_state, None, api_visibility="private", concurrency_limit=None,
                    show_progress="hidden")
         new.click(on_new, session_state, [*views, session_state], api_visibility="private",

@@ -63,6 +63,13 @@ def render_panel(kv: Mapping[str, Any] | None, state: str = "idle") -> str:
     probes = int(kv.get("probes", 0) or 0)
     probe = (f'<span class="kv-probes" data-value="{probes}"> · prompt probe of {probe_len} tokens, read {probes}x'
              '</span>') if probe_len else ""
+    reused = int(kv.get("reused_tokens", 0) or 0)  # a request's: the conversation kept, not read again
+    probe += f'<span class="kv-reused" data-value="{reused}"> · {reused} tokens of history reused</span>' \
+        if reused else ""
+    n_checkpoints = int(kv.get("checkpoints", 0) or 0)
+    checkpoint_mib = int(kv.get("checkpoint_bytes", 0) or 0) / MIB
+    probe += (f'<span class="kv-checkpoints" data-value="{n_checkpoints}"> · {n_checkpoints} checkpoints '
+              f'({checkpoint_mib:.1f} MiB) to go back to</span>') if n_checkpoints else ""
     return (
         f'<div class="kv-panel" data-state="{html.escape(state)}">'
         f'<div class="kv-head"><span class="kv-policy">{policy or "no cache yet"}</span>'

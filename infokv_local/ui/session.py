@@ -129,6 +129,21 @@ class ChatSession:
         self._stop.clear()
         self.pending = (message, settings, system_prompt)
 
+    def regenerate(self, settings: Settings, system_prompt: str) -> str:
+        """Queue the last user message again, its answer dropped, for :meth:`reply`; returns the message. The
+        API keeps the cache up to that message's last token (on a sliding-window or hybrid model through a
+        checkpoint), so only the answer is generated again. ``ValueError`` (nothing changes) when the settings
+        cannot be used or no message was sent yet."""
+        settings.check()
+        last = next((i for i in range(len(self.history) - 1, -1, -1) if self.history[i]["role"] == "user"), None)
+        if last is None:
+            raise ValueError("Nothing to regenerate yet: send a message first.")
+        message = self.history[last]["content"]
+        del self.history[last:]
+        self._stop.clear()
+        self.pending = (message, settings, system_prompt)
+        return message
+
     def new_chat(self, timeout: float = 10.0) -> bool:
         """Stop any reply and forget the conversation; False if the running reply did not end in time."""
         self._stop.set()
