@@ -21,7 +21,7 @@ TASK_EXAMPLES = """examples:
   python -m evaluation tasks --task long-prefill --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.4,0.2
   python -m evaluation tasks --task long-prefill-block --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.25
   python -m evaluation tasks --task retrieval --lengths 4096,8192 --ratio 0.25 --limit 10
-  python -m evaluation tasks --task multi-step --group 6 --model qwen2.5-coder-1.5b --budget 208,416 --limit 96
+  python -m evaluation tasks --task multi-step --group 6 --model qwen2.5-coder-1.5b --budget 232,464 --limit 96
   python -m evaluation tasks --task decode-pressure --quick
 """
 
@@ -56,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
     p.add_argument("--seed", type=int, default=0, help="seed of the constructions (filler, needles)")
     p.add_argument("--max-tokens", type=int,
-                   help="generation limit per item (default 400 for CoT, 320 a question for multi-step, 48 retrieval)")
+                   help="generation limit per item (default 400 for CoT, 400 a question for multi-step, 48 retrieval)")
     p.add_argument("--buffer", type=int, default=64, help="cache growth between compressions (default 64)")
     p.add_argument("--n-sink", type=int, default=4)
     p.add_argument("--n-recent", type=int, default=32)
@@ -195,7 +195,7 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     policies = _policies(args.policies) if args.policies else ["infokv", "snapkv", "h2o", "tova", "streaming",
                                                                  "context-shift", "random"]
     specs = _budget_specs(args)
-    max_tokens = args.max_tokens or (400 if args.group == 1 else 320 * args.group)
+    max_tokens = args.max_tokens or 400 * args.group
     if args.quick:
         args.limit = args.limit or 3 * args.group
         max_tokens = args.max_tokens or 160 * args.group

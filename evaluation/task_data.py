@@ -185,7 +185,8 @@ def cot_prompt(question: str) -> str:
 
 def multi_step_prompt(questions: list[str]) -> str:
     """The user message of a multi-step item: several GSM8K problems solved one after another in one reply, each
-    answer on a line ``Answer k: N`` (a chain-of-thought of 1-2K tokens from a 1.5B model for 6 problems)."""
+    answer on a line ``Answer k: N`` (a chain-of-thought of 1-2K tokens from a 1.5B model for 6 problems; a greedy
+    loop in one problem takes the rest of the reply, leaving the later ones unanswered)."""
     body = "\n\n".join(f"Problem {i + 1}: {q}" for i, q in enumerate(questions))
     return (f"Solve the following {len(questions)} math word problems one after another. For each problem, think "
             f"step by step, then write its answer on a line of its own as \"Answer k: N\", where k is the "

@@ -143,7 +143,7 @@ def build_items(task: str, model: Model, questions: list[dict], lengths: Iterabl
     elif task == "multi-step":
         for g in task_data.group_questions(questions, group):
             items.append(TaskItem(f"gsm8k-{g['id']}", task, None, g["question"], g["answers"],
-                                  max_tokens or 320 * group, "gsm8k-multi"))
+                                  max_tokens or 400 * group, "gsm8k-multi"))
     elif task in ("long-prefill", "long-prefill-block"):
         layout = "block" if task == "long-prefill-block" else "spread"
         for n in lengths:
