@@ -265,10 +265,14 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
         plots.plot_fidelity_bars(rows, png, title=f"{rows[0]['model']}: decode-time fidelity" if rows else "")
     else:
         results = T.summarize(records)
+        by_question = T.summarize_questions(records) if any("sub_correct" in r for r in records) else None
         out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": results,
-                                   "items": records}, indent=1))
+                                   **({"by_question": by_question} if by_question else {}), "items": records},
+                                  indent=1))
         print(T.format_table(results))
         print(markdown_tasks(results))
+        if by_question:  # a multi-step log: its questions one by one
+            print(T.format_question_table(by_question))
         if results:
             plots.plot_task_accuracy(results, png, title=f"{results[0]['task']}, {results[0]['model']}")
     print(f"wrote {out} and {png}")

@@ -586,3 +586,16 @@ def test_fidelity_decode_over_multi_step_traces(tmp_path: Path, model, model_pat
     assert trace["id"] == "0+2" and "Problem 2:" in prompt
     data = json.loads(out.read_text())
     assert data["group"] == 2 and data["n_questions"] == 2 and data["results"][0]["n_tokens"] > 0
+
+
+def test_summary_of_a_multi_step_log_counts_its_questions(tmp_path: Path, capsys) -> None:
+    log = tmp_path / "ms.jsonl"
+    recs = [{"task": "multi-step", "model": "m", "length": None, "item_id": f"g{i}", "kind": "gsm8k-multi",
+             "policy": p, "budget_spec": "full" if p == "full" else "232", "correct": False,
+             "sub_correct": [True, i % 2 == 0 or p == "full", False]} for i in range(4) for p in ("full", "infokv")]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert evidence_cli.main(["summary", str(log)]) == 0
+    assert "by position" in capsys.readouterr().out
+    data = json.loads(log.with_suffix(".json").read_text())
+    rows = {r["policy"]: r for r in data["by_question"]}
+    assert rows["full"]["by_position"] == [1.0, 1.0, 0.0] and rows["infokv"]["by_position"] == [1.0, 0.5, 0.0]
