@@ -10,7 +10,8 @@ Where each part lives:
 - :mod:`.compression`: when to evict, the observation window (on demand, the prompt probe), scoring
   with the policy and removing cells.
 - :mod:`.scheduler`: several engines' sequences in one llama.cpp context, their steps decoded together.
-- :mod:`.snapshot`: a parked sequence; :mod:`.steps`: what each step did.
+- :mod:`.snapshot`: a parked sequence; :mod:`.checkpoints`: saved states of a memory's bounded part (a
+  sliding-window cache, a recurrent state) to go back to an earlier turn; :mod:`.steps`: what each step did.
 
 The design (memories, sequences, what the patch adds) is in docs/memory.md and docs/engine.md.
 """
