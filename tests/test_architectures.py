@@ -296,3 +296,30 @@ def test_checkpoints_can_be_turned_off_or_bounded(arch_dir):
                           str(arch_dir / "qwen35-dense.gguf"), "--max-checkpoints", "-1", "--threads", "2"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "error: max_checkpoints must be" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["granitehybrid-dense", "qwen35-dense"])
+def test_the_prompt_probe_leaves_a_hybrid_recurrent_state_as_it_found_it(arch_dir, name, monkeypatch):
+    """On a hybrid memory the probe reads the prompt's end ahead in both parts; its cells leave the attention
+    cache and the recurrent state it had before the probe comes back, byte for byte, before each compression."""
+    from infokv_local.engine.compression import Compressor
+
+    restored: list[bool] = []
+    probe_window = Compressor.probe_window
+
+    def checked(self):
+        before = self.engine.ctx.save_bounded()
+        window = probe_window(self)
+        restored.append(self.engine.ctx.save_bounded() == before)
+        return window
+
+    monkeypatch.setattr(Compressor, "probe_window", checked)
+    with Model(arch_dir / f"{name}.gguf") as model, \
+            Engine(model, "infokv", budget=BUDGET, buffer=BUFFER, n_threads=2, check_invariants=True, compact_at=4096,
+                   flash_attn=False, prompt_probe=True) as eng:
+        assert eng.probe_len == BUFFER // 2
+        prompt = np.random.default_rng(5).integers(3, model.info.n_vocab, 200).tolist()
+        out = list(eng.generate(prompt, max_tokens=20, ignore_eos=True))
+        assert len(out) == 20 and eng.probes > 3 and len(restored) == eng.probes and all(restored)
+        assert eng.totals.max_used_cells <= BUDGET + BUFFER and max(s.peak_cells for s in eng.totals.history) <= \
+            BUDGET + BUFFER

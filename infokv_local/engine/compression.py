@@ -110,13 +110,17 @@ class Compressor:
             e.compact_positions()
         pos0 = e.n_past
         saved_entropy = e.ctx.last_entropy
+        # a recurrent state cannot drop the probe's tokens: it is saved before and put back after
+        saved_state = e.ctx.save_bounded() if not e.ctx.rolls_back else None
         e.ctx.set_attention_active(True)
         sig = e.ctx.decode(ahead, pos0, all_outputs=False)
         e.ctx.last_entropy = saved_entropy
         self.probe_peak = max(self.probe_peak, len(sig.cells))
         e.ctx.remove_cells(sig.cells[sig.cell_pos >= pos0])
-        # a sliding-window cache took them too; the cells they reused had left the window of pos0 already
-        e.ctx.drop_bounded_from(pos0)
+        if saved_state is not None:
+            e.ctx.load_bounded(saved_state)
+        else:  # a sliding-window cache took them too; the cells they reused had left the window of pos0 already
+            e.ctx.drop_bounded_from(pos0)
         self.probes += 1
         if sig.attn_last is None:
             raise DecodeError("the probe's decode returned no attention rows")

@@ -172,11 +172,13 @@ class Engine:
                 f"budget + buffer ({self.capacity} tokens) and the sliding-window cache ({swa[1]} cells), which keeps "
                 f"its positions when they are renumbered, must be below compact_at ({self.compact_at}): use a smaller "
                 f"budget")
-        # 0: no probe (off, or a policy that reads no observation window; a recurrent state cannot drop the
-        # probe's tokens again). Recording the window on demand reads the last tokens again, which a
-        # sliding-window cache may not allow (docs/memory.md): there it is recorded as the tokens are read
+        # 0: no probe (off, or a policy that reads no observation window; on a hybrid memory the recurrent state
+        # is saved before each probe and put back after). Recording the window on demand reads the last tokens
+        # again, which a sliding-window cache may not allow (docs/memory.md): there it is recorded as the tokens
+        # are read
+        probing = prompt_probe and window_policy and (self.ctx.rolls_back or self.ctx.memory == "hybrid")
         self.compressor = Compressor(
-            self, probe_len=min(window, buffer // 2) if prompt_probe and window_policy and self.ctx.rolls_back else 0,
+            self, probe_len=min(window, buffer // 2) if probing else 0,
             window_on_demand=window_policy and not self.ctx.bounded)
         self._recent_holes: set[int] = set()  # recent positions evicted before a truncation made them recent
         # of the bounded part, to go back to earlier tokens (:mod:`.checkpoints`)
