@@ -153,6 +153,14 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
         def on_load(request: gr.Request) -> ChatSession:
             return new_session(request)
 
+        def settings_of(pol: str, bud: float | None, buf: float | None, ctype: str, probe_on: bool, temp: float,
+                        max_new: float | None) -> Any:
+            """The controls' values as the session's settings (an empty number is -1: refused by its check)."""
+            return replace(d, policy=pol, budget=int(bud if bud is not None else -1),
+                           buffer=int(buf if buf is not None else -1), cache_type=ctype or "f16",
+                           prompt_probe=bool(probe_on), temperature=float(temp),
+                           max_tokens=int(max_new if max_new is not None else -1))
+
         def prepare(message: str, system_prompt: str, pol: str, bud: float | None, buf: float | None, ctype: str,
                     probe_on: bool, temp: float, max_new: float | None, session: ChatSession | None,
                     request: gr.Request) -> Any:
@@ -162,10 +170,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             if session.busy or session.pending is not None:
                 raise gr.Error("Still answering: press Stop (or New chat) first.", duration=4)
             try:
-                settings = replace(d, policy=pol, budget=int(bud if bud is not None else -1),
-                                   buffer=int(buf if buf is not None else -1), cache_type=ctype or "f16",
-                                   prompt_probe=bool(probe_on), temperature=float(temp),
-                                   max_tokens=int(max_new if max_new is not None else -1))
+                settings = settings_of(pol, bud, buf, ctype, probe_on, temp, max_new)
                 session.submit(message, settings, system_prompt or "")
             except ValueError as e:
                 raise gr.Error(str(e), duration=8) from None
@@ -179,10 +184,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
             if session.busy or session.pending is not None:
                 raise gr.Error("Still answering: press Stop (or New chat) first.", duration=4)
             try:
-                settings = replace(d, policy=pol, budget=int(bud if bud is not None else -1),
-                                   buffer=int(buf if buf is not None else -1), cache_type=ctype or "f16",
-                                   prompt_probe=bool(probe_on), temperature=float(temp),
-                                   max_tokens=int(max_new if max_new is not None else -1))
+                settings = settings_of(pol, bud, buf, ctype, probe_on, temp, max_new)
                 message = session.regenerate(settings, system_prompt or "")
             except ValueError as e:
                 raise gr.Error(str(e), duration=8) from None
