@@ -57,6 +57,7 @@ def test_the_probe_window_is_the_prompts_end_read_after_the_cache(model, long_to
     tokens = long_tokens[:600]
     seen = []
     with Engine(model, "snapkv", budget=BUDGET, buffer=BUFFER, prompt_probe=True) as eng:
+        flash_attn = eng.flash_attn == "on"
         compress = eng.compressor.compress
 
         def spy(target, n_incoming=1, window=None):
@@ -72,7 +73,8 @@ def test_the_probe_window_is_the_prompts_end_read_after_the_cache(model, long_to
     assert pos.tolist() == list(range(n_read)) and n_read == BUDGET + BUFFER - 32 and rows == 32
     # read in the same batches as the probed engine (one of n_read tokens): with flash attention on, llama.cpp's
     # CPU kernel gives other low bits for batches of other sizes (logits ~0.4 apart on SmolLM2, as on vs off)
-    with Engine(model, "snapkv", budget=2048, buffer=BUFFER) as ref:
+    # and with the probed engine's flash-attention setting (chosen per size class, so it may differ at 2,048)
+    with Engine(model, "snapkv", budget=2048, buffer=BUFFER, flash_attn=flash_attn) as ref:
         ref.prefill(tokens[:n_read])
         sig = ref.ctx.decode(tokens[-32:], n_read, all_outputs=False)
         cells = sig.cells[sig.cell_pos < n_read]

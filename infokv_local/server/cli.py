@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -142,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"listening on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                             access_log=args.verbose, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = _stopping_server(config, app.state.request_stop)
     try:
-        _stopping_server(config, app.state.request_stop).run()
+        server.run()
     finally:
         app.state.request_stop()
         app.state.executor.shutdown(wait=True, cancel_futures=True)  # cancelled: each ends within a chunk
@@ -152,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         if shared is not None:
             shared.close()
         model.close()
+    _raise_the_stopping_signal(server)
     return 0
 
 
@@ -196,11 +199,29 @@ def _stopping_server(config: uvicorn.Config, on_exit: Callable[[], None]) -> uvi
     import uvicorn
 
     class Server(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            self.stop_signals: list[int] = []
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.stop_signals.append(sig)
             on_exit()
             super().handle_exit(sig, frame)
 
     return Server(config)
+
+
+def _raise_the_stopping_signal(server: uvicorn.Server) -> None:
+    """Exit as the signal that stopped the server says (130 after Ctrl-C, killed by SIGTERM) where uvicorn's
+    own re-raising of it was lost: it raises the signal inside the event loop as the loop ends, and when the
+    last task finishes before asyncio's handler cancels it, asyncio returns normally and the process would
+    exit 0."""
+    captured = getattr(server, "stop_signals", [])
+    if signal.SIGINT in captured:
+        raise KeyboardInterrupt
+    if signal.SIGTERM in captured:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
 
 
 def prompt_read_speed(llm: Any) -> float:
