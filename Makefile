@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench lint clean chromium
+.PHONY: setup demo test test-fast bench lint clean chromium gpu-pack
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test-fast:
 bench: setup
 	$(PY) -m infokv_local install --stock >/dev/null
 	$(PY) -m infokv_local.bench.overhead --json bench-overhead.json
+
+# what the GPU check needs on a machine without network (docs/install.md, "On a GPU"): .gpu/, about 7 MiB
+gpu-pack: setup
+	$(PY) native/gpu_check.py pack
 
 clean:
 	rm -rf $(VENV) infokv_local/_kernels*.so infokv_local/.kernels.key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -21,12 +22,14 @@ ESSAY = (
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    return default_model_path()
+    """The embedded SmolLM2-135M, or ``$INFOKV_TEST_MODEL`` (the GPU check runs the signal tests on a
+    random-weight model at SmolLM2's shapes, with ``$INFOKV_TEST_GPU_LAYERS`` layers on the GPU)."""
+    return Path(os.environ["INFOKV_TEST_MODEL"]) if os.environ.get("INFOKV_TEST_MODEL") else default_model_path()
 
 
 @pytest.fixture(scope="session")
 def model(model_path: Path) -> Model:
-    m = Model(model_path)
+    m = Model(model_path, n_gpu_layers=int(os.environ.get("INFOKV_TEST_GPU_LAYERS", "0")))
     yield m
     m.close()
 

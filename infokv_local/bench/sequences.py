@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=96, help="tokens each engine generates (default: 96)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed in the llama.cpp part (default: 32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to a GPU (999: all; default 0)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", help="write the figures here")
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from ..llamacpp.model import Model
     from ..models.embedded import default_model_path
 
-    model = Model(args.model or default_model_path())
+    model = Model(args.model or default_model_path(), n_gpu_layers=args.gpu_layers)
     raw: dict[tuple[int, int, str], list[float]] = {}
     eng: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
               f"{wall:7.1f} tok/s {wall / rate(0, ref):5.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "model": str(model.path), "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
-            "budget": args.budget, "buffer": args.buffer, "max_tokens": args.max_tokens, "rows": rows}, indent=1))
+            "model": str(model.path), "threads": args.threads, "gpu_layers": args.gpu_layers, "rounds": args.rounds,
+            "steps": args.steps, "budget": args.budget, "buffer": args.buffer, "max_tokens": args.max_tokens,
+            "rows": rows}, indent=1))
     model.close()
     return 0

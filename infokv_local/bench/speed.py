@@ -108,7 +108,9 @@ def _worker_stock(cfg: dict[str, Any]) -> dict[str, Any]:
     keep = llama.llama_log_callback(lambda _level, text, _data: log_lines.append(text.decode(errors="replace")))
     llama.llama_log_set(keep, None)
     llama.llama_backend_init()
-    model = llama.llama_model_load_from_file(cfg["model"].encode(), llama.llama_model_default_params())
+    mparams = llama.llama_model_default_params()
+    mparams.n_gpu_layers = cfg.get("gpu_layers", 0)  # the library's default offloads every layer to a GPU
+    model = llama.llama_model_load_from_file(cfg["model"].encode(), mparams)
     if not model:
         raise RuntimeError(f"could not load {cfg['model']}")
     vocab = llama.llama_model_get_vocab(model)
@@ -168,7 +170,7 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     from ..llamacpp.sampling import SamplingParams
 
     n_prompt, n_gen = cfg["prompt_tokens"], cfg["generated_tokens"]
-    with Model(cfg["model"]) as model:
+    with Model(cfg["model"], n_gpu_layers=cfg.get("gpu_layers", 0)) as model:
         prompt = _prompt_tokens(model.tokenize, n_prompt)
         cache_type = cfg.get("cache_type", "f16")
         engine = Engine(model, cfg["policy"], budget=cfg["budget"], buffer=cfg["buffer"], n_threads=cfg["threads"],
@@ -212,7 +214,8 @@ def _run_key(cfg: dict[str, Any]) -> str:
     return "|".join([*(str(cfg[k]) for k in ("round", "engine", "policy", "flash_attn", "prompt_tokens",
                                               "generated_tokens", "budget", "buffer", "threads")),
                      *([cfg["cache_type"]] if cfg.get("cache_type", "f16") != "f16" else []),
-                     *(["probe"] if cfg.get("prompt_probe") else [])])
+                     *(["probe"] if cfg.get("prompt_probe") else []),
+                     *([f"ngl{cfg['gpu_layers']}"] if cfg.get("gpu_layers") else [])])
 
 
 def _end_with_parent() -> None:
@@ -421,6 +424,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the engine's prompt probe for the evicting policies (both: each policy without and with "
                          "it, shown as POLICY+probe; default: %(default)s, as every surface)")
     ap.add_argument("--quick", action="store_true", help=f"short lengths ({QUICK_LENGTHS}), policies full,infokv")
+    ap.add_argument("--gpu-layers", type=int, default=0,
+                    help="layers offloaded to a GPU by every engine, stock too (999: all; default 0, the CPU)")
     ap.add_argument("--stock-lib", help="folder of the unpatched libllama (default: build or reuse it)")
     ap.add_argument("--out", default="bench-speed.json", help="JSON result; runs are kept in <out>.runs.jsonl")
     ap.add_argument("--plot", help="PNG of tok/s and KV MiB along the longest generation")
@@ -437,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
                                     else args.policies).split(",") if p.strip()]
     cache_type = check_cache_type(args.cache_type, "--cache-type")
     base = {"model": args.model, "budget": args.budget, "buffer": args.buffer, "threads": args.threads,
-            "cache_type": cache_type}
+            "cache_type": cache_type, **({"gpu_layers": args.gpu_layers} if args.gpu_layers else {})}
     ours_flash = {"auto": (None,), "on": (True,), "off": (False,), "both": (True, False)}[args.flash_attn]
     if is_quantized(cache_type) and False in ours_flash:
         raise ValueError(f"--cache-type {cache_type} needs flash attention (llama.cpp's quantized V cache): "
@@ -463,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
     per_cell = _kv_bytes_per_cell(args.model, cache_type)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
               "threads": args.threads, "budget": args.budget, "buffer": args.buffer, "rounds": args.rounds,
-              "cache_type": cache_type,
+              "cache_type": cache_type, "gpu_layers": args.gpu_layers,
               "kv_bytes_per_cell": per_cell, "runs": records, "rows": summarize(records, per_cell)}
     print(format_table(result))
     Path(args.out).write_text(json.dumps(result, indent=1))
