@@ -22,7 +22,10 @@ build serves both), writes a random-weight SmolLM2 at the real shapes, then runs
 
 It writes ``DIR/gpu-check.json`` (the device, each step's seconds and output, the tests' summary and the two
 benchmarks' figures) and the benchmarks' own JSON files beside it. ``--cpu`` runs the same steps without CUDA
-(to check the script on a machine without a GPU). Sized for about 6 minutes on 16 cores.
+(to check the script on a machine without a GPU): on this project's 2-core machine, beside other jobs, it
+took 34 minutes (the build 8, stock libllama 2, the tests 2, the benchmarks 21). How long a CUDA build for one
+architecture and the GPU's benchmarks take on a 16-core GPU machine is not measured yet: the benchmarks there
+are short (the GPU decodes SmolLM2 far faster than 2 cores), the CUDA build is the unknown.
 """
 
 from __future__ import annotations
