@@ -190,7 +190,7 @@ def run(out: Path, cpu: bool, jobs: int, threads: int) -> None:
     # no network there: pip builds with the installed scikit-build-core (pip reads this variable inverted)
     # and never looks for packages; everything the steps need is installed or carried
     env = {**os.environ, "INFOKV_CACHE": str(cache), "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs),
-           "PIP_NO_BUILD_ISOLATION": "0", "PIP_NO_INDEX": "1",
+           "PIP_NO_BUILD_ISOLATION": "0", "PIP_NO_INDEX": "1", "INFOKV_KEEP_BUILD": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if not cpu:
         env["CMAKE_ARGS"] = f"-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES={arch}"

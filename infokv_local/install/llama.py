@@ -152,14 +152,23 @@ def build_wheel(patched: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({key}); CMAKE_ARGS={env['CMAKE_ARGS']}"
           + (f"; CFLAGS/CXXFLAGS += {' '.join(extra)}" if extra else ""), flush=True)
-    build_dir = cache_dir() / "build"  # fixed too: absolute paths end up in the compiler commands
-    shutil.rmtree(build_dir, ignore_errors=True)
+    # fixed too: absolute paths end up in the compiler commands. INFOKV_KEEP_BUILD=1 keeps one per build key, so
+    # that a build killed midway goes on where it stopped (the GPU check, on a machine lent for minutes): the
+    # source is extracted with its archived times, so ninja recompiles only what is missing and the patched files
+    build_dir = cache_dir() / (f"build-{key}" if keep_build() else "build")
+    if not keep_build():
+        shutil.rmtree(build_dir, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),
                     f"--config-settings=build-dir={build_dir}", str(src)], env=env, check=True)
-    shutil.rmtree(build_dir, ignore_errors=True)
+    if not keep_build():
+        shutil.rmtree(build_dir, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(src, ignore_errors=True)
     return sorted(out.glob("*.whl"))[0]
+
+
+def keep_build() -> bool:
+    return os.environ.get("INFOKV_KEEP_BUILD") == "1"
 
 
 def install_patched() -> None:
