@@ -148,15 +148,9 @@ def build_stock_llama(steps: Steps, env: dict[str, str], work: Path, jobs: int) 
 
     wheel_lib = Path(llama_cpp.__file__).resolve().parent / "lib"
     prefix = wheel_lib.parent.parent  # site-packages: the wheel installs ggml's CMake package under lib/cmake
-    src = work / "stock-src"
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
-    sdist = next((PACK / "sdist").glob("*.tar.gz"))
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name + "/"]
-        for m in members:
-            m.name = m.name.split("/vendor/llama.cpp", 1)[1].lstrip("/")
-        tar.extractall(src, members=[m for m in members if m.name], filter="tar")
+    from infokv_local.install.llama import prepare_source
+
+    src = prepare_source(patched=False) / "vendor" / "llama.cpp"  # the sdist in $INFOKV_CACHE, unpatched
     build = work / "stock-build"
     steps.run("configure stock libllama", [
         "cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",

@@ -155,12 +155,13 @@ def build_wheel(patched: bool) -> Path:
     # fixed too: absolute paths end up in the compiler commands. INFOKV_KEEP_BUILD=1 keeps one per build key, so
     # that a build killed midway goes on where it stopped (the GPU check, on a machine lent for minutes): the
     # source is extracted with its archived times, so ninja recompiles only what is missing and the patched files
-    build_dir = cache_dir() / (f"build-{key}" if keep_build() else "build")
-    if not keep_build():
+    keep = keep_build()
+    build_dir = cache_dir() / (f"build-{key}" if keep else "build")
+    if not keep:
         shutil.rmtree(build_dir, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),
                     f"--config-settings=build-dir={build_dir}", str(src)], env=env, check=True)
-    if not keep_build():
+    if not keep:
         shutil.rmtree(build_dir, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(src, ignore_errors=True)
