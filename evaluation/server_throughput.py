@@ -2,14 +2,15 @@
 
 A server is started with ``--slots N`` (ours: ``serve --slots N --budget B --buffer F``; with
 ``--llama-server PATH`` also llama.cpp's own ``llama-server --parallel N`` with the same cells per slot,
-threads and model, one after the other). Each round sends one request alone, then ``N`` requests at once
+threads and model, both started before the first round). Each round sends one request alone, then ``N`` requests at once
 (each a new conversation with its own opening, so each takes a slot of its own), all greedy with the end
 of generation banned, so every reply is ``--reply-tokens`` tokens. Aggregate tok/s is the replies' tokens
 over the wall time from the first request sent to the last answer read (prompts included: what a user
 waiting for the answers sees). The scaling of a server is the median over rounds of (N at once) / (one
-alone) in the same round; our server against llama-server is the ratio of their medians (they run one
-after the other, so that figure carries the machine's drift: run it on a quiet machine). Prints the
-figures and writes JSON.
+alone) in the same round. With llama-server the two servers take turns round by round (ours, then
+llama-server, then ours again ...), so the machine's drift falls on both alike; our server against
+llama-server is the median over rounds of the ratio of their aggregate tok/s in the same round (and of
+one client's). Prints the figures and writes JSON.
 """
 
 from __future__ import annotations
@@ -70,20 +71,35 @@ def together(base: str, n: int, round_: int, reply_tokens: int, extra: dict[str,
     return seconds, sum(tokens)
 
 
-def measure(base: str, slots: int, rounds: int, reply_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """One warm-up request, then ``rounds`` of (one alone, ``slots`` at once)."""
-    one_request(base, prompt_of(99, 99), 8, extra)
-    rows = []
-    for r in range(rounds):
-        s1, t1 = together(base, 1, 2 * r, reply_tokens, extra)
-        sn, tn = together(base, slots, 2 * r + 1, reply_tokens, extra)
-        rows.append({"one_tok_s": t1 / s1, "all_tok_s": tn / sn, "ratio": (tn / sn) / (t1 / s1),
-                     "one_tokens": t1, "all_tokens": tn})
-        print(f"  round {r + 1}: one client {t1 / s1:.1f} tok/s, {slots} at once {tn / sn:.1f} tok/s together "
-              f"({(tn / sn) / (t1 / s1):.2f}x)", flush=True)
+def one_round(base: str, slots: int, r: int, reply_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Round ``r``: one request alone, then ``slots`` at once."""
+    s1, t1 = together(base, 1, 2 * r, reply_tokens, extra)
+    sn, tn = together(base, slots, 2 * r + 1, reply_tokens, extra)
+    return {"one_tok_s": t1 / s1, "all_tok_s": tn / sn, "ratio": (tn / sn) / (t1 / s1), "one_tokens": t1,
+            "all_tokens": tn}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A server's rounds and their medians."""
     return {"rounds": rows, "one_tok_s": statistics.median(x["one_tok_s"] for x in rows),
             "all_tok_s": statistics.median(x["all_tok_s"] for x in rows),
             "ratio": statistics.median(x["ratio"] for x in rows)}
+
+
+def measure(servers: dict[str, str], slots: int, rounds: int, reply_tokens: int,
+            extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One warm-up request per server, then ``rounds`` rounds, the servers (name -> base URL) taking turns
+    in each."""
+    for base in servers.values():
+        one_request(base, prompt_of(99, 99), 8, extra)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for r in range(rounds):
+        for name, base in servers.items():
+            row = one_round(base, slots, r, reply_tokens, extra)
+            rows[name].append(row)
+            print(f"  round {r + 1}, {name}: one client {row['one_tok_s']:.1f} tok/s, {slots} at once "
+                  f"{row['all_tok_s']:.1f} tok/s together ({row['ratio']:.2f}x)", flush=True)
+    return {name: summary(rs) for name, rs in rows.items()}
 
 
 def serve(cmd: list[str], base: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -133,36 +149,44 @@ def main(argv: list[str] | None = None) -> int:
         "policy": args.policy, "threads": args.threads, "reply_tokens": args.reply_tokens, "rounds": args.rounds,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "command": " ".join([sys.executable, "-m", "evaluation.server_throughput", *(argv or sys.argv[1:])])}
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
+    ports = {"ours": _free_port()}
     ours = [sys.executable, "-m", "infokv_local", "serve", "--model", path, "--slots", str(args.slots),
             "--budget", str(args.budget), "--buffer", str(args.buffer), "--policy", args.policy,
-            "--threads", str(args.threads), "--port", str(port), "--max-prompt-tokens", "0"]
+            "--threads", str(args.threads), "--port", str(ports["ours"]), "--max-prompt-tokens", "0"]
     print(f"infokv-local serve --slots {args.slots} --budget {args.budget} --buffer {args.buffer} "
           f"--policy {args.policy} --threads {args.threads}; {args.reply_tokens} tokens per reply", flush=True)
-    proc = serve(ours, base)
+    commands = {"ours": ours}
+    if args.llama_server:
+        cells = args.slots * (args.budget + args.buffer)
+        ports["llama_server"] = _free_port()
+        while ports["llama_server"] == ports["ours"]:
+            ports["llama_server"] = _free_port()
+        commands["llama_server"] = [
+            args.llama_server, "-m", path, "--parallel", str(args.slots), "-c", str(cells), "--threads",
+            str(args.threads), "--threads-batch", str(args.threads), "--port", str(ports["llama_server"]),
+            "--host", "127.0.0.1", "--no-warmup", "--context-shift"]
+        print(f"llama-server --parallel {args.slots} -c {cells} --threads {args.threads} --context-shift; "
+              "the two take turns round by round", flush=True)
+    procs: list[subprocess.Popen] = []
     try:
-        out["ours"] = measure(base, args.slots, args.rounds, args.reply_tokens, ban)
+        for name, cmd in commands.items():
+            procs.append(serve(cmd, f"http://127.0.0.1:{ports[name]}"))
+        out.update(measure({name: f"http://127.0.0.1:{ports[name]}" for name in commands}, args.slots,
+                           args.rounds, args.reply_tokens, ban))
     finally:
-        stop(proc)
+        for proc in procs:
+            stop(proc)
     print(f"ours: one client {out['ours']['one_tok_s']:.1f} tok/s, {args.slots} at once "
           f"{out['ours']['all_tok_s']:.1f} tok/s = {out['ours']['ratio']:.2f}x", flush=True)
     if args.llama_server:
-        cells = args.slots * (args.budget + args.buffer)
-        stock = [args.llama_server, "-m", path, "--parallel", str(args.slots), "-c", str(cells),
-                 "--threads", str(args.threads), "--threads-batch", str(args.threads), "--port", str(port),
-                 "--host", "127.0.0.1", "--no-warmup", "--context-shift"]
-        print(f"llama-server --parallel {args.slots} -c {cells} --threads {args.threads} --context-shift", flush=True)
-        proc = serve(stock, base)
-        try:
-            out["llama_server"] = measure(base, args.slots, args.rounds, args.reply_tokens, ban)
-        finally:
-            stop(proc)
         ls = out["llama_server"]
-        out["ours_vs_llama_server"] = out["ours"]["all_tok_s"] / ls["all_tok_s"]
+        pairs = list(zip(out["ours"]["rounds"], ls["rounds"], strict=True))
+        out["ours_vs_llama_server"] = statistics.median(a["all_tok_s"] / b["all_tok_s"] for a, b in pairs)
+        out["ours_vs_llama_server_one_client"] = statistics.median(a["one_tok_s"] / b["one_tok_s"] for a, b in pairs)
         print(f"llama-server: one client {ls['one_tok_s']:.1f} tok/s, {args.slots} at once {ls['all_tok_s']:.1f} "
-              f"tok/s = {ls['ratio']:.2f}x; ours / llama-server with {args.slots} at once: "
-              f"{out['ours_vs_llama_server']:.2f}x", flush=True)
+              f"tok/s = {ls['ratio']:.2f}x; ours / llama-server in the same round, median: "
+              f"{out['ours_vs_llama_server']:.2f}x with {args.slots} at once, "
+              f"{out['ours_vs_llama_server_one_client']:.2f}x for one client", flush=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.json}")

@@ -205,3 +205,19 @@ def test_a_file_that_crashes_llama_cpps_loader_is_refused_not_fatal(model_path, 
         Model(work)
     with Model(model_path) as m:  # and this process goes on
         assert m.tokenize("Hello")
+
+
+def test_a_closed_model_is_a_clear_error_not_a_crash(model_path):
+    """Its vocabulary and metadata go with it: a slot or session built on a model its owner closed, and any
+    tokenizing after, raise instead of reading freed memory (that crashed the process)."""
+    from infokv_local.api import InfoKVLlama
+
+    owner = InfoKVLlama(model_path, n_threads=2)
+    model = owner.model
+    owner.close()  # it loaded the model, so it frees it
+    with pytest.raises(ValueError, match="the model is closed"):
+        InfoKVLlama(model, n_threads=2)
+    for use in (lambda: model.tokenize("hi"), lambda: model.token_bytes(1), lambda: model.meta("general.name"),
+                lambda: model.is_eog(1)):
+        with pytest.raises(ValueError, match="the model is closed"):
+            use()

@@ -260,7 +260,7 @@ def test_fair_lock_serves_in_order_and_nests():
     threads = [threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release())) for i in range(4)]
     for t in threads:
         t.start()
-        while not any(t.ident == q for q in lock._queue):  # noqa: SLF001 - wait until it queues
+        while t.ident not in lock.waiting():  # wait until it queues
             pass
     with lock:  # reentrant
         pass
@@ -272,6 +272,29 @@ def test_fair_lock_serves_in_order_and_nests():
     with lock, lock, cond:
         assert not cond.wait(0.01)  # releases every level while waiting, restores them after
         assert lock._count == 3  # noqa: SLF001
+
+
+def test_fair_lock_times_out_and_hands_over_one_waiter_at_a_time():
+    lock = FairRLock()
+    lock.acquire()
+    got = []
+    timed_out = threading.Thread(target=lambda: got.append(("late", lock.acquire(timeout=0.05))))
+    timed_out.start()
+    timed_out.join()
+    assert got == [("late", False)] and lock.waiting() == []  # gave up and left the queue
+    other = threading.Thread(target=lambda: got.append(lock.acquire(blocking=False)))
+    other.start()
+    other.join()
+    assert got[-1] is False
+    waiter = threading.Thread(target=lambda: (lock.acquire(), got.append("owner"), lock.release()))
+    waiter.start()
+    while not lock.waiting():
+        pass
+    lock.release()  # handed straight to the waiter: nobody else can take it in between
+    waiter.join()
+    assert got[-1] == "owner" and not lock.locked()
+    with pytest.raises(RuntimeError, match="held by another thread"):
+        lock.release()
 
 
 def _streams_context(model):

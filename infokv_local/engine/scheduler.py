@@ -45,12 +45,14 @@ WAIT_SHARE = 0.25  # ... and at most this share of the last batched decode's tim
 class FairRLock:
     """A reentrant lock handed over in the order it was asked for (``threading.RLock`` is not fair: a
     thread that releases and asks again at once usually gets it back, so a thread reading a long prompt
-    chunk after chunk would starve the others). Works with ``threading.Condition``."""
+    chunk after chunk would starve the others). A release hands the lock straight to the first waiting
+    thread and wakes that one alone (each waiter sleeps on a gate of its own), so a busy lock costs one
+    wake-up per hand-over however many threads wait: with a sequence per server slot it changes hands
+    several times per generation step. Works with ``threading.Condition``."""
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._turns = threading.Condition(self._mutex)
-        self._queue: deque[int] = deque()  # waiting threads' idents, first come first
+        self._queue: deque[tuple[int, threading.Lock]] = deque()  # waiting threads (ident, gate), first come first
         self._owner: int | None = None
         self._count = 0
 
@@ -60,23 +62,22 @@ class FairRLock:
             if self._owner == me:
                 self._count += 1
                 return True
-            if self._owner is None and not self._queue:
+            if self._owner is None:  # nobody waits then: a release with waiters hands the lock on
                 self._owner, self._count = me, 1
                 return True
             if not blocking:
                 return False
-            self._queue.append(me)
-            deadline = None if timeout < 0 else time.monotonic() + timeout
-            while self._owner is not None or self._queue[0] != me:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    self._queue.remove(me)
-                    self._turns.notify_all()
-                    return False
-                self._turns.wait(left)
-            self._queue.popleft()
-            self._owner, self._count = me, 1
+            gate = threading.Lock()
+            gate.acquire()
+            entry = (me, gate)
+            self._queue.append(entry)
+        if gate.acquire(timeout=timeout):  # opened by the release that made this thread the owner
             return True
+        with self._mutex:
+            if entry in self._queue:
+                self._queue.remove(entry)
+                return False
+        return True  # handed over between the timeout and the check
 
     def release(self) -> None:
         with self._mutex:
@@ -84,12 +85,25 @@ class FairRLock:
                 raise RuntimeError("cannot release a lock held by another thread")
             self._count -= 1
             if not self._count:
-                self._owner = None
-                self._turns.notify_all()
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Make the first waiting thread the owner and wake it, or leave the lock free (``_mutex`` held)."""
+        if self._queue:
+            owner, gate = self._queue.popleft()
+            self._owner, self._count = owner, 1
+            gate.release()
+        else:
+            self._owner, self._count = None, 0
 
     def locked(self) -> bool:
         """Whether some thread holds the lock (as ``threading.Lock.locked``)."""
         return self._owner is not None
+
+    def waiting(self) -> list[int]:
+        """The idents of the threads waiting for the lock, first come first."""
+        with self._mutex:
+            return [ident for ident, _ in self._queue]
 
     __enter__ = acquire
 
@@ -101,8 +115,8 @@ class FairRLock:
         with self._mutex:
             if self._owner != threading.get_ident():
                 raise RuntimeError("cannot wait on a lock held by another thread")
-            count, self._owner, self._count = self._count, None, 0
-            self._turns.notify_all()
+            count = self._count
+            self._hand_over()
             return count
 
     def _acquire_restore(self, count: int) -> None:

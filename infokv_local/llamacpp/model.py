@@ -158,7 +158,7 @@ class Model:
                 f"llama.cpp could not load {self.path}: the file is corrupt, truncated, or of an "
                 f"architecture this llama.cpp does not know (see the log above)"
             )
-        self.vocab = llama.llama_model_get_vocab(self._ptr)
+        self._vocab = llama.llama_model_get_vocab(self._ptr)
         n_swa = llama.llama_model_n_swa(self._ptr)
         self.info = ModelInfo(
             path=self.path,
@@ -167,7 +167,7 @@ class Model:
             n_head=llama.llama_model_n_head(self._ptr),
             n_head_kv=llama.llama_model_n_head_kv(self._ptr),
             n_embd=llama.llama_model_n_embd(self._ptr),
-            n_vocab=llama.llama_vocab_n_tokens(self.vocab),
+            n_vocab=llama.llama_vocab_n_tokens(self._vocab),
             n_ctx_train=llama.llama_model_n_ctx_train(self._ptr),
             n_swa=n_swa,
             memory=("recurrent" if llama.llama_model_is_recurrent(self._ptr) else
@@ -182,16 +182,23 @@ class Model:
 
     @property
     def ptr(self) -> llama.llama_model_p:
-        if not self._ptr:
+        if not getattr(self, "_ptr", None):
             raise ValueError("the model is closed")
         return self._ptr
 
+    @property
+    def vocab(self) -> llama.llama_vocab_p:
+        """The model's vocabulary (freed with the model: every use after :meth:`close` is a clear error)."""
+        if not getattr(self, "_ptr", None):
+            raise ValueError("the model is closed")
+        return self._vocab
+
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)
-        n = llama.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        n = llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         if n >= len(buf):  # long values (chat templates): the return value is the full length
             buf = ctypes.create_string_buffer(n + 1)
-            n = llama.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+            n = llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
     def meta_int(self, key: str) -> int | None:

@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .parsing import cache_settings, request_error
 from .schemas import _Sampling
 from .slots import Abandoned, Lease, QueueFull, SlotPool
-from .worker import ClientGone, ServerStopping, Watch, Worker
+from .worker import WHOLE_REPLY_HANDOVER_S, ClientGone, ServerStopping, Watch, Worker
 
 Call = Callable[[Lease, threading.Event], Iterator[dict[str, Any]]]
 """A request's generation on its leased slot: OpenAI chunks, stopped when the event is set."""
@@ -73,7 +73,8 @@ async def generate(request: Request, endpoint: str, req: _Sampling, prompt: str,
         except BaseException:
             await pool.release(slot, keep=False)
             raise
-        worker = Worker(lambda cancel: call(lease, cancel), state.executor)
+        worker = Worker(lambda cancel: call(lease, cancel), state.executor,
+                        min_interval=0.0 if req.stream else WHOLE_REPLY_HANDOVER_S)
         watch.on_end(worker.cancel.set)
         reply = _Reply(pool, settings, metrics, watch, lease, worker, kv_before, endpoint, prompt_param,
                        include_usage=bool(req.stream_options and req.stream_options.include_usage))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +18,9 @@ import anyio
 from starlette.types import Receive
 
 _DONE = object()
+# how often a reply answered whole hands its chunks to the event loop (each chunk's kv block updates the
+# slot's entry in /v1/kv, so that stays this fresh while it generates)
+WHOLE_REPLY_HANDOVER_S = 0.25
 
 
 class ClientGone(Exception):
@@ -28,13 +32,25 @@ class ServerStopping(Exception):
 
 
 class Worker:
-    """Runs one request's chunk iterator in a thread and hands the chunks to the event loop."""
+    """Runs one request's chunk iterator in a thread and hands the chunks to the event loop.
+
+    Chunks are handed over in batches: the thread appends to a list and wakes the event loop only when no
+    wake-up is pending already, and, with ``min_interval`` (seconds), at most that often (the last chunk
+    and an error at once). Each wake-up takes a core from llama.cpp's threads in the middle of a decode on
+    a machine with as many threads as cores, so a reply answered whole (nobody reads its chunks before
+    the end) is handed over a few times a second instead of token by token; a stream keeps
+    ``min_interval`` 0 and gets every token as soon as the loop is free."""
 
     def __init__(self, make: Callable[[threading.Event], Iterator[dict[str, Any]]],
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, min_interval: float = 0.0) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.cancel = threading.Event()
+        self.min_interval = min_interval
+        self._pending: list[object] = []
+        self._pending_lock = threading.Lock()
+        self._wake_pending = False
+        self._last_wake = 0.0
         self.future = self.loop.run_in_executor(executor, self._run, make)
 
     def _run(self, make: Callable[[threading.Event], Iterator[dict[str, Any]]]) -> None:
@@ -48,15 +64,28 @@ class Worker:
             finally:
                 chunks.close()  # type: ignore[attr-defined]  # leaves the slot's cache consistent
         except BaseException as e:  # noqa: BLE001 (handed to the event loop)
-            self._post(e)
+            self._post(e, last=True)
         finally:
-            self._post(_DONE)
+            self._post(_DONE, last=True)
 
-    def _post(self, item: object) -> None:
+    def _post(self, item: object, last: bool = False) -> None:
+        with self._pending_lock:
+            self._pending.append(item)
+            now = time.monotonic()
+            if self._wake_pending or (not last and now - self._last_wake < self.min_interval):
+                return
+            self._wake_pending, self._last_wake = True, now
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._hand_over)
         except RuntimeError:  # the event loop is closed: the server stopped, nobody reads this request
             self.cancel.set()
+
+    def _hand_over(self) -> None:
+        """In the event loop: queue every chunk posted so far."""
+        with self._pending_lock:
+            items, self._pending, self._wake_pending = self._pending, [], False
+        for item in items:
+            self.queue.put_nowait(item)
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         while True:
