@@ -76,6 +76,7 @@ def test_the_probe_window_is_the_prompts_end_read_after_the_cache(model, long_to
     # and with the probed engine's flash-attention setting (chosen per size class, so it may differ at 2,048)
     with Engine(model, "snapkv", budget=2048, buffer=BUFFER, flash_attn=flash_attn) as ref:
         ref.prefill(tokens[:n_read])
+        ref.ctx.set_attention_active(True)  # the prompt fitted with room to spare: it was read without the window
         sig = ref.ctx.decode(tokens[-32:], n_read, all_outputs=False)
         cells = sig.cells[sig.cell_pos < n_read]
         expected = sig.attn_last.sum(axis=1)[:, cells]

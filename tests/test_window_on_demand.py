@@ -113,3 +113,28 @@ def test_snapshot_keeps_the_unrecorded_count(model, tokens):
     assert a == b
     for x in (e, other):
         x.close()
+
+
+@pytest.mark.parametrize("policy", ["infokv", "snapkv"])
+def test_a_prompt_that_fits_with_room_is_read_without_the_window(model, tokens, policy):
+    """A prompt batch records attention rows only when a compression may read them: when fewer than
+    ``window`` cells stay free once it and the rest of the prompt are cached."""
+    e = Engine(model, policy=policy, budget=72, buffer=40, n_threads=2, window=16, check_invariants=True,
+               prompt_probe=False)
+    seen = []
+    decode = e.ctx.decode
+
+    def spy(part, start_pos, all_outputs=True, **kw):
+        spare = e.capacity - e.ctx.n_used - len(part) - e.compressor.following
+        sig = decode(part, start_pos, all_outputs=all_outputs, **kw)
+        if len(part) > 1:
+            seen.append((len(part), sig.attn_last is not None, spare < e.window))
+        return sig
+
+    e.ctx.decode = spy
+    list(e.generate(tokens[:60], max_tokens=1, sampling=GREEDY, ignore_eos=True))  # 60 of 112 cells
+    list(e.generate(tokens[100:190], max_tokens=1, sampling=GREEDY, ignore_eos=True))  # 90 more: compressions
+    e.close()
+    assert seen[0] == (60, False, False)
+    assert all(got == want for _, got, want in seen)
+    assert any(got for _, got, _ in seen[1:])

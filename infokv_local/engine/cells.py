@@ -107,6 +107,16 @@ class CellSignals:
             self.attn_current[:] = sig.attn_last[:, -1]
 
     # ---- the observation window ---------------------------------------------------------------------
+    def drop_newest_rows(self, n: int) -> None:
+        """Take the window's ``n`` newest rows out (their tokens are decoded again): the next rows written
+        take their places. In a full ring they are zeroed (``ring[:ring_len]`` stays the window's rows)."""
+        n = min(n, self.ring_len)
+        for _ in range(n):
+            self.ring_next = (self.ring_next - 1) % self.window
+            self.ring[self.ring_next] = 0.0
+        if self.ring_len < self.window:
+            self.ring_len -= n
+
     def window_sum(self, cells: np.ndarray) -> np.ndarray:
         """The window's rows summed, over ``cells`` [n_attn, len(cells)]."""
         return self.ring[: self.ring_len][:, :, cells].sum(axis=0)

@@ -48,18 +48,25 @@ class Compressor:
         self.probe_peak = 0  # cells in use with the probe's tokens cached, in the current step
         self.probes = 0
         self.unrecorded = 0  # tokens decoded last whose attention rows are not in the ring
+        self.following = 0  # tokens of the prompt being read that come after the batch being decoded
+        self.fresh = 0  # recorded tokens decoded since the last one without rows (counted while unrecorded > 0)
         self.window_refreshes = 0
 
     def reset(self) -> None:
         self.probe_tail = None
-        self.probe_left = self.probe_peak = self.probes = self.unrecorded = 0
+        self.probe_left = self.probe_peak = self.probes = self.unrecorded = self.fresh = 0
 
     # ---- before a decode ------------------------------------------------------------------------------
     def attention_needed(self, n_new: int) -> bool:
-        """Whether a decode of ``n_new`` tokens must record attention rows: batches always do; a generation
-        step only among the last ``window`` steps before the cache is full (the rows a compression reads)."""
+        """Whether a decode of ``n_new`` tokens must record attention rows: only when a compression may read
+        them, i.e. when fewer than ``window`` cells will be free once they and the rest of the prompt being
+        read (:attr:`following`) are cached. A generation step records among the last ``window`` steps
+        before the cache is full; a prompt that fits with ``window`` cells to spare records nothing (the
+        steps before the next compression make its window), which spares prompt reading the statistics'
+        cost. Within one prompt, free cells minus the tokens still to read stay the same from batch to batch
+        until a compression, so its batches either all record or none does."""
         e = self.engine
-        return n_new > 1 or e.capacity - e.ctx.n_used - n_new < e.window
+        return e.capacity - e.ctx.n_used - n_new < e.window + self.following
 
     def make_room(self, n_new: int) -> tuple[list[int], float, float]:
         """Compress when ``n_new`` more tokens would pass the capacity. Returns the evicted positions and the
@@ -91,9 +98,20 @@ class Compressor:
         return evicted + ev2, score_s + s2 + record_s + probe_s, evict_s + e2
 
     def note_decoded(self, n: int, recorded: bool) -> None:
-        """``n`` tokens were decoded, their attention rows ``recorded`` in the ring or not."""
-        if self.window_on_demand:
-            self.unrecorded = 0 if recorded else self.unrecorded + n
+        """``n`` tokens were decoded, their attention rows ``recorded`` in the ring or not. :attr:`unrecorded`
+        is how far back from the last token the oldest token without rows lies (0: the ring holds the last
+        ``window`` tokens' rows): recorded rows close that gap only once ``window`` of them follow it, and
+        :meth:`record_window` decodes the last ``min(unrecorded, window)`` tokens again."""
+        if not self.window_on_demand:
+            return
+        if not recorded:
+            self.unrecorded += n
+            self.fresh = 0
+        elif self.unrecorded:
+            self.unrecorded += n
+            self.fresh += n
+            if self.fresh >= self.engine.window:
+                self.unrecorded = self.fresh = 0
 
     # ---- the observation window -----------------------------------------------------------------------
     def probe_window(self) -> Window:
@@ -144,10 +162,12 @@ class Compressor:
         saved_alone = e.cells.alone[last].copy()
         e.ctx.remove_cells(last)
         e.cells.forget(last)
+        e.cells.drop_newest_rows(min(self.fresh, k))  # those of them recorded already would count twice
         e.ctx.set_attention_active(True)
         e.ctx.last_entropy = float(saved_prod[0])  # what produced the first of them, as before
         sig = e.ctx.decode(e.tokens[-k:], e.n_past - k, all_outputs=e.needs_outputs)
         e.absorb(sig, k, first=len(e.tokens) - k, alone=saved_alone)
+        self.unrecorded = self.fresh = 0  # the gap, or the last ``window`` tokens, decoded again with rows
         self.window_refreshes += 1
 
     # ---- scoring and removing -------------------------------------------------------------------------

@@ -314,6 +314,7 @@ class Engine:
                 del self.tokens[n_tokens:]
                 self.n_past -= k
                 self.compressor.unrecorded = max(self.compressor.unrecorded - k, 0)
+                self.compressor.fresh = max(self.compressor.fresh - k, 0)
                 self._note_recent_holes()
         return True
 
@@ -377,7 +378,7 @@ class Engine:
             self.ctx.last_entropy = cp.last_entropy
             del self.tokens[n:]
             self.n_past = cp.n_past
-            self.compressor.unrecorded = 0
+            self.compressor.unrecorded = self.compressor.fresh = 0
             self.checkpoints.drop_after(n)
             self._note_recent_holes()
 
@@ -434,11 +435,13 @@ class Engine:
                 part = tokens[s:end]
                 if probed:
                     comp.probe_tail, comp.probe_left = tokens[-comp.probe_len:], len(tokens) - s
+                comp.following = len(tokens) - end
                 self._decode(part, all_outputs=all_logits or self.needs_outputs, logits_all=all_logits)
                 yield s, (self.ctx.logits_rows(len(part)).copy() if all_logits else None)
                 s += len(part)
         finally:
             comp.probe_tail = None
+            comp.following = 0
 
     def _batch_end(self, n: int, start: int, chunk: int, probed: bool) -> int:
         """Where the batch of a prompt read from ``start`` ends: one chunk, or as many consecutive chunks as
@@ -620,7 +623,7 @@ class Engine:
             rng_state=dict(self.rng.bit_generator.state),
             last_entropy=self.ctx.last_entropy,
             logits=self.ctx.logits(-1) if self.tokens and self._pending is None else None,
-            unrecorded=self.compressor.unrecorded,
+            unrecorded=self.compressor.unrecorded, fresh=self.compressor.fresh,
             checkpoints=self.checkpoints.items(),
         )
 
@@ -646,7 +649,7 @@ class Engine:
             raise
         self.cells.put(cells, snap.record)
         self.cells.ring_next, self.cells.ring_len = snap.ring_next, snap.ring_len
-        self.compressor.unrecorded = snap.unrecorded
+        self.compressor.unrecorded, self.compressor.fresh = snap.unrecorded, snap.fresh
         self.checkpoints.replace(snap.checkpoints)
         self.n_past = snap.n_past
         self.tokens = list(snap.tokens)

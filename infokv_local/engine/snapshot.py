@@ -32,7 +32,8 @@ class EngineSnapshot:
     rng_state: dict[str, object]
     last_entropy: float
     logits: np.ndarray | None = None  # the last decode's logits, when the sequence goes on from them
-    unrecorded: int = 0  # tokens decoded last whose attention rows the ring lacks (window on demand)
+    unrecorded: int = 0  # how far back the oldest token whose attention rows the ring lacks lies (window on demand)
+    fresh: int = 0  # tokens with rows decoded since the last one without (window on demand)
     checkpoints: tuple[Checkpoint, ...] = ()  # of the bounded part (:mod:`.checkpoints`)
 
     @property
