@@ -253,6 +253,37 @@ def test_sampling_from_a_copied_row_is_llama_cpps_sampling(model):
         b.close()
 
 
+@pytest.mark.parametrize("bias", [(), ((5, -float("inf")),), ((17, 3.5), (200, -2.0), (1000, 40.0))])
+def test_greedy_from_a_copied_row_is_llama_cpps_greedy(model, bias):
+    """Greedy (with a logit bias or not) takes a shortcut in Sampler.sample_row, without llama.cpp's chain: it
+    picks what the chain picks, from the context and from a row where the best logit is tied."""
+    n_vocab = model.info.n_vocab
+
+    def chain():  # through llama.cpp's chain: a repetition penalty with nothing seen yet changes no logit
+        return Sampler(SamplingParams(temperature=0.0, logit_bias=bias, repeat_penalty=1.0001), n_vocab)
+
+    with Engine(model, policy="infokv", **KW) as e:
+        prompt = prompts(model, 1)[0]
+        for n in (len(prompt) // 2, len(prompt)):
+            e.reset()
+            e.prefill(prompt[:n])
+            row = e.ctx.logits(-1)
+            tied = row.copy()
+            top = int(np.argmax(tied))
+            other = top - 1 if top else top + 1
+            tied[other] = tied[top]
+            for r in (row, tied):
+                fast, ref, ctx_ref = Sampler(SamplingParams(temperature=0.0, logit_bias=bias), n_vocab), chain(), chain()
+                got = fast.sample_row(r, model)
+                assert got == ref.sample_row(r, model)
+                if r is row:
+                    assert got == ctx_ref.sample(e.ctx)
+                elif not bias:
+                    assert got == min(top, other)  # the first of two equal logits
+                for smp in (fast, ref, ctx_ref):
+                    smp.close()
+
+
 def test_fair_lock_serves_in_order_and_nests():
     lock = FairRLock()
     order = []

@@ -159,6 +159,7 @@ class Model:
                 f"architecture this llama.cpp does not know (see the log above)"
             )
         self._vocab = llama.llama_model_get_vocab(self._ptr)
+        self._pieces: dict[tuple[int, bool], bytes] = {}  # token_bytes' answers
         n_swa = llama.llama_model_n_swa(self._ptr)
         self.info = ModelInfo(
             path=self.path,
@@ -248,6 +249,9 @@ class Model:
 
         A piece may be part of a UTF-8 character (byte-level tokens): join the bytes before decoding.
         """
+        piece = self._pieces.get((token, special))
+        if piece is not None:
+            return piece
         if not 0 <= token < self.info.n_vocab:  # llama.cpp would abort the process
             raise InvalidTokenError(f"token {token} is not in the vocabulary (0..{self.info.n_vocab - 1})")
         buf = ctypes.create_string_buffer(64)
@@ -255,7 +259,8 @@ class Model:
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        piece = self._pieces[(token, special)] = buf.raw[:n]  # the vocabulary never changes: once per token
+        return piece
 
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """llama.cpp's tokens of ``text`` (``add_special``: BOS as the model wants; ``parse_special``:
@@ -324,6 +329,7 @@ class Model:
         if getattr(self, "_ptr", None):
             llama.llama_model_free(self._ptr)
             self._ptr = None
+            self._pieces.clear()
 
     def __enter__(self) -> Model:
         return self

@@ -124,6 +124,15 @@ class Sampler:
             raise ValueError("the sampler is closed")
         if not self._complete:
             self._finish_chain(model)
+        p = self.params
+        if p.temperature == 0 and p.grammar is None and self._penalties is None:
+            # the chain is the logit bias, then greedy: llama.cpp's greedy keeps the first largest logit, as
+            # argmax does, and neither accepts anything; this skips a candidate array of the whole vocabulary
+            if p.logit_bias:
+                logits = logits.copy()
+                for token, bias in p.logit_bias:
+                    logits[token] += bias
+            return int(np.argmax(logits))
         n = len(logits)
         if self._candidates is None or len(self._candidates) != n:
             self._candidates = np.zeros(n, dtype=_TOKEN_DATA)
