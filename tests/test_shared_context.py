@@ -273,7 +273,8 @@ def test_greedy_from_a_copied_row_is_llama_cpps_greedy(model, bias):
             other = top - 1 if top else top + 1
             tied[other] = tied[top]
             for r in (row, tied):
-                fast, ref, ctx_ref = Sampler(SamplingParams(temperature=0.0, logit_bias=bias), n_vocab), chain(), chain()
+                fast = Sampler(SamplingParams(temperature=0.0, logit_bias=bias), n_vocab)
+                ref, ctx_ref = chain(), chain()
                 got = fast.sample_row(r, model)
                 assert got == ref.sample_row(r, model)
                 if r is row:
