@@ -279,6 +279,9 @@ def test_greedy_from_a_copied_row_is_llama_cpps_greedy(model, bias):
                 assert got == ref.sample_row(r, model)
                 if r is row:
                     assert got == ctx_ref.sample(e.ctx)
+                    on_ctx = Sampler(SamplingParams(temperature=0.0, logit_bias=bias), n_vocab)
+                    assert on_ctx.sample(e.ctx) == got  # the shortcut on the context's own row
+                    on_ctx.close()
                 elif not bias:
                     assert got == min(top, other)  # the first of two equal logits
                 for smp in (fast, ref, ctx_ref):

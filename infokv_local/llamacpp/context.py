@@ -582,6 +582,13 @@ class StatsContext:
             raise ValueError(f"no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    def logits_view(self, i: int = -1) -> np.ndarray:
+        """:meth:`logits` without the copy: valid until the next decode."""
+        ptr = llama.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise ValueError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
     def logits_rows(self, n: int) -> np.ndarray:
         """Logits [n, n_vocab] of the first n outputs of the last decode (a view, valid until the next decode)."""
         ptr = llama.llama_get_logits(self.ptr)
