@@ -1,4 +1,8 @@
-"""Sampling through llama.cpp's own sampler chain (llama-cpp-python's bindings), not reimplemented."""
+"""Sampling through llama.cpp's own sampler chain (llama-cpp-python's bindings), not reimplemented.
+
+One shortcut: greedy decoding with at most a logit bias takes the first largest biased logit itself (what
+llama.cpp's greedy sampler picks; tested against the chain), because the chain fills a candidate array of the
+whole vocabulary at every step."""
 
 from __future__ import annotations
 
