@@ -577,10 +577,7 @@ class StatsContext:
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Logits of output row ``i`` of the last decode (a copy; a batch index, or negative from the last)."""
-        ptr = llama.llama_get_logits_ith(self.ptr, i)
-        if not ptr:
-            raise ValueError(f"no logits for output {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return self.logits_view(i).copy()
 
     def logits_view(self, i: int = -1) -> np.ndarray:
         """:meth:`logits` without the copy: valid until the next decode."""

@@ -190,8 +190,7 @@ class Model:
     @property
     def vocab(self) -> llama.llama_vocab_p:
         """The model's vocabulary (freed with the model: every use after :meth:`close` is a clear error)."""
-        if not getattr(self, "_ptr", None):
-            raise ValueError("the model is closed")
+        self.ptr  # noqa: B018 - raises once the model is closed
         return self._vocab
 
     def meta(self, key: str) -> str | None:
