@@ -409,3 +409,31 @@ def test_a_snapshot_moves_between_a_context_of_its_own_and_a_stream(model):
     with Engine(model, policy="infokv", **KW) as lone:
         lone.restore(back)
         assert lone.cached_positions().tolist() == kept
+
+
+@pytest.mark.parametrize("policy", ["keydiff", "rkv"])
+def test_a_sequence_reads_its_own_streams_keys(model, policy):
+    """A policy that reads the cached keys (KeyDiff, R-KV) gets its own sequence's, not those another sequence
+    holds at the same cell indices of stream 0, and evicts as it does alone; the other sequence sits in stream 0."""
+    plist = [p[:40] for p in prompts(model, 3)]
+    with Engine(model, policy=policy, **KW) as lone:
+        lone.prefill(plist[1])
+        alone_keys = lone.ctx.read_keys(lone.ctx.cell_map()[0])
+        alone_text = list(lone.generate([], 40, ignore_eos=True))  # compresses: 40 + 40 tokens in 48 + 16 cells
+        alone_kept = lone.cached_positions().tolist()
+    with SharedContext.for_policies(model, 2, [policy], capacity=BUDGET + BUFFER, n_threads=2,
+                                    flash_attn=False) as shared:
+        assert shared.streams
+        with Engine(model, policy=policy, shared=shared, **KW) as first, \
+                Engine(model, policy=policy, shared=shared, **KW) as second:
+            assert (first.ctx.seq, second.ctx.seq) == (0, 1)
+            first.prefill(plist[2])
+            second.prefill(plist[1])
+            cells = second.ctx.cell_map()[0]
+            assert cells.max() < second.ctx.n_cells  # its own indices
+            np.testing.assert_array_equal(second.ctx.read_keys(cells), alone_keys)
+            assert not np.allclose(first.ctx.read_keys(first.ctx.cell_map()[0]), alone_keys)
+            with pytest.raises(ValueError, match="out of sequence 1's"):
+                second.ctx.read_keys([second.ctx.n_cells])
+            assert list(second.generate([], 40, ignore_eos=True)) == alone_text
+            assert second.cached_positions().tolist() == alone_kept

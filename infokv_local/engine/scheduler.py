@@ -418,6 +418,14 @@ class SequenceView:
         with self.lock:
             return self.shared.ctx.remove_cells(arr + self.base, self.seq)
 
+    def read_keys(self, cells: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The cached keys of this sequence's ``cells`` (its own indices; see :meth:`StatsContext.read_keys`)."""
+        arr = np.asarray(cells, dtype=np.int64)
+        if len(arr) and (arr.min() < 0 or arr.max() >= self.n_cells):
+            raise ValueError(f"cells {arr.tolist()[:8]}... are out of sequence {self.seq}'s {self.n_cells} cells")
+        with self.lock:
+            return self.shared.ctx.read_keys(arr + self.base)
+
     def compact_positions(self) -> int:
         with self.lock:
             return self.shared.ctx.compact_positions(self.seq)
