@@ -18,6 +18,7 @@ Results resume: each finished (question, policy, budget) is one JSONL line with 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
@@ -29,11 +30,11 @@ from tqdm import tqdm
 from infokv_local.api import InfoKVLlama
 from infokv_local.bench.fidelity import log_softmax
 from infokv_local.bench.jsonl import read_log
-from infokv_local.engine import Engine
+from infokv_local.engine import Engine, SharedContext
 from infokv_local.llamacpp.model import Model
 from infokv_local.policies import make_policy
 
-from .tasks import read_done
+from .tasks import read_done, run_flash_attn
 
 BUCKETS = (0, 128, 512, 2048)
 
@@ -98,90 +99,152 @@ def budget_for(spec: str, n_tokens: int, floor: int) -> int:
 
 
 def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buffer: int = 64, n_sink: int = 4,
-                 n_recent: int = 32, window: int = 32, n_threads: int | None = None) -> dict[tuple[str, str], dict]:
+                 n_recent: int = 32, window: int = 32, n_threads: int | None = None, parallel: int = 1,
+                 flash_attn: bool | None = None) -> dict[tuple[str, str], dict]:
     """Teacher-force prompt + trace through the full cache and each ``(policy spec, budget spec)``.
 
     Returns per config the per-token arrays over the trace predictions made after its first
     compression: ``kl``, ``agree``, ``nll_full``, ``nll_comp``, ``distance`` (tokens since the first
     compression), and ``budget``, ``first_evict`` (sequence index of the first prediction made
     after a compression; None if it never compressed).
+
+    The full cache reads the trace first, one token per decode as generation does, and its log-probabilities
+    are kept (trace tokens x vocabulary, float32). ``parallel`` > 1: the configs then run that many at a time
+    as sequences of one context (:class:`~infokv_local.engine.SharedContext`), each on a thread of its own, so
+    their trace tokens are decoded together, one ``llama_decode`` per step for all of them; every engine
+    still reads, compresses and predicts as it would alone. ``flash_attn``: every engine's setting (None:
+    each engine's own choice, the full cache's too).
     """
     prompt, tr = trace["prompt_ids"], trace["trace_ids"]
     n_all = len(prompt) + len(tr)
     floor = n_sink + n_recent + 1
-    full = Engine(model, "full", n_batch=buffer, max_context=n_all + 8, n_threads=n_threads, window=window)
-    engines: dict[tuple[str, str], Engine] = {}
+    # step i: feed the sequence up to and including token (n_prompt - 1 + i); its logits predict trace[i]
+    steps = [prompt] + [[t] for t in tr[:-1]]
     out: dict[tuple[str, str], dict] = {}
-    try:
-        for pol, spec in configs:
-            b = budget_for(spec, n_all, floor)
-            engines[(pol, spec)] = Engine(model, make_policy(pol), budget=b, buffer=buffer, n_sink=n_sink,
-                                          n_recent=n_recent, window=window, n_threads=n_threads)
-            out[(pol, spec)] = {"budget": b, "first_evict": None, "kl": [], "agree": [], "nll_full": [],
-                                "nll_comp": [], "distance": []}
+    for pol, spec in configs:
+        out[(pol, spec)] = {"budget": budget_for(spec, n_all, floor), "first_evict": None, "kl": [], "agree": [],
+                            "nll_full": [], "nll_comp": [], "distance": []}
+    # a budget + buffer that holds the whole sequence never compresses: nothing to compare
+    todo = [key for key in out if out[key]["budget"] + buffer < n_all]
+    if not todo:
+        return out
+    with Engine(model, "full", n_batch=buffer, max_context=n_all + 8, n_threads=n_threads, window=window,
+                flash_attn=flash_attn) as full:
+        reference = [log_softmax(_last_logits(full, toks)[None, :])[0] for toks in steps]
 
-        def last_logits(eng: Engine, toks: list[int]) -> np.ndarray:
-            row = None
-            for _, lg in eng.feed(toks, all_logits=True):
-                if lg is not None:
-                    row = lg[-1]
-            assert row is not None
-            return row
+    def engine_args(key: tuple[str, str]) -> dict[str, Any]:
+        return dict(policy=make_policy(key[0]), budget=out[key]["budget"], buffer=buffer, n_sink=n_sink,
+                    n_recent=n_recent, window=window, n_threads=n_threads, flash_attn=flash_attn)
 
-        # step i: feed the sequence up to and including token (n_prompt - 1 + i); its logits predict trace[i]
-        steps = [prompt] + [[t] for t in tr[:-1]]
-        pos = 0  # sequence index of the first token of the current step
-        for i, toks in enumerate(steps):
-            lp_full = log_softmax(last_logits(full, toks)[None, :])[0]
-            target = tr[i]
-            for key, eng in engines.items():
-                n_steps = eng.totals.steps
-                row = last_logits(eng, toks)
-                o = out[key]
-                if o["first_evict"] is None:
-                    start = pos  # sequence index of the first token of the chunk decoded after the compression
-                    new_steps = list(islice(reversed(eng.totals.history), eng.totals.steps - n_steps))[::-1]
-                    for st in new_steps:
-                        if st.evicted:
-                            o["first_evict"] = start
-                            break
-                        start += st.n_tokens
-                if o["first_evict"] is None:
-                    continue
-                lp = log_softmax(row[None, :])[0]
-                p = np.exp(lp_full)
-                o["kl"].append(float((p * (lp_full - lp)).sum()))
-                o["agree"].append(bool(lp_full.argmax() == lp.argmax()))
-                o["nll_full"].append(float(-lp_full[target]))
-                o["nll_comp"].append(float(-lp[target]))
-                o["distance"].append(pos + len(toks) - 1 - o["first_evict"])
-            pos += len(toks)
-    finally:
-        full.close()
-        for eng in engines.values():
-            eng.close()
+    if parallel <= 1 or len(todo) == 1:
+        for key in todo:
+            with Engine(model, **engine_args(key)) as eng:
+                _replay(eng, steps, tr, reference, out[key])
+        return out
+    queue = list(todo)
+    guard = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    capacity = max(out[key]["budget"] for key in todo) + buffer
+    with SharedContext.for_policies(model, min(parallel, len(todo)), [p for p, _ in todo], capacity=capacity,
+                                    window=window, n_threads=n_threads, flash_attn=flash_attn) as shared:
+        def work() -> None:
+            while not stop.is_set():
+                with guard:
+                    if not queue:
+                        return
+                    key = queue.pop(0)
+                try:
+                    with Engine(model, **engine_args(key), shared=shared) as eng:
+                        _replay(eng, steps, tr, reference, out[key], stop)
+                except BaseException as e:  # noqa: BLE001 - raised below, once the others have ended
+                    errors.append(e)
+                    stop.set()
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(shared.n_seq)]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)  # a Ctrl-C reaches this thread between waits
+        except KeyboardInterrupt:
+            stop.set()
+            for t in threads:
+                t.join()
+            raise
+    if errors:
+        raise errors[0]
     return out
+
+
+def _last_logits(eng: Engine, toks: list[int]) -> np.ndarray:
+    row = None
+    for _, lg in eng.feed(toks, all_logits=True):
+        if lg is not None:
+            row = lg[-1]
+    assert row is not None
+    return row
+
+
+def _replay(eng: Engine, steps: list[list[int]], trace: list[int], reference: list[np.ndarray], o: dict,
+            stop: threading.Event | None = None) -> None:
+    """One config's teacher-forced replay against the full cache's log-probabilities, into ``o``."""
+    pos = 0  # sequence index of the first token of the current step
+    for i, toks in enumerate(steps):
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt("stopped before the end of the trace")
+        n_steps = eng.totals.steps
+        row = _last_logits(eng, toks)
+        if o["first_evict"] is None:
+            start = pos  # sequence index of the first token of the chunk decoded after the compression
+            new_steps = list(islice(reversed(eng.totals.history), eng.totals.steps - n_steps))[::-1]
+            for st in new_steps:
+                if st.evicted:
+                    o["first_evict"] = start
+                    break
+                start += st.n_tokens
+        if o["first_evict"] is not None:
+            lp_full = reference[i]
+            lp = log_softmax(row[None, :])[0]
+            p = np.exp(lp_full)
+            o["kl"].append(float((p * (lp_full - lp)).sum()))
+            o["agree"].append(bool(lp_full.argmax() == lp.argmax()))
+            o["nll_full"].append(float(-lp_full[trace[i]]))
+            o["nll_comp"].append(float(-lp[trace[i]]))
+            o["distance"].append(pos + len(toks) - 1 - o["first_evict"])
+        pos += len(toks)
 
 
 def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], budget_specs: list[str],
                         out_jsonl: str | Path, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
-                        window: int = 32, n_threads: int | None = None, progress: bool = True) -> list[dict]:
-    """Replay every trace for every (evicting policy, budget) not yet in ``out_jsonl``; all records back."""
+                        window: int = 32, n_threads: int | None = None, progress: bool = True,
+                        parallel: int = 1, flash_attn: bool | None = None) -> list[dict]:
+    """Replay every trace for every (evicting policy, budget) not yet in ``out_jsonl``; all records back.
+
+    ``parallel``: configs of a trace replayed at once (:func:`replay_trace`). Every engine of the run, the
+    full cache included, uses one flash-attention setting (:func:`~evaluation.tasks.run_flash_attn`:
+    as the log says, else as asked, else off with H2O, else the verdict for the largest budget), recorded."""
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     policies = [p for p in policies if make_policy(p).evicts]
     done = read_done(out)
     model_name = Path(str(model.path)).name
+    floor = n_sink + n_recent + 1
+    lengths = [len(t["prompt_ids"]) + len(t["trace_ids"]) for t in traces if t["trace_ids"]]
+    largest = max((budget_for(s, n, floor) for s in budget_specs for n in lengths), default=floor)
+    setting = run_flash_attn(model, policies, largest, buffer, n_threads, flash_attn, done, out)
     with out.open("a") as fh:
         for tr in tqdm(traces, desc="traces replayed", unit="q", disable=not progress):
             todo = [(p, s) for p in policies for s in budget_specs if (tr["id"], p, s) not in done]
             if not todo or not tr["trace_ids"]:
                 continue
             res = replay_trace(model, tr, todo, buffer=buffer, n_sink=n_sink, n_recent=n_recent, window=window,
-                               n_threads=n_threads)
+                               n_threads=n_threads, parallel=parallel, flash_attn=setting)
             for (p, s), o in res.items():
                 rec = {"item_id": tr["id"], "model": model_name, "policy": p, "budget_spec": s,
                        "n_prompt": len(tr["prompt_ids"]), "n_trace": len(tr["trace_ids"]), "buffer": buffer,
+                       "flash_attn": None if setting is None else ("on" if setting else "off"),
                        **{k: (np.round(v, 6).tolist() if k in ("kl", "nll_full", "nll_comp") else v)
                           for k, v in o.items()}}
                 fh.write(json.dumps(rec) + "\n")

@@ -16,6 +16,8 @@ from typing import Any
 from infokv_local.bench.arg_types import float_list, int_list
 from infokv_local.settings import DEFAULTS
 
+FLASH_ATTN = {"auto": None, "on": True, "off": False}
+
 TASK_EXAMPLES = """examples:
   python -m evaluation tasks --task decode-pressure --model qwen2.5-coder-1.5b --budget 128,256 --limit 20
   python -m evaluation tasks --task long-prefill --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.4,0.2
@@ -66,6 +68,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _together(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--parallel", type=int, default=DEFAULTS.parallel,
+                   help=f"{what} run at once as sequences of one context, their tokens decoded together "
+                        f"(default: {DEFAULTS.parallel}; 1: one after another)")
+    p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="flash attention of every engine of the run, full cache included (default auto: as "
+                        "the log says when resuming; off when a policy needs every query row, as H2O; else the "
+                        "engine's verdict for the largest budget)")
+
+
 def register(subparsers: Any) -> None:
     """Add ``tasks`` and ``fidelity-decode`` to ``subparsers``."""
     from .task_data import TASKS
@@ -90,13 +102,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--prompt-probe", action="store_true",
                    help="the engine's prompt probe: compressions while the prompt is read see its end (the "
                         "question) first; write to another --out than a run without it")
-    t.add_argument("--parallel", type=int, default=DEFAULTS.parallel,
-                   help="evicting generations run at once as sequences of one context, their tokens decoded "
-                        f"together (default: {DEFAULTS.parallel}; 1: one after another)")
-    t.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
-                   help="flash attention of every generation of the run, full cache included (default auto: as "
-                        "the log says when resuming; off when a policy needs every query row, as H2O; else the "
-                        "engine's verdict for the largest budget)")
+    _together(t, "evicting generations")
     _common(t)
     t.set_defaults(func=run_tasks_cmd)
     f = subparsers.add_parser(
@@ -112,6 +118,7 @@ def register(subparsers: Any) -> None:
     f.add_argument("--group", type=int, default=1,
                    help="questions per trace, solved one after another in one reply as in tasks --task "
                         "multi-step (default 1: one question per trace)")
+    _together(f, "a trace's (policy, budget) replays")
     _common(f)
     f.set_defaults(func=run_fidelity_decode_cmd)
 
@@ -166,7 +173,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                               n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe,
                               parallel=args.parallel,
-                              flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
+                              flash_attn=FLASH_ATTN[args.flash_attn])
     finally:
         model.close()
     results = T.summarize(records)
@@ -216,14 +223,16 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("results") / f"fidelity-decode-{tag}.json"
         records = D.run_decode_fidelity(model, traces, policies, specs, out.with_suffix(".jsonl"),
                                         buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
-                                        n_threads=args.threads, progress=not args.no_progress)
+                                        n_threads=args.threads, progress=not args.no_progress,
+                                        parallel=args.parallel, flash_attn=FLASH_ATTN[args.flash_attn])
     finally:
         model.close()
     rows = D.summarize(records)
     ratios = all_kl_ratios(records)
     summary = {"model": tag, "command": " ".join(sys.argv), "policies": policies, "budgets": specs,
                "max_tokens": max_tokens, "buffer": args.buffer, "n_questions": len(questions) * args.group,
-               "group": args.group,
+               "group": args.group, "parallel": args.parallel,
+               "flash_attn": sorted({str(r.get("flash_attn")) for r in records}),
                "mean_trace_tokens": sum(len(t["trace_ids"]) for t in traces) / max(len(traces), 1),
                "results": rows, "kl_ratios": ratios}
     out.write_text(json.dumps(summary, indent=1))
