@@ -191,7 +191,9 @@ def _replay(eng: Engine, steps: list[list[int]], trace: list[int], reference: li
             stop: threading.Event | None = None) -> None:
     """One config's teacher-forced replay against the full cache's log-probabilities, into ``o``."""
     pos = 0  # sequence index of the first token of the current step
-    for i, toks in enumerate(steps):
+
+    def step(i: int, toks: list[int]) -> None:
+        nonlocal pos
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt("stopped before the end of the trace")
         n_steps = eng.totals.steps
@@ -214,6 +216,11 @@ def _replay(eng: Engine, steps: list[list[int]], trace: list[int], reference: li
             o["nll_comp"].append(float(-lp[trace[i]]))
             o["distance"].append(pos + len(toks) - 1 - o["first_evict"])
         pos += len(toks)
+
+    step(0, steps[0])  # the prompt, in chunks decoded alone
+    with eng.stepping():  # then one trace token per decode, with the other replays' tokens
+        for i in range(1, len(steps)):
+            step(i, steps[i])
 
 
 def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], budget_specs: list[str],

@@ -213,6 +213,42 @@ def test_teacher_forced_logits_are_the_sequences_own(model):
     assert kl.max() < 0.02 and kl.mean() < 0.01, (kl.max(), kl.mean())
 
 
+def test_teacher_forced_steps_decoded_together_get_their_own_rows(model):
+    """One token per decode with every logit (teacher forcing inside ``Engine.stepping``) on three sequences
+    decoded together: each gets its own row of the call, not the call's first rows."""
+    plist = [p[:24] for p in prompts(model, 3)]
+    forced = model.tokenize(" and then the next lemma follows from the first one.", add_special=False)
+
+    def force(e, i):
+        list(e.feed(plist[i]))
+        rows = []
+        with e.stepping():
+            for t in forced:
+                rows += [lg[-1] for _, lg in e.feed([t], all_logits=True)]
+        return np.stack(rows)
+
+    alone = []
+    for i in range(3):
+        with Engine(model, policy="infokv", **KW) as e:
+            alone.append(force(e, i))
+    with SharedContext.for_policies(model, 3, ["infokv"], capacity=BUDGET + BUFFER, n_threads=2,
+                                    flash_attn=False) as shared:
+        engines = [Engine(model, policy="infokv", shared=shared, **KW) for _ in range(3)]
+        out: list = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, force(engines[i], i))) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert shared.batched_tokens > shared.batches  # the forced tokens were decoded together
+        for e in engines:
+            e.close()
+    for a, b in zip(alone, out, strict=True):
+        assert b is not None and b.shape == a.shape
+        kl = _kl(a, b)
+        assert kl.max() < 0.02, kl.max()  # another sequence's row (these prompts are alike): 0.07 and more
+
+
 def _kl(a, b):
     la = a - a.max(1, keepdims=True)
     lb = b - b.max(1, keepdims=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -464,6 +465,17 @@ class Engine:
         for _ in self.feed(tokens):
             pass
 
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Within the block this sequence decodes one token per call outside :meth:`generate` (teacher forcing
+        with :meth:`feed`): on a shared context the other sequences' one-token steps wait for its tokens, so
+        they are decoded together, as generation steps are."""
+        self.ctx.set_generating(True)
+        try:
+            yield
+        finally:
+            self.ctx.set_generating(False)
+
     def generate(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams | None = None,
                  stop_tokens: Sequence[int] = (), ignore_eos: bool = False) -> Iterator[int]:
         """Prefill ``prompt`` (after what is already cached) and yield up to ``max_tokens`` sampled tokens.
@@ -484,7 +496,7 @@ class Engine:
             for t in self.tokens[-sampler.params.repeat_last_n:] if sampler.params.repeat_last_n else []:
                 sampler.accept(t)
             stops = set(stop_tokens)
-            self.ctx.set_generating(True)
+            self.ctx.set_generating(True)  # released in the finally below (a generator may be closed early)
             for i in range(max_tokens):
                 tok = self.ctx.sample(sampler)
                 if (self.model.is_eog(tok) and not ignore_eos) or tok in stops:

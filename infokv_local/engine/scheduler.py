@@ -351,7 +351,7 @@ class SharedContext:
                 sig.attn_sum = None if sig.attn_sum is None else sig.attn_sum[:, lo:hi]
                 sig.attn_last = None if sig.attn_last is None else sig.attn_last[:, :, lo:hi]
             view.row = c.logits(c.output_index[view.seq])
-            view.rows = c.logits_rows(len(part.tokens)).copy() if part.logits_all else None
+            view.rows = c.sequence_logits(view.seq) if part.logits_all else None
         return signals
 
 

@@ -215,6 +215,7 @@ class StatsContext:
         self._has_output_row = False  # llama.cpp allocates the logits' rows at the first decode
         self._keys_shape: tuple[np.ndarray, int] | None = None  # read_keys' layers and key width
         self.output_index: dict[int, int] = {}  # each sequence's last output row in the last decode (batch index)
+        self._output_rows: dict[int, np.ndarray] = {}  # each sequence's output rows in the last decode (batch indices)
         self.generating = False
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -532,6 +533,7 @@ class StatsContext:
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")
         self.output_index = {p.seq: off + int(outs[-1]) for p, (off, _, outs) in zip(parts, layout, strict=True)}
+        self._output_rows = {p.seq: off + outs for p, (off, _, outs) in zip(parts, layout, strict=True)}
         attn_sum, attn_last, ldist = self._attn_sum(), self._attn_last(), self._layer_dist()
         all_outputs = np.sort(np.concatenate([off + outs for off, _, outs in layout]))
         entropies = self._entropies(parts, layout)
@@ -590,6 +592,11 @@ class StatsContext:
         """Logits [n, n_vocab] of the first n outputs of the last decode (a view, valid until the next decode)."""
         ptr = llama.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
+
+    def sequence_logits(self, seq: int) -> np.ndarray:
+        """Logits [outputs, n_vocab] of sequence ``seq``'s output rows in the last :meth:`decode_parts`, in token
+        order (a copy; in a call of several parts each part's rows are found by batch index)."""
+        return np.stack([self.logits_view(int(i)) for i in self._output_rows[seq]])
 
     def _signals(self, part: DecodePart, rows: np.ndarray, outputs: np.ndarray, ent: np.ndarray | None,
                  ldist: np.ndarray | None, attn_sum: np.ndarray | None, attn_last: np.ndarray | None) -> Signals:
@@ -735,6 +742,7 @@ class StatsContext:
             raise ValueError(f"logits of shape {row.shape}, expected ({self.n_vocab},)")
         ctypes.memmove(ptr, row.ctypes.data, row.nbytes)
         self.output_index = {}
+        self._output_rows = {}
         return True
 
 def signal_rows(n: int, start_pos: int, stride: int) -> np.ndarray:
