@@ -29,6 +29,9 @@ SCORE_RTOL = 2e-2
 # a compression whose last kept and first dropped scores are this close (relative) may choose the other token
 # under another batch composition, and the texts may part after it
 EVICT_TIE = SCORE_RTOL
+# a stream per sequence: the first compression's scores of every policy, 2 and 8 sequences, came out bit-equal to
+# the lone runs' on the test CPU; a sequence scoring with another stream's keys is off by 2e-3 (KeyDiff)
+FIRST_RTOL, FIRST_ATOL = 1e-4, 1e-5
 BUDGET, BUFFER, N_NEW = 48, 16, 72
 KW = dict(budget=BUDGET, buffer=BUFFER, n_threads=2, flash_attn=False, check_invariants=True, prompt_probe=True)
 TEXT = ("Every step of a long proof depends on the steps before it, and a reader who forgets an early lemma "
@@ -63,11 +66,28 @@ def near_ties(e, prompt_len):
     return ties
 
 
+def first_scores(e):
+    """The scores of engine ``e``'s first compression, filled in when it runs (the cells and their K/V are then
+    what the prompt left, read alone in either layout, so they match whatever ties come later)."""
+    got: list = []
+    score = e.policy.score
+
+    def recording(inp):
+        out = score(inp)
+        if not got:
+            got.append(np.asarray(out, dtype=np.float64).copy())
+        return out
+
+    e.policy.score = recording
+    return got
+
+
 def run_alone(model, policy, prompt):
     """Greedy tokens, the first step that may part under another batch composition (a near tie of the two
     best logits, or of a compression's choice), kept positions and scores."""
     with Engine(model, policy=policy, **KW) as e:
         ties = near_ties(e, len(prompt))
+        first = first_scores(e)
         toks, horizon = [], N_NEW
         for j, t in enumerate(e.generate(prompt, N_NEW, ignore_eos=True)):
             z = np.sort(e.ctx.logits(-1))[-2:]
@@ -77,7 +97,7 @@ def run_alone(model, policy, prompt):
         if ties:
             horizon = min(horizon, ties[0])
         idx, scores, _ = e.token_scores()
-        return toks, horizon, e.cached_positions().copy(), idx, scores
+        return toks, horizon, e.cached_positions().copy(), idx, scores, first
 
 
 def run_shared(model, policies, plist, kv_unified=None):
@@ -90,9 +110,10 @@ def run_shared(model, policies, plist, kv_unified=None):
     def worker(i):
         try:
             with Engine(model, policy=policies[i], shared=shared, **KW) as e:
+                first = first_scores(e)
                 toks = list(e.generate(plist[i], N_NEW, ignore_eos=True))
                 idx, scores, _ = e.token_scores()
-                out[i] = (toks, e.cached_positions().copy(), idx, scores, e.totals.max_used_cells)
+                out[i] = (toks, e.cached_positions().copy(), idx, scores, e.totals.max_used_cells, first)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -108,12 +129,17 @@ def run_shared(model, policies, plist, kv_unified=None):
         shared.close()
 
 
-def compare(alone, together):
-    """The number of steps compared (the texts must agree up to the first near tie; after a run with none,
-    the kept cells and their scores too)."""
-    toks, n, kept, idx, scores = alone
-    s_toks, s_kept, s_idx, s_scores, max_used = together
+def compare(alone, together, streams=True):
+    """The number of steps compared (the texts must agree up to the first near tie; after a run with none, the
+    kept cells and their scores too). With a stream per sequence the first compression's scores must agree as
+    well, whatever ties come later; in one unified cache a sequence's rows run over a longer cell array beside the
+    others' (other kernel paths: H2O's sums there moved by up to 5% at the first compression of 8 sequences)."""
+    toks, n, kept, idx, scores, first = alone
+    s_toks, s_kept, s_idx, s_scores, max_used, s_first = together
     assert max_used <= BUDGET + BUFFER
+    assert len(first) == len(s_first) == 1, "no compression to compare"
+    if streams:
+        np.testing.assert_allclose(s_first[0], first[0], rtol=FIRST_RTOL, atol=FIRST_ATOL, equal_nan=True)
     assert s_toks[:n] == toks[:n], f"texts part at {next(j for j in range(n) if s_toks[j] != toks[j])} before a tie"
     if n < len(toks):
         return n
@@ -133,7 +159,7 @@ def test_two_sequences_match_their_lone_runs(model, policy, kv_unified):
     alone = [run_alone(model, policy, p) for p in plist]
     together, batches, tokens = run_shared(model, [policy] * 2, plist, kv_unified)
     assert tokens > batches  # generation steps were decoded together
-    compared = [compare(a, t) for a, t in zip(alone, together, strict=True)]
+    compared = [compare(a, t, streams=not kv_unified) for a, t in zip(alone, together, strict=True)]
     assert sum(compared) >= 4, f"steps compared before a near tie: {compared}"
 
 
@@ -148,7 +174,7 @@ def test_one_and_eight_sequences(model, policy, n, kv_unified):
     together, batches, tokens = run_shared(model, [policy] * n, plist, kv_unified)
     if n > 1:
         assert tokens / batches > 2, f"{tokens} steps in {batches} decodes: the sequences were not batched"
-    compared = [compare(a, t) for a, t in zip(alone, together, strict=True)]
+    compared = [compare(a, t, streams=not kv_unified) for a, t in zip(alone, together, strict=True)]
     # the floor only keeps the test from passing on nothing: SnapKV's pooled scores tie on the repeated prompts
     # (lone-run horizons [10, 0, 0, 2, 0, 0, 2, 0] for eight), so it is one compared step per sequence
     assert sum(compared) >= n, f"steps compared before a near tie: {compared}"
