@@ -372,7 +372,7 @@ def test_tasks_with_the_prompt_probe(tmp_path: Path, model_path: Path, capsys) -
         T.read_done(old, {"prompt_probe": True, "buffer": 32, "n_sink": 4, "n_recent": 32})
 
 
-def test_fidelity_decode_tiny_real_run(tmp_path: Path, model_path: Path) -> None:
+def test_fidelity_decode_tiny_real_run(tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fd.json"
     argv = ["fidelity-decode", "--model", str(model_path), "--limit", "1", "--max-tokens", "48", "--budget", "60,4000",
             "--buffer", "16", "--policies", "infokv,streaming,full", "--traces", str(tmp_path / "tr.jsonl"),
@@ -393,6 +393,10 @@ def test_fidelity_decode_tiny_real_run(tmp_path: Path, model_path: Path) -> None
     assert (tmp_path / "fd-by-distance.png").stat().st_size > 1000
     recs = _lines(out.with_suffix(".jsonl"))
     assert {r["flash_attn"] for r in recs} == {json.loads(out.read_text())["flash_attn"][0]}
+    assert all(r["together"] for r in recs)  # the default --parallel 8: replays decoded together
+    capsys.readouterr()
+    assert evidence_cli.main([*argv, "--parallel", "1"]) == 2  # one by one would mix kernel paths in one log
+    assert "(together True there, False now)" in capsys.readouterr().err
 
 
 def test_replay_counts_from_the_first_compression(model: Model) -> None:
