@@ -30,7 +30,7 @@ from tqdm import tqdm
 from infokv_local.api import InfoKVLlama
 from infokv_local.bench.fidelity import log_softmax
 from infokv_local.bench.jsonl import read_log, require_same_settings
-from infokv_local.engine import Engine, SharedContext
+from infokv_local.engine import Engine, SharedContext, run_workers
 from infokv_local.llamacpp.model import Model
 from infokv_local.policies import make_policy
 
@@ -141,38 +141,20 @@ def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buff
             with Engine(model, **engine_args(key)) as eng:
                 _replay(eng, steps, tr, reference, out[key])
         return out
-    queue = list(todo)
-    guard = threading.Lock()
     stop = threading.Event()
     errors: list[BaseException] = []
     capacity = max(out[key]["budget"] for key in todo) + buffer
     with SharedContext.for_policies(model, min(parallel, len(todo)), [p for p, _ in todo], capacity=capacity,
                                     window=window, n_threads=n_threads, flash_attn=flash_attn) as shared:
-        def work() -> None:
-            while not stop.is_set():
-                with guard:
-                    if not queue:
-                        return
-                    key = queue.pop(0)
-                try:
-                    with Engine(model, **engine_args(key), shared=shared) as eng:
-                        _replay(eng, steps, tr, reference, out[key], stop)
-                except BaseException as e:  # noqa: BLE001 - raised below, once the others have ended
-                    errors.append(e)
-                    stop.set()
+        def work(_: int, key: tuple[str, str]) -> None:
+            try:
+                with Engine(model, **engine_args(key), shared=shared) as eng:
+                    _replay(eng, steps, tr, reference, out[key], stop)
+            except BaseException as e:  # noqa: BLE001 - raised below, once the others have ended
+                errors.append(e)
+                stop.set()
 
-        threads = [threading.Thread(target=work, daemon=True) for _ in range(shared.n_seq)]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)  # a Ctrl-C reaches this thread between waits
-        except KeyboardInterrupt:
-            stop.set()
-            for t in threads:
-                t.join()
-            raise
+        run_workers(todo, shared.n_seq, work, stop)
     if errors:
         raise errors[0]
     return out

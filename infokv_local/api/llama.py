@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from ..engine import Engine, EngineSnapshot, FairRLock, SharedContext
+from ..engine import Engine, EngineSnapshot, FairRLock, SharedContext, run_workers
 from ..errors import BudgetError
 from ..llamacpp.model import Model
 from ..policies import Policy, make_policy
@@ -449,33 +449,13 @@ class InfoKVLlama:
         that takes the next item when it is done (``worker`` numbers the objects, 0..parallel - 1). Returns
         once every item is done, or, after ``stop`` is set, once the items in progress end; a Ctrl-C in the
         calling thread sets ``stop`` (when given), waits for them and is raised."""
-        queue = list(items)
-        guard = threading.Lock()
-
-        def run(w: int, llm: InfoKVLlama) -> None:
-            with llm:
-                while stop is None or not stop.is_set():
-                    with guard:
-                        if not queue:
-                            return
-                        item = queue.pop(0)
-                    work(w, llm, item)
-
         with self.shared_context(parallel, policies, capacity) as shared:
             llms = [InfoKVLlama(self.model, shared=shared, **self.clone_settings()) for _ in range(parallel)]
-            threads = [threading.Thread(target=run, args=(w, llm), daemon=True) for w, llm in enumerate(llms)]
-            for t in threads:
-                t.start()
             try:
-                for t in threads:
-                    while t.is_alive():
-                        t.join(0.2)  # a Ctrl-C reaches the calling thread between waits
-            except KeyboardInterrupt:
-                if stop is not None:
-                    stop.set()
-                for t in threads:
-                    t.join()
-                raise
+                run_workers(items, parallel, lambda w, item: work(w, llms[w], item), stop)
+            finally:
+                for llm in llms:
+                    llm.close()
 
     def create_completions(self, prompts: Sequence[str | bytes], *, parallel: int | None = None,
                            **kwargs: Any) -> list[Completion]:

@@ -9,7 +9,8 @@ Where each part lives:
 - :mod:`.cells`: the sequence's per-cell records (its tokens and the signals the policies score with).
 - :mod:`.compression`: when to evict, the observation window (on demand, the prompt probe), scoring
   with the policy and removing cells.
-- :mod:`.scheduler`: several engines' sequences in one llama.cpp context, their steps decoded together.
+- :mod:`.scheduler`: several engines' sequences in one llama.cpp context, their steps decoded together;
+  :mod:`.workers`: the threads that run them, one per sequence, taking items from one queue.
 - :mod:`.snapshot`: a parked sequence; :mod:`.checkpoints`: saved states of a memory's bounded part (a
   sliding-window cache, a recurrent state) to go back to an earlier turn; :mod:`.steps`: what each step did.
 
@@ -27,7 +28,8 @@ from .scheduler import FairRLock, SequenceView, SharedContext
 from .sizing import CachePlan, bounded_kv_bytes, kv_bytes_per_token, plan_cache
 from .snapshot import EngineSnapshot
 from .steps import HISTORY_STEPS, EngineTotals, StepStats
+from .workers import run_workers
 
 __all__ = ["HISTORY_STEPS", "BudgetError", "CachePlan", "ContextFullError", "Engine", "EngineSnapshot",
            "EngineTotals", "FairRLock", "SequenceView", "SharedContext", "StepStats", "bounded_kv_bytes",
-           "kv_bytes_per_token", "plan_cache"]
+           "kv_bytes_per_token", "plan_cache", "run_workers"]
