@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from infokv_local.api import InfoKVLlama
 from infokv_local.bench.fidelity import log_softmax
-from infokv_local.bench.jsonl import read_log, require_same_settings
+from infokv_local.bench.jsonl import read_log
 from infokv_local.engine import Engine, SharedContext, run_workers
 from infokv_local.llamacpp.model import Model
 from infokv_local.policies import make_policy
@@ -220,11 +220,8 @@ def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], b
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     policies = [p for p in policies if make_policy(p).evicts]
-    done = read_done(out)
     together = parallel > 1  # batched replays run other kernel paths (llama.cpp is not batch-invariant)
-    for r in done.values():  # a log made before replays were batched was made one by one
-        require_same_settings(out, {"together": r.get("together", False)}, {"together": together},
-                              f"{r['policy']} {r['budget_spec']} was ")
+    done = read_done(out, {"prompt_probe": False, "together": together})
     model_name = Path(str(model.path)).name
     floor = n_sink + n_recent + 1
     lengths = [len(t["prompt_ids"]) + len(t["trace_ids"]) for t in traces if t["trace_ids"]]

@@ -202,8 +202,9 @@ def budget_tokens(spec: str, prompt_tokens: int) -> int:
     return max(int(float(spec[1:]) * prompt_tokens), 1) if spec.startswith("r") else int(spec)
 
 
-# the cache settings a record of an evicting policy was made with, where it does not say (made before it did)
-RECORD_DEFAULTS: dict[str, Any] = {"prompt_probe": False, "buffer": 64, "n_sink": 4, "n_recent": 32}
+# the settings a record of an evicting policy was made with, where it does not say (made before it did);
+# "together": a fidelity-decode replay decoded as a sequence of a shared context (one by one before)
+RECORD_DEFAULTS: dict[str, Any] = {"prompt_probe": False, "buffer": 64, "n_sink": 4, "n_recent": 32, "together": False}
 
 
 def read_done(path: Path, settings: dict[str, Any] | None = None) -> dict[tuple[str, str, str], dict]:

@@ -350,8 +350,8 @@ class SharedContext:
                 sig.cells = sig.cells - lo
                 sig.attn_sum = None if sig.attn_sum is None else sig.attn_sum[:, lo:hi]
                 sig.attn_last = None if sig.attn_last is None else sig.attn_last[:, :, lo:hi]
-            view.row = c.logits(c.output_index[view.seq])
             view.rows = c.sequence_logits(view.seq) if part.logits_all else None
+            view.row = view.rows[-1].copy() if view.rows is not None else c.logits(c.output_index[view.seq])
         return signals
 
 

@@ -214,7 +214,6 @@ class StatsContext:
         self._attn_active = attn
         self._has_output_row = False  # llama.cpp allocates the logits' rows at the first decode
         self._keys_shape: tuple[np.ndarray, int] | None = None  # read_keys' layers and key width
-        self.output_index: dict[int, int] = {}  # each sequence's last output row in the last decode (batch index)
         self._output_rows: dict[int, np.ndarray] = {}  # each sequence's output rows in the last decode (batch indices)
         self.generating = False
 
@@ -532,7 +531,6 @@ class StatsContext:
             raise CacheFull(f"no free cells for {n} tokens ({self.n_used}/{self.n_cells} used)")
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")
-        self.output_index = {p.seq: off + int(outs[-1]) for p, (off, _, outs) in zip(parts, layout, strict=True)}
         self._output_rows = {p.seq: off + outs for p, (off, _, outs) in zip(parts, layout, strict=True)}
         attn_sum, attn_last, ldist = self._attn_sum(), self._attn_last(), self._layer_dist()
         all_outputs = np.sort(np.concatenate([off + outs for off, _, outs in layout]))
@@ -576,6 +574,11 @@ class StatsContext:
     def set_generating(self, generating: bool) -> None:
         """Whether the sequence is inside a generation loop (matters only to a shared context)."""
         self.generating = generating
+
+    @property
+    def output_index(self) -> dict[int, int]:
+        """Each sequence's last output row in the last :meth:`decode_parts` (a batch index, for :meth:`logits`)."""
+        return {seq: int(rows[-1]) for seq, rows in self._output_rows.items()}
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Logits of output row ``i`` of the last decode (a copy; a batch index, or negative from the last)."""
@@ -741,7 +744,6 @@ class StatsContext:
         if row.shape != (self.n_vocab,):
             raise ValueError(f"logits of shape {row.shape}, expected ({self.n_vocab},)")
         ctypes.memmove(ptr, row.ctypes.data, row.nbytes)
-        self.output_index = {}
         self._output_rows = {}
         return True
 
