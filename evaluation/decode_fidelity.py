@@ -31,6 +31,7 @@ from infokv_local.api import InfoKVLlama
 from infokv_local.bench.fidelity import log_softmax
 from infokv_local.bench.jsonl import read_log
 from infokv_local.engine import Engine, SharedContext, run_workers
+from infokv_local.llamacpp import flash_attn as fa
 from infokv_local.llamacpp.model import Model
 from infokv_local.policies import make_policy
 
@@ -100,7 +101,7 @@ def budget_for(spec: str, n_tokens: int, floor: int) -> int:
 
 def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buffer: int = 64, n_sink: int = 4,
                  n_recent: int = 32, window: int = 32, n_threads: int | None = None, parallel: int = 1,
-                 flash_attn: bool | None = None) -> dict[tuple[str, str], dict]:
+                 flash_attn: fa.FlashAttn = None) -> dict[tuple[str, str], dict]:
     """Teacher-force prompt + trace through the full cache and each ``(policy spec, budget spec)``.
 
     Returns per config the per-token arrays over the trace predictions made after its first
@@ -208,7 +209,7 @@ def _replay(eng: Engine, steps: list[list[int]], trace: list[int], reference: li
 def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], budget_specs: list[str],
                         out_jsonl: str | Path, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
                         window: int = 32, n_threads: int | None = None, progress: bool = True,
-                        parallel: int = 1, flash_attn: bool | None = None) -> list[dict]:
+                        parallel: int = 1, flash_attn: fa.FlashAttn = None) -> list[dict]:
     """Replay every trace for every (evicting policy, budget) not yet in ``out_jsonl``; all records back.
 
     ``parallel``: configs of a trace replayed at once (:func:`replay_trace`); a log holds replays made one way
@@ -237,7 +238,7 @@ def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], b
             for (p, s), o in res.items():
                 rec = {"item_id": tr["id"], "model": model_name, "policy": p, "budget_spec": s,
                        "n_prompt": len(tr["prompt_ids"]), "n_trace": len(tr["trace_ids"]), "buffer": buffer,
-                       "flash_attn": None if setting is None else ("on" if setting else "off"), "together": together,
+                       "flash_attn": None if setting is None else fa.label(setting), "together": together,
                        **{k: (np.round(v, 6).tolist() if k in ("kl", "nll_full", "nll_comp") else v)
                           for k, v in o.items()}}
                 fh.write(json.dumps(rec) + "\n")

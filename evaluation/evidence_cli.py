@@ -16,7 +16,7 @@ from typing import Any
 from infokv_local.bench.arg_types import float_list, int_list
 from infokv_local.settings import DEFAULTS
 
-FLASH_ATTN = {"auto": None, "on": True, "off": False}
+FLASH_ATTN = {"auto": None, "on": True, "off": False, "split": "split"}
 
 TASK_EXAMPLES = """examples:
   python -m evaluation tasks --task decode-pressure --model qwen2.5-coder-1.5b --budget 128,256 --limit 20
@@ -72,10 +72,10 @@ def _together(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--parallel", type=int, default=DEFAULTS.parallel,
                    help=f"{what} run at once as sequences of one context, their tokens decoded together "
                         f"(default: {DEFAULTS.parallel}; 1: one after another)")
-    p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--flash-attn", choices=["auto", "on", "off", "split"], default="auto",
                    help="flash attention of every engine of the run, full cache included (default auto: as "
                         "the log says when resuming; off when a policy needs every query row, as H2O; else the "
-                        "engine's verdict for the largest budget)")
+                        "engine's verdict for the largest budget; split: on for prompts, off for one-token steps)")
 
 
 def register(subparsers: Any) -> None:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from infokv_local.api import InfoKVLlama
 from infokv_local.bench.jsonl import read_log, require_same_settings
 from infokv_local.engine.sizing import DEFAULT_SIGNAL_STRIDE
-from infokv_local.llamacpp.flash_attn import choose_flash_attention
+from infokv_local.llamacpp.flash_attn import FlashAttn, choose_flash_attention, label, setting_of
 from infokv_local.llamacpp.model import Model
 from infokv_local.policies import ATTENTION_ALL_ROWS, make_policy
 
@@ -222,7 +222,7 @@ def read_done(path: Path, settings: dict[str, Any] | None = None) -> dict[tuple[
 
 
 def run_flash_attn(model: Model, policies: list[str], largest_budget: int, buffer: int, n_threads: int | None,
-                   asked: bool | None, done: dict[tuple[str, str, str], dict], log: Path) -> bool | None:
+                   asked: FlashAttn, done: dict[tuple[str, str, str], dict], log: Path) -> FlashAttn:
     """The one flash-attention setting of every generation of a run, full cache included, so that the
     policies differ only in what they keep: as a log already says (records since the setting was recorded),
     else as asked, else off when a policy needs every query row's attention (H2O), else the engine's verdict
@@ -233,12 +233,13 @@ def run_flash_attn(model: Model, policies: list[str], largest_budget: int, buffe
         raise ValueError(f"{log}: generations with flash attention {sorted(said)}; give another output path")
     all_rows = [p for p in policies if ATTENTION_ALL_ROWS in make_policy(p).needs]
     if said:
-        setting = said.pop() == "on"
+        was = said.pop()
+        setting = setting_of(was)
         if asked is not None and asked != setting:
-            raise ValueError(f"{log}: generated with flash attention {'on' if setting else 'off'}, asked for "
-                             f"{'on' if asked else 'off'} now; give another output path or the same setting")
+            raise ValueError(f"{log}: generated with flash attention {was}, asked for {label(asked)} now; give "
+                             f"another output path or the same setting")
         if setting and all_rows:
-            raise ValueError(f"{log}: generated with flash attention on, which policy {all_rows[0]!r} cannot use "
+            raise ValueError(f"{log}: generated with flash attention {was}, which policy {all_rows[0]!r} cannot use "
                              f"(it needs the attention of every query row); give another output path")
         return setting
     if all_rows and asked:
@@ -256,7 +257,7 @@ def run_flash_attn(model: Model, policies: list[str], largest_budget: int, buffe
 def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str], budget_specs: list[str],
               out_jsonl: str | Path, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
               n_threads: int | None = None, progress: bool = True, prompt_probe: bool = False,
-              parallel: int = 1, flash_attn: bool | None = None) -> list[dict]:
+              parallel: int = 1, flash_attn: FlashAttn = None) -> list[dict]:
     """Generate greedily for every (item, policy, budget) not yet in ``out_jsonl``; returns all records.
 
     ``full`` runs once per item (budget spec ``"full"``). A budget that cannot hold the protected
@@ -295,7 +296,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                     rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
                                            "length": it.length, "policy": p, "budget_spec": spec,
                                            "prompt_tokens": n_prompt, "gold": it.gold, **cache, "budget": budget,
-                                           "flash_attn": None if setting is None else ("on" if setting else "off")}
+                                           "flash_attn": None if setting is None else label(setting)}
                     if budget is not None and (budget < n_sink + n_recent + 1 or budget >= n_prompt + it.max_tokens):
                         rec.update(skipped=True, correct=None)
                     jobs.append((it, p, spec, rec))

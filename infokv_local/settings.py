@@ -38,7 +38,9 @@ class Settings:
     n_gpu_layers: int = 0  # layers offloaded to the GPU in a GPU build (with rpc servers and 0: all layers)
     seed: int = 0  # the random policy's and the sampler's base seed
     n_ctx: int | None = None  # context of the non-evicting "full" policy (None: the model's trained context)
-    flash_attn: bool | None = None  # None: on a CPU the faster of on and off, timed once (llama.cpp's auto on a GPU)
+    # None: on a CPU the fastest of on, off and "split" (on for prompts, off for one-token steps), timed once per
+    # model, machine and cache size (llama.cpp's auto on a GPU)
+    flash_attn: bool | str | None = None
     cache_type_k: str = "f16"  # KV cache data types (q8_0, q4_0...: a quantized V cache needs flash attention)
     cache_type_v: str = "f16"
     prompt_probe: bool = True  # read the prompt's end ahead before each compression of a prompt (Engine)

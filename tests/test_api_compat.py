@@ -18,20 +18,26 @@ from infokv_local.api.text_stream import token_bytes
 HELLO = [{"role": "user", "content": "Say hello to Ada in one short sentence."}]
 
 
+@pytest.fixture(scope="module")
+def flash_attn(model) -> bool:
+    """One flash-attention setting for ours and stock (the two settings' logits differ by more than the tolerances
+    below): the one our engine chose for this machine, off where it chose split (prompts on, steps off), which
+    llama-cpp-python cannot run."""
+    with InfoKVLlama(model, budget=48, buffer=16) as ours:
+        return ours.kv_stats()["flash_attn"] == "on"
+
+
 @pytest.fixture
-def llm(model):
-    with InfoKVLlama(model, budget=48, buffer=16, check_invariants=True) as x:
+def llm(model, flash_attn):
+    with InfoKVLlama(model, budget=48, buffer=16, check_invariants=True, flash_attn=flash_attn) as x:
         yield x
 
 
 @pytest.fixture(scope="module")
-def stock(model, model_path):
-    """llama-cpp-python's ``Llama`` with the flash-attention setting our engine chose for this machine (the two
-    settings' logits differ by more than the tolerances below)."""
+def stock(model, model_path, flash_attn):
+    """llama-cpp-python's ``Llama`` with ours' flash-attention setting."""
     from llama_cpp import Llama
 
-    with InfoKVLlama(model, budget=48, buffer=16) as ours:
-        flash_attn = ours.kv_stats()["flash_attn"] == "on"
     x = Llama(str(model_path), n_ctx=512, logits_all=True, verbose=False, flash_attn=flash_attn)
     yield x
     x.close()

@@ -8,6 +8,7 @@ import pytest
 
 from infokv_local.engine import Engine
 from infokv_local.errors import BudgetError
+from infokv_local.llamacpp.flash_attn import setting_of
 from infokv_local.llamacpp.sampling import SamplingParams
 from infokv_local.policies import POLICIES
 from infokv_local.policies.selection import number_runs
@@ -24,7 +25,7 @@ def full_logits(model, long_tokens):
     def logits(flash_attn: str) -> np.ndarray:
         if flash_attn not in done:
             with Engine(model, "full", buffer=BUFFER, n_batch=BUFFER, max_context=4096,
-                        flash_attn=flash_attn == "on") as eng:
+                        flash_attn=setting_of(flash_attn)) as eng:
                 done[flash_attn] = np.concatenate([lg for _, lg in eng.feed(long_tokens, all_logits=True)])
         return done[flash_attn]
 
@@ -77,7 +78,7 @@ def test_greedy_matches_full_until_the_first_eviction(model):
     with Engine(model, "infokv", budget=64, buffer=16, n_recent=16, check_invariants=True) as eng:
         out = list(eng.generate(prompt, 120, ignore_eos=True))
         first = next(i for i, s in enumerate(eng.totals.history) if s.evicted)
-        flash_attn = eng.flash_attn == "on"
+        flash_attn = setting_of(eng.flash_attn)
     # a larger cache may be timed faster with the other flash-attention setting: compare like with like
     with Engine(model, "full", max_context=1024, flash_attn=flash_attn) as full:
         ref = list(full.generate(prompt, 120, ignore_eos=True))

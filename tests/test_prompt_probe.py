@@ -10,6 +10,7 @@ from evaluation import task_data
 from evaluation.needle_retention import kept_after_reading, needle_span
 from infokv_local.api import InfoKVLlama
 from infokv_local.engine import Engine
+from infokv_local.llamacpp.flash_attn import setting_of
 from infokv_local.llamacpp.sampling import SamplingParams
 from infokv_local.policies import ATTENTION, ATTENTION_ALL_ROWS, POLICIES, make_policy
 from infokv_local.settings import DEFAULTS
@@ -57,7 +58,7 @@ def test_the_probe_window_is_the_prompts_end_read_after_the_cache(model, long_to
     tokens = long_tokens[:600]
     seen = []
     with Engine(model, "snapkv", budget=BUDGET, buffer=BUFFER, prompt_probe=True) as eng:
-        flash_attn = eng.flash_attn == "on"
+        flash_attn = setting_of(eng.flash_attn)
         compress = eng.compressor.compress
 
         def spy(target, n_incoming=1, window=None):

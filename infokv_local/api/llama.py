@@ -67,10 +67,11 @@ class InfoKVLlama:
     sizes the context of the non-evicting ``full`` policy; default the model's trained context). ``policy`` is
     a name (``infokv``, ``h2o``, ``snapkv``, ``tova``, ``streaming``, ``full``...; parameters as
     ``"infokv:alpha=0.9"``) or a :class:`~infokv_local.policies.Policy`. ``flash_attn`` (None: chosen
-    per backend), ``cache_type_k`` / ``cache_type_v`` (``f16``, ``q8_0``, ``q4_0``...) are the
-    engine's (:class:`~infokv_local.engine.Engine`), as is ``prompt_probe`` (compressions while a long prompt is
-    read keep what the prompt's end, usually the question, attends to). The defaults are
-    :data:`infokv_local.settings.DEFAULTS`, shared with the command line and the chat UI.
+    per backend; ``"split"``: on for prompts, off for one-token steps), ``cache_type_k`` / ``cache_type_v``
+    (``f16``, ``q8_0``, ``q4_0``...) are the engine's (:class:`~infokv_local.engine.Engine`), as is
+    ``prompt_probe`` (compressions while a long prompt is read keep what the prompt's end, usually the question,
+    attends to). The defaults are :data:`infokv_local.settings.DEFAULTS`, shared with the command line and the
+    chat UI.
 
     ``shared`` (a :class:`~infokv_local.engine.SharedContext` made by :meth:`shared_context`) puts
     this object's conversation in one sequence of a context several objects share: their generation
@@ -108,7 +109,7 @@ class InfoKVLlama:
         n_gpu_layers: int = DEFAULTS.n_gpu_layers,
         seed: int = DEFAULTS.seed,
         n_ctx: int | None = DEFAULTS.n_ctx,
-        flash_attn: bool | None = DEFAULTS.flash_attn,
+        flash_attn: bool | str | None = DEFAULTS.flash_attn,
         cache_type_k: str = DEFAULTS.cache_type_k,
         cache_type_v: str = DEFAULTS.cache_type_v,
         prompt_probe: bool = DEFAULTS.prompt_probe,

@@ -42,7 +42,7 @@ class KVStats(TypedDict):
     probes: int
     sequence_tokens: int
     n_threads: int
-    flash_attn: str  # "on", "off" or "auto" (llama.cpp's choice)
+    flash_attn: str  # "on", "off", "split" (on for prompts, off for one-token steps) or "auto" (llama.cpp's)
     flash_attn_reason: str
     eviction_note: str | None
     cache_type_k: str

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
         with Model(path) as model:
             work = engine_workload(args.threads, DEFAULTS.budget + DEFAULTS.buffer, stride=DEFAULT_SIGNAL_STRIDE)
-            flash: tuple[bool, ...] = (choose(model, work).setting == "on",)
+            flash: tuple[bool, ...] = (choose(model, work).setting in ("on", "split"),)  # split reads prompts on
     else:
         flash = {"on": (True,), "off": (False,), "both": (True, False)}[args.flash_attn]
     rows = measure(path, args.prompt, args.batch, args.rounds, args.threads, flash)

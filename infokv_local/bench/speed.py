@@ -49,6 +49,21 @@ DEFAULT_LENGTHS = "1024x1024,4096x1024,16384x1024,1024x4096,1024x8192,1024x16384
 DEFAULT_POLICIES = "full,infokv,snapkv,h2o,tova,streaming"
 
 
+FLASH_ATTN_SETTINGS: dict[str, tuple[bool | str | None, ...]] = {
+    "auto": (None,), "on": (True,), "off": (False,), "split": ("split",), "both": (True, False)}
+
+
+def flash_attn_list(text: str) -> tuple[bool | str | None, ...]:
+    """``"auto,off"`` -> (None, False): our engine's flash-attention settings to run."""
+    out: list[bool | str | None] = []
+    for part in text.split(","):
+        if part.strip() not in FLASH_ATTN_SETTINGS:
+            raise argparse.ArgumentTypeError(f"a flash-attention setting is one of {', '.join(FLASH_ATTN_SETTINGS)} "
+                                             f"(got {part.strip()!r})")
+        out += [f for f in FLASH_ATTN_SETTINGS[part.strip()] if f not in out]
+    return tuple(out)
+
+
 def parse_lengths(text: str) -> list[tuple[int, int]]:
     """``"1024x512,4096x1024"`` -> [(1024, 512), (4096, 1024)] (prompt tokens x generated tokens)."""
     out = []
@@ -195,7 +210,7 @@ def _worker_ours(cfg: dict[str, Any]) -> dict[str, Any]:
                 "allocated_cells": engine.ctx.n_cells, "peak_rss_bytes": _peak_rss(),
                 "compressions": t.evictions, "evicted_tokens": t.evicted_tokens,
                 "compress_ms_mean": 1e3 * (t.score_s + t.evict_s) / t.evictions if t.evictions else None,
-                "n_threads": engine.n_threads, "flash_attn_used": engine.flash_attn == "on", "probes": engine.probes,
+                "n_threads": engine.n_threads, "flash_attn_used": engine.flash_attn, "probes": engine.probes,
                 "flash_attn_reason": engine.flash_attn_reason,
                 "growing_bytes_allocated": engine.ctx.growing_bytes, "bounded_bytes": engine.ctx.bounded_bytes,
                 "growing_bytes_per_cell": engine.kv_bytes_per_cell,
@@ -242,7 +257,7 @@ def _spawn(cfg: dict[str, Any], stock_lib: str) -> dict[str, Any]:
 
 
 def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base: dict[str, Any],
-         ours_flash: tuple[bool | None, ...] = (None,), stock_flash: tuple[bool, ...] = (True, False),
+         ours_flash: tuple[bool | str | None, ...] = (None,), stock_flash: tuple[bool, ...] = (True, False),
          ours_probe: tuple[bool, ...] = (False,)) -> list[dict]:
     """The runs in the order they are made: for each round and length, stock at each of ``stock_flash`` (on
     only with a quantized cache, which needs it), then each policy at each flash-attention setting of ours
@@ -267,12 +282,18 @@ def plan(lengths: list[tuple[int, int]], policies: list[str], rounds: int, base:
     return runs
 
 
+def _flash_attn_of(run: dict[str, Any]) -> str:
+    """The flash attention a run used: ``on``, ``off`` or ``split`` (runs logged before split say True/False)."""
+    used = run.get("flash_attn_used", run["flash_attn"])
+    return used if isinstance(used, str) else "on" if used else "off"
+
+
 def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dict[str, Any]]:
     """One row per (engine, policy, flash_attn, length): medians over rounds, KV bytes, ratios to stock."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         policy = r["policy"] + ("+probe" if r.get("prompt_probe") else "")
-        key = (r["engine"], policy, bool(r.get("flash_attn_used", r["flash_attn"])), r["prompt_tokens"],
+        key = (r["engine"], policy, _flash_attn_of(r), r["prompt_tokens"],
                r["generated_tokens"])
         groups.setdefault(key, []).append(r)
     rows = []
@@ -296,7 +317,7 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
             "compress_ms_mean": rs[0].get("compress_ms_mean"),
             "probes": rs[0].get("probes"),
             "flash_attn_reason": rs[0].get("flash_attn_reason") if engine != "stock" else
-            f"{'on' if fa else 'off'}: stock llama.cpp is run with each setting, the ratios are against its faster",
+            f"{fa}: stock llama.cpp is run with each setting, the ratios are against its faster",
             "timeline": rs[0]["timeline"],
         })
     for row in rows:
@@ -316,13 +337,13 @@ def summarize(records: list[dict[str, Any]], kv_bytes_per_cell: int) -> list[dic
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{Path(result['model']).name}, {result['threads']} threads, budget {result['budget']} + buffer "
              f"{result['buffer']}; ratios against stock llama.cpp at its faster flash-attention setting",
-             f"{'engine':13s}{'policy':14s}{'FA':>4s}{'prompt':>8s}{'gen':>7s}{'prefill/s':>11s}{'decode/s':>10s}"
+             f"{'engine':13s}{'policy':14s}{'FA':>6s}{'prompt':>8s}{'gen':>7s}{'prefill/s':>11s}{'decode/s':>10s}"
              f"{'dec.ratio':>10s}{'pre.ratio':>10s}{'KV MiB':>9s}{'KV x less':>10s}{'alloc MiB':>10s}{'x less':>7s}"
              f"{'RSS MiB':>9s}{'compr.ms':>9s}"]
     for r in result["rows"]:
         cm = r["compress_ms_mean"]
         lines.append(
-            f"{r['engine']:13s}{r['policy']:14s}{'on' if r['flash_attn'] else 'off':>4s}{r['prompt_tokens']:>8d}"
+            f"{r['engine']:13s}{r['policy']:14s}{r['flash_attn']:>6s}{r['prompt_tokens']:>8d}"
             f"{r['generated_tokens']:>7d}{r['prefill_tok_s']:>11.0f}{r['decode_tok_s']:>10.1f}"
             f"{r.get('decode_ratio_vs_stock_best', float('nan')):>10.3f}"
             f"{r.get('prefill_ratio_vs_stock_best', float('nan')):>10.3f}{r['kv_bytes'] / 2**20:>9.1f}"
@@ -354,7 +375,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     per_cell = result["kv_bytes_per_cell"]
     for r in rows:
-        label = f"{r['engine']} {r['policy']}" + (f" FA {'on' if r['flash_attn'] else 'off'}"
+        label = f"{r['engine']} {r['policy']}" + (f" FA {r['flash_attn']}"
                                                    if r["engine"] == "stock" else "")
         pts = r["timeline"]
         xs, rates, prev_n, prev_t = [], [], 0, 0.0
@@ -410,9 +431,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--buffer", type=int, default=128, help="growth before each compression (default: 128)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported (default: 1)")
     ap.add_argument("--threads", type=int, default=default_threads(), help="threads of every engine")
-    ap.add_argument("--flash-attn", choices=["auto", "on", "off", "both"], default="auto",
-                    help="flash attention of our engine (default auto: the engine's choice, on a CPU the faster "
-                         "setting timed once per model and machine; both: every policy with it on and off)")
+    ap.add_argument("--flash-attn", type=flash_attn_list, default="auto",
+                    help="flash attention of our engine, one setting or several separated by commas, each run in "
+                         "every round (default auto: the engine's choice, on a CPU the fastest of on, off and split "
+                         "timed once per model and machine; split: on for prompts, off for one-token steps; both: "
+                         "on,off)")
     ap.add_argument("--stock-flash-attn", choices=["on", "off", "both"], default="both",
                     help="flash attention of stock llama.cpp (default both; ratios are against its faster one, so "
                          "leave one out only where it is known to be the slower, e.g. on at 16K generated tokens "
@@ -443,10 +466,10 @@ def run(args: argparse.Namespace) -> int:
     cache_type = check_cache_type(args.cache_type, "--cache-type")
     base = {"model": args.model, "budget": args.budget, "buffer": args.buffer, "threads": args.threads,
             "cache_type": cache_type, **({"gpu_layers": args.gpu_layers} if args.gpu_layers else {})}
-    ours_flash = {"auto": (None,), "on": (True,), "off": (False,), "both": (True, False)}[args.flash_attn]
-    if is_quantized(cache_type) and False in ours_flash:
+    ours_flash = flash_attn_list(args.flash_attn) if isinstance(args.flash_attn, str) else args.flash_attn
+    if is_quantized(cache_type) and (False in ours_flash or "split" in ours_flash):
         raise ValueError(f"--cache-type {cache_type} needs flash attention (llama.cpp's quantized V cache): "
-                         f"--flash-attn {args.flash_attn} asks for runs without it; use auto or on")
+                         f"--flash-attn asks for runs without it; use auto or on")
     stock_flash = {"on": (True,), "off": (False,), "both": (True, False)}[args.stock_flash_attn]
     if is_quantized(cache_type) and stock_flash == (False,):
         raise ValueError(f"--cache-type {cache_type} needs flash attention: --stock-flash-attn off cannot run it")

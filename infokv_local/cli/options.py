@@ -23,10 +23,10 @@ def add_backend_options(g: Any) -> None:
                         "this process may use, as llama.cpp's own tools choose)")
     g.add_argument("--n-gpu-layers", type=int, default=d.n_gpu_layers,
                    help="layers offloaded to the GPU in a GPU build (or to the --rpc servers)")
-    g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
-                   help="flash attention (default auto: on a CPU the faster of on and off, timed once per model and "
-                        "machine and cached; llama.cpp's "
-                        "choice on a GPU; h2o always runs with it off)")
+    g.add_argument("--flash-attn", choices=["auto", "on", "off", "split"], default="auto",
+                   help="flash attention (default auto: on a CPU the fastest of on, off and split, timed once per "
+                        "model and machine and cached; llama.cpp's choice on a GPU; h2o always runs with it off); "
+                        "split: on for prompts, off for one-token generation steps")
     g.add_argument("--cache-type-k", default=d.cache_type_k, help=f"K cache data type: f16, q8_0, q4_0, ... "
                    f"(default: {d.cache_type_k})")
     g.add_argument("--cache-type-v", default=d.cache_type_v, help=f"V cache data type (a quantized one turns flash "
@@ -135,8 +135,9 @@ def _load_llm(args: argparse.Namespace) -> InfoKVLlama:
     return InfoKVLlama.from_settings(resolve_model_path(args.model), settings)
 
 
-def flash_attn_of(args: argparse.Namespace) -> bool | None:
-    return {"on": True, "off": False}.get(getattr(args, "flash_attn", "auto"))
+def flash_attn_of(args: argparse.Namespace) -> bool | str | None:
+    settings: dict[str, bool | str] = {"on": True, "off": False, "split": "split"}
+    return settings.get(getattr(args, "flash_attn", "auto"))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -24,7 +24,7 @@ from ..errors import BudgetError, CacheFull, CacheSettingsError, ContextFullErro
 from ..llamacpp.cache_types import check_cache_type
 from ..llamacpp.context import StatsContext
 from ..llamacpp.decode_signals import Signals
-from ..llamacpp.flash_attn import choose_flash_attention
+from ..llamacpp.flash_attn import FlashAttn, choose_flash_attention, context_flash_attn, label
 from ..llamacpp.model import Model
 from ..llamacpp.sampling import Sampler, SamplingParams
 from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy
@@ -111,7 +111,7 @@ class Engine:
         seed: int = DEFAULTS.seed,
         max_context: int | None = DEFAULTS.n_ctx,
         check_invariants: bool = False,
-        flash_attn: bool | None = DEFAULTS.flash_attn,
+        flash_attn: FlashAttn = DEFAULTS.flash_attn,
         compact_at: int | None = None,
         budget_mib: float | None = DEFAULTS.budget_mib,
         cache_type_k: str = DEFAULTS.cache_type_k,
@@ -149,10 +149,11 @@ class Engine:
                 model, n_ctx=plan.n_ctx, n_batch=self.max_batch, attn=ATTENTION in needs, n_last_rows=window,
                 layer_dist=LAYER_DIST in needs,
                 entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
-                n_threads=n_threads, flash_attn=setting, attn_all_rows=all_rows,
+                n_threads=n_threads, flash_attn=context_flash_attn(setting)[0], attn_all_rows=all_rows,
                 cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
+                prompt_flash_attn=context_flash_attn(setting)[1],
             )
-            self.flash_attn = "auto" if setting is None else ("on" if setting else "off")
+            self.flash_attn = label(setting)
         else:
             if not self.policy.evicts:
                 raise BudgetError(f"policy {self.policy.name!r} does not evict: a shared context holds sequences "

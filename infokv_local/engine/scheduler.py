@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import BudgetError, CacheSettingsError
 from ..llamacpp.context import DecodePart, StatsContext, memory_layout
 from ..llamacpp.decode_signals import Signals
-from ..llamacpp.flash_attn import choose_flash_attention
+from ..llamacpp.flash_attn import FlashAttn, choose_flash_attention, context_flash_attn, label
 from ..llamacpp.model import Model
 from ..llamacpp.sampling import Sampler
 from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, KEYS, LAYER_DIST, make_policy
@@ -151,7 +151,7 @@ class ContextNeeds:
     capacity: int
     cache_type_k: str
     cache_type_v: str
-    flash_attn: bool | None = None  # what the engine was asked for (None: whatever the context runs)
+    flash_attn: FlashAttn = None  # what the engine was asked for (None: whatever the context runs)
 
 
 class SharedContext:
@@ -169,7 +169,7 @@ class SharedContext:
 
     def __init__(self, model: Model, n_seq: int, capacity: int, *, attn: bool = True, layer_dist: bool = True,
                  attn_all_rows: bool = False, window: int = 32, n_batch: int = 512, n_threads: int | None = None,
-                 flash_attn: bool | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 flash_attn: FlashAttn = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  lock: FairRLock | None = None, kv_unified: bool | None = None) -> None:
         if isinstance(n_seq, bool) or not isinstance(n_seq, int) or n_seq < 1:
             raise BudgetError(f"n_seq must be a positive whole number of sequences (got {n_seq!r})")
@@ -186,11 +186,11 @@ class SharedContext:
             statistics=attn or layer_dist, cache_type_k=cache_type_k, stride=DEFAULT_SIGNAL_STRIDE)
         self.ctx = StatsContext(
             model, n_ctx=n_seq * capacity, n_batch=min(n_batch, n_seq * capacity), attn=attn, n_last_rows=window,
-            layer_dist=layer_dist, entropy_top_k=None, n_threads=n_threads, flash_attn=setting,
+            layer_dist=layer_dist, entropy_top_k=None, n_threads=n_threads, flash_attn=context_flash_attn(setting)[0],
             attn_all_rows=attn and attn_all_rows, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-            n_seq_max=n_seq, kv_unified=kv_unified)
+            n_seq_max=n_seq, kv_unified=kv_unified, prompt_flash_attn=context_flash_attn(setting)[1])
         self.streams = self.ctx.n_streams > 1
-        self.flash_attn = "auto" if setting is None else ("on" if setting else "off")
+        self.flash_attn = label(setting)
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         self.lock = lock or FairRLock()
         self._cond = threading.Condition(self.lock)  # type: ignore[arg-type]
@@ -244,8 +244,8 @@ class SharedContext:
         if (needs.cache_type_k, needs.cache_type_v) != (self.cache_type_k, self.cache_type_v):
             wrong.append(f"its cache types are {needs.cache_type_k}/{needs.cache_type_v}, the context's "
                          f"{self.cache_type_k}/{self.cache_type_v}")
-        if needs.flash_attn is not None and self.flash_attn != ("on" if needs.flash_attn else "off"):
-            wrong.append(f"it asks for flash attention {'on' if needs.flash_attn else 'off'}, the context runs it "
+        if needs.flash_attn is not None and self.flash_attn != label(needs.flash_attn):
+            wrong.append(f"it asks for flash attention {label(needs.flash_attn)}, the context runs it "
                          f"{self.flash_attn}")
         if wrong:
             raise CacheSettingsError("this engine cannot share the context: " + "; ".join(wrong))

@@ -101,7 +101,10 @@ class StatsContext:
     layer-evolution distances and ``entropy_top_k`` the k of the restricted entropy (0 = full vocabulary; None =
     no entropy). ``n_threads`` (decode and batch threads) defaults to the physical cores, as
     llama.cpp's own tools choose (:func:`~infokv_local.llamacpp.threads.default_threads`). ``flash_attn`` None
-    lets llama.cpp choose (its ``auto``) unless all-row attention statistics are on.
+    lets llama.cpp choose (its ``auto``) unless all-row attention statistics are on. ``prompt_flash_attn``: the
+    setting of decode calls with more tokens than sequences (prompts), where it differs from ``flash_attn``'s
+    (one-token steps): llama.cpp keeps the cache's layout, made for ``flash_attn``, and switches per call (patch
+    11's ``llama_infokv_set_flash_attn``; with ``flash_attn`` False the fused kernel reads V through a copy).
     ``cache_type_k`` / ``cache_type_v`` are the KV cache's data types (``f16``, ``q8_0``, ``q4_0``...;
     a quantized V cache needs flash attention). Entropy and layer distances exist for the tokens a
     decode makes outputs (llama.cpp computes logits for those only): every token, every k-th
@@ -125,6 +128,7 @@ class StatsContext:
         cache_type_v: str = "f16",
         n_seq_max: int = 1,
         kv_unified: bool = True,
+        prompt_flash_attn: bool | None = None,
     ) -> None:
         native.require_patched()
         if n_seq_max < 1:
@@ -151,6 +155,10 @@ class StatsContext:
         attn_all_rows = attn_all_rows or n_last_rows <= 0  # a window of no rows: only the full softmax
         if attn and attn_all_rows and flash_attn:
             raise ValueError("attention statistics over every query row need flash attention off")
+        if attn and attn_all_rows and prompt_flash_attn:
+            raise ValueError("attention statistics over every query row need flash attention off")
+        if prompt_flash_attn is not None and flash_attn is None:
+            raise ValueError("prompt_flash_attn needs flash_attn True or False (llama.cpp's auto decides once)")
         if (attn and attn_all_rows) or flash_attn is False:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         elif flash_attn:
@@ -212,6 +220,10 @@ class StatsContext:
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._last_entropy: dict[int, float] = {}
         self._attn_active = attn
+        # flash attention of prompt calls (False) and of one-token steps (True); what the next llama_decode runs
+        self._call_flash_attn = {False: flash_attn if prompt_flash_attn is None else prompt_flash_attn,
+                                 True: flash_attn}
+        self._flash_attn_now = flash_attn
         self._has_output_row = False  # llama.cpp allocates the logits' rows at the first decode
         self._keys_shape: tuple[np.ndarray, int] | None = None  # read_keys' layers and key width
         self._output_rows: dict[int, np.ndarray] = {}  # each sequence's output rows in the last decode (batch indices)
@@ -473,6 +485,25 @@ class StatsContext:
             raise DecodeError("llama.cpp refused to switch the attention statistics (not enabled for this context)")
         self._attn_active = active
 
+    @property
+    def split_flash_attn(self) -> bool:
+        """Whether prompts are read with flash attention on and one-token steps decoded with it off."""
+        return self._call_flash_attn[False] is True and self._call_flash_attn[True] is False
+
+    def set_prompt_flash_attn(self, on: bool) -> None:
+        """Flash attention of the next prompt calls (more tokens than sequences), in a context made with it on
+        or off (not llama.cpp's auto)."""
+        if self._call_flash_attn[True] is None:
+            raise ValueError("prompt_flash_attn needs flash_attn True or False (llama.cpp's auto decides once)")
+        self._call_flash_attn[False] = on
+
+    def _use_flash_attn(self, on: bool | None) -> None:
+        if on is None or on == self._flash_attn_now:
+            return
+        if native.lib.llama_infokv_set_flash_attn(self.ptr, on) != 0:
+            raise DecodeError(f"llama.cpp refused to turn flash attention {'on' if on else 'off'} for this context")
+        self._flash_attn_now = on
+
     def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True, stride: int = 1,
                logits_all: bool = False, seq: int = SEQ) -> Signals:
         """Decode ``tokens`` of sequence ``seq`` at positions ``start_pos..`` and return the call's signals.
@@ -525,6 +556,7 @@ class StatsContext:
             layout[at] = (i, rows, np.flatnonzero(outputs))
             i += k
         b.n_tokens = n
+        self._use_flash_attn(self._call_flash_attn[n == len(parts)])
         rc = llama.llama_decode(self.ptr, b)
         self._has_output_row = self._has_output_row or rc == 0
         if rc == 1:

@@ -14,7 +14,7 @@ from llama_cpp import llama_cpp as _llama
 from ..errors import UnpatchedLibraryError
 from . import BUILD_COMMAND
 
-EXPECTED_PATCH_VERSION = 7
+EXPECTED_PATCH_VERSION = 8
 
 lib = _llama._lib
 _c_float_p = ctypes.POINTER(ctypes.c_float)
@@ -37,6 +37,7 @@ _SIGNATURES = {
     "llama_infokv_set_stats_ext": ([ctypes.c_void_p, ctypes.c_bool, ctypes.c_int32, ctypes.c_bool, ctypes.c_bool],
                                    ctypes.c_int32),
     "llama_infokv_set_attn_active": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_int32),
+    "llama_infokv_set_flash_attn": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_int32),
     "llama_infokv_get_attn_sum": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_attn_last": ([ctypes.c_void_p, _c_int32_p, _c_int32_p, _c_int32_p], _c_float_p),
     "llama_infokv_get_layer_dist": ([ctypes.c_void_p, _c_int32_p, _c_int32_p], _c_float_p),
