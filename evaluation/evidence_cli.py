@@ -16,8 +16,6 @@ from typing import Any
 from infokv_local.bench.arg_types import float_list, int_list
 from infokv_local.settings import DEFAULTS
 
-FLASH_ATTN = {"auto": None, "on": True, "off": False, "split": "split"}
-
 TASK_EXAMPLES = """examples:
   python -m evaluation tasks --task decode-pressure --model qwen2.5-coder-1.5b --budget 128,256 --limit 20
   python -m evaluation tasks --task long-prefill --model qwen2.5-coder-1.5b --lengths 2048 --ratio 0.4,0.2
@@ -139,6 +137,8 @@ def _model_tag(model: Any) -> str:
 
 
 def run_tasks_cmd(args: argparse.Namespace) -> int:
+    from infokv_local.llamacpp.flash_attn import setting_of
+
     from . import tasks as T
     from .task_data import load_questions
 
@@ -173,7 +173,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                               n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe,
                               parallel=args.parallel,
-                              flash_attn=FLASH_ATTN[args.flash_attn])
+                              flash_attn=setting_of(args.flash_attn))
     finally:
         model.close()
     results = T.summarize(records)
@@ -195,6 +195,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
 
 def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     from infokv_local.bench.kl_ratios import all_kl_ratios, markdown_ratios
+    from infokv_local.llamacpp.flash_attn import setting_of
 
     from . import decode_fidelity as D
     from .task_data import cot_prompt, group_questions, load_questions
@@ -224,7 +225,7 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
         records = D.run_decode_fidelity(model, traces, policies, specs, out.with_suffix(".jsonl"),
                                         buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                                         n_threads=args.threads, progress=not args.no_progress,
-                                        parallel=args.parallel, flash_attn=FLASH_ATTN[args.flash_attn])
+                                        parallel=args.parallel, flash_attn=setting_of(args.flash_attn))
     finally:
         model.close()
     rows = D.summarize(records)

@@ -155,7 +155,7 @@ def test_split_reads_prompts_with_flash_attention_and_steps_without(model):
             first = ctx.logits()
             logits, attn0 = [], []
             for i, t in enumerate(steps):
-                sig = ctx.decode([t], len(prompt) + i, all_outputs=False)
+                sig = ctx.decode([t], len(prompt) + i, all_outputs=False, step=True)
                 logits.append(ctx.logits())
                 attn0.append(sig.attn_last[0, -1])
             runs[name] = (first, np.array(logits), np.array(attn0))
@@ -165,6 +165,19 @@ def test_split_reads_prompts_with_flash_attention_and_steps_without(model):
         np.testing.assert_allclose(runs["split"][1], runs[other][1], atol=0.05 * np.abs(runs[other][1]).max())
         assert (runs["split"][1].argmax(1) == runs[other][1].argmax(1)).all()
     np.testing.assert_allclose(runs["split"][2], runs["off"][2], rtol=1e-5, atol=1e-7)  # layer 0: the same K, Q
+    # one token that is not a generation step (a reused prompt's last, read again) runs the prompt's kernel
+    last = {}
+    for name, kw in (("on", dict(flash_attn=True)), ("split", dict(flash_attn=False, prompt_flash_attn=True))):
+        with StatsContext(model, n_ctx=256, n_batch=128, n_last_rows=8, n_threads=1, attn_all_rows=False,
+                          entropy_top_k=None, layer_dist=False, **kw) as ctx:
+            ctx.decode(prompt[:-1], 0, all_outputs=False)
+            ctx.decode(prompt[-1:], len(prompt) - 1, all_outputs=False)
+            last[name] = ctx.logits()
+            ctx.clear()
+            ctx.decode(prompt[:-1], 0, all_outputs=False)
+            ctx.decode(prompt[-1:], len(prompt) - 1, all_outputs=False, step=True)
+            last[name + " step"] = ctx.logits()
+    assert np.array_equal(last["split"], last["on"]) and not np.array_equal(last["split step"], last["on"])
 
 
 def test_a_split_engine_keeps_its_budget_through_compressions(model):
@@ -172,3 +185,4 @@ def test_a_split_engine_keeps_its_budget_through_compressions(model):
         toks = list(e.generate(model.tokenize("Once upon a time"), 200, ignore_eos=True))
         assert len(toks) == 200 and e.totals.evictions >= 5 and e.totals.max_used_cells <= 80
         assert e.flash_attn == "split" and e.flash_attn_reason == "split: as asked (flash_attn='split')"
+

@@ -136,8 +136,9 @@ def _load_llm(args: argparse.Namespace) -> InfoKVLlama:
 
 
 def flash_attn_of(args: argparse.Namespace) -> bool | str | None:
-    settings: dict[str, bool | str] = {"on": True, "off": False, "split": "split"}
-    return settings.get(getattr(args, "flash_attn", "auto"))
+    from ..llamacpp.flash_attn import setting_of
+
+    return setting_of(getattr(args, "flash_attn", "auto"))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

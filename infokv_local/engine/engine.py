@@ -59,7 +59,8 @@ class Engine:
     ``cache_type_k`` / ``cache_type_v`` quantize the cache (``q8_0``, ``q4_0``, ...; see
     :mod:`~infokv_local.llamacpp.cache_types`): ``budget_mib`` and ``kv_bytes`` count the quantized bytes, and a
     quantized V cache turns flash attention on (llama.cpp needs it), which H2O cannot use.
-    ``flash_attn`` None chooses: on a CPU by timing a request with it on and off, once per model,
+    ``flash_attn`` (True, False, or ``"split"``: on for prompts, off for one-token steps) None chooses: on a CPU by
+    timing a request with each of the three, once per model,
     machine, threads, cache types and size class of the cache (:mod:`~infokv_local.llamacpp.flash_attn`, cached
     in the user cache directory: which is faster depends on the CPU and on how many cells a step attends over;
     one verdict for every engine of the class, so that they compute the same numbers; pass ``flash_attn`` to
@@ -504,7 +505,7 @@ class Engine:
                     return
                 yield tok
                 if i + 1 < max_tokens:
-                    self._decode([tok], all_outputs=self.needs_outputs)
+                    self._decode([tok], all_outputs=self.needs_outputs, step=True)
                 else:
                     self.tokens.append(tok)  # part of the sequence; decoded with the next call
                     self._pending = tok
@@ -522,22 +523,23 @@ class Engine:
             self._pending = None
             self.tokens.pop()
             try:
-                self._decode([pending], all_outputs=self.needs_outputs)
+                self._decode([pending], all_outputs=self.needs_outputs, step=True)
             except (ContextFullError, CacheFull):  # nothing was decoded: it stays pending
                 self.tokens.append(pending)
                 self._pending = pending
                 raise
 
-    def _decode(self, part: list[int], all_outputs: bool, logits_all: bool = False) -> None:
+    def _decode(self, part: list[int], all_outputs: bool, logits_all: bool = False, step: bool = False) -> None:
         """Decode one chunk, evicting first if needed: all or nothing for the engine's bookkeeping.
 
         SIGINT is held back until llama.cpp's cache and the engine's records agree again
         (:func:`~infokv_local.engine.interrupts.sigint_deferred`); an error before llama_decode changes nothing.
+        ``step``: a sampled token, decoded with the generation steps' flash-attention setting (``"split"``).
         """
         with sigint_deferred():
-            self._decode_step(part, all_outputs, logits_all)
+            self._decode_step(part, all_outputs, logits_all, step)
 
-    def _decode_step(self, part: list[int], all_outputs: bool, logits_all: bool = False) -> None:
+    def _decode_step(self, part: list[int], all_outputs: bool, logits_all: bool = False, step: bool = False) -> None:
         self._flush_pending()
         if not self.policy.evicts and self.ctx.n_used + len(part) > self.capacity:
             raise ContextFullError(
@@ -553,7 +555,8 @@ class Engine:
             self.ctx.set_attention_active(comp.attention_needed(len(part)))
         t0 = time.perf_counter()
         sig = self.ctx.decode(part, self.n_past, all_outputs=all_outputs,
-                              stride=self.policy.signal_stride if self.needs_outputs else 1, logits_all=logits_all)
+                              stride=self.policy.signal_stride if self.needs_outputs else 1, logits_all=logits_all,
+                              step=step)
         decode_s = time.perf_counter() - t0
         self.absorb(sig, len(part))
         self.n_past += len(part)

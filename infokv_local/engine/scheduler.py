@@ -455,9 +455,9 @@ class SequenceView:
         self.wants_attn = self.needs.attn and active
 
     def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True, stride: int = 1,
-               logits_all: bool = False) -> Signals:
+               logits_all: bool = False, step: bool = False) -> Signals:
         part = DecodePart(self.seq, list(tokens), start_pos, all_outputs, stride, logits_all,
-                          self.needs.entropy_top_k)
+                          self.needs.entropy_top_k, step)
         return self.shared.decode(self, part)
 
     def logits(self, i: int = -1) -> np.ndarray:

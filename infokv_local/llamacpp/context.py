@@ -47,6 +47,7 @@ class DecodePart:
     stride: int = 1
     logits_all: bool = False
     entropy_top_k: int | None = None
+    step: bool = False  # a generation step (a sampled token): the flash-attention setting of steps
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,11 @@ class StatsContext:
     no entropy). ``n_threads`` (decode and batch threads) defaults to the physical cores, as
     llama.cpp's own tools choose (:func:`~infokv_local.llamacpp.threads.default_threads`). ``flash_attn`` None
     lets llama.cpp choose (its ``auto``) unless all-row attention statistics are on. ``prompt_flash_attn``: the
-    setting of decode calls with more tokens than sequences (prompts), where it differs from ``flash_attn``'s
-    (one-token steps): llama.cpp keeps the cache's layout, made for ``flash_attn``, and switches per call (patch
-    11's ``llama_infokv_set_flash_attn``; with ``flash_attn`` False the fused kernel reads V through a copy).
+    setting of the decode calls that are not generation steps (prompts; :meth:`decode`'s ``step``), where it
+    differs from ``flash_attn``'s (steps): llama.cpp keeps the cache's layout, made for ``flash_attn``, and switches
+    per call (patch 11's ``llama_infokv_set_flash_attn``; with ``flash_attn`` False the fused kernel reads V
+    through a copy). A prompt's token read again alone (a reused prompt's last) runs the prompt's kernel, so it
+    gets the logits it got the first time.
     ``cache_type_k`` / ``cache_type_v`` are the KV cache's data types (``f16``, ``q8_0``, ``q4_0``...;
     a quantized V cache needs flash attention). Entropy and layer distances exist for the tokens a
     decode makes outputs (llama.cpp computes logits for those only): every token, every k-th
@@ -491,8 +494,8 @@ class StatsContext:
         return self._call_flash_attn[False] is True and self._call_flash_attn[True] is False
 
     def set_prompt_flash_attn(self, on: bool) -> None:
-        """Flash attention of the next prompt calls (more tokens than sequences), in a context made with it on
-        or off (not llama.cpp's auto)."""
+        """Flash attention of the next calls that are not generation steps, in a context made with it on or off
+        (not llama.cpp's auto)."""
         if self._call_flash_attn[True] is None:
             raise ValueError("prompt_flash_attn needs flash_attn True or False (llama.cpp's auto decides once)")
         self._call_flash_attn[False] = on
@@ -505,7 +508,7 @@ class StatsContext:
         self._flash_attn_now = on
 
     def decode(self, tokens: Sequence[int], start_pos: int, all_outputs: bool = True, stride: int = 1,
-               logits_all: bool = False, seq: int = SEQ) -> Signals:
+               logits_all: bool = False, seq: int = SEQ, step: bool = False) -> Signals:
         """Decode ``tokens`` of sequence ``seq`` at positions ``start_pos..`` and return the call's signals.
 
         ``all_outputs``: every token's entropy and layer distances, else the last token's only. With
@@ -517,7 +520,7 @@ class StatsContext:
         Raises :class:`CacheFull` (nothing changed) when the cache has no room for the batch.
         """
         return self.decode_parts([DecodePart(seq, tokens, start_pos, all_outputs, stride, logits_all,
-                                             self.entropy_top_k)])[0]
+                                             self.entropy_top_k, step)])[0]
 
     def decode_parts(self, parts: Sequence[DecodePart]) -> list[Signals]:
         """Decode several sequences' tokens in one ``llama_decode`` (each :class:`DecodePart` as
@@ -556,7 +559,7 @@ class StatsContext:
             layout[at] = (i, rows, np.flatnonzero(outputs))
             i += k
         b.n_tokens = n
-        self._use_flash_attn(self._call_flash_attn[n == len(parts)])
+        self._use_flash_attn(self._call_flash_attn[all(p.step for p in parts)])
         rc = llama.llama_decode(self.ptr, b)
         self._has_output_row = self._has_output_row or rc == 0
         if rc == 1:

@@ -211,7 +211,7 @@ def _time(model: Model, work: Workload, flash_attn: bool) -> dict[str, tuple[flo
             times = []
             for i in range(STEPS + 2):
                 t0 = time.perf_counter()
-                ctx.decode([tok], pos)
+                ctx.decode([tok], pos, step=True)
                 if i >= 2:
                     times.append(time.perf_counter() - t0)
                 pos += 1
