@@ -116,7 +116,6 @@ def test_split_is_chosen_where_prompts_are_faster_on_and_steps_off(model, cache_
     assert choice.setting == "split" and choice.reason.startswith(
         "measured on this machine: a 1024-token prompt and a 512-token reply take 11.8 s split (prompt 3.6 s, 16.00 "
         "ms per decode step), 12.2 s off (prompt 4.0 s, 16.00 ms per decode step), 17.3 s on")
-    assert fa.choose(model, WORK, split=False).setting == "off"  # on or off only: from the same timings
     with Engine(model, "infokv", budget=96, buffer=32, n_threads=1) as e:
         assert e.flash_attn == "split" and e.ctx.split_flash_attn and e.flash_attn_reason.startswith("split: measured")
 

@@ -466,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     cache_type = check_cache_type(args.cache_type, "--cache-type")
     base = {"model": args.model, "budget": args.budget, "buffer": args.buffer, "threads": args.threads,
             "cache_type": cache_type, **({"gpu_layers": args.gpu_layers} if args.gpu_layers else {})}
-    ours_flash = flash_attn_list(args.flash_attn) if isinstance(args.flash_attn, str) else args.flash_attn
+    ours_flash = args.flash_attn  # a tuple: argparse passes the default through flash_attn_list too
     if is_quantized(cache_type) and (False in ours_flash or "split" in ours_flash):
         raise ValueError(f"--cache-type {cache_type} needs flash attention (llama.cpp's quantized V cache): "
                          f"--flash-attn asks for runs without it; use auto or on")

@@ -146,13 +146,14 @@ class Engine:
                 model, all_rows, flash_attn, self.cache_type_v, n_threads, capacity=plan.capacity,
                 statistics=plan.layout is None or plan.layout.grows, policy_name=self.policy.name,
                 cache_type_k=self.cache_type_k, stride=DEFAULT_SIGNAL_STRIDE)
+            step_fa, prompt_fa = context_flash_attn(setting)
             self.ctx = StatsContext(
                 model, n_ctx=plan.n_ctx, n_batch=self.max_batch, attn=ATTENTION in needs, n_last_rows=window,
                 layer_dist=LAYER_DIST in needs,
                 entropy_top_k=self.policy.entropy_top_k if ENTROPY in needs else None,
-                n_threads=n_threads, flash_attn=context_flash_attn(setting)[0], attn_all_rows=all_rows,
+                n_threads=n_threads, flash_attn=step_fa, attn_all_rows=all_rows,
                 cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-                prompt_flash_attn=context_flash_attn(setting)[1],
+                prompt_flash_attn=prompt_fa,
             )
             self.flash_attn = label(setting)
         else:

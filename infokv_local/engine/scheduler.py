@@ -184,11 +184,12 @@ class SharedContext:
         setting, self.flash_attn_reason = choose_flash_attention(
             model, attn and attn_all_rows, flash_attn, cache_type_v, n_threads, capacity=capacity,
             statistics=attn or layer_dist, cache_type_k=cache_type_k, stride=DEFAULT_SIGNAL_STRIDE)
+        step_fa, prompt_fa = context_flash_attn(setting)
         self.ctx = StatsContext(
             model, n_ctx=n_seq * capacity, n_batch=min(n_batch, n_seq * capacity), attn=attn, n_last_rows=window,
-            layer_dist=layer_dist, entropy_top_k=None, n_threads=n_threads, flash_attn=context_flash_attn(setting)[0],
+            layer_dist=layer_dist, entropy_top_k=None, n_threads=n_threads, flash_attn=step_fa,
             attn_all_rows=attn and attn_all_rows, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-            n_seq_max=n_seq, kv_unified=kv_unified, prompt_flash_attn=context_flash_attn(setting)[1])
+            n_seq_max=n_seq, kv_unified=kv_unified, prompt_flash_attn=prompt_fa)
         self.streams = self.ctx.n_streams > 1
         self.flash_attn = label(setting)
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v

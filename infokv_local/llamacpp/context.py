@@ -156,9 +156,7 @@ class StatsContext:
         # llama.cpp's default sizes a sliding-window cache like the full one: keep it to the window
         params.swa_full = False
         attn_all_rows = attn_all_rows or n_last_rows <= 0  # a window of no rows: only the full softmax
-        if attn and attn_all_rows and flash_attn:
-            raise ValueError("attention statistics over every query row need flash attention off")
-        if attn and attn_all_rows and prompt_flash_attn:
+        if attn and attn_all_rows and (flash_attn or prompt_flash_attn):
             raise ValueError("attention statistics over every query row need flash attention off")
         if prompt_flash_attn is not None and flash_attn is None:
             raise ValueError("prompt_flash_attn needs flash_attn True or False (llama.cpp's auto decides once)")

@@ -126,13 +126,11 @@ def cache_path() -> Path:
     return cache_dir() / CACHE_FILE
 
 
-def choose(model: Model, work: Workload, verbose: bool = False, split: bool = True) -> Choice:
+def choose(model: Model, work: Workload, verbose: bool = False) -> Choice:
     """The fastest flash-attention setting for ``work`` (an engine's: :func:`engine_workload`) on ``model``
     on this machine, measured once and cached: the one of on, off and split (prompts on, steps off) with which a
     request of :data:`PROMPT_TOKENS` prompt tokens (read with the statistics, as the engine reads prompts) and a
-    reply of :data:`REPLY_TOKENS` tokens (decode steps at the cache's size) takes the least time; ``split`` False:
-    of on and off (for a comparison of prompts read in chunks with tokens decoded one by one, whose kernels must
-    not differ)."""
+    reply of :data:`REPLY_TOKENS` tokens (decode steps at the cache's size) takes the least time."""
     key = _key(model, work)
     with _lock:
         cached = read_json(CACHE_FILE).get(key)
@@ -149,7 +147,7 @@ def choose(model: Model, work: Workload, verbose: bool = False, split: bool = Tr
     prompt_s = {k: cached["prompt_s"][k] * scale for k in SETTINGS}
     step_ms = cached["ms_per_token"]
     total = {k: prompt_s[k] + REPLY_TOKENS * step_ms[k] / 1e3 for k in SETTINGS}
-    ranked = sorted(SETTINGS if split else ("on", "off"), key=lambda k: total[k])
+    ranked = sorted(SETTINGS, key=lambda k: total[k])
 
     def said(k: str) -> str:
         return f"{total[k]:.1f} s {k} (prompt {prompt_s[k]:.1f} s, {step_ms[k]:.2f} ms per decode step)"
@@ -281,12 +279,11 @@ def _build_id() -> str:
 def choose_flash_attention(model: Model, all_rows: bool, flash_attn: FlashAttn, cache_type_v: str,
                            n_threads: int | None, capacity: int = MAX_FILL, statistics: bool = True,
                            policy_name: str = "h2o", check_only: bool = False, cache_type_k: str = "f16",
-                           stride: int = 1, split: bool = True) -> tuple[FlashAttn, str]:
+                           stride: int = 1) -> tuple[FlashAttn, str]:
     """The flash-attention setting of a context and why (:class:`~infokv_local.engine.Engine`'s docstring): as
     asked, forced by a quantized V cache (on) or by statistics over every query row (``all_rows``: off),
     llama.cpp's ``auto`` on a GPU or without attention layers, else the faster one measured here for a
-    context of ``capacity`` cells (:func:`engine_workload`; ``stride``: the default policy's; ``split`` False:
-    on or off, as :func:`choose`). Raises
+    context of ``capacity`` cells (:func:`engine_workload`; ``stride``: the default policy's). Raises
     :class:`CacheSettingsError` for a combination that cannot run; ``check_only`` stops after the checks."""
     if flash_attn is not None and not isinstance(flash_attn, bool) and flash_attn != SPLIT:
         raise CacheSettingsError(f"flash_attn must be True, False, 'split' (on for prompts, off for one-token "
@@ -313,6 +310,6 @@ def choose_flash_attention(model: Model, all_rows: bool, flash_attn: FlashAttn, 
     if model.info.memory == "recurrent":
         return None, "auto: llama.cpp's choice, the model has no attention layers"
     choice = choose(model, engine_workload(resolve_threads(n_threads), capacity, cache_type_k, cache_type_v,
-                                           statistics=statistics, stride=stride), split=split)
+                                           statistics=statistics, stride=stride))
     setting: FlashAttn = SPLIT if choice.setting == SPLIT else choice.setting == "on"
     return setting, f"{choice.setting}: {choice.reason}"
