@@ -101,6 +101,9 @@ def register(subparsers: Any) -> None:
                    help="the engine's prompt probe: compressions while the prompt is read see its end (the "
                         "question) first; write to another --out than a run without it")
     _together(t, "evicting generations")
+    t.add_argument("--no-fork", action="store_true",
+                   help="with --parallel: every generation reads its prompt (default: a prompt is read once for "
+                        "the policies that record the same signals and forked to them while nothing was evicted)")
     _common(t)
     t.set_defaults(func=run_tasks_cmd)
     f = subparsers.add_parser(
@@ -172,7 +175,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
         records = T.run_tasks(model, args.task, items, policies, specs, out.with_suffix(".jsonl"),
                               buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                               n_threads=args.threads, progress=not args.no_progress, prompt_probe=args.prompt_probe,
-                              parallel=args.parallel,
+                              parallel=args.parallel, fork=not args.no_fork,
                               flash_attn=setting_of(args.flash_attn))
     finally:
         model.close()
@@ -180,7 +183,7 @@ def run_tasks_cmd(args: argparse.Namespace) -> int:
     by_question = T.summarize_questions(records) if args.task == "multi-step" else None
     summary = {"task": args.task, "model": tag, "command": " ".join(sys.argv), "policies": policies,
                "budgets": specs, "lengths": lengths, "buffer": args.buffer, "seed": args.seed,
-               "prompt_probe": args.prompt_probe, "parallel": args.parallel,
+               "prompt_probe": args.prompt_probe, "parallel": args.parallel, "fork": not args.no_fork,
                "results": results, **({"by_question": by_question, "group": args.group} if by_question else {}),
                "items": records}
     out.parent.mkdir(parents=True, exist_ok=True)

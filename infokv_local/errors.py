@@ -71,6 +71,11 @@ class PromptTooLongError(InfoKVError, ValueError):
     read or changed."""
 
 
+class ForkRefused(InfoKVError, ValueError):
+    """A saved prompt that cannot go on with this policy or these settings (its cache was compressed, or it was
+    read with other signals or cache settings): read the prompt instead. Nothing was changed."""
+
+
 class RequestCancelled(InfoKVError):
     """A request stopped before it finished because its ``cancel`` event was set (its client went away, or
     the server is stopping); the cache keeps what was read and generated until then."""
@@ -83,7 +88,7 @@ class RpcError(InfoKVError):
 
 __all__ = [
     "BatchInputError", "BudgetError", "CacheFull", "CacheSettingsError", "ContextFullError", "DecodeError",
-    "EmptyPromptError", "InfoKVError", "InvalidTextError", "InvalidTokenError",
+    "EmptyPromptError", "ForkRefused", "InfoKVError", "InvalidTextError", "InvalidTokenError",
     "ModelFileError", "PolicyError", "PromptTooLongError",
     "RequestCancelled", "RpcError",
     "UnpatchedLibraryError", "UnsupportedArchitectureError",

@@ -65,7 +65,7 @@ def create_chat_completion(
 ) -> ChatCompletionResult:
     """:meth:`InfoKVLlama.create_chat_completion <infokv_local.api.InfoKVLlama.create_chat_completion>` of
     ``llm``."""
-    formatted = chat_formatter(llm)(messages=messages)  # type: ignore[arg-type]  # OpenAI message dicts
+    prompt, add_bos = chat_prompt(llm, messages)
     gbnf = _grammar_text(grammar)
     if response_format is not None:
         if gbnf is not None:
@@ -78,10 +78,16 @@ def create_chat_completion(
         raise ValueError("top_logprobs needs logprobs=True")
     params = sampling_params(llm, temperature, top_p, min_p, top_k, frequency_penalty, presence_penalty,
                              repeat_penalty, seed, gbnf, logit_bias)
-    chunks = completion_chunks(llm, formatted.prompt, not formatted.added_special, max_tokens, params,
+    chunks = completion_chunks(llm, prompt, add_bos, max_tokens, params,
                                _stops(stop), f"chatcmpl-{uuid.uuid4()}", logprobs=_n_logprobs(n_top),
                                cancel=cancel, max_prompt_tokens=_prompt_limit(max_prompt_tokens))
     return _chat_chunks(chunks) if stream else _chat_result(_join_completion(chunks))
+
+
+def chat_prompt(llm: InfoKVLlama, messages: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The text ``messages`` make through ``llm``'s chat template, and whether a BOS token goes before it."""
+    formatted = chat_formatter(llm)(messages=messages)  # type: ignore[arg-type]  # OpenAI message dicts
+    return formatted.prompt, not formatted.added_special
 
 
 def chat_formatter(llm: InfoKVLlama) -> Jinja2ChatFormatter:

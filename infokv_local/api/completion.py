@@ -109,6 +109,42 @@ def _token_logprobs(llm: InfoKVLlama, tok: int, n: int) -> tuple[str, float, dic
     return text, float(lp[tok]), tops
 
 
+def read_prompt(llm: InfoKVLlama, prompt: str, add_bos: bool, max_prompt_tokens: int | None = None,
+                cancel: threading.Event | None = None) -> tuple[PromptPlan, int, int]:
+    """Read ``prompt`` into ``llm``'s cache, keeping what the cache holds of it already (:class:`PromptCache`),
+    a chunk at a time with the model's lock taken per chunk. Returns the plan, the tokens kept before its
+    tokens and the tokens read. On an error (a cancel too) what was read is recorded as read, then raised;
+    the caller records the tokens of a prompt read whole (:meth:`PromptCache.add_fed`)."""
+    e = llm.engine
+    applied: PromptPlan | None = None  # the prompt's plan, once the cache was cut to what it keeps
+    n_kept = n_fed = 0
+    try:
+        plan = llm._prompt.plan(e, llm.model, prompt, add_bos, limit=max_prompt_tokens, cancel=cancel,
+                                lock=llm._lock)
+        if not plan.tokens and not plan.kept_segments:
+            raise EmptyPromptError("the prompt is empty: give at least one token of text")
+        with llm._lock:
+            llm._prompt.apply(e, plan)
+            applied = plan
+        n_kept = len(e.tokens)
+        reader = e.feed(plan.tokens)
+        try:
+            while True:  # a chunk at a time, so that other sessions and a cancel get their turn in between
+                _check(cancel, "the prompt was read")
+                with llm._lock:
+                    if next(reader, None) is None:
+                        break
+        finally:
+            reader.close()
+            n_fed = len(e.tokens) - n_kept
+    except BaseException:
+        if applied is not None:
+            with llm._lock, sigint_deferred():
+                llm._prompt.add_fed(llm.model, applied, n_fed)
+        raise
+    return plan, n_kept, n_fed
+
+
 def completion_chunks(llm: InfoKVLlama, prompt: str, add_bos: bool, max_tokens: int | None,
                       sampling: SamplingParams, stops: list[str], cid: str, logprobs: int | None = None,
                       echo: bool = False, cancel: threading.Event | None = None,
@@ -123,39 +159,23 @@ def completion_chunks(llm: InfoKVLlama, prompt: str, add_bos: bool, max_tokens: 
     llm._refuse_while_streaming("starting another")
     llm._active = True
     e = llm.engine
-    applied: PromptPlan | None = None  # the prompt's plan, once the cache was cut to what it keeps
-    n_fed = 0  # of its tokens, read into the cache so far
+    t_start = time.perf_counter()
     try:
-        t_start = time.perf_counter()
-        plan = llm._prompt.plan(e, llm.model, prompt, add_bos, limit=max_prompt_tokens, cancel=cancel,
-                                lock=llm._lock)
-        if not plan.tokens and not plan.kept_segments:
-            raise EmptyPromptError("the prompt is empty: give at least one token of text")
-        with llm._lock:
-            llm._prompt.apply(e, plan)
-            applied = plan
-        n_kept = len(e.tokens)
+        plan, n_kept, n_fed = read_prompt(llm, prompt, add_bos, max_prompt_tokens, cancel)
+    except BaseException:
+        llm._active = False
+        raise
+    try:
         n_before = n_kept + len(plan.tokens)
         run = RequestRun(prompt_tokens=n_before, reused_tokens=plan.kept_tokens, first_step=e.totals.steps,
                          t_start=t_start)
         limit = _limit(max_tokens, llm.model.info.n_ctx_train)
-        reader = e.feed(plan.tokens)
-        try:
-            while True:  # a chunk at a time, so that other sessions and a cancel get their turn in between
-                _check(cancel, "the prompt was read")
-                with llm._lock:
-                    if next(reader, None) is None:
-                        break
-        finally:
-            reader.close()
-            n_fed = len(e.tokens) - n_kept
         with llm._lock:
             gen = e.generate([], limit, sampling)
             echoed = _echo_logprobs(llm, prompt, add_bos) if echo and logprobs is not None else None
     except BaseException:
-        if applied is not None:
-            with llm._lock, sigint_deferred():
-                llm._prompt.add_fed(llm.model, applied, n_fed)
+        with llm._lock, sigint_deferred():
+            llm._prompt.add_fed(llm.model, plan, n_fed)
         llm._active = False
         raise
     assert isinstance(gen, Generator)

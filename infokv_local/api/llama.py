@@ -23,7 +23,8 @@ from typing import Any, Literal, TypeVar, overload
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..engine import Engine, EngineSnapshot, FairRLock, SharedContext, run_workers
-from ..errors import BudgetError
+from ..engine.interrupts import sigint_deferred
+from ..errors import BudgetError, ForkRefused
 from ..llamacpp.model import Model
 from ..policies import Policy, make_policy
 from ..settings import DEFAULTS, Settings
@@ -31,7 +32,7 @@ from . import chat, completion, kv
 from .chat import ChatCompletionResult
 from .completion import CompletionResult
 from .kv import CacheMap
-from .prompt import PromptCache
+from .prompt import PromptCache, prompt_of
 from .text_stream import token_bytes
 from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, KVStats
 
@@ -543,6 +544,49 @@ class InfoKVLlama:
                 raise
             self._prompt.restore(state.segments)
             self._calls = state.calls
+
+    def fork_state(self, state: SavedConversation) -> None:
+        """Go on from a conversation another object saved (:meth:`export_state`) with this object's own policy:
+        a prompt read once (:meth:`prefill`) serves several policies. Allowed while the saved cache was never
+        compressed and its policy had the same signals recorded as this one's (SnapKV, TOVA and R-KV; InfoKV and
+        its R-KV variant; StreamingLLM, KeyDiff, context-shift and random), with every other cache setting
+        (budget, buffer, window, cache types, flash attention) the same: this object then holds exactly what
+        reading the prompt itself would have left. Otherwise :class:`~infokv_local.errors.ForkRefused`, and
+        this object's conversation is untouched. Nothing is decoded; the request count (the default seed) stays
+        this object's."""
+        self._refuse_while_streaming("fork_state()")
+        with self._lock:
+            try:
+                self.engine.fork(state.engine)
+            except ForkRefused:
+                raise
+            except BaseException:
+                self._prompt.clear()
+                raise
+            self._prompt.restore(state.segments)
+
+    def prefill(self, prompt: str | bytes | list[dict[str, Any]], *, cancel: threading.Event | None = None,
+                max_prompt_tokens: int | None = None) -> int:
+        """Read a prompt into the cache without generating (llama-cpp-python's ``eval``, with text): a prompt
+        as :meth:`create_completion` reads it, or a chat's ``messages`` (a list) through the chat template as
+        :meth:`create_chat_completion` reads them, keeping what the cache holds of it already. The next request
+        with the same prompt reads nothing and takes its first token from the logits kept; :meth:`export_state`
+        then hands the read prompt on (:meth:`fork_state`). ``cancel`` and ``max_prompt_tokens`` as in
+        :meth:`create_completion`. Returns the number of tokens read."""
+        self._refuse_while_streaming("prefill()")
+        if isinstance(prompt, list):
+            text, add_bos = chat.chat_prompt(self, prompt)
+        else:
+            text, add_bos = prompt_of(prompt), True
+        self._active = True
+        try:
+            plan, _, n_fed = completion.read_prompt(self, text, add_bos, completion._prompt_limit(max_prompt_tokens),
+                                                    cancel)
+            with self._lock, sigint_deferred():
+                self._prompt.add_fed(self.model, plan, n_fed)
+        finally:
+            self._active = False
+        return n_fed
 
 
 @dataclass

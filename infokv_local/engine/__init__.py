@@ -3,7 +3,8 @@
 Where each part lives:
 
 - :mod:`.engine`: :class:`Engine`, one sequence: reading prompts in chunks, generating, truncating,
-  snapshots; the decode step that makes room first and takes the step's signals after.
+  snapshots, a prompt read once and forked to other policies; the decode step that makes room first and
+  takes the step's signals after.
 - :mod:`.sizing`: the budget (tokens, or MiB over both parts of a sliding-window or hybrid memory),
   the capacity and batch sizes, and the checks on them.
 - :mod:`.cells`: the sequence's per-cell records (its tokens and the signals the policies score with).
@@ -23,7 +24,7 @@ require_installed()  # before anything imports llama_cpp
 
 
 from ..errors import BudgetError, ContextFullError  # where they were raised first (errors.py declares them)
-from .engine import Engine
+from .engine import Engine, policy_reading
 from .scheduler import FairRLock, SequenceView, SharedContext
 from .sizing import CachePlan, bounded_kv_bytes, kv_bytes_per_token, plan_cache
 from .snapshot import EngineSnapshot
@@ -32,4 +33,4 @@ from .workers import run_workers
 
 __all__ = ["HISTORY_STEPS", "BudgetError", "CachePlan", "ContextFullError", "Engine", "EngineSnapshot",
            "EngineTotals", "FairRLock", "SequenceView", "SharedContext", "StepStats", "bounded_kv_bytes",
-           "kv_bytes_per_token", "plan_cache", "run_workers"]
+           "kv_bytes_per_token", "plan_cache", "policy_reading", "run_workers"]

@@ -20,14 +20,22 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..errors import BudgetError, CacheFull, CacheSettingsError, ContextFullError, DecodeError, EmptyPromptError
+from ..errors import (
+    BudgetError,
+    CacheFull,
+    CacheSettingsError,
+    ContextFullError,
+    DecodeError,
+    EmptyPromptError,
+    ForkRefused,
+)
 from ..llamacpp.cache_types import check_cache_type
 from ..llamacpp.context import StatsContext
 from ..llamacpp.decode_signals import Signals
 from ..llamacpp.flash_attn import FlashAttn, choose_flash_attention, context_flash_attn, label
 from ..llamacpp.model import Model
 from ..llamacpp.sampling import Sampler, SamplingParams
-from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, LAYER_DIST, Policy
+from ..policies import ATTENTION, ATTENTION_ALL_ROWS, ENTROPY, KEYS, LAYER_DIST, Policy
 from ..policies.selection import evictable_span
 from ..settings import DEFAULTS
 from .cells import CellSignals
@@ -38,6 +46,16 @@ from .scheduler import ContextNeeds, SequenceView, SharedContext
 from .sizing import DEFAULT_SIGNAL_STRIDE, plan_cache
 from .snapshot import EngineSnapshot
 from .steps import EngineTotals, StepStats, copy_totals
+
+
+def policy_reading(policy: Policy) -> tuple[object, ...]:
+    """What of a policy decides the signals a prompt read leaves in the cells: whether it evicts, which signals it
+    has recorded (the keys are read from the cache when scored, not recorded), the stride of the entropy and
+    layer evolution and the entropy's top-k. Policies alike in these read a prompt alike (:meth:`Engine.fork`)."""
+    needs = policy.needs
+    outputs = bool(needs & {ENTROPY, LAYER_DIST})
+    return (policy.evicts, frozenset(needs - {KEYS}), policy.signal_stride if outputs else 1,
+            policy.entropy_top_k if ENTROPY in needs else None)
 
 
 class Engine:
@@ -626,6 +644,7 @@ class Engine:
         cells, pos = self.ctx.cell_map()
         return EngineSnapshot(
             config=self._snapshot_config(),
+            reading=self.reading_config(),
             sequence=self.ctx.save_sequence(),
             cells=np.sort(cells),
             positions=pos.copy(),
@@ -655,6 +674,37 @@ class Engine:
         """
         if snap.config != self._snapshot_config():
             raise ValueError(f"snapshot of an engine configured {snap.config}, this one is {self._snapshot_config()}")
+        self._put_back(snap)
+        self.rng.bit_generator.state = snap.rng_state
+
+    def fork(self, snap: EngineSnapshot) -> None:
+        """Continue a :meth:`snapshot` of another engine's prompt with this engine's own policy: the prompt
+        read once, by the snapshot's engine, serves every policy that would have read it the same way.
+
+        Allowed when the snapshot's cache was never compressed and its engine read with this one's reading
+        configuration (:meth:`reading_config`: the same budget, buffer, window, cache types and flash
+        attention, and a policy that has the same signals recorded, e.g. SnapKV and R-KV, or StreamingLLM
+        and KeyDiff): this engine's cells then hold exactly what reading the prompt itself would have put
+        there, and it goes on as if it had (its own random generator included). Nothing is decoded.
+        Raises :class:`~infokv_local.errors.ForkRefused` otherwise, before changing anything.
+        """
+        if snap.reading != self.reading_config():
+            raise ForkRefused(f"the prompt was read with {snap.reading}, this engine reads with "
+                              f"{self.reading_config()}: read the prompt instead")
+        if snap.totals.evicted_tokens or snap.compactions:
+            raise ForkRefused("the prompt's cache was already compressed by its reader's policy: read the prompt "
+                              "instead")
+        self._put_back(snap)
+
+    def reading_config(self) -> tuple[object, ...]:
+        """What decides the cells and signals a prompt leaves before its first compression: every cache
+        setting, and of the policy only which signals it has recorded and how (:meth:`fork`)."""
+        return (str(self.model.path), policy_reading(self.policy), self.budget, self.buffer, self.n_sink,
+                self.n_recent, self.window, self.capacity, self.chunk,
+                self.compressor.probe_len, self.cache_type_k, self.cache_type_v, self.flash_attn)
+
+    def _put_back(self, snap: EngineSnapshot) -> None:
+        """The snapshot's sequence, cells and counters in this engine (all but the random generator)."""
         self.reset()
         try:
             self.ctx.load_sequence(snap.sequence, snap.cells)
@@ -673,7 +723,6 @@ class Engine:
         self._pending = snap.pending
         self.totals = copy_totals(snap.totals)
         self.compactions = snap.compactions
-        self.rng.bit_generator.state = snap.rng_state
         self.ctx.last_entropy = snap.last_entropy
         self._restored_at_step = self.totals.steps  # logits are stale until the next decode
         self._restored_logits = snap.logits

@@ -18,6 +18,7 @@ class EngineSnapshot:
     the policy scores with in position order (cell indices change on restore), with the engine's counters."""
 
     config: tuple[object, ...]
+    reading: tuple[object, ...]  # how its prompt was read (:meth:`Engine.reading_config`), for a fork
     sequence: bytes
     cells: np.ndarray  # the cells the sequence occupied, ascending (restored at the same indices)
     positions: np.ndarray
