@@ -755,6 +755,5 @@ class Engine:
         self._decode([tok], all_outputs=self.needs_outputs)
 
     def _snapshot_config(self) -> tuple[object, ...]:
-        return (str(self.model.path), self.policy.name, repr(self.policy), self.budget, self.buffer, self.n_sink,
-                self.n_recent, self.window, self.capacity, self.cache_type_k, self.cache_type_v, self.flash_attn)
+        return (self.policy.name, repr(self.policy), *self.reading_config())
 
