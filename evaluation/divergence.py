@@ -4,8 +4,10 @@ Greedy decoding under a budget writes the full cache's text token for token unti
 argmax; the first character where two replies of the same prompt differ is where the eviction showed. For
 the answers a policy loses against the full cache (and those it wins), this reads what changed there: a number
 written differently (the reference writes "80", the policy "8"), and whether that number had been written
-before in the question or the reply, i.e. was being copied from text the cache may have evicted. It is read off
-a ``python -m evaluation tasks`` log after the run; nothing is re-generated.
+before in the question or the reply, i.e. was being copied from text the cache may have evicted; and, over the
+whole reply, which of the question's numbers the reference's reply uses and the policy's never writes (a fact of
+the question lost on the way). It is read off a ``python -m evaluation tasks`` log after the run; nothing is
+re-generated.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ NUMBER_COPIED = "number copied, written differently"
 NUMBER_NEW = "number written differently"
 OTHER = "other text"
 SAME = "same text"
+QUESTION_NUMBER_DROPPED = "a question's number never written"
 
 
 def first_difference(a: str, b: str) -> int | None:
@@ -63,6 +66,16 @@ def classify(reference: str, other: str, context: str = "") -> dict[str, Any]:
     return out
 
 
+def _numbers(text: str) -> set[str]:
+    return {m.group().replace(",", "") for m in _NUMBER.finditer(text)}
+
+
+def question_numbers_dropped(question: str, reference: str, other: str) -> list[str]:
+    """The numbers of ``question`` that ``reference`` writes and ``other`` never does ("1,200" and "1200" alike)."""
+    q = _numbers(question)
+    return sorted((q & _numbers(reference)) - _numbers(other), key=lambda n: (len(n), n))
+
+
 def _snippet(text: str, at: int, before: int = 40, after: int = 30) -> str:
     return (("…" if at > before else "") + text[max(0, at - before):at] + "⟨" + text[at:at + after]
             + ("…" if at + after < len(text) else "")).replace("\n", " ")
@@ -86,18 +99,23 @@ def divergences(records: Iterable[dict], policy: str, against: str = "full", bud
         a = ref.get(item)
         if a is None or bool(a["correct"]) == bool(r["correct"]):
             continue
+        question = (questions or {}).get(item, "")
         row = {"item_id": item, "budget": spec, "outcome": "lost" if a["correct"] else "won",
                "gold": r.get("gold"), "pred": r.get("pred"), "reference_pred": a.get("pred"),
-               **classify(a["text"], r["text"], (questions or {}).get(item, ""))}
+               **classify(a["text"], r["text"], question),
+               "question_numbers_dropped": question_numbers_dropped(question, a["text"], r["text"])}
         rows.append(row)
     return rows
 
 
 def counts(rows: list[dict]) -> dict[str, dict[str, int]]:
-    """Per outcome ("lost", "won"), how many of each kind."""
+    """Per outcome ("lost", "won"), how many of each kind, and in how many replies a question's number the
+    reference used was never written (``QUESTION_NUMBER_DROPPED``)."""
     out: dict[str, Counter] = {"lost": Counter(), "won": Counter()}
     for r in rows:
         out[r["outcome"]][r["kind"]] += 1
+        if r.get("question_numbers_dropped"):
+            out[r["outcome"]][QUESTION_NUMBER_DROPPED] += 1
     return {k: dict(v) for k, v in out.items()}
 
 

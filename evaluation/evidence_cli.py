@@ -360,8 +360,12 @@ def run_diverge_cmd(args: argparse.Namespace) -> int:
     print(D.markdown(rows))
     tally = D.counts(rows)
     for outcome in ("lost", "won"):
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(tally[outcome].items(), key=lambda kv: -kv[1]))
-        print(f"\n{outcome} against {args.against}: {sum(tally[outcome].values())}" + (f" ({kinds})" if kinds else ""))
+        kinds = dict(tally[outcome])
+        dropped = kinds.pop(D.QUESTION_NUMBER_DROPPED, 0)
+        listed = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        print(f"\n{outcome} against {args.against}: {sum(kinds.values())}" + (f" ({listed})" if listed else "")
+              + (f"; in {dropped} of them a number of the question that {args.against}'s reply used is never "
+                 f"written" if questions else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"source": str(src), "policy": args.policy, "against": args.against,
                                                "budget": args.budget, "counts": tally, "items": rows}, indent=1))

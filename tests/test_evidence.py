@@ -250,6 +250,30 @@ def test_divergence_classifies_where_two_replies_part(reference: str, other: str
         assert got["other"].split("⟨")[1].startswith(other[got["at"]:][:5])
 
 
+def test_the_question_numbers_a_reply_never_writes() -> None:
+    question = "Tom buys 1,200 apples at 3 dollars and sells 45 of them for 7 dollars."
+    reference = "1200 apples x 3 = 3600. He sells 45 at 7: 315."
+    assert DV.question_numbers_dropped(question, reference, "1200 apples x 8 = 9600. He sells 45 at 7.") == ["3"]
+    assert DV.question_numbers_dropped(question, reference, "1,200 x 3, then 45 x 7") == []
+    assert DV.question_numbers_dropped(question, "no numbers", "none") == []  # only what the reference used
+    rows = [{"outcome": "lost", "kind": DV.OTHER, "question_numbers_dropped": ["3"]},
+            {"outcome": "lost", "kind": DV.OTHER, "question_numbers_dropped": []}]
+    assert DV.counts(rows) == {"lost": {DV.OTHER: 2, DV.QUESTION_NUMBER_DROPPED: 1}, "won": {}}
+
+
+def test_diverge_command_counts_the_question_numbers_lost(tmp_path: Path, capsys) -> None:
+    """GSM8K test question 0 (16 eggs a day, $2 each): a lost reply that never writes the 16 the full cache used."""
+    log = [{"task": "decode-pressure", "model": "m", "length": None, "item_id": "gsm8k-0", "policy": p,
+            "budget_spec": spec, "correct": ok, "text": text}
+           for p, spec, ok, text in [("full", "full", True, "16 - 3 - 4 = 9 eggs, 9 x 2 = 18"),
+                                     ("infokv", "128", False, "6 - 3 - 4 = -1 eggs, so 2")]]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in log))
+    assert evidence_cli.main(["diverge", str(path), "--policy", "infokv", "--json", str(tmp_path / "d.json")]) == 0
+    assert "in 1 of them a number of the question that full's reply used is never written" in capsys.readouterr().out
+    assert json.loads((tmp_path / "d.json").read_text())["items"][0]["question_numbers_dropped"] == ["16"]
+
+
 def test_diverge_command_reads_lost_and_won_answers(tmp_path: Path, capsys) -> None:
     def rec(i: int, policy: str, ok: bool, text: str, spec: str = "256") -> dict:
         return {"task": "decode-pressure", "model": "m", "length": None, "item_id": f"q-{i}", "policy": policy,
