@@ -30,6 +30,7 @@ from tqdm import tqdm
 from infokv_local.api import InfoKVLlama
 from infokv_local.bench.fidelity import log_softmax
 from infokv_local.bench.jsonl import read_log
+from infokv_local.bench.speed import machine
 from infokv_local.engine import Engine, SharedContext, run_workers
 from infokv_local.llamacpp import flash_attn as fa
 from infokv_local.llamacpp.model import Model
@@ -228,6 +229,7 @@ def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], b
     lengths = [len(t["prompt_ids"]) + len(t["trace_ids"]) for t in traces if t["trace_ids"]]
     largest = max((budget_for(s, n, floor) for s in budget_specs for n in lengths), default=floor)
     setting = run_flash_attn(model, policies, largest, buffer, n_threads, flash_attn, done, out)
+    cpu = machine()["cpu"]  # llama.cpp's kernels, and so the last bits of every figure, differ by CPU
     with out.open("a") as fh:
         for tr in tqdm(traces, desc="traces replayed", unit="q", disable=not progress):
             todo = [(p, s) for p in policies for s in budget_specs if (tr["id"], p, s) not in done]
@@ -239,6 +241,7 @@ def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], b
                 rec = {"item_id": tr["id"], "model": model_name, "policy": p, "budget_spec": s,
                        "n_prompt": len(tr["prompt_ids"]), "n_trace": len(tr["trace_ids"]), "buffer": buffer,
                        "flash_attn": None if setting is None else fa.label(setting), "together": together,
+                       "cpu": cpu,
                        **{k: (np.round(v, 6).tolist() if k in ("kl", "nll_full", "nll_comp") else v)
                           for k, v in o.items()}}
                 fh.write(json.dumps(rec) + "\n")

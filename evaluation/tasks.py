@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from infokv_local.api import InfoKVLlama, SavedConversation
 from infokv_local.bench.jsonl import read_log, require_same_settings
+from infokv_local.bench.speed import machine
 from infokv_local.engine import policy_reading
 from infokv_local.engine.sizing import DEFAULT_SIGNAL_STRIDE
 from infokv_local.llamacpp.flash_attn import FlashAttn, choose_flash_attention, label, setting_of
@@ -286,6 +287,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                               prompt_probe=prompt_probe, flash_attn=setting)
     llm = InfoKVLlama(model, policy="full", n_ctx=n_ctx, **kw)
     guard = threading.Lock()
+    cpu = machine()["cpu"]  # greedy texts can differ by CPU (llama.cpp's kernels round differently)
     try:
         fmt = llm._chat_formatter()  # the GGUF's chat template, to count prompt tokens for ratio budgets
         jobs: list[tuple[TaskItem, str, str, dict[str, Any]]] = []
@@ -301,7 +303,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                     rec: dict[str, Any] = {"task": task, "model": model_name, "item_id": it.item_id, "kind": it.kind,
                                            "length": it.length, "policy": p, "budget_spec": spec,
                                            "prompt_tokens": n_prompt, "gold": it.gold, **cache, "budget": budget,
-                                           "flash_attn": None if setting is None else label(setting)}
+                                           "flash_attn": None if setting is None else label(setting), "cpu": cpu}
                     if budget is not None and (budget < n_sink + n_recent + 1 or budget >= n_prompt + it.max_tokens):
                         rec.update(skipped=True, correct=None)
                     jobs.append((it, p, spec, rec))
