@@ -31,11 +31,12 @@ from infokv_local.api import InfoKVLlama
 from infokv_local.bench.fidelity import log_softmax
 from infokv_local.bench.jsonl import read_log
 from infokv_local.bench.speed import machine
-from infokv_local.engine import Engine, SharedContext, run_workers
+from infokv_local.engine import Engine, EngineSnapshot, SharedContext, policy_reading, run_workers
 from infokv_local.llamacpp import flash_attn as fa
 from infokv_local.llamacpp.model import Model
-from infokv_local.policies import make_policy
+from infokv_local.policies import Policy, make_policy
 
+from .forks import PromptForks
 from .tasks import read_done, run_flash_attn
 
 BUCKETS = (0, 128, 512, 2048)
@@ -102,7 +103,7 @@ def budget_for(spec: str, n_tokens: int, floor: int) -> int:
 
 def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buffer: int = 64, n_sink: int = 4,
                  n_recent: int = 32, window: int = 32, n_threads: int | None = None, parallel: int = 1,
-                 flash_attn: fa.FlashAttn = None) -> dict[tuple[str, str], dict]:
+                 flash_attn: fa.FlashAttn = None, fork: bool = True) -> dict[tuple[str, str], dict]:
     """Teacher-force prompt + trace through the full cache and each ``(policy spec, budget spec)``.
 
     Returns per config the per-token arrays over the trace predictions made after its first
@@ -115,7 +116,9 @@ def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buff
     as sequences of one context (:class:`~infokv_local.engine.SharedContext`), each on a thread of its own, so
     their trace tokens are decoded together, one ``llama_decode`` per step for all of them; every engine
     still reads, compresses and predicts as it would alone. ``flash_attn``: every engine's setting (None:
-    each engine's own choice, the full cache's too).
+    each engine's own choice, the full cache's too). ``fork``: the prompt is read once for the configs with the
+    same budget whose policies read it alike, and forked to the others while nothing was evicted from it
+    (:mod:`.forks`); each config says ``prompt_forked``.
     """
     prompt, tr = trace["prompt_ids"], trace["trace_ids"]
     n_all = len(prompt) + len(tr)
@@ -125,7 +128,7 @@ def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buff
     out: dict[tuple[str, str], dict] = {}
     for pol, spec in configs:
         out[(pol, spec)] = {"budget": budget_for(spec, n_all, floor), "first_evict": None, "kl": [], "agree": [],
-                            "nll_full": [], "nll_comp": [], "distance": []}
+                            "nll_full": [], "nll_comp": [], "distance": [], "prompt_forked": False}
     # a budget + buffer that holds the whole sequence never compresses: nothing to compare
     todo = [key for key in out if out[key]["budget"] + buffer < n_all]
     if not todo:
@@ -138,10 +141,14 @@ def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buff
         return dict(policy=make_policy(key[0]), budget=out[key]["budget"], buffer=buffer, n_sink=n_sink,
                     n_recent=n_recent, window=window, n_threads=n_threads, flash_attn=flash_attn)
 
+    forks = None
+    if fork:
+        forks = PromptForks()
+        forks.expect([_fork_key(make_policy(key[0]), out[key]["budget"]) for key in todo])
     if parallel <= 1 or len(todo) == 1:
         for key in todo:
             with Engine(model, **engine_args(key)) as eng:
-                _replay(eng, steps, tr, reference, out[key])
+                _replay(eng, steps, tr, reference, out[key], forks=forks)
         return out
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -151,7 +158,7 @@ def replay_trace(model: Model, trace: dict, configs: list[tuple[str, str]], buff
         def work(_: int, key: tuple[str, str]) -> None:
             try:
                 with Engine(model, **engine_args(key), shared=shared) as eng:
-                    _replay(eng, steps, tr, reference, out[key], stop)
+                    _replay(eng, steps, tr, reference, out[key], stop, forks)
             except BaseException as e:  # noqa: BLE001 - raised below, once the others have ended
                 errors.append(e)
                 stop.set()
@@ -171,9 +178,15 @@ def _last_logits(eng: Engine, toks: list[int]) -> np.ndarray:
     return row
 
 
+def _fork_key(policy: Policy, budget: int) -> tuple[object, ...]:
+    return (policy_reading(policy), budget)
+
+
 def _replay(eng: Engine, steps: list[list[int]], trace: list[int], reference: list[np.ndarray], o: dict,
-            stop: threading.Event | None = None) -> None:
-    """One config's teacher-forced replay against the full cache's log-probabilities, into ``o``."""
+            stop: threading.Event | None = None, forks: PromptForks | None = None) -> None:
+    """One config's teacher-forced replay against the full cache's log-probabilities, into ``o``. With ``forks``
+    the prompt (step 0) may come from another config's reading: its prediction is not scored then either, since
+    a prompt is forked only when no compression came before it."""
     pos = 0  # sequence index of the first token of the current step
 
     def step(i: int, toks: list[int]) -> None:
@@ -201,7 +214,15 @@ def _replay(eng: Engine, steps: list[list[int]], trace: list[int], reference: li
             o["distance"].append(pos + len(toks) - 1 - o["first_evict"])
         pos += len(toks)
 
-    step(0, steps[0])  # the prompt, in chunks decoded alone
+    def read() -> EngineSnapshot | None:
+        step(0, steps[0])  # the prompt, in chunks decoded alone
+        return eng.snapshot() if o["first_evict"] is None else None
+
+    if forks is None:
+        read()
+    elif forks.read_or_fork(_fork_key(eng.policy, o["budget"]), read, eng.fork):
+        o["prompt_forked"] = True
+        pos = len(steps[0])
     with eng.stepping():  # then one trace token per decode, with the other replays' tokens
         for i in range(1, len(steps)):
             step(i, steps[i])
@@ -210,7 +231,7 @@ def _replay(eng: Engine, steps: list[list[int]], trace: list[int], reference: li
 def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], budget_specs: list[str],
                         out_jsonl: str | Path, buffer: int = 64, n_sink: int = 4, n_recent: int = 32,
                         window: int = 32, n_threads: int | None = None, progress: bool = True,
-                        parallel: int = 1, flash_attn: fa.FlashAttn = None) -> list[dict]:
+                        parallel: int = 1, flash_attn: fa.FlashAttn = None, fork: bool = True) -> list[dict]:
     """Replay every trace for every (evicting policy, budget) not yet in ``out_jsonl``; all records back.
 
     ``parallel``: configs of a trace replayed at once (:func:`replay_trace`); a log holds replays made one way
@@ -236,7 +257,7 @@ def run_decode_fidelity(model: Model, traces: list[dict], policies: list[str], b
             if not todo or not tr["trace_ids"]:
                 continue
             res = replay_trace(model, tr, todo, buffer=buffer, n_sink=n_sink, n_recent=n_recent, window=window,
-                               n_threads=n_threads, parallel=parallel, flash_attn=setting)
+                               n_threads=n_threads, parallel=parallel, flash_attn=setting, fork=fork)
             for (p, s), o in res.items():
                 rec = {"item_id": tr["id"], "model": model_name, "policy": p, "budget_spec": s,
                        "n_prompt": len(tr["prompt_ids"]), "n_trace": len(tr["trace_ids"]), "buffer": buffer,

@@ -67,6 +67,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _together(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--no-fork", action="store_true",
+                   help="every generation or replay reads its prompt (default: a prompt is read once for the "
+                        "policies that record the same signals, at the same budget, and copied to the others while "
+                        "nothing was evicted from it; the copy holds what their own reading would have)")
     p.add_argument("--parallel", type=int, default=DEFAULTS.parallel,
                    help=f"{what} run at once as sequences of one context, their tokens decoded together "
                         f"(default: {DEFAULTS.parallel}; 1: one after another)")
@@ -101,9 +105,6 @@ def register(subparsers: Any) -> None:
                    help="the engine's prompt probe: compressions while the prompt is read see its end (the "
                         "question) first; write to another --out than a run without it")
     _together(t, "evicting generations")
-    t.add_argument("--no-fork", action="store_true",
-                   help="with --parallel: every generation reads its prompt (default: a prompt is read once for "
-                        "the policies that record the same signals and forked to them while nothing was evicted)")
     _common(t)
     t.set_defaults(func=run_tasks_cmd)
     f = subparsers.add_parser(
@@ -228,14 +229,15 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
         records = D.run_decode_fidelity(model, traces, policies, specs, out.with_suffix(".jsonl"),
                                         buffer=args.buffer, n_sink=args.n_sink, n_recent=args.n_recent,
                                         n_threads=args.threads, progress=not args.no_progress,
-                                        parallel=args.parallel, flash_attn=setting_of(args.flash_attn))
+                                        parallel=args.parallel, flash_attn=setting_of(args.flash_attn),
+                                        fork=not args.no_fork)
     finally:
         model.close()
     rows = D.summarize(records)
     ratios = all_kl_ratios(records)
     summary = {"model": tag, "command": " ".join(sys.argv), "policies": policies, "budgets": specs,
                "max_tokens": max_tokens, "buffer": args.buffer, "n_questions": len(questions) * args.group,
-               "group": args.group, "parallel": args.parallel,
+               "group": args.group, "parallel": args.parallel, "fork": not args.no_fork,
                "flash_attn": sorted({str(r.get("flash_attn")) for r in records}),
                "mean_trace_tokens": sum(len(t["trace_ids"]) for t in traces) / max(len(traces), 1),
                "results": rows, "kl_ratios": ratios}

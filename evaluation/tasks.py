@@ -31,7 +31,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +47,7 @@ from infokv_local.llamacpp.model import Model
 from infokv_local.policies import ATTENTION_ALL_ROWS, make_policy
 
 from . import task_data
+from .forks import PromptForks
 from .significance import mcnemar_exact, paired_bootstrap, wilson
 
 TASKS = task_data.TASKS
@@ -269,10 +270,10 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
     ``parallel`` > 1: the evicting (item, policy, budget) generations run that many at a time as sequences of one
     context (:meth:`~infokv_local.InfoKVLlama.run_together`), their tokens decoded together; the full cache's
     one after another beside them. Records are written as each generation ends (not in item order).
-    ``fork`` (with ``parallel`` > 1): an item's prompt is read once for the policies that read it alike
+    ``fork``: an item's prompt is read once for the policies that read it alike
     (:func:`~infokv_local.engine.policy_reading`) and forked to the others (:meth:`InfoKVLlama.fork_state`) while
-    no compression has touched it; records say ``prompt_forked``. The fork leaves exactly the cells and signals
-    the policy's own reading would have, so forked and read generations are alike.
+    no compression has touched it (:mod:`.forks`); records say ``prompt_forked``. The fork leaves exactly the cells
+    and signals the policy's own reading would have, so forked and read generations are alike.
     ``flash_attn``: every generation of the run uses one setting, recorded (:func:`run_flash_attn`).
     """
     out = Path(out_jsonl)
@@ -318,7 +319,7 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                     bar.set_postfix_str(f"{rec['policy']} {rec['budget_spec']}")
                     bar.update()
 
-            forks = PromptForks() if fork and parallel > 1 else None
+            forks = PromptForks() if fork else None
 
             def generate(one: InfoKVLlama, it: TaskItem, rec: dict[str, Any]) -> None:
                 budget = rec["budget"]
@@ -326,7 +327,9 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                 t0 = time.perf_counter()
                 messages = [{"role": "user", "content": it.prompt}]
                 if forks is not None and rec["policy"] != "full":
-                    rec["prompt_forked"] = forks.read_or_fork(one, messages, (it.item_id, rec["budget_spec"]))
+                    key = (it.item_id, rec["budget_spec"], policy_reading(one.engine.policy))
+                    rec["prompt_forked"] = forks.read_or_fork(key, lambda: _read_prompt(one, messages),
+                                                              one.fork_state)
                 res = one.create_chat_completion(messages, temperature=0.0, max_tokens=it.max_tokens, seed=0)
                 text = res["choices"][0]["message"]["content"]
                 correct, pred = score_item(it, text)
@@ -347,13 +350,13 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
                 if job[3].get("skipped"):
                     finish(job[3])
             runs = [j for j in jobs if not j[3].get("skipped")]
+            if forks is not None:
+                forks.expect([(j[0].item_id, j[2], policy_reading(make_policy(j[1]))) for j in runs if j[1] != "full"])
             together = [j for j in runs if j[1] != "full"] if parallel > 1 else []
             for it, p, _, rec in runs:
                 if p == "full" or not together:
                     generate(llm, it, rec)
             if together:
-                if forks is not None:
-                    forks.expect([(j[0].item_id, j[2], policy_reading(make_policy(j[1]))) for j in together])
                 _run_together(model, together, generate, parallel, kw)
             bar.close()
     finally:
@@ -363,57 +366,10 @@ def run_tasks(model: Model, task: str, items: list[TaskItem], policies: list[str
             and (r["budget_spec"] in budget_specs or r["budget_spec"] == "full")]
 
 
-@dataclass
-class _Read:
-    """One prompt read for a group of generations: the state once read (None: it cannot be forked)."""
-
-    left: int  # the group's generations that have not taken it yet
-    done: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
-    state: SavedConversation | None = None
-
-
-class PromptForks:
-    """Prompts read once and forked (:meth:`InfoKVLlama.fork_state`): the first generation of an (item, budget,
-    policy reading) group reads the prompt and saves it; the group's other generations wait for it and go on from
-    a copy. A prompt compressed while it was read (longer than budget + buffer) is read by each generation."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._reads: dict[tuple[Any, ...], _Read] = {}
-
-    def expect(self, keys: list[tuple[Any, ...]]) -> None:
-        """The (item, budget, reading) of every generation to come: a saved prompt is dropped once the last
-        generation of its group took it."""
-        for key in keys:
-            self._reads.setdefault(key, _Read(left=0)).left += 1
-
-    def read_or_fork(self, one: InfoKVLlama, messages: list[dict[str, Any]], item: tuple[Any, ...]) -> bool:
-        """Put the prompt of ``messages`` in ``one``'s cache, read or forked; True when forked. ``item``: the
-        item's id and budget spec."""
-        key = (*item, policy_reading(one.engine.policy))
-        with self._guard:
-            read = self._reads.setdefault(key, _Read(left=1))  # a generation not announced: a group of its own
-            lead, read.started = not read.started, True
-        try:
-            if lead:
-                try:
-                    one.prefill(messages)
-                    if not one.engine.totals.evicted_tokens:
-                        read.state = one.export_state()
-                finally:
-                    read.done.set()
-                return False
-            read.done.wait()
-            if read.state is None:
-                return False
-            one.fork_state(read.state)
-            return True
-        finally:
-            with self._guard:
-                read.left -= 1
-                if read.left <= 0:
-                    self._reads.pop(key, None)
+def _read_prompt(one: InfoKVLlama, messages: list[dict[str, Any]]) -> SavedConversation | None:
+    """Read a chat's prompt; the state to fork to others, unless a compression touched it."""
+    one.prefill(messages)
+    return None if one.engine.totals.evicted_tokens else one.export_state()
 
 
 def _run_together(model: Model, jobs: list[tuple[TaskItem, str, str, dict[str, Any]]], generate: Any,

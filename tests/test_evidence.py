@@ -458,6 +458,29 @@ def test_replays_run_together_predict_as_they_do_one_by_one(model: Model) -> Non
         assert np.mean(np.equal(a["agree"], b["agree"])) >= 0.95, key
 
 
+def test_a_forked_prompt_replays_as_its_own_reading(model: Model) -> None:
+    """Configs whose policies read a prompt alike, at one budget, share one reading (the others fork it): one by
+    one and together, their figures equal those of replays that each read the prompt."""
+    toks = model.tokenize(TD.cot_prompt("Tom has 3 apples and buys 4 more. How many apples does he have?"))
+    trace = {"id": "x", "prompt_ids": toks,
+             "trace_ids": model.tokenize(" He has 7 apples, then 5 after giving two away. " * 8, add_special=False)}
+    configs = [(p, "r0.25") for p in ("snapkv", "rkv", "tova", "infokv", "infokv-rkv", "streaming", "keydiff", "h2o")]
+    kw = dict(buffer=32, n_threads=2, flash_attn=False)
+    for parallel in (1, 3):
+        forked = D.replay_trace(model, trace, configs, parallel=parallel, **kw)
+        read = D.replay_trace(model, trace, configs, parallel=parallel, fork=False, **kw)
+        assert sum(o["prompt_forked"] for o in forked.values()) == 4  # 8 configs, 4 reading groups
+        assert not any(o["prompt_forked"] for o in read.values())
+        for key in configs:
+            a, b = forked[key], read[key]
+            assert a["first_evict"] is not None and a["first_evict"] == b["first_evict"], key
+            assert a["distance"] == b["distance"], key
+            if parallel == 1:  # each replay decoded alone: deterministic
+                assert a["kl"] == b["kl"] and a["nll_comp"] == b["nll_comp"], key
+            else:  # together: bit-equal on this CPU, but llama.cpp is not batch-invariant in general
+                np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-3, atol=1e-5, err_msg=str(key))
+
+
 def test_python_m_evaluation_has_every_research_command() -> None:
     import subprocess
     import sys
