@@ -79,6 +79,24 @@ def test_runs_under_a_budget(arch_dir, name):
             assert list(other.generate([], max_tokens=20, ignore_eos=True)) == more
 
 
+@pytest.mark.parametrize("name", ["llama-dense", "gemma3-dense", "gpt-oss-moe", "granitehybrid-dense", "qwen35-dense"])
+def test_a_prompt_forked_to_another_policy_goes_on_as_its_own_reading(arch_dir, name):
+    """A prompt read by SnapKV and forked to TOVA (the same signals recorded) holds what TOVA's own reading would:
+    the same greedy text under eviction, on a dense, a sliding-window and a hybrid memory."""
+    kw = dict(budget=BUDGET, buffer=BUFFER, n_threads=2, check_invariants=True, compact_at=4096)
+    with Model(arch_dir / f"{name}.gguf") as model:
+        prompt = np.random.default_rng(1).integers(3, model.info.n_vocab, N_PROMPT).tolist()
+        with Engine(model, "snapkv", **kw) as reader:
+            reader.prefill(prompt)
+            read = reader.snapshot()
+        with Engine(model, "tova", **kw) as forked, Engine(model, "tova", **kw) as own:
+            forked.fork(read)
+            own.prefill(prompt)
+            got = list(forked.generate([], max_tokens=120, ignore_eos=True))
+            want = list(own.generate([], max_tokens=120, ignore_eos=True))
+            assert forked.totals.evictions > 0 and got == want
+
+
 @pytest.mark.parametrize("name", sorted(NOTHING_GROWS))
 def test_runs_without_eviction_when_nothing_grows(arch_dir, name):
     with Model(arch_dir / f"{name}.gguf") as model:
