@@ -1,0 +1,49 @@
+#!/bin/sh
+# The evidence runs left (BENCHMARKS.md, "What is not measured yet"; notes parts 13 and 18), one after another, each
+# resumable: rerun this script after an interruption and every step goes on where its log stopped. From the
+# repository root, nothing else running: nohup nice -n 5 sh results/evidence-queue-2026-12-07.sh > queue.log 2>&1 &
+# Sizes at the 5-6 Qwen2.5-Coder-1.5B generations a minute measured with --parallel 8 on 2 cores.
+set -e
+PY=${PY:-.venv/bin/python}
+Q="--model qwen2.5-coder-1.5b --threads 2 --no-progress"
+
+# 1. The 300-question report run (GSM8K 500-799, budget 128), to its end. It read every prompt itself when it began:
+#    --no-fork keeps it so. About 500 generations were left on 7 Dec (1.5 hours).
+$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 300 --budget 128 --parallel 8 --no-fork \
+    --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,streaming \
+    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+
+# 2. The rule for the default (notes part 18, written before these runs): accuracy on GSM8K 400-499 (200 generations,
+#    about 40 minutes), fidelity on essays 9-16, decode rate.
+$PY -m evaluation tasks --task decode-pressure $Q --offset 400 --limit 100 --budget 128 --parallel 8 \
+    --policies infokv,infokv-rkv --out results/selection-default-qwen2.5-coder-1.5b-b128-q400-499.json
+$PY -m infokv_local bench docs --out docs.jsonl --min-tokens 2000 && sed -n 9,16p docs.jsonl > docs-stride.jsonl
+$PY -m infokv_local bench fidelity --docs docs-stride.jsonl --max-tokens 2048 --ratio 0.25,0.125 --threads 2 \
+    --policies "infokv,infokv-rkv" --json results/default-heldout-smollm2-135m.json
+$PY -m infokv_local bench fidelity --model qwen2.5-coder-0.5b --docs docs-stride.jsonl --max-tokens 2048 \
+    --ratio 0.25,0.125 --threads 2 --policies "infokv,infokv-rkv" --json results/default-heldout-qwen2.5-coder-0.5b.json
+$PY -m infokv_local bench throughput --policies infokv,infokv-rkv --budget 256 --buffer 64 --prompt-tokens 1024 \
+    --max-tokens 512 --rounds 3 --threads 2 --json results/throughput-default-rule-smollm2.json
+
+# 3. The other policies at budget 128 and every policy at 256, on the first 100 report questions, into the report
+#    log (the full cache's records are there already): 400 + 1,000 generations, about 4 hours. Each run rewrites
+#    the log's .json summary with its own policies: `python -m evaluation summary <log>.jsonl` summarizes them all.
+$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --budget 128 --parallel 8 \
+    --policies full,tova,keydiff,context-shift,random \
+    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --budget 256 --parallel 8 \
+    --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff,context-shift,random \
+    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+
+# 4. Decode-time fidelity on 48 fresh traces (GSM8K 800-847), one by one as the 12 in BENCHMARKS were.
+$PY -m evaluation fidelity-decode $Q --offset 800 --limit 48 --max-tokens 400 --ratio 0.25,0.125 --parallel 1 \
+    --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff \
+    --out results/fidelity-decode-qwen2.5-coder-1.5b-q800-847.json
+
+# 5. Longer reasoning: six GSM8K questions in one reply (notes part 13), about 4 hours, then its fidelity.
+$PY -m evaluation tasks --task multi-step --group 6 $Q --offset 1000 --limit 96 --max-tokens 2400 --budget 232,464 \
+    --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,streaming --parallel 8 \
+    --out results/multi-step-qwen2.5-coder-1.5b-q1000-1095.json
+$PY -m evaluation fidelity-decode $Q --group 6 --offset 1000 --limit 48 --max-tokens 2400 --ratio 0.25,0.125 \
+    --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,streaming \
+    --out results/fidelity-decode-multi-step-qwen2.5-coder-1.5b.json
