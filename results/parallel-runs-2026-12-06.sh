@@ -10,13 +10,7 @@ $PY -m evaluation.server_throughput --slots 4 --threads 2 --llama-server $LS --j
 echo "== server throughput, Qwen2.5-Coder-1.5B"; date
 $PY -m evaluation.server_throughput --model qwen2.5-coder-1.5b --slots 4 --threads 2 --rounds 2 --llama-server $LS --json results/serve-throughput-qwen2.5-coder-1.5b.json
 echo "== batch, Qwen2.5-Coder-1.5B, 32 prompts x 128 tokens: parallel 1, 8, 8, 1"; date
-for p in 1 8 8 1; do
-  rm -f /tmp/bench/batch-p$p.jsonl
-  s=$(date +%s.%N)
-  $PY -m infokv_local batch --model qwen2.5-coder-1.5b --input results/batch-prompts32.jsonl --output /tmp/bench/batch-p$p.jsonl --threads 2 --ignore-eos --parallel $p 2>/dev/null
-  e=$(date +%s.%N)
-  echo "batch --parallel $p: $(python3 -c "print(round($e-$s,1))") s"
-done
+PY=$PY bash results/batch-parallel-ab.sh
 echo "== bench tasks, SmolLM2, decode-pressure 16 questions x 4 policies, budget 128: parallel 1, 8, 8, 1"; date
 i=0
 for p in 1 8 8 1; do

@@ -1,7 +1,8 @@
 #!/bin/bash
-# batch --parallel 1 against 8 on Qwen2.5-Coder-1.5B, 32 prompts x 128 tokens (BENCHMARKS.md), order 1, 8, 8, 1; from the repository root
+# batch --parallel 1 against 8 on Qwen2.5-Coder-1.5B, 32 prompts x 128 tokens (BENCHMARKS.md), order 1, 8, 8, 1;
+# from the repository root; the last output of each setting stays in /tmp/bench
 mkdir -p /tmp/bench
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}
 for p in 1 8 8 1; do
   rm -f /tmp/bench/batch-p$p.jsonl
   s=$(date +%s.%N)
