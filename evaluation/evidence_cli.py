@@ -279,13 +279,16 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
         plots.plot_kl_by_distance(rows, out.with_name(out.stem + "-by-distance.png"))
         plots.plot_fidelity_bars(rows, png, title=f"{rows[0]['model']}: decode-time fidelity" if rows else "")
     else:
-        results = T.summarize(records)
-        by_question = T.summarize_questions(records) if any("sub_correct" in r for r in records) else None
+        references = _policies(args.reference)
+        results = T.summarize(records, reference=references)
+        by_question = (T.summarize_questions(records, reference=references)
+                       if any("sub_correct" in r for r in records) else None)
         out.write_text(json.dumps({"source": str(src), "partial": args.partial, "results": results,
                                    **({"by_question": by_question} if by_question else {}), "items": records},
                                   indent=1))
         print(T.format_table(results))
-        print(markdown_tasks(results))
+        for reference in references:
+            print(markdown_tasks(results, reference))
         if by_question:  # a multi-step log: its questions one by one
             print(T.format_question_table(by_question))
         if results:
@@ -375,15 +378,15 @@ def run_diverge_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def markdown_tasks(results: list[dict]) -> str:
-    """Markdown: accuracy [Wilson 95%] per policy; InfoKV's paired difference against each baseline."""
+def markdown_tasks(results: list[dict], reference: str = "infokv") -> str:
+    """Markdown: accuracy [Wilson 95%] per policy; ``reference``'s paired difference against each other policy."""
     lines = ["| task | length | budget | policy | n | correct | accuracy | Wilson 95% "
-             "| InfoKV − policy (bootstrap 95%) | InfoKV wins / losses | McNemar p |",
+             f"| {reference} − policy (bootstrap 95%) | {reference} wins / losses | McNemar p |",
              "|---|---:|---:|---|---:|---:|---:|---|---|---|---:|"]
-    pairs = {(r["task"], r["length"], r["budget"]): r.get("paired", {}) for r in results if r["policy"] == "infokv"}
+    pairs = {(r["task"], r["length"], r["budget"]): r.get("paired", {}) for r in results if r["policy"] == reference}
     for r in results:
         d = None
-        if r["policy"] != "infokv":
+        if r["policy"] != reference:
             for (t, n, b), pr in pairs.items():
                 if (t, n) == (r["task"], r["length"]) and (b == r["budget"] or r["policy"] == "full"):
                     d = pr.get(r["policy"])
@@ -432,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("jsonl")
     sm.add_argument("--out", help="summary JSON (default: the JSONL's name with .json)")
     sm.add_argument("--partial", action="store_true", help="mark the summary as a partial run")
+    sm.add_argument("--reference", default="infokv",
+                    help="policies paired against every other policy of a tasks log, separated as in --policies "
+                         "(default: infokv)")
     sm.set_defaults(func=run_summary_cmd)
     cp = sub.add_parser("compare", help="pair two tasks logs of the same items run under two settings "
                                         "(e.g. --prompt-probe and not): accuracies, a − b, McNemar")

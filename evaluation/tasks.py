@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -418,38 +418,45 @@ def _paired(a: dict[str, bool], b: dict[str, bool], n_boot: int, seed: int) -> d
     return {"n": len(common), "diff": diff, "ci95": [lo, hi], "wins": n10, "losses": n01, "mcnemar_p": p}
 
 
-def summarize(records: list[dict], reference: str = "infokv", n_boot: int = 10000, seed: int = 0) -> list[dict]:
+def _references(reference: str | Sequence[str]) -> tuple[str, ...]:
+    return (reference,) if isinstance(reference, str) else tuple(reference)
+
+
+def summarize(records: list[dict], reference: str | Sequence[str] = "infokv", n_boot: int = 10000,
+              seed: int = 0) -> list[dict]:
     """Accuracy per (task, model, length, policy, budget spec) with a Wilson 95% interval, and the
-    paired difference of ``reference`` against each other policy on the same items (bootstrap
+    paired difference of each ``reference`` policy against every other policy on the same items (bootstrap
     interval, exact McNemar p-value). The full cache is compared at every budget."""
+    references = _references(reference)
     groups = _outcomes(records)
     results = []
     def order(key: tuple) -> tuple:
         task, model, length, policy, spec = key
-        return (task, model, length or 0, policy != "full", spec, policy != "infokv", policy)
+        return (task, model, length or 0, policy != "full", spec, policy not in references,
+                references.index(policy) if policy in references else 0, policy)
 
     for (task, model, length, policy, spec), outcomes in sorted(groups.items(), key=lambda kv: order(kv[0])):
         n, k = len(outcomes), sum(outcomes.values())
         lo, hi = wilson(k, n)
         row: dict[str, Any] = {"task": task, "model": model, "length": length, "policy": policy, "budget": spec,
                                "n": n, "correct": k, "accuracy": k / n, "ci95": [lo, hi]}
-        if policy == reference:
+        if policy in references:
             row["paired"] = {}
             for (t2, m2, l2, p2, s2), other in groups.items():
-                if (t2, m2, l2) != (task, model, length) or p2 == reference or (s2 != spec and p2 != "full"):
+                if (t2, m2, l2) != (task, model, length) or p2 == policy or (s2 != spec and p2 != "full"):
                     continue
                 row["paired"][p2] = _paired(outcomes, other, n_boot, seed)
         results.append(row)
     return results
 
 
-def summarize_questions(records: list[dict], reference: str = "infokv", n_boot: int = 10000,
+def summarize_questions(records: list[dict], reference: str | Sequence[str] = "infokv", n_boot: int = 10000,
                         seed: int = 0) -> list[dict]:
     """Multi-step items counted by question: per (model, policy, budget spec) the questions answered right (Wilson
     95% interval, which takes them as independent) and the accuracy at each position in the group; and
-    ``reference`` minus each other policy in the share of a group's questions answered right, paired by group
-    with a bootstrap over groups (the questions of a group are not independent), and the groups it answered
-    more / fewer of."""
+    each ``reference`` policy minus every other policy in the share of a group's questions answered right,
+    paired by group with a bootstrap over groups (the questions of a group are not independent), and the
+    groups it answered more / fewer of."""
     fractions: dict[tuple, dict[str, float]] = defaultdict(dict)
     by_position: dict[tuple, list[list[bool]]] = defaultdict(list)
     for r in records:
@@ -459,8 +466,9 @@ def summarize_questions(records: list[dict], reference: str = "infokv", n_boot: 
         sub = [bool(x) for x in r["sub_correct"]]
         fractions[key][r["item_id"]] = sum(sub) / len(sub)
         by_position[key].append(sub)
+    references = _references(reference)
     rows = []
-    for key in sorted(fractions, key=lambda k: (k[0], k[1] != "full", k[2], k[1] != reference, k[1])):
+    for key in sorted(fractions, key=lambda k: (k[0], k[1] != "full", k[2], k[1] not in references, k[1])):
         model, policy, spec = key
         subs = by_position[key]
         n_q, k = sum(len(x) for x in subs), sum(sum(x) for x in subs)
@@ -469,10 +477,10 @@ def summarize_questions(records: list[dict], reference: str = "infokv", n_boot: 
         row: dict[str, Any] = {"model": model, "policy": policy, "budget": spec, "groups": len(subs), "questions": n_q,
                                "correct": k, "accuracy": k / n_q, "ci95": list(wilson(k, n_q)),
                                "by_position": [sum(a) / len(a) for a in at]}
-        if policy == reference:
+        if policy in references:
             row["paired"] = {}
             for (m2, p2, s2), other in fractions.items():
-                if m2 != model or p2 == reference or (s2 != spec and p2 != "full"):
+                if m2 != model or p2 == policy or (s2 != spec and p2 != "full"):
                     continue
                 common = sorted(set(fractions[key]) & set(other))
                 xa, xb = [fractions[key][i] for i in common], [other[i] for i in common]
@@ -484,7 +492,7 @@ def summarize_questions(records: list[dict], reference: str = "infokv", n_boot: 
     return rows
 
 
-def format_question_table(rows: list[dict], reference: str = "infokv") -> str:
+def format_question_table(rows: list[dict]) -> str:
     """A plain-text table of :func:`summarize_questions`."""
     lines = [f"{'budget':>7s} {'policy':14s}{'groups':>7s}{'questions':>10s}{'acc':>7s}  {'95% CI':14s} by position"]
     for r in rows:
@@ -492,15 +500,13 @@ def format_question_table(rows: list[dict], reference: str = "infokv") -> str:
         pos = " ".join(f"{a:.2f}" for a in r["by_position"])
         lines.append(f"{r['budget']:>7s} {r['policy']:14s}{r['groups']:>7d}{r['questions']:>10d}{r['accuracy']:>7.1%}"
                      f"  [{lo:.2f}, {hi:.2f}]  {pos}")
-    paired = [r for r in rows if r["policy"] == reference and r.get("paired")]
-    if paired:
+    for r in (r for r in rows if r.get("paired")):
         lines.append("")
-        lines.append(f"{reference} minus baseline, share of a group's questions right (bootstrap 95% CI over groups; "
-                     f"groups with more/fewer)")
-        for r in paired:
-            for p2, d in sorted(r["paired"].items()):
-                lines.append(f"{r['budget']:>7s} vs {p2:14s}{d['groups']:>4d} {d['diff']:+7.1%} "
-                             f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] {d['more']}/{d['fewer']}")
+        lines.append(f"{r['policy']} minus each other policy, share of a group's questions right (bootstrap 95% CI "
+                     f"over groups; groups with more/fewer)")
+        for p2, d in sorted(r["paired"].items()):
+            lines.append(f"{r['budget']:>7s} vs {p2:14s}{d['groups']:>4d} {d['diff']:+7.1%} "
+                         f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] {d['more']}/{d['fewer']}")
     return "\n".join(lines)
 
 
@@ -525,20 +531,19 @@ def compare_logs(a: list[dict], b: list[dict], n_boot: int = 10000, seed: int = 
     return rows
 
 
-def format_table(results: list[dict], reference: str = "infokv") -> str:
+def format_table(results: list[dict]) -> str:
     """A plain-text table: accuracy [Wilson 95%] per policy and budget; paired differences below."""
     lines = [f"{'task':19s}{'len':>6s} {'budget':>7s} {'policy':14s}{'n':>4s}{'acc':>7s}  {'95% CI':15s}"]
     for r in results:
         lo, hi = r["ci95"]
         lines.append(f"{r['task']:19s}{r['length'] or '':>6} {r['budget']:>7s} {r['policy']:14s}{r['n']:>4d}"
                      f"{r['accuracy']:>7.1%}  [{lo:.2f}, {hi:.2f}]")
-    paired = [r for r in results if r["policy"] == reference and r.get("paired")]
-    if paired:
+    for r in (r for r in results if r.get("paired")):
         lines.append("")
-        lines.append(f"{reference} minus baseline on the same items (bootstrap 95% CI; wins/losses; McNemar p)")
-        for r in paired:
-            for p2, d in sorted(r["paired"].items()):
-                lines.append(f"{r['task']:19s}{r['length'] or '':>6} {r['budget']:>7s} vs {p2:14s}{d['n']:>4d} "
-                             f"{d['diff']:+7.1%} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] "
-                             f"{d['wins']}/{d['losses']}  p={d['mcnemar_p']:.3f}")
+        lines.append(f"{r['policy']} minus each other policy on the same items (bootstrap 95% CI; wins/losses; "
+                     f"McNemar p)")
+        for p2, d in sorted(r["paired"].items()):
+            lines.append(f"{r['task']:19s}{r['length'] or '':>6} {r['budget']:>7s} vs {p2:14s}{d['n']:>4d} "
+                         f"{d['diff']:+7.1%} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] "
+                         f"{d['wins']}/{d['losses']}  p={d['mcnemar_p']:.3f}")
     return "\n".join(lines)

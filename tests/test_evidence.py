@@ -186,6 +186,24 @@ def test_summarize_pairs_the_same_items() -> None:
     assert rows[("h2o", "128")]["n"] == 5
 
 
+def test_summary_pairs_each_reference_policy_with_every_other(tmp_path: Path, capsys) -> None:
+    log = tmp_path / "dp.jsonl"
+    outcomes = {"full": (1, 1, 1, 0), "infokv": (1, 0, 0, 0), "rkv": (1, 1, 0, 1), "h2o": (0, 0, 0, 0)}
+    recs = [{"task": "decode-pressure", "model": "m", "length": None, "item_id": str(i), "policy": p,
+             "budget_spec": "full" if p == "full" else "128", "correct": bool(x[i])}
+            for p, x in outcomes.items() for i in range(4)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert evidence_cli.main(["summary", str(log), "--reference", "rkv,infokv"]) == 0
+    out = capsys.readouterr().out
+    assert "| rkv − policy (bootstrap 95%) |" in out and "| infokv − policy (bootstrap 95%) |" in out
+    rows = {r["policy"]: r for r in json.loads(log.with_suffix(".json").read_text())["results"]}
+    assert set(rows["rkv"]["paired"]) == {"full", "infokv", "h2o"}
+    assert set(rows["infokv"]["paired"]) == {"full", "rkv", "h2o"} and "paired" not in rows["h2o"]
+    assert rows["rkv"]["paired"]["full"]["diff"] == pytest.approx(0.0)
+    assert (rows["rkv"]["paired"]["infokv"]["wins"], rows["rkv"]["paired"]["infokv"]["losses"]) == (2, 0)
+    assert rows["infokv"]["paired"]["full"]["diff"] == pytest.approx(-0.5)
+
+
 def test_accuracy_plots_take_all_correct_whose_interval_rounds_below_one(tmp_path: Path) -> None:
     from evaluation import plots
     from evaluation.significance import wilson
