@@ -13,11 +13,12 @@ from .decode_fidelity import bucket_labels  # noqa: E402
 
 STYLE = {"infokv": ("tab:red", "o"), "snapkv": ("tab:blue", "s"), "h2o": ("tab:green", "^"),
          "tova": ("tab:purple", "D"), "streaming": ("tab:orange", "v"), "context-shift": ("tab:brown", "P"),
-         "random": ("tab:gray", "x"), "full": ("black", "*")}
+         "random": ("tab:gray", "x"), "full": ("black", "*"), "infokv-rkv": ("darkred", "h"),
+         "rkv": ("tab:cyan", "p"), "keydiff": ("tab:olive", "X"), "infokv-paper": ("salmon", "o")}
 
 
 def _style(policy: str) -> tuple[str, str]:
-    return STYLE.get(policy.split(":")[0], ("tab:cyan", "."))
+    return STYLE.get(policy.split(":")[0], ("tab:pink", "."))
 
 
 def _error_bar(value: float, interval: tuple[float, float] | list[float]) -> list[list[float]]:
