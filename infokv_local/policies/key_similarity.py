@@ -20,12 +20,14 @@ def unit(keys: np.ndarray) -> np.ndarray:
 def anchor_similarity(keys: np.ndarray) -> np.ndarray:
     """[layers, n]: the cosine similarity of each token's key to the anchor, the mean of the unit keys of its
     layer and head (KeyDiff's measure: a key far from the anchor is distinctive)."""
-    u = unit(keys)
-    anchor = u.mean(axis=1, keepdims=True)  # [L, 1, H, d]
-    a_norm = np.linalg.norm(anchor, axis=-1)  # [L, 1, H]
-    dots = (u * anchor).sum(axis=-1)  # [L, n, H]
-    cos = np.divide(dots, a_norm, out=np.zeros_like(dots), where=a_norm > 0)
-    return cos.mean(axis=-1)
+    out = np.zeros(keys.shape[:2])
+    for layer, k in enumerate(keys):  # a layer at a time: the float64 copies stay one layer's size
+        u = unit(k)  # [n, H, d]
+        anchor = u.mean(axis=0)  # [H, d]
+        a_norm = np.linalg.norm(anchor, axis=-1)  # [H]
+        inv = np.divide(1.0, a_norm, out=np.zeros_like(a_norm), where=a_norm > 0)
+        out[layer] = np.einsum("nhd,hd->nh", u, anchor * inv[:, None]).mean(axis=-1)
+    return out
 
 
 def mean_similarity(keys: np.ndarray) -> np.ndarray:
@@ -33,13 +35,16 @@ def mean_similarity(keys: np.ndarray) -> np.ndarray:
 
     The mean over the others of u_i . u_j is (u_i . sum_j u_j - |u_i|^2) / (n - 1): one pass over the keys,
     the same numbers as the similarity matrix with its diagonal zeroed, without building it."""
-    u = unit(keys)
-    n = u.shape[1]
+    n_layers, n, n_heads, _ = keys.shape
+    out = np.zeros((n_layers, n_heads, n))
     if n < 2:
-        return np.zeros((u.shape[0], u.shape[2], n))
-    total = u.sum(axis=1, keepdims=True)  # [L, 1, H, d]
-    self_sq = (u * u).sum(axis=-1)  # 1, or 0 for a zero key
-    return np.moveaxis(((u * total).sum(axis=-1) - self_sq) / (n - 1), 1, 2)
+        return out
+    for layer, k in enumerate(keys):  # a layer at a time, as above
+        u = unit(k)
+        total = u.sum(axis=0)  # [H, d]
+        self_sq = np.einsum("nhd,nhd->hn", u, u)  # 1, or 0 for a zero key
+        out[layer] = (np.einsum("nhd,hd->hn", u, total) - self_sq) / (n - 1)
+    return out
 
 
 def redundancy(keys: np.ndarray) -> np.ndarray:
