@@ -26,7 +26,7 @@ from typing import Any
 class Settings:
     """How to load a model and size its KV cache. Sampling parameters are per request, not here."""
 
-    policy: str = "infokv"  # a policy name, parameters as "infokv:alpha=0.9"
+    policy: str = "infokv-rkv"  # a policy name, parameters as "infokv-rkv:redundancy=0.5"
     budget: int = 256  # tokens the cache is compressed to (ignored when budget_mib is given)
     budget_mib: float | None = None  # the budget in MiB of KV memory instead of tokens
     buffer: int = 64  # tokens the cache may grow past the budget before the next compression

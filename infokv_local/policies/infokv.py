@@ -211,7 +211,9 @@ class InfoKVPaperPolicy(InfoKVPolicy):
 @dataclass
 class InfoKVRedundancyPolicy(InfoKVPolicy):
     """InfoKV with R-KV's redundancy term subtracted from its information term (``redundancy`` 0.75; see
-    :class:`InfoKVPolicy`): the cached keys are read at each compression."""
+    :class:`InfoKVPolicy`): the cached keys are read at each compression. The default policy
+    (:data:`infokv_local.settings.DEFAULTS`), chosen by a rule written before its runs
+    (benchmarks/notes/2026-12-07-prompt-forks-and-decode-pressure-300.md)."""
 
     redundancy: float = 0.75
     name = "infokv-rkv"

@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from ..errors import InfoKVError
+from ..settings import DEFAULTS
 from .cache_map import render_cache_map
 from .chart import COLORS, cache_frame
 from .panel import MIB, render_panel
@@ -50,7 +51,7 @@ class AppConfig:
 
 
 def budget_note(budget: float | None, buffer: float | None, bytes_per_token: int, min_budget: int,
-                policy: str = "infokv", cache_type: str = "f16") -> str:
+                policy: str = DEFAULTS.policy, cache_type: str = "f16") -> str:
     """Markdown under the budget control: the MiB the budget means for the loaded model, or what is wrong."""
     of = "" if cache_type == "f16" else f" ({cache_type})"
     if policy == "full":

@@ -12,12 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..settings import DEFAULTS
 from .browser import CHROMIUM, UIServer, launch_chromium
 
 TURNS = ["Tell me a short story about a lighthouse keeper and a storm.", "Give the story a title."]
 
 
-def take(out: Path, budget: int = 64, buffer: int = 16, max_tokens: int = 200, policy: str = "infokv",
+def take(out: Path, budget: int = 64, buffer: int = 16, max_tokens: int = 200, policy: str = DEFAULTS.policy,
          turns: list[str] | None = None, width: int = 1400, height: int = 1100) -> Path:
     """Run the conversation and write the screenshot to ``out``."""
     from playwright.sync_api import expect, sync_playwright
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=64)
     p.add_argument("--buffer", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--policy", default="infokv")
+    p.add_argument("--policy", default=DEFAULTS.policy)
     a = p.parse_args(argv)
     if not Path(CHROMIUM).exists():
         p.error(f"{CHROMIUM} is missing (apt-get install chromium)")
