@@ -12,6 +12,7 @@ import pytest
 from infokv_local import BudgetError, InfoKVLlama
 from infokv_local.api.text_stream import StopMatcher, Utf8Pieces
 from infokv_local.errors import ContextFullError
+from infokv_local.settings import DEFAULTS
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 
@@ -38,7 +39,7 @@ def test_completion_has_llama_cpp_python_shape(llm, model_path):
     assert u["prompt_tokens"] == len(llm.tokenize(b"The capital of France is"))
     kv = u["kv"]
     assert {"budget", "used_cells", "kv_bytes", "evictions"} <= set(kv)
-    assert kv["budget"] == 48 and kv["buffer"] == 16 and kv["policy"] == "infokv"
+    assert kv["budget"] == 48 and kv["buffer"] == 16 and kv["policy"] == DEFAULTS.policy == "infokv-rkv"
     assert kv["kv_bytes"] == kv["used_cells"] * kv["kv_bytes_per_token"]
 
 

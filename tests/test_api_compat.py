@@ -185,7 +185,7 @@ def test_kv_stats_waits_for_the_model_lock(llm):
         reader.join(2.0)
         assert reader.is_alive() and not got  # blocked while another holder works on the model
     reader.join()
-    assert got and got[0]["policy"] == "infokv"
+    assert got and got[0]["policy"] == "infokv-rkv"  # the default
 
 
 def test_max_used_cells_is_since_the_conversation_began(model):
