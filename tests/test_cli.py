@@ -33,7 +33,7 @@ def test_generate_json_reports_the_whole_run():
     assert out["text"].strip() and out["finish_reason"] == "length"
     assert out["usage"]["completion_tokens"] == 80 and out["usage"]["prompt_tokens"] > 20
     kv = out["kv"]
-    assert (kv["policy"], kv["budget"], kv["buffer"]) == ("infokv", 48, 16)
+    assert (kv["policy"], kv["budget"], kv["buffer"]) == ("infokv-rkv", 48, 16)  # the default policy
     assert kv["max_used_cells"] == 64 and kv["evictions"] >= 2 and kv["evicted_tokens"] > 0
     assert kv["kv_bytes"] == kv["used_cells"] * kv["kv_bytes_per_token"]
 

@@ -24,6 +24,7 @@ import pytest
 
 from infokv_local import InfoKVLlama
 from infokv_local.engine import kv_bytes_per_token
+from infokv_local.settings import DEFAULTS
 
 KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file name is the model id
@@ -91,8 +92,8 @@ def one_slot() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def reference(model) -> dict[str, str]:
-    """Replies through the Python API in this process, never parked (greedy)."""
-    with InfoKVLlama(model, policy="infokv", budget=BUDGET, buffer=BUFFER, n_threads=1) as llm:
+    """Replies through the Python API in this process, never parked (greedy), under the server's default policy."""
+    with InfoKVLlama(model, policy=DEFAULTS.policy, budget=BUDGET, buffer=BUFFER, n_threads=1) as llm:
         r1 = llm.create_chat_completion(X1, max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
         turn2 = X1 + [{"role": "assistant", "content": r1}, {"role": "user", "content": X2}]
         second = llm.create_chat_completion(turn2, max_tokens=24, temperature=0)
@@ -110,7 +111,7 @@ def test_chat_and_completion_streaming_and_not(one_slot):
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content.strip()
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 12
     kv = kv_of(r.usage)
-    assert (kv["policy"], kv["budget"], kv["buffer"], kv["slot"]) == ("infokv", BUDGET, BUFFER, 0)
+    assert (kv["policy"], kv["budget"], kv["buffer"], kv["slot"]) == (DEFAULTS.policy, BUDGET, BUFFER, 0)
     assert kv["max_used_cells"] <= CAP
 
     chunks = list(c.chat.completions.create(messages=Y1, max_tokens=12, temperature=0, stream=True,
@@ -339,7 +340,7 @@ def test_a_full_queue_answers_503_with_retry_after(one_slot):
 
 def test_concurrent_clients_stay_inside_slots_times_budget(model):
     prompts = [f"Write one sentence about the number {n}." for n in (3, 7, 11, 19)]
-    with InfoKVLlama(model, policy="infokv", budget=BUDGET, buffer=BUFFER, n_threads=1) as llm:
+    with InfoKVLlama(model, policy=DEFAULTS.policy, budget=BUDGET, buffer=BUFFER, n_threads=1) as llm:
         expected = [llm.create_completion(p, max_tokens=16, temperature=0)["choices"][0]["text"] for p in prompts]
     with serve(*SMALL, "--slots", "2", "--queue", "8") as base:
         c = client(base, key="unused")
