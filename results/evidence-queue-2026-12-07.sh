@@ -8,7 +8,7 @@ PY=${PY:-.venv/bin/python}
 Q="--model qwen2.5-coder-1.5b --threads 2 --no-progress"
 
 # 1. The 300-question report run (GSM8K 500-799, budget 128), to its end. It read every prompt itself when it began:
-#    --no-fork keeps it so. 414 generations were left at 07:49 UTC on 7 Dec (about 1.3 hours).
+#    --no-fork keeps it so. Ended 09:30 UTC on 7 Dec; steps 1 and 2 are done (BENCHMARKS), step 3 began 10:33.
 $PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 300 --budget 128 --parallel 8 --no-fork \
     --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,streaming \
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
