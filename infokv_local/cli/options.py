@@ -39,8 +39,8 @@ def add_backend_options(g: Any) -> None:
 def add_probe_option(g: Any) -> None:
     g.add_argument("--prompt-probe", action=argparse.BooleanOptionalAction, default=DEFAULTS.prompt_probe,
                    help="before each compression while a long prompt is read, read the prompt's end (the question) "
-                        "ahead, so the compression keeps what it attends to (infokv, snapkv, tova; costs prompt "
-                        f"compute; default: {'on' if DEFAULTS.prompt_probe else 'off'})")
+                        "ahead, so the compression keeps what it attends to (infokv-rkv, infokv, rkv, snapkv, tova; "
+                        f"costs prompt compute; default: {'on' if DEFAULTS.prompt_probe else 'off'})")
 
 
 def add_cache_options(g: Any, per: str = "") -> None:

@@ -141,7 +141,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                         d.prompt_probe, label="Read a long message's end first (prompt probe)", elem_id="prompt-probe",
                         info="a message longer than the cache is compressed in chunks; this reads its last tokens "
                              "(the question) before each compression so that what they ask for is kept "
-                             "(infokv, snapkv, tova; prefill is slower)")
+                             "(infokv-rkv, infokv, rkv, snapkv, tova; prefill is slower)")
                     note = gr.Markdown(
                         budget_note(d.budget, d.buffer, config.bytes_per_token(d.cache_type), d.min_budget,
                                     d.policy), elem_id="budget-note")
