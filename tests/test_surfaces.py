@@ -21,6 +21,14 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
 
 
+def test_the_probe_help_names_every_policy_that_reads_the_observation_window():
+    from infokv_local.cli.options import PROBE_POLICIES
+    from infokv_local.policies import ATTENTION, ATTENTION_ALL_ROWS, POLICIES
+
+    window = {n for n, cls in POLICIES.items() if ATTENTION in cls.needs and ATTENTION_ALL_ROWS not in cls.needs}
+    assert set(PROBE_POLICIES.split(", ")) == window
+
+
 def test_every_surface_reads_the_one_set_of_defaults():
     sig = inspect.signature(InfoKVLlama.__init__).parameters
     for name, value in DEFAULTS.as_kwargs().items():

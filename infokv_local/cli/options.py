@@ -36,10 +36,15 @@ def add_backend_options(g: Any) -> None:
                         "take the model's layers; all of them unless --n-gpu-layers says how many")
 
 
+# the policies that score with the observation window's attention, whose prompts the probe reads ahead (the
+# engine's rule; tests/test_surfaces.py checks this list against it without this module importing the policies)
+PROBE_POLICIES = "infokv-rkv, infokv, infokv-paper, rkv, snapkv, tova"
+
+
 def add_probe_option(g: Any) -> None:
     g.add_argument("--prompt-probe", action=argparse.BooleanOptionalAction, default=DEFAULTS.prompt_probe,
                    help="before each compression while a long prompt is read, read the prompt's end (the question) "
-                        "ahead, so the compression keeps what it attends to (infokv-rkv, infokv, rkv, snapkv, tova; "
+                        f"ahead, so the compression keeps what it attends to ({PROBE_POLICIES}; "
                         f"costs prompt compute; default: {'on' if DEFAULTS.prompt_probe else 'off'})")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..cli.options import PROBE_POLICIES
 from ..errors import InfoKVError
 from ..settings import DEFAULTS
 from .cache_map import render_cache_map
@@ -141,7 +142,7 @@ def build_app(config: AppConfig, factory: Callable[[Settings], ChatLLM]) -> gr.B
                         d.prompt_probe, label="Read a long message's end first (prompt probe)", elem_id="prompt-probe",
                         info="a message longer than the cache is compressed in chunks; this reads its last tokens "
                              "(the question) before each compression so that what they ask for is kept "
-                             "(infokv-rkv, infokv, rkv, snapkv, tova; prefill is slower)")
+                             f"({PROBE_POLICIES}; prefill is slower)")
                     note = gr.Markdown(
                         budget_note(d.budget, d.buffer, config.bytes_per_token(d.cache_type), d.min_budget,
                                     d.policy), elem_id="budget-note")
