@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+from infokv_local.settings import DEFAULTS
+
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
 
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evaluation.server_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GGUF file or registry name (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--policy", default="infokv")
+    ap.add_argument("--policy", default=DEFAULTS.policy, help=f"policy on both sides (default: {DEFAULTS.policy})")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--buffer", type=int, default=64)
     ap.add_argument("--threads", type=int, help="CPU threads on both sides (default: the physical cores)")

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any
 
+from infokv_local.settings import DEFAULTS
+
 from .server_bench import _free_port, wait_ready
 
 OPENINGS = ["lighthouses", "the moon", "bread", "rivers", "chess", "owls", "glass", "trains", "bees", "maps",
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=4, help="slots, and requests sent at once (default: 4)")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--buffer", type=int, default=64)
-    ap.add_argument("--policy", default="infokv")
+    ap.add_argument("--policy", default=DEFAULTS.policy, help=f"the server's policy (default: {DEFAULTS.policy})")
     ap.add_argument("--threads", type=int, default=2, help="server threads (default: 2)")
     ap.add_argument("--reply-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)

@@ -7,23 +7,25 @@ set -e
 PY=${PY:-.venv/bin/python}
 Q="--model qwen2.5-coder-1.5b --threads 2 --no-progress"
 
+# Steps 1 and 2 are done (BENCHMARKS.md); their commands stay here as comments, so a restart does not rewrite
+# their summaries.
 # 1. The 300-question report run (GSM8K 500-799, budget 128), to its end. It read every prompt itself when it began:
 #    --no-fork keeps it so. Ended 09:30 UTC on 7 Dec; steps 1 and 2 are done (BENCHMARKS), step 3 began 10:33.
-$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 300 --budget 128 --parallel 8 --no-fork \
-    --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,streaming \
-    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+# $PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 300 --budget 128 --parallel 8 --no-fork \
+#     --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,streaming \
+#     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
 # 2. The rule for the default (notes part 18, written before these runs): accuracy on GSM8K 400-499 (200 generations,
 #    about 40 minutes), fidelity on essays 9-16, decode rate.
-$PY -m evaluation tasks --task decode-pressure $Q --offset 400 --limit 100 --budget 128 --parallel 8 \
-    --policies infokv,infokv-rkv --out results/selection-default-qwen2.5-coder-1.5b-b128-q400-499.json
-$PY -m infokv_local bench docs --out docs.jsonl --min-tokens 2000 && sed -n 9,16p docs.jsonl > docs-stride.jsonl
-$PY -m infokv_local bench fidelity --docs docs-stride.jsonl --max-tokens 2048 --ratio 0.25,0.125 --threads 2 \
-    --policies "infokv,infokv-rkv" --json results/default-heldout-smollm2-135m.json
-$PY -m infokv_local bench fidelity --model qwen2.5-coder-0.5b --docs docs-stride.jsonl --max-tokens 2048 \
-    --ratio 0.25,0.125 --threads 2 --policies "infokv,infokv-rkv" --json results/default-heldout-qwen2.5-coder-0.5b.json
-$PY -m infokv_local bench throughput --policies infokv,infokv-rkv --budget 256 --buffer 64 --prompt-tokens 1024 \
-    --max-tokens 512 --rounds 3 --threads 2 --json results/throughput-default-rule-smollm2.json
+# $PY -m evaluation tasks --task decode-pressure $Q --offset 400 --limit 100 --budget 128 --parallel 8 \
+#     --policies infokv,infokv-rkv --out results/selection-default-qwen2.5-coder-1.5b-b128-q400-499.json
+# $PY -m infokv_local bench docs --out docs.jsonl --min-tokens 2000 && sed -n 9,16p docs.jsonl > docs-stride.jsonl
+# $PY -m infokv_local bench fidelity --docs docs-stride.jsonl --max-tokens 2048 --ratio 0.25,0.125 --threads 2 \
+#     --policies "infokv,infokv-rkv" --json results/default-heldout-smollm2-135m.json
+# $PY -m infokv_local bench fidelity --model qwen2.5-coder-0.5b --docs docs-stride.jsonl --max-tokens 2048 \
+#     --ratio 0.25,0.125 --threads 2 --policies "infokv,infokv-rkv" --json results/default-heldout-qwen2.5-coder-0.5b.json
+# $PY -m infokv_local bench throughput --policies infokv,infokv-rkv --budget 256 --buffer 64 --prompt-tokens 1024 \
+#     --max-tokens 512 --rounds 3 --threads 2 --json results/throughput-default-rule-smollm2.json
 
 # 3. The other policies at budget 128 and every policy at 256, on the first 100 report questions, into the report
 #    log (the full cache's records are there already): 400 + 1,000 generations, about 4 hours. Each run rewrites

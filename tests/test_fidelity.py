@@ -115,6 +115,7 @@ def test_fidelity_log_measures_only_what_is_missing(model, tmp_path):
                           progress=False, log=log)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["policy"] for x in lines] == ["snapkv", "infokv", "tova"]  # the torn line dropped, tova added
+    assert (first["resumed_records"], second["resumed_records"]) == (0, 2)
     for name in ("snapkv", "infokv"):
         a, b = first["policies"][name], second["policies"][name]
         assert b["mean_kl"] == pytest.approx(a["mean_kl"], abs=1e-6) and b["n_tokens"] == a["n_tokens"]

@@ -139,7 +139,8 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
     KL over every token (quantization and the flash attention it needs, without eviction).
 
     ``log``: a JSONL that gets one line per finished (document, policy) with its per-token KL; a rerun with
-    the same log reads what is there and measures only what is missing (a killed run resumes). The
+    the same log reads what is there and measures only what is missing (a killed run resumes; ``seconds`` is
+    then this run's time and ``resumed_records`` the number of (document, policy) records read from the log). The
     result's ``kl_ratios`` are InfoKV's KL over each baseline's, paired by document
     (:mod:`.kl_ratios`)."""
     cache_type = check_cache_type(cache_type, "cache_type")
@@ -157,6 +158,7 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
               "n_recent": n_recent, "window": window, "max_tokens": max_tokens}
     log_path = Path(log) if log is not None else None
     done = _doc_records(log_path, config, spec)
+    resumed = len(done)
     tallies = {name: Tally() for name in names}
     per_doc, records = [], []
     docs = list(docs)
@@ -190,7 +192,7 @@ def run_fidelity(model: Model, docs: Iterable[dict], policy_specs: list[str], bu
     result.update({
         "cache_type": cache_type, "buffer": buffer, "n_sink": n_sink, "n_recent": n_recent, "window": window,
         "max_tokens": max_tokens,
-        "n_docs": len(docs), "seconds": time.perf_counter() - t_start,
+        "n_docs": len(docs), "seconds": time.perf_counter() - t_start, "resumed_records": resumed,
         "policies": {name: t.summary() for name, t in tallies.items()},
         "kl_ratios": all_kl_ratios(records),
         "per_doc": per_doc,

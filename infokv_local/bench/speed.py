@@ -46,7 +46,7 @@ from .plain_decode import PlainDecoder
 WINDOW = 256  # decode tokens per timeline point
 QUICK_LENGTHS = "1024x512,1024x2048"
 DEFAULT_LENGTHS = "1024x1024,4096x1024,16384x1024,1024x4096,1024x8192,1024x16384"
-DEFAULT_POLICIES = "full,infokv,snapkv,h2o,tova,streaming"
+DEFAULT_POLICIES = "full,infokv,infokv-rkv,snapkv,h2o,tova,streaming"
 
 
 FLASH_ATTN_SETTINGS: dict[str, tuple[bool | str | None, ...]] = {

@@ -134,7 +134,7 @@ def format_table(result: dict[str, Any]) -> str:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """This benchmark's options (on its own parser, or on ``python -m infokv_local bench throughput``)."""
     ap.add_argument("--model", help="GGUF file or registry name (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--policies", default="full,streaming,h2o,snapkv,tova,infokv")
+    ap.add_argument("--policies", default="full,streaming,h2o,snapkv,tova,infokv,infokv-rkv")
     ap.add_argument("--budget", type=int, default=DEFAULTS.budget)
     ap.add_argument("--buffer", type=int, default=DEFAULTS.buffer)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
