@@ -266,6 +266,11 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
 
     src = Path(args.jsonl)
     records = [json.loads(x) for x in src.read_text().splitlines() if x.strip().endswith("}")]
+    budgets = _policies(args.budget) if args.budget else None
+    if budgets and not any(r.get("budget_spec") in budgets for r in records):
+        raise SystemExit(f"{src}: no records at budget {args.budget} (its budgets: "
+                         f"{', '.join(sorted({str(r.get('budget_spec')) for r in records}))})")
+    records = T.select_records(records, budgets, args.common)
     out = src.with_suffix(".json") if args.out is None else Path(args.out)
     png = out.with_suffix(".png")
     if records and "kl" in records[0]:
@@ -435,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("jsonl")
     sm.add_argument("--out", help="summary JSON (default: the JSONL's name with .json)")
     sm.add_argument("--partial", action="store_true", help="mark the summary as a partial run")
+    sm.add_argument("--budget", help="only these budget specs as the log writes them (e.g. 128, or r0.25), "
+                    "separated by ','; the full cache's records are kept as the reference")
+    sm.add_argument("--common", action="store_true",
+                    help="only the items every policy and budget left has answered, so all rows share questions")
     sm.add_argument("--reference", default="infokv",
                     help="policies paired against every other policy of a tasks log, separated as in --policies "
                          "(default: infokv)")

@@ -398,6 +398,24 @@ def _run_together(model: Model, jobs: list[tuple[TaskItem, str, str, dict[str, A
 
 # ---- summaries ---------------------------------------------------------------------------------
 
+def select_records(records: list[dict], budgets: Sequence[str] | None = None, common: bool = False) -> list[dict]:
+    """The records of a log a summary is asked for.
+
+    ``budgets``: only these budget specs (as the log writes them, e.g. ``"128"`` or ``"r0.25"``), and the full
+    cache's records, which are every budget's reference. ``common``: only the items that every (policy,
+    budget) left has a record of, so that every row is measured on the same questions (a log that holds some
+    policies on more items than others otherwise reports each on its own items)."""
+    wanted = set(budgets) if budgets else None
+    kept = [r for r in records if wanted is None or r.get("budget_spec") in wanted or r.get("policy") == "full"]
+    if not common or not kept:
+        return kept
+    items: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in kept:
+        items[(r["policy"], str(r.get("budget_spec")))].add(r["item_id"])
+    shared = set.intersection(*items.values())
+    return [r for r in kept if r["item_id"] in shared]
+
+
 def _outcomes(records: list[dict]) -> dict[tuple, dict[str, bool]]:
     """Answered items per (task, model, length, policy, budget spec): item id -> correct."""
     groups: dict[tuple, dict[str, bool]] = defaultdict(dict)

@@ -37,6 +37,14 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --bud
     --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff,context-shift,random \
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
+# 3b. KeyDiff, TOVA and random at budget 128 on the rest of the report questions (600-799), so that every policy
+#     within 10 points of the default at 500-599 (keydiff +2, random +6, tova +7; context-shift is 18 below) is
+#     compared on all 300: 600 generations, about 1.8 hours. Decided at 13:00 UTC on 7 Dec from the 100-question
+#     intervals (lower bounds -6, -3, -2 points), before any of these runs.
+$PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --budget 128 --parallel 8 \
+    --policies full,keydiff,tova,random \
+    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+
 # 4. Decode-time fidelity on 48 fresh traces (GSM8K 800-847), one by one as the 12 in BENCHMARKS were.
 $PY -m evaluation fidelity-decode $Q --offset 800 --limit 48 --max-tokens 400 --ratio 0.25,0.125 --parallel 1 \
     --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff \

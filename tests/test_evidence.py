@@ -204,6 +204,29 @@ def test_summary_pairs_each_reference_policy_with_every_other(tmp_path: Path, ca
     assert rows["infokv"]["paired"]["full"]["diff"] == pytest.approx(-0.5)
 
 
+def test_summary_of_one_budget_on_the_items_all_policies_answered(tmp_path: Path, capsys) -> None:
+    """A log holding some policies on 4 questions and others on 2, at two budgets: ``--budget`` keeps one budget
+    and the full cache, ``--common`` the questions every row answered."""
+    def rec(i: int, policy: str, spec: str, ok: bool) -> dict:
+        return {"task": "decode-pressure", "model": "m", "length": None, "item_id": f"gsm8k-{i}", "policy": policy,
+                "budget_spec": spec, "correct": ok}
+
+    recs = [rec(i, "full", "full", True) for i in range(4)] + [rec(i, "infokv", "128", i < 3) for i in range(4)]
+    recs += [rec(i, "tova", "128", i == 1) for i in range(2)] + [rec(i, "infokv", "256", True) for i in range(3)]
+    assert [r["item_id"] for r in T.select_records(recs, ["128"], common=True)] == ["gsm8k-0", "gsm8k-1"] * 3
+    assert len(T.select_records(recs, ["128"])) == 10 and len(T.select_records(recs, None, common=True)) == 8
+    log = tmp_path / "dp.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "b128.json"
+    assert evidence_cli.main(["summary", str(log), "--budget", "128", "--common", "--out", str(out)]) == 0
+    rows = {(r["policy"], r["budget"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("full", "full"), ("infokv", "128"), ("tova", "128")}
+    assert {r["n"] for r in rows.values()} == {2} and rows[("infokv", "128")]["paired"]["tova"]["wins"] == 1
+    with pytest.raises(SystemExit, match="no records at budget 512 .its budgets: 128, 256, full"):
+        evidence_cli.main(["summary", str(log), "--budget", "512", "--out", str(out)])
+    capsys.readouterr()
+
+
 def test_accuracy_plots_take_all_correct_whose_interval_rounds_below_one(tmp_path: Path) -> None:
     from evaluation import plots
     from evaluation.significance import wilson
