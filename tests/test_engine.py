@@ -194,3 +194,32 @@ def test_whole_numbers_are_kept_or_evicted_whole(model, policy):
 
     assert split_numbers(policy) > 0  # the text is one that plain eviction cuts numbers of
     assert split_numbers(f"{policy}:whole_numbers=1") == 0
+
+
+@pytest.mark.parametrize("policy", ["h2o", "infokv-rkv"])
+def test_keep_prompt_keeps_the_prompt_while_it_fits_and_ranks_it_first_when_not(model, policy):
+    """``keep_prompt=1``: a prompt shorter than the budget stays whole through a long generation (plain eviction
+    drops some of it); a longer one leaves only prompt tokens outside the recent ones; within budget + buffer."""
+    text = ("A farmer has 17 cows and buys 5 more each week. After 3 weeks he sells 9. How many cows does he have "
+            "now? Think step by step.")
+    story = " ".join(f"On day {i} the farmer counted {i * 13 % 50} sheep and {i * 7 % 30} goats." for i in range(12))
+
+    def cached_after(spec: str, tokens: list[int]) -> tuple[np.ndarray, int]:
+        with Engine(model, spec, budget=64, buffer=16, n_sink=4, n_recent=8, check_invariants=True) as eng:
+            eng.prefill(tokens)
+            list(eng.generate([], 96, ignore_eos=True))
+            assert max(s.used_cells for s in eng.totals.history) <= 64 + 16
+            _, pos = eng.ctx.cell_map()
+            return np.sort(pos), eng.n_past
+
+    short = model.tokenize(text)
+    assert 24 < len(short) < 64 - 8 and len(short) % 16 != 1  # no one-token prompt chunk (it counts as generated)
+    plain, _ = cached_after(policy, short)
+    kept, _ = cached_after(f"{policy}:keep_prompt=1", short)
+    assert not np.isin(np.arange(len(short)), plain).all()
+    assert np.isin(np.arange(len(short)), kept).all()
+    long = model.tokenize(story)
+    assert len(long) > 80 and len(long) % 16 != 1
+    kept, n_past = cached_after(f"{policy}:keep_prompt=1", long)
+    # older than the recent tokens and those generated since the last compression (up to the buffer): the prompt's
+    assert (kept[kept < n_past - 8 - 16] < len(long)).all()

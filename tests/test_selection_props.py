@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from infokv_local.engine import Engine
 from infokv_local.policies import ATTENTION, ENTROPY, KEYS, LAYER_DIST, POLICIES, ScoreInput, make_policy
-from infokv_local.policies.selection import drop_order, evictable_span, keep_count
+from infokv_local.policies.selection import drop_order, evictable_span, keep_count, prompt_first
 
 EVICTING = sorted(name for name, cls in POLICIES.items() if cls.evicts)
 N_LAYER = 3
@@ -118,6 +118,22 @@ def test_drop_order_nan_first_then_lowest_ties_keep_the_older(scores, data):
         assert np.isin(np.flatnonzero(np.isnan(scores)), drop).all()
     if np.isposinf(scores).sum() <= n_keep:
         assert np.isin(np.flatnonzero(np.isposinf(scores)), kept).all()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(scores=scores_with_specials, data=st.data())
+def test_prompt_first_keeps_read_tokens_first_each_group_in_its_own_order(scores, data):
+    read = np.asarray(data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores))), dtype=bool)
+    n_keep = data.draw(st.integers(0, len(scores)))
+    kept = np.setdiff1d(np.arange(len(scores)), drop_order(prompt_first(scores, read), n_keep))
+    n_read = int(read.sum())
+    if n_keep <= n_read:  # only read tokens kept: the ones drop_order keeps among them
+        inside = np.flatnonzero(read)
+        assert kept.tolist() == sorted(inside[np.setdiff1d(np.arange(n_read), drop_order(scores[read], n_keep))])
+    else:  # every read token, and the best of the others
+        others = np.flatnonzero(~read)
+        best = others[np.setdiff1d(np.arange(len(others)), drop_order(scores[~read], n_keep - n_read))]
+        assert kept.tolist() == sorted(np.flatnonzero(read).tolist() + best.tolist())
 
 
 def test_drop_order_refuses_bad_input():

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import DecodeError
 from ..policies import ATTENTION, ENTROPY, KEYS, LAYER_DIST, ScoreInput
-from ..policies.selection import drop_order, keep_count, whole_number_drops
+from ..policies.selection import drop_order, keep_count, prompt_first, whole_number_drops
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -189,6 +189,8 @@ class Compressor:
         scores = np.asarray(e.policy.score(inp), dtype=np.float64)
         if scores.shape != (len(ev_cells),):
             raise ValueError(f"policy {e.policy.name} returned {scores.shape} scores for {len(ev_cells)} tokens")
+        if e.policy.keep_prompt:
+            scores = prompt_first(scores, ~e.cells.alone[ev_cells])
         anchors = e.checkpoint_anchors()
         if anchors:
             scores = np.where(np.isin(pos[lo:hi], anchors), np.inf, scores)

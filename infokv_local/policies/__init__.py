@@ -24,12 +24,17 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
+# options every policy takes, applied by the engine around the policy's scores
+ENGINE_SWITCHES = ("whole_numbers", "keep_prompt")
+
+
 def make_policy(spec: str | Policy, **params: Any) -> Policy:
     """A policy from its name and parameters, or the object itself.
 
     ``spec`` is a name (``"infokv"``, ``"snapkv"``, ...), optionally with parameters:
     ``"infokv:alpha=0.95,entropy=at"`` (``+`` also separates them; values are read as int, float
-    or kept as strings). ``whole_numbers=1`` is every policy's (:attr:`Policy.whole_numbers`).
+    or kept as strings). ``whole_numbers=1`` and ``keep_prompt=1`` are every policy's
+    (:attr:`Policy.whole_numbers`, :attr:`Policy.keep_prompt`).
     """
     if isinstance(spec, Policy):
         if params:
@@ -41,9 +46,10 @@ def make_policy(spec: str | Policy, **params: Any) -> Policy:
         if not eq:
             raise PolicyError(f"bad policy parameter {item!r} in {spec!r}: expected key=value")
         params[key.strip()] = _parse_value(value.strip())
-    whole = params.pop("whole_numbers", None)
-    if whole is not None and (isinstance(whole, float) or whole not in (0, 1)):
-        raise PolicyError(f"whole_numbers must be 0 or 1 (got {whole!r})")
+    switches = {key: params.pop(key) for key in ENGINE_SWITCHES if key in params}
+    for key, value in switches.items():
+        if isinstance(value, float) or value not in (0, 1):
+            raise PolicyError(f"{key} must be 0 or 1 (got {value!r})")
     try:
         cls = POLICIES[name.strip()]
     except KeyError:
@@ -52,8 +58,8 @@ def make_policy(spec: str | Policy, **params: Any) -> Policy:
         policy = cls(**params)
     except TypeError as e:
         raise PolicyError(f"bad parameters for policy {name!r}: {e}") from None
-    if whole is not None:
-        policy.whole_numbers = bool(whole)
+    for key, value in switches.items():
+        setattr(policy, key, bool(value))
     return policy
 
 

@@ -73,6 +73,10 @@ class Policy:
     # every policy's option (``"tova:whole_numbers=1"``): the engine gives all tokens of a written number the
     # score of its best token, so a number is kept or evicted whole rather than losing some of its digits
     whole_numbers: bool = False
+    # every policy's option (``"infokv-rkv:keep_prompt=1"``): tokens read as a prompt (in chunks, not generated one
+    # at a time) rank above every generated token, so the question is evicted only when it alone overflows the
+    # budget, and then in the policy's own order
+    keep_prompt: bool = False
 
     def score(self, inp: ScoreInput) -> np.ndarray:
         raise NotImplementedError

@@ -56,10 +56,29 @@ def drop_order(scores: np.ndarray, n_keep: int) -> np.ndarray:
         raise ValueError(f"n_keep must be >= 0 (got {n_keep})")
     if n_keep >= len(s):
         return np.empty(0, dtype=np.int64)
+    return np.sort(best_first(s)[n_keep:])
+
+
+def best_first(scores: np.ndarray) -> np.ndarray:
+    """Indices of one-dimensional ``scores``, the token to keep first first: scored before NaN, then the
+    higher score, then the older token (the smaller index)."""
+    s = np.asarray(scores, dtype=np.float64)
     nan = np.isnan(s)
-    # best first: scored before NaN, then higher score, then older (smaller index); lexsort's last key is primary
-    order = np.lexsort((np.arange(len(s)), -np.where(nan, 0.0, s), nan))
-    return np.sort(order[n_keep:])
+    return np.lexsort((np.arange(len(s)), -np.where(nan, 0.0, s), nan))  # lexsort's last key is the primary
+
+
+def prompt_first(scores: np.ndarray, read: np.ndarray) -> np.ndarray:
+    """Scores that rank every ``read`` token (True: read as a prompt) above every other token, and each group
+    in the order :func:`best_first` gives ``scores``: the ranks (the best ``len(scores) - 1``), with
+    ``len(scores)`` added for the read tokens."""
+    s = np.asarray(scores, dtype=np.float64)
+    r = np.asarray(read, dtype=bool)
+    if s.ndim != 1 or r.shape != s.shape:
+        raise ValueError(f"scores and read must be one per token (got shapes {s.shape} and {r.shape})")
+    n = len(s)
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[best_first(s)] = np.arange(n - 1, -1, -1, dtype=np.float64)
+    return ranks + np.where(r, n, 0)
 
 
 def number_runs(kinds: np.ndarray, positions: np.ndarray) -> np.ndarray:
