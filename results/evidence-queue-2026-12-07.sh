@@ -50,7 +50,7 @@ $PY -m evaluation fidelity-decode $Q --offset 800 --limit 48 --max-tokens 400 --
     --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff \
     --out results/fidelity-decode-qwen2.5-coder-1.5b-q800-847.json
 
-# 4b. keep_prompt=1 on questions no run has used (GSM8K 1096-1195), by the rule written at 13:55 UTC on 7 Dec before
+# 4b. keep_prompt=1 on questions no run has used (GSM8K 1096-1195), by the rule written at 13:50 UTC on 7 Dec before
 #     this run (notes part 20): 400 generations, about 1.2 hours. Flash attention off, as in the selection look.
 $PY -m evaluation tasks --task decode-pressure $Q --offset 1096 --limit 100 --budget 128 --flash-attn off --parallel 8 \
     --policies "full;infokv-rkv;infokv-rkv:keep_prompt=1;streaming:keep_prompt=1" \
