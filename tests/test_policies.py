@@ -294,3 +294,12 @@ def test_whole_number_drops_keep_or_drop_a_number_whole():
         assert set(run) <= set(drop.tolist()) or not set(run) & set(drop.tolist())
     assert 8 not in drop  # its number reaches into the protected recent token: kept
     assert len(drop) >= 4  # at least what plain eviction drops (more when a tie cuts a number)
+
+
+def test_every_policy_takes_the_engine_switches_and_only_as_0_or_1():
+    pol = make_policy("tova:keep_prompt=1+whole_numbers=1")
+    assert (pol.keep_prompt, pol.whole_numbers) == (True, True)
+    assert (make_policy("tova").keep_prompt, make_policy("tova:keep_prompt=0").keep_prompt) == (False, False)
+    for bad in ("tova:keep_prompt=2", "tova:keep_prompt=1.0", "tova:whole_numbers=yes"):
+        with pytest.raises(ValueError, match="must be 0 or 1"):
+            make_policy(bad)
