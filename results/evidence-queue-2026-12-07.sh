@@ -46,7 +46,7 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --bud
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
 # 4. Decode-time fidelity on 48 fresh traces (GSM8K 800-847), one by one as the 12 in BENCHMARKS were.
-# step 3c (added 7 Dec 18:25): the full cache through the batched kernel path. The harness runs `full` one at a
+# step 3c (added 7 Dec 18:17): the full cache through the batched kernel path. The harness runs `full` one at a
 # time; a policy whose budget exceeds every prompt + reply (1,024) never evicts, so `random` at budget 1024 in
 # batches of 8 is the full cache as the evicting policies were computed (into the report log, whose `full` records
 # it resumes): its wins / losses against `full` are the noise floor of every comparison with the full cache. Nothing is chosen on it.
