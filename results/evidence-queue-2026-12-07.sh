@@ -45,8 +45,7 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --bud
     --policies full,keydiff,tova,random \
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
-# 4. Decode-time fidelity on 48 fresh traces (GSM8K 800-847), one by one as the 12 in BENCHMARKS were.
-# step 3c (added 7 Dec 18:17): the full cache through the batched kernel path. The harness runs `full` one at a
+# 3c (added 7 Dec 18:17): the full cache through the batched kernel path. The harness runs `full` one at a
 # time; a policy whose budget exceeds every prompt + reply (1,024) never evicts, so `random` at budget 1024 in
 # batches of 8 is the full cache as the evicting policies were computed (into the report log, whose `full` records
 # it resumes): its wins / losses against `full` are the noise floor of every comparison with the full cache. Nothing is chosen on it.
@@ -54,6 +53,7 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --bud
     --policies full,random \
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
+# 4. Decode-time fidelity on 48 fresh traces (GSM8K 800-847), one by one as the 12 in BENCHMARKS were.
 $PY -m evaluation fidelity-decode $Q --offset 800 --limit 48 --max-tokens 400 --ratio 0.25,0.125 --parallel 1 \
     --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff \
     --out results/fidelity-decode-qwen2.5-coder-1.5b-q800-847.json
