@@ -45,11 +45,17 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --bud
     --policies full,keydiff,tova,random \
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
-# 3c (added 7 Dec 18:17): the full cache through the batched kernel path. The harness runs `full` one at a
-# time; a policy whose budget exceeds every prompt + reply (1,024) never evicts, so `random` at budget 1024 in
-# batches of 8 is the full cache as the evicting policies were computed (into the report log, whose `full` records
-# it resumes): its wins / losses against `full` are the noise floor of every comparison with the full cache. Nothing is chosen on it.
-$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --budget 1024 --parallel 8 \
+# 3c (added 7 Dec 18:17, changed 19:40 before it ran): the full cache through the batched kernel path. The harness
+#     runs `full` one at a time and records a budget of at least prompt + max_tokens as skipped (nothing to evict),
+#     so the 18:17 form (`random` at 1024) would have measured nothing. `random` at budget 471, the largest no
+#     question here skips (shortest prompt 72 tokens + 400 - 1), in batches of 8 is the full cache as the evicting
+#     policies were computed, except in the last tokens of the longest replies: compression starts above 535 cells
+#     (budget + buffer), which 15 of the full cache's 300 replies reached (5 of 500-599), all near the 400-token
+#     limit (12 ran into it, 3 ended at 378-396 tokens). Its records say `evicted_tokens`; the floor is read on all and on the replies that evicted nothing.
+#     On all 300 report questions (about 52 minutes), so that the budget-128 table can be set beside a full cache
+#     on the same kernel path: its wins / losses against `full` are the noise floor of every comparison with the
+#     full cache. Into the report log, whose `full` records it resumes. Nothing is chosen on it.
+$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 300 --budget 471 --parallel 8 \
     --policies full,random \
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
