@@ -270,7 +270,11 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
     if budgets and not any(r.get("budget_spec") in budgets for r in records):
         raise SystemExit(f"{src}: no records at budget {args.budget} (its budgets: "
                          f"{', '.join(sorted({str(r.get('budget_spec')) for r in records}))})")
-    records = T.select_records(records, budgets, args.common)
+    policies = _policies(args.policies) if args.policies else None
+    if policies and not any(r.get("policy") in policies for r in records):
+        raise SystemExit(f"{src}: no records of {args.policies} (its policies: "
+                         f"{', '.join(sorted({str(r.get('policy')) for r in records}))})")
+    records = T.select_records(records, budgets, args.common, policies)
     out = src.with_suffix(".json") if args.out is None else Path(args.out)
     png = out.with_suffix(".png")
     if records and "kl" in records[0]:
@@ -442,8 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--partial", action="store_true", help="mark the summary as a partial run")
     sm.add_argument("--budget", help="only these budget specs as the log writes them (e.g. 128, or r0.25), "
                     "separated by ','; the full cache's records are kept as the reference")
+    sm.add_argument("--policies", help="only these policies as the log writes them, separated as in --policies of "
+                    "tasks; the full cache's records are kept as the reference")
     sm.add_argument("--common", action="store_true",
-                    help="only the items every policy and budget left has answered, so all rows share questions")
+                    help="only the items every policy and budget left (after --budget and --policies) has "
+                         "answered, so all rows share questions")
     sm.add_argument("--reference", default="infokv",
                     help="policies paired against every other policy of a tasks log, separated as in --policies "
                          "(default: infokv)")

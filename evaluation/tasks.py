@@ -398,15 +398,20 @@ def _run_together(model: Model, jobs: list[tuple[TaskItem, str, str, dict[str, A
 
 # ---- summaries ---------------------------------------------------------------------------------
 
-def select_records(records: list[dict], budgets: Sequence[str] | None = None, common: bool = False) -> list[dict]:
+def select_records(records: list[dict], budgets: Sequence[str] | None = None, common: bool = False,
+                   policies: Sequence[str] | None = None) -> list[dict]:
     """The records of a log a summary is asked for.
 
     ``budgets``: only these budget specs (as the log writes them, e.g. ``"128"`` or ``"r0.25"``), and the full
-    cache's records, which are every budget's reference. ``common``: only the items that every (policy,
-    budget) left has a record of, so that every row is measured on the same questions (a log that holds some
-    policies on more items than others otherwise reports each on its own items)."""
+    cache's records, which are every budget's reference. ``policies``: only these policies (as the log writes
+    them), and the full cache's records. ``common``: only the items that every (policy, budget) left has a
+    record of, so that every row is measured on the same questions (a log that holds some policies on more
+    items than others otherwise reports each on its own items); applied after the other two, so a policy run
+    on fewer questions can be left out of the rows instead of narrowing them all."""
     wanted = set(budgets) if budgets else None
-    kept = [r for r in records if wanted is None or r.get("budget_spec") in wanted or r.get("policy") == "full"]
+    chosen = set(policies) if policies else None
+    kept = [r for r in records if r.get("policy") == "full" or (
+        (wanted is None or r.get("budget_spec") in wanted) and (chosen is None or r.get("policy") in chosen))]
     if not common or not kept:
         return kept
     items: dict[tuple[str, str], set[str]] = defaultdict(set)

@@ -224,6 +224,14 @@ def test_summary_of_one_budget_on_the_items_all_policies_answered(tmp_path: Path
     assert {r["n"] for r in rows.values()} == {2} and rows[("infokv", "128")]["paired"]["tova"]["wins"] == 1
     with pytest.raises(SystemExit, match="no records at budget 512 .its budgets: 128, 256, full"):
         evidence_cli.main(["summary", str(log), "--budget", "512", "--out", str(out)])
+    # leaving out the policy run on fewer questions: the others' rows keep all four
+    assert len(T.select_records(recs, ["128"], common=True, policies=["infokv"])) == 8
+    assert evidence_cli.main(["summary", str(log), "--budget", "128", "--policies", "infokv", "--common",
+                              "--out", str(out)]) == 0
+    rows = {(r["policy"], r["budget"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("full", "full"), ("infokv", "128")} and {r["n"] for r in rows.values()} == {4}
+    with pytest.raises(SystemExit, match="no records of h2o .its policies: full, infokv, tova"):
+        evidence_cli.main(["summary", str(log), "--policies", "h2o", "--out", str(out)])
     capsys.readouterr()
 
 
