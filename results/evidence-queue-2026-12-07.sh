@@ -45,7 +45,7 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --bud
     --policies full,keydiff,tova,random \
     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
-# 3c (added 7 Dec 18:17, changed 19:40 before it ran): the full cache through the batched kernel path. The harness
+# 3c (added 7 Dec 18:17, changed 19:25 before it ran): the full cache through the batched kernel path. The harness
 #     runs `full` one at a time and records a budget of at least prompt + max_tokens as skipped (nothing to evict),
 #     so the 18:17 form (`random` at 1024) would have measured nothing. `random` at budget 471, the largest no
 #     question here skips (shortest prompt 72 tokens + 400 - 1), in batches of 8 is the full cache as the evicting
