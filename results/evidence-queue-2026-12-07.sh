@@ -74,6 +74,14 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 1096 --limit 100 --bu
 $PY -m evaluation tasks --task multi-step --group 6 $Q --offset 1000 --limit 96 --max-tokens 2400 --budget 232,464 \
     --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,streaming --parallel 8 \
     --out results/multi-step-qwen2.5-coder-1.5b-q1000-1095.json
+# 5a (added 7 Dec 19:50, before any of step 5 ran): the full cache through the batched kernels, as step 3c for the
+#     report questions, so that step 5's comparisons with the full cache can be read beside one on the same kernel
+#     path: `random` at budget 2790, below the 2794 at which the first group would be skipped (shortest prompt 395
+#     tokens with the chat template, + 2400 - 1); compression starts above 2854 cells, which only a reply of 2,258
+#     tokens or more can reach (longest prompt 597). 16 generations. Nothing is chosen on it.
+$PY -m evaluation tasks --task multi-step --group 6 $Q --offset 1000 --limit 96 --max-tokens 2400 --budget 2790 \
+    --policies full,random --parallel 8 \
+    --out results/multi-step-qwen2.5-coder-1.5b-q1000-1095.json
 $PY -m evaluation fidelity-decode $Q --group 6 --offset 1000 --limit 48 --max-tokens 2400 --ratio 0.25,0.125 \
     --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,streaming \
     --out results/fidelity-decode-multi-step-qwen2.5-coder-1.5b.json
