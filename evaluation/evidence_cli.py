@@ -256,6 +256,16 @@ def run_fidelity_decode_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _some_of(src: Path, records: list[dict], field: str, asked: str | None, said: str, plural: str) -> list[str] | None:
+    """The values of ``field`` a summary is asked to keep (None: all); ``SystemExit`` naming the log's own values
+    when no record has any of them."""
+    wanted = _policies(asked) if asked else None
+    if wanted and not any(r.get(field) in wanted for r in records):
+        raise SystemExit(f"{src}: no records {said} {asked} (its {plural}: "
+                         f"{', '.join(sorted({str(r.get(field)) for r in records}))})")
+    return wanted
+
+
 def run_summary_cmd(args: argparse.Namespace) -> int:
     """Summarize a (possibly partial) per-item JSONL of ``tasks`` or ``fidelity-decode``: JSON, table, plot."""
     from infokv_local.bench.kl_ratios import all_kl_ratios, markdown_ratios
@@ -266,14 +276,8 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
 
     src = Path(args.jsonl)
     records = [json.loads(x) for x in src.read_text().splitlines() if x.strip().endswith("}")]
-    budgets = _policies(args.budget) if args.budget else None
-    if budgets and not any(r.get("budget_spec") in budgets for r in records):
-        raise SystemExit(f"{src}: no records at budget {args.budget} (its budgets: "
-                         f"{', '.join(sorted({str(r.get('budget_spec')) for r in records}))})")
-    policies = _policies(args.policies) if args.policies else None
-    if policies and not any(r.get("policy") in policies for r in records):
-        raise SystemExit(f"{src}: no records of {args.policies} (its policies: "
-                         f"{', '.join(sorted({str(r.get('policy')) for r in records}))})")
+    budgets = _some_of(src, records, "budget_spec", args.budget, "at budget", "budgets")
+    policies = _some_of(src, records, "policy", args.policies, "of", "policies")
     records = T.select_records(records, budgets, args.common, policies)
     out = src.with_suffix(".json") if args.out is None else Path(args.out)
     png = out.with_suffix(".png")

@@ -431,7 +431,7 @@ def _outcomes(records: list[dict]) -> dict[tuple, dict[str, bool]]:
     return groups
 
 
-def _paired(a: dict[str, bool], b: dict[str, bool], n_boot: int, seed: int) -> dict[str, Any]:
+def paired_outcomes(a: dict[str, bool], b: dict[str, bool], n_boot: int = 10000, seed: int = 0) -> dict[str, Any]:
     """a against b on the items both answered: their number, the mean difference with its bootstrap
     interval, wins / losses and the exact McNemar p."""
     common = sorted(set(a) & set(b))
@@ -468,7 +468,7 @@ def summarize(records: list[dict], reference: str | Sequence[str] = "infokv", n_
             for (t2, m2, l2, p2, s2), other in groups.items():
                 if (t2, m2, l2) != (task, model, length) or p2 == policy or (s2 != spec and p2 != "full"):
                     continue
-                row["paired"][p2] = _paired(outcomes, other, n_boot, seed)
+                row["paired"][p2] = paired_outcomes(outcomes, other, n_boot, seed)
         results.append(row)
     return results
 
@@ -545,7 +545,7 @@ def compare_logs(a: list[dict], b: list[dict], n_boot: int = 10000, seed: int = 
             continue
         correct_a = sum(ga[key][i] for i in common)
         correct_b = sum(gb[key][i] for i in common)
-        paired = _paired(ga[key], gb[key], n_boot, seed)
+        paired = paired_outcomes(ga[key], gb[key], n_boot, seed)
         task, model, length, policy, spec = key
         rows.append({"task": task, "model": model, "length": length, "policy": policy, "budget": spec,
                      "n": len(common), "correct_a": correct_a, "correct_b": correct_b,

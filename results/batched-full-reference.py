@@ -15,14 +15,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluation.significance import mcnemar_exact, paired_bootstrap, wilson  # noqa: E402
+from evaluation.significance import wilson  # noqa: E402
+from evaluation.tasks import paired_outcomes  # noqa: E402
+from infokv_local.bench.jsonl import read_log  # noqa: E402
 
 log = Path(sys.argv[1] if len(sys.argv) > 1 else "results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.jsonl")
 reference_budget = sys.argv[2] if len(sys.argv) > 2 else "471"
 budget = sys.argv[3] if len(sys.argv) > 3 else "128"
 out = Path(sys.argv[4] if len(sys.argv) > 4 else f"results/batched-full-reference-{log.stem}.json")
 
-records = [json.loads(x) for x in log.read_text().splitlines() if x.strip().endswith("}")]
+records = read_log(log)
 full = {r["item_id"]: r for r in records if r["policy"] == "full"}
 batched = {r["item_id"]: r for r in records
            if r["policy"] == "random" and r["budget_spec"] == reference_budget and not r.get("skipped")}
@@ -35,11 +37,9 @@ for r in records:
 
 
 def pair(a: dict[str, dict], b: dict[str, dict], ids: list[str]) -> dict:
-    xa, xb = [bool(a[i]["correct"]) for i in ids], [bool(b[i]["correct"]) for i in ids]
-    diff, lo, hi = paired_bootstrap(xa, xb)
-    wins, losses, p = mcnemar_exact(xa, xb)
-    return {"n": len(ids), "a_correct": sum(xa), "b_correct": sum(xb), "diff": diff, "ci95": [lo, hi],
-            "wins": wins, "losses": losses, "mcnemar_p": p}
+    """a − b on ``ids`` (:func:`evaluation.tasks.paired_outcomes`) with both counts of correct answers."""
+    xa, xb = ({i: bool(x[i]["correct"]) for i in ids} for x in (a, b))
+    return {**paired_outcomes(xa, xb), "a_correct": sum(xa.values()), "b_correct": sum(xb.values())}
 
 
 def show(name: str, d: dict) -> str:
@@ -64,18 +64,17 @@ print("  " + show("batched − one at a time, nothing evicted", floor["batched_m
 
 partial = {p: len(set(both) & set(d)) for p, d in policies.items() if not set(both) <= set(d)}
 policies = {p: d for p, d in policies.items() if p not in partial}
-common = both
 rows = []
-print(f"\nbudget {budget}, the {len(common)} questions both references answered"
+print(f"\nbudget {budget}, the {len(both)} questions both references answered"
       + "".join(f"; {p} left out (answered {n} of them)" for p, n in sorted(partial.items())))
 print(f"  {'policy':14s} correct  − full (one at a time) [95%], w / l, p   − full (batched) [95%], w / l, p")
-for p, outcomes in sorted(policies.items(), key=lambda kv: -sum(kv[1][i]["correct"] for i in common)):
-    a, b = pair(outcomes, full, common), pair(outcomes, batched, common)
+for p, outcomes in sorted(policies.items(), key=lambda kv: -sum(kv[1][i]["correct"] for i in both)):
+    a, b = pair(outcomes, full, both), pair(outcomes, batched, both)
     rows.append({"policy": p, "budget": budget, "minus_full": a, "minus_batched_full": b})
     print(f"  {p:14s} {a['a_correct']:4d}     {a['diff']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}], "
           f"{a['wins']} / {a['losses']}, {a['mcnemar_p']:.3f}   {b['diff']:+.3f} [{b['ci95'][0]:+.3f}, "
           f"{b['ci95'][1]:+.3f}], {b['wins']} / {b['losses']}, {b['mcnemar_p']:.3f}")
 out.write_text(json.dumps({"source": str(log), "reference_budget": reference_budget, "budget": budget,
-                           "questions": len(common), "left_out": partial, "full_vs_batched": floor, "policies": rows},
+                           "questions": len(both), "left_out": partial, "full_vs_batched": floor, "policies": rows},
                           indent=1))
 print(f"\nwrote {out}")

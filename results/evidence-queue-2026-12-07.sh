@@ -51,7 +51,8 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --bud
 #     question here skips (shortest prompt 72 tokens + 400 - 1), in batches of 8 is the full cache as the evicting
 #     policies were computed, except in the last tokens of the longest replies: compression starts above 535 cells
 #     (budget + buffer), which 15 of the full cache's 300 replies reached (5 of 500-599), all near the 400-token
-#     limit (12 ran into it, 3 ended at 378-396 tokens). Its records say `evicted_tokens`; the floor is read on all and on the replies that evicted nothing.
+#     limit (12 ran into it, 3 ended at 378-396 tokens). Its records say `evicted_tokens`; the floor is read on all
+#     and on the replies that evicted nothing.
 #     On all 300 report questions (about 52 minutes), so that the budget-128 table can be set beside a full cache
 #     on the same kernel path: its wins / losses against `full` are the noise floor of every comparison with the
 #     full cache. Into the report log, whose `full` records it resumes. Nothing is chosen on it.
