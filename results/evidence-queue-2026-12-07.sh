@@ -7,7 +7,7 @@ set -e
 PY=${PY:-.venv/bin/python}
 Q="--model qwen2.5-coder-1.5b --threads 2 --no-progress"
 
-# Steps 1 and 2 are done (BENCHMARKS.md); their commands stay here as comments, so a restart does not rewrite
+# Steps 1 to 3c are done (BENCHMARKS.md); their commands stay here as comments, so a restart does not rewrite
 # their summaries.
 # 1. The 300-question report run (GSM8K 500-799, budget 128), to its end. It read every prompt itself when it began:
 #    --no-fork keeps it so. Ended 09:30 UTC on 7 Dec; steps 1 and 2 are done (BENCHMARKS), step 3 began 10:33.
@@ -30,20 +30,20 @@ Q="--model qwen2.5-coder-1.5b --threads 2 --no-progress"
 # 3. The other policies at budget 128 and every policy at 256, on the first 100 report questions, into the report
 #    log (the full cache's records are there already): 400 + 1,000 generations, about 4 hours. Each run rewrites
 #    the log's .json summary with its own policies: `python -m evaluation summary <log>.jsonl` summarizes them all.
-$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --budget 128 --parallel 8 \
-    --policies full,tova,keydiff,context-shift,random \
-    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
-$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --budget 256 --parallel 8 \
-    --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff,context-shift,random \
-    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+# $PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --budget 128 --parallel 8 \
+#     --policies full,tova,keydiff,context-shift,random \
+#     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+# $PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 100 --budget 256 --parallel 8 \
+#     --policies full,infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff,context-shift,random \
+#     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
 # 3b. KeyDiff, TOVA and random at budget 128 on the rest of the report questions (600-799), so that every policy
 #     within 10 points of the default at 500-599 (keydiff +2, random +6, tova +7; context-shift is 18 below) is
 #     compared on all 300: 600 generations, about 1.8 hours. Decided at 13:00 UTC on 7 Dec from the 100-question
 #     intervals (lower bounds -6, -3, -2 points), before any of these runs.
-$PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --budget 128 --parallel 8 \
-    --policies full,keydiff,tova,random \
-    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+# $PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --budget 128 --parallel 8 \
+#     --policies full,keydiff,tova,random \
+#     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
 # 3c (added 7 Dec 18:17, changed 19:25 before it ran): the full cache through the batched kernel path. The harness
 #     runs `full` one at a time and records a budget of at least prompt + max_tokens as skipped (nothing to evict),
@@ -56,20 +56,14 @@ $PY -m evaluation tasks --task decode-pressure $Q --offset 600 --limit 200 --bud
 #     On all 300 report questions (about 52 minutes), so that the budget-128 table can be set beside a full cache
 #     on the same kernel path: its wins / losses against `full` are the noise floor of every comparison with the
 #     full cache. Into the report log, whose `full` records it resumes. Nothing is chosen on it.
-$PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 300 --budget 471 --parallel 8 \
-    --policies full,random \
-    --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
+# $PY -m evaluation tasks --task decode-pressure $Q --offset 500 --limit 300 --budget 471 --parallel 8 \
+#     --policies full,random \
+#     --out results/decode-pressure-qwen2.5-coder-1.5b-b128-q500-799.json
 
 # 4. Decode-time fidelity on 48 fresh traces (GSM8K 800-847), one by one as the 12 in BENCHMARKS were.
 $PY -m evaluation fidelity-decode $Q --offset 800 --limit 48 --max-tokens 400 --ratio 0.25,0.125 --parallel 1 \
     --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,tova,streaming,keydiff \
     --out results/fidelity-decode-qwen2.5-coder-1.5b-q800-847.json
-
-# 4b. keep_prompt=1 on questions no run has used (GSM8K 1096-1195), by the rule written at 13:50 UTC on 7 Dec before
-#     this run (notes part 20): 400 generations, about 1.2 hours. Flash attention off, as in the selection look.
-$PY -m evaluation tasks --task decode-pressure $Q --offset 1096 --limit 100 --budget 128 --flash-attn off --parallel 8 \
-    --policies "full;infokv-rkv;infokv-rkv:keep_prompt=1;streaming:keep_prompt=1" \
-    --out results/keep-prompt-heldout-qwen2.5-coder-1.5b-b128-q1096-1195.json
 
 # 5. Longer reasoning: six GSM8K questions in one reply (notes part 13), about 4 hours, then its fidelity.
 $PY -m evaluation tasks --task multi-step --group 6 $Q --offset 1000 --limit 96 --max-tokens 2400 --budget 232,464 \
@@ -86,3 +80,10 @@ $PY -m evaluation tasks --task multi-step --group 6 $Q --offset 1000 --limit 96 
 $PY -m evaluation fidelity-decode $Q --group 6 --offset 1000 --limit 48 --max-tokens 2400 --ratio 0.25,0.125 \
     --by-distance --policies infokv,infokv-rkv,rkv,snapkv,h2o,streaming \
     --out results/fidelity-decode-multi-step-qwen2.5-coder-1.5b.json
+
+# 4b. keep_prompt=1 on questions no run has used (GSM8K 1096-1195), by the rule written at 13:50 UTC on 7 Dec before
+#     this run (notes part 20): 400 generations, about 1.2 hours. Flash attention off, as in the selection look.
+#     Moved after step 5 on 7 Dec 23:30, before either ran: the multi-step evidence first.
+$PY -m evaluation tasks --task decode-pressure $Q --offset 1096 --limit 100 --budget 128 --flash-attn off --parallel 8 \
+    --policies "full;infokv-rkv;infokv-rkv:keep_prompt=1;streaming:keep_prompt=1" \
+    --out results/keep-prompt-heldout-qwen2.5-coder-1.5b-b128-q1096-1195.json
