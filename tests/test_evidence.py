@@ -564,9 +564,19 @@ def test_kl_ratios_fixed_inputs() -> None:
     v = rows[2]["infokv"]
     assert v["ratio"] == pytest.approx(5 / 5) and v["wins"] == 1  # 4 vs 2 on a (lost), 1 vs 3 on b (won)
     md = markdown_ratios(rows).splitlines()
+    assert md[0] == "| budget | policy | items | ÷ best (which) | ÷ h2o | ÷ snapkv |"  # the baselines present
     assert md[2] == ("| r0.25 | infokv | 2 | 0.625 [0.500, 0.750], 2 of 2 (snapkv) | 0.500 [0.500, 0.500], 2 of 2 "
-                     "| 0.625 [0.500, 0.750], 2 of 2 | — |")
+                     "| 0.625 [0.500, 0.750], 2 of 2 |")
     assert md[-1].startswith("| r0.25 | infokv:mix=rank | 2 | 1.000 [")
+
+    # StreamingLLM and the key policies are baselines too: the best one here is streaming
+    recs += [rec("a", "streaming", [1.0]), rec("b", "streaming", [2.0]), rec("a", "keydiff", [5.0]),
+             rec("b", "keydiff", [5.0])]
+    (r,) = kl_ratios(recs)
+    assert r["best_baseline"] == "streaming" and r["best"]["ratio"] == pytest.approx(5 / 3)
+    assert r["keydiff"]["ratio"] == pytest.approx(0.5) and r["best"]["wins"] == 0
+    header = markdown_ratios(all_kl_ratios(recs)).splitlines()[0]
+    assert header.endswith("| ÷ h2o | ÷ snapkv | ÷ streaming | ÷ keydiff |")
 
 
 def test_jsonl_inputs_are_strict_and_logs_resume_after_a_torn_line(tmp_path):

@@ -33,7 +33,7 @@ def register(bsub: Any) -> None:
         formatter_class=FMT,
         description="Every policy and the full cache read the same documents in the same chunks; over the tokens "
                     "after a policy's first eviction: mean and p95 KL to the full cache, top-1 agreement, NLL "
-                    "change, and InfoKV's KL over each attention baseline's, paired by document (95%% bootstrap "
+                    "change, and InfoKV's KL over each baseline's, paired by document (95%% bootstrap "
                     "over documents, documents won). With --json, every finished (document, policy, budget) goes "
                     "to the same name with .jsonl, and rerunning the command measures only what is missing.",
         epilog="examples:\n  python -m infokv_local bench fidelity --docs docs.jsonl --ratio 0.25,0.125 "

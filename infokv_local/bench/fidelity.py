@@ -8,7 +8,7 @@ Over the tokens read after a policy's first eviction it reports, pooled over all
 - ``top1_agreement``: how often both predict the same next token;
 - ``delta_nll``: mean negative log-likelihood of the actual next token, compressed minus full;
 - ``n_tokens``: how many tokens were counted;
-- ``kl_ratios``: each InfoKV variant's KL over each attention baseline's, paired by document, with a
+- ``kl_ratios``: each InfoKV variant's KL over each baseline's, paired by document, with a
   bootstrap interval over documents and how many documents it wins (:mod:`.kl_ratios`).
 
 With a log (``run_fidelity(..., log=...)``, the CLI's ``--json`` name with ``.jsonl``) every finished
