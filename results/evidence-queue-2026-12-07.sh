@@ -87,3 +87,18 @@ $PY -m evaluation fidelity-decode $Q --group 6 --offset 1000 --limit 48 --max-to
 $PY -m evaluation tasks --task decode-pressure $Q --offset 1096 --limit 100 --budget 128 --flash-attn off --parallel 8 \
     --policies "full;infokv-rkv;infokv-rkv:keep_prompt=1;streaming:keep_prompt=1" \
     --out results/keep-prompt-heldout-qwen2.5-coder-1.5b-b128-q1096-1195.json
+
+# 6 (added 8 Dec 00:10). Fidelity on compressed prompts (BENCHMARKS' first table) with every baseline: those runs
+#    had H2O, SnapKV and TOVA only, so StreamingLLM, KeyDiff and R-KV were not in its "best baseline", and the default
+#    (`infokv-rkv`) was not in it. The same 8 settings (2 models x essays / Python reference x 25% / 12.5%, 8
+#    documents each), every policy afresh with today's defaults (stride 4) on one machine: about 2.5 hours.
+$PY -m infokv_local bench docs --out docs.jsonl --min-tokens 2000 && head -8 docs.jsonl > docs-report.jsonl
+F="--max-tokens 2048 --ratio 0.25,0.125 --threads 2 --no-progress"
+FP="--policies infokv-rkv,infokv,h2o,snapkv,tova,streaming,keydiff,rkv"
+$PY -m infokv_local bench fidelity --docs docs-report.jsonl $F $FP --json results/prompt-fidelity-essays-smollm2-135m.json
+$PY -m infokv_local bench fidelity --docs results/docs-python.jsonl $F $FP \
+    --json results/prompt-fidelity-python-docs-smollm2-135m.json
+$PY -m infokv_local bench fidelity --model qwen2.5-coder-1.5b --docs docs-report.jsonl $F $FP \
+    --json results/prompt-fidelity-essays-qwen2.5-coder-1.5b.json
+$PY -m infokv_local bench fidelity --model qwen2.5-coder-1.5b --docs results/docs-python.jsonl $F $FP \
+    --json results/prompt-fidelity-python-docs-qwen2.5-coder-1.5b.json
