@@ -77,8 +77,10 @@ def all_kl_ratios(records: list[dict], baselines: Sequence[str] = BASELINES, n_b
 def markdown_ratios(rows: list[dict], baselines: Sequence[str] | None = None) -> str:
     """Markdown: each policy's KL over each baseline's: ratio [95% interval], items won of all. One column per
     baseline in ``baselines`` (default: those any row was compared with, in :data:`BASELINES`' order)."""
+    against_baselines = [r for r in rows if r.get("against", "baselines") == "baselines"]
     if baselines is None:
-        baselines = [b for b in BASELINES if any(b in r for r in rows if r.get("against", "baselines") == "baselines")]
+        baselines = [b for b in BASELINES if any(b in r for r in against_baselines)]
+
     def cell(r: dict, b: str) -> str:
         d = r.get(b)
         if not d:
@@ -87,9 +89,7 @@ def markdown_ratios(rows: list[dict], baselines: Sequence[str] | None = None) ->
 
     lines = ["| budget | policy | items | ÷ best (which) | " + " | ".join(f"÷ {b}" for b in baselines) + " |",
              "|---|---|---:|---|" + "---|" * len(baselines)]
-    for r in rows:
-        if r.get("against", "baselines") != "baselines":
-            continue
+    for r in against_baselines:
         lines.append(f"| {r['budget']} | {r['policy']} | {r['n_items']} | {cell(r, 'best')} ({r['best_baseline']}) | "
                      + " | ".join(cell(r, b) for b in baselines) + " |")
     variants = [r for r in rows if r.get("against") == "infokv"]
